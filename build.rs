@@ -1,0 +1,24 @@
+//! Compiles `proto/secbeat/v1/*.proto` into `OUT_DIR` once, for every crate in the
+//! workspace, together with the descriptor set that server reflection serves.
+
+use std::{env, path::PathBuf};
+
+const PROTOS: &[&str] = &["proto/secbeat/v1/agent.proto", "proto/secbeat/v1/fleet.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // A `protoc` from the environment (e.g. Debian's protobuf-compiler) wins; otherwise
+    // use the vendored one so a fresh machine needs nothing installed.
+    if env::var_os("PROTOC").is_none() {
+        let protoc = protoc_bin_vendored::protoc_bin_path()?;
+        // SAFETY: build scripts are single-threaded; nothing else reads the environment.
+        unsafe { env::set_var("PROTOC", protoc) };
+    }
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        // Channels come from the caller (`Client::new(channel)`), so this crate needs
+        // only tonic's codegen feature, not its transport.
+        .build_transport(false)
+        .file_descriptor_set_path(out_dir.join("secbeat_v1_descriptor.bin"))
+        .compile_protos(PROTOS, &["proto"])?;
+    Ok(())
+}

@@ -1,0 +1,396 @@
+//! Orchestrator configuration: embedded defaults < TOML file < `SECBEAT_*` env <
+//! command-line flags, merged into one table, deserialized once and validated once.
+//!
+//! The seed's keys are accepted unchanged at top level. Every failure names the key
+//! it is about, so `main` can print one clear line and exit with code 64.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::registry::LifecycleConfig;
+
+/// A configuration problem, naming the key it is about.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    /// The TOML key (or `--config` for the file itself).
+    pub key: String,
+    /// What is wrong, lowercase.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A duration written as seconds (integer or fraction), e.g. `30` or `0.2`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(into = "f64")]
+pub struct Seconds(pub Duration);
+
+impl From<Seconds> for f64 {
+    fn from(value: Seconds) -> f64 {
+        value.0.as_secs_f64()
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let seconds = f64::deserialize(deserializer)?;
+        Duration::try_from_secs_f64(seconds)
+            .map(Seconds)
+            .map_err(|_| serde::de::Error::custom(format!("{seconds} is not a valid number of seconds")))
+    }
+}
+
+impl Seconds {
+    fn secs(seconds: f64) -> Self {
+        Seconds(Duration::from_secs_f64(seconds))
+    }
+}
+
+/// The orchestrator's configuration. Field names are the TOML keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// gRPC listener (agents and operators).
+    pub grpc_listen: SocketAddr,
+    /// HTTP listener (health, and later metrics and the JSON API).
+    pub http_listen: SocketAddr,
+    /// Directory for the orchestrator's durable state.
+    pub state_dir: PathBuf,
+
+    /// Heartbeat interval the orchestrator tells agents to use (Welcome).
+    pub heartbeat_interval: Seconds,
+    /// Silence after which a node becomes suspect.
+    pub heartbeat_timeout: Seconds,
+    /// How often the dead-node check runs.
+    pub dead_node_check_interval: Seconds,
+    /// Consecutive checks a node must stay suspect before it is declared failed.
+    pub required_consecutive_failures: u32,
+    /// How long a terminate may stay unacknowledged before it is cancelled.
+    pub termination_deadline: Seconds,
+    /// Graceful-shutdown budget sent to agents with Terminate.
+    pub termination_grace_period: Seconds,
+    /// How long a new stream may take to send its Hello.
+    pub hello_timeout: Seconds,
+    /// How long failed, terminated and departed nodes stay listed.
+    pub node_retention: Seconds,
+    /// How long a graceful shutdown may take before the process exits anyway.
+    pub shutdown_timeout: Seconds,
+
+    /// The seed's scaling check interval (used by predictive scaling).
+    pub scaling_check_interval_seconds: Seconds,
+    /// Fleet CPU fraction above which to scale up.
+    pub scale_up_cpu_threshold: f64,
+    /// Fleet CPU fraction below which to scale down.
+    pub scale_down_cpu_threshold: f64,
+    /// Where provisioning webhooks are POSTed.
+    pub provisioning_webhook_url: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 3030)),
+            state_dir: PathBuf::from("secbeat-data"),
+            heartbeat_interval: Seconds::secs(10.0),
+            heartbeat_timeout: Seconds::secs(30.0),
+            dead_node_check_interval: Seconds::secs(10.0),
+            required_consecutive_failures: 2,
+            termination_deadline: Seconds::secs(30.0),
+            termination_grace_period: Seconds::secs(30.0),
+            hello_timeout: Seconds::secs(5.0),
+            node_retention: Seconds::secs(3600.0),
+            shutdown_timeout: Seconds::secs(10.0),
+            scaling_check_interval_seconds: Seconds::secs(60.0),
+            scale_up_cpu_threshold: 0.80,
+            scale_down_cpu_threshold: 0.30,
+            provisioning_webhook_url: "http://localhost:8000/provision".to_owned(),
+        }
+    }
+}
+
+/// Per-key overrides from env and flags (clap fills these; see `main`). `None`
+/// means "not given". Serialized into a TOML table, so field names are TOML keys.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, clap::Args)]
+pub struct ConfigOverrides {
+    /// gRPC listen address for agents and operators [default: 127.0.0.1:50051]
+    #[arg(long, env = "SECBEAT_GRPC_LISTEN", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_listen: Option<String>,
+    /// HTTP listen address for /healthz and /readyz [default: 127.0.0.1:3030]
+    #[arg(long, env = "SECBEAT_HTTP_LISTEN", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_listen: Option<String>,
+    /// Directory for durable state, created if missing [default: ./secbeat-data]
+    #[arg(long, env = "SECBEAT_STATE_DIR", value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<String>,
+    /// Heartbeat interval sent to agents in Welcome, seconds [default: 10]
+    #[arg(long, env = "SECBEAT_HEARTBEAT_INTERVAL", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interval: Option<f64>,
+    /// Silence after which a node is SUSPECT, seconds; at least 2x the interval [default: 30]
+    #[arg(long, env = "SECBEAT_HEARTBEAT_TIMEOUT", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_timeout: Option<f64>,
+    /// How often the dead-node check runs, seconds [default: 10]
+    #[arg(long, env = "SECBEAT_DEAD_NODE_CHECK_INTERVAL", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_node_check_interval: Option<f64>,
+    /// Consecutive checks a node stays SUSPECT before it is FAILED [default: 2]
+    #[arg(long, env = "SECBEAT_REQUIRED_CONSECUTIVE_FAILURES", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub required_consecutive_failures: Option<i64>,
+    /// How long a Terminate may stay unacknowledged before it is cancelled, seconds [default: 30]
+    #[arg(long, env = "SECBEAT_TERMINATION_DEADLINE", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub termination_deadline: Option<f64>,
+    /// Graceful-shutdown budget sent to agents with Terminate, seconds [default: 30]
+    #[arg(long, env = "SECBEAT_TERMINATION_GRACE_PERIOD", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub termination_grace_period: Option<f64>,
+    /// How long a new agent stream may take to send Hello, seconds [default: 5]
+    #[arg(long, env = "SECBEAT_HELLO_TIMEOUT", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hello_timeout: Option<f64>,
+    /// How long FAILED/TERMINATED/LEFT nodes stay listed, seconds [default: 3600]
+    #[arg(long, env = "SECBEAT_NODE_RETENTION", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_retention: Option<f64>,
+    /// Bound on graceful shutdown before exiting anyway, seconds [default: 10]
+    #[arg(long, env = "SECBEAT_SHUTDOWN_TIMEOUT", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_timeout: Option<f64>,
+    /// Interval of scaling checks (fleet CPU history, prediction), seconds [default: 60]
+    #[arg(long, env = "SECBEAT_SCALING_CHECK_INTERVAL_SECONDS", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scaling_check_interval_seconds: Option<f64>,
+    /// Fleet CPU fraction (0..1) above which to scale up [default: 0.80]
+    #[arg(long, env = "SECBEAT_SCALE_UP_CPU_THRESHOLD", value_name = "FRACTION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale_up_cpu_threshold: Option<f64>,
+    /// Fleet CPU fraction (0..1) below which to scale down [default: 0.30]
+    #[arg(long, env = "SECBEAT_SCALE_DOWN_CPU_THRESHOLD", value_name = "FRACTION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale_down_cpu_threshold: Option<f64>,
+    /// URL that provisioning webhooks are POSTed to [default: http://localhost:8000/provision]
+    #[arg(long, env = "SECBEAT_PROVISIONING_WEBHOOK_URL", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provisioning_webhook_url: Option<String>,
+}
+
+impl Config {
+    /// Loads the configuration: defaults, then the TOML text of `file` (if any),
+    /// then `overrides`; then validates.
+    pub fn load(file: Option<(&Path, &str)>, overrides: &ConfigOverrides) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some((path, text)) => toml::from_str::<toml::Table>(text).map_err(|error| {
+                let message = error.message().to_owned();
+                let at = error
+                    .span()
+                    .map(|span| format!(" at line {}", text[..span.start].lines().count().max(1)))
+                    .unwrap_or_default();
+                ConfigError::new("--config", format!("{}{at}: {message}", path.display()))
+            })?,
+            None => toml::Table::new(),
+        };
+        let overrides = toml::Table::try_from(overrides)
+            .map_err(|error| ConfigError::new("flags", format!("cannot apply overrides: {error}")))?;
+        table.extend(overrides);
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|error| {
+                let key = error.path().to_string();
+                ConfigError::new(key, error.into_inner().message().to_owned())
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("heartbeat_interval", self.heartbeat_interval),
+            ("heartbeat_timeout", self.heartbeat_timeout),
+            ("dead_node_check_interval", self.dead_node_check_interval),
+            ("termination_deadline", self.termination_deadline),
+            ("hello_timeout", self.hello_timeout),
+            ("shutdown_timeout", self.shutdown_timeout),
+            (
+                "scaling_check_interval_seconds",
+                self.scaling_check_interval_seconds,
+            ),
+        ];
+        for (key, Seconds(value)) in positive {
+            if value.is_zero() {
+                return Err(ConfigError::new(key, "must be greater than zero"));
+            }
+        }
+        if self.heartbeat_timeout.0 < self.heartbeat_interval.0 * 2 {
+            return Err(ConfigError::new(
+                "heartbeat_timeout",
+                format!(
+                    "{}s must be at least twice heartbeat_interval ({}s), or one late heartbeat is a false failure",
+                    self.heartbeat_timeout.0.as_secs_f64(),
+                    self.heartbeat_interval.0.as_secs_f64()
+                ),
+            ));
+        }
+        if self.required_consecutive_failures == 0 {
+            return Err(ConfigError::new(
+                "required_consecutive_failures",
+                "must be at least 1",
+            ));
+        }
+        for (key, value) in [
+            ("scale_up_cpu_threshold", self.scale_up_cpu_threshold),
+            ("scale_down_cpu_threshold", self.scale_down_cpu_threshold),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return Err(ConfigError::new(
+                    key,
+                    format!("{value} is outside 0..1 (a fraction, not percent)"),
+                ));
+            }
+        }
+        if self.scale_up_cpu_threshold <= self.scale_down_cpu_threshold {
+            return Err(ConfigError::new(
+                "scale_up_cpu_threshold",
+                format!(
+                    "{} must be above scale_down_cpu_threshold ({})",
+                    self.scale_up_cpu_threshold, self.scale_down_cpu_threshold
+                ),
+            ));
+        }
+        let url = &self.provisioning_webhook_url;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ConfigError::new(
+                "provisioning_webhook_url",
+                format!("{url:?} is not an http(s) URL"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The lifecycle parameters for the registry and detector.
+    pub fn lifecycle(&self) -> LifecycleConfig {
+        LifecycleConfig {
+            heartbeat_timeout: self.heartbeat_timeout.0,
+            required_consecutive_failures: self.required_consecutive_failures,
+            termination_deadline: self.termination_deadline.0,
+            termination_grace_period: self.termination_grace_period.0,
+            node_retention: self.node_retention.0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::load(Some((Path::new("test.toml"), text)), &ConfigOverrides::default())
+    }
+
+    #[test]
+    fn embedded_defaults_are_valid_and_match_the_seed() {
+        let config = Config::load(None, &ConfigOverrides::default()).unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.heartbeat_timeout.0, Duration::from_secs(30));
+        assert_eq!(config.dead_node_check_interval.0, Duration::from_secs(10));
+        assert_eq!(config.required_consecutive_failures, 2);
+    }
+
+    #[test]
+    fn the_seeds_config_file_loads_unchanged() {
+        let seed = r#"
+            scaling_check_interval_seconds = 60
+            scale_up_cpu_threshold = 0.80     # 80%
+            scale_down_cpu_threshold = 0.30   # 30%
+            provisioning_webhook_url = "http://localhost:8000/provision"
+            dead_node_check_interval = 10     # seconds
+            heartbeat_timeout = 30            # seconds
+        "#;
+        let config = load(seed).unwrap();
+        assert_eq!(config.scale_up_cpu_threshold, 0.8);
+        assert_eq!(config.heartbeat_timeout.0, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn fractional_seconds_are_accepted() {
+        let config =
+            load("heartbeat_interval = 0.2\nheartbeat_timeout = 1\ndead_node_check_interval = 0.2").unwrap();
+        assert_eq!(config.heartbeat_interval.0, Duration::from_millis(200));
+        assert_eq!(config.dead_node_check_interval.0, Duration::from_millis(200));
+    }
+
+    #[test]
+    fn overrides_beat_the_file() {
+        let overrides = ConfigOverrides {
+            heartbeat_timeout: Some(45.0),
+            ..Default::default()
+        };
+        let config = Config::load(Some((Path::new("f"), "heartbeat_timeout = 40")), &overrides).unwrap();
+        assert_eq!(config.heartbeat_timeout.0, Duration::from_secs(45));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("no_such_key = 1", "no_such_key"),
+            ("heartbeat_timeout = \"soon\"", "heartbeat_timeout"),
+            ("heartbeat_timeout = -1", "heartbeat_timeout"),
+            ("heartbeat_timeout = 0", "heartbeat_timeout"),
+            (
+                "heartbeat_interval = 10\nheartbeat_timeout = 10",
+                "heartbeat_timeout",
+            ),
+            ("dead_node_check_interval = 0", "dead_node_check_interval"),
+            (
+                "required_consecutive_failures = 0",
+                "required_consecutive_failures",
+            ),
+            (
+                "required_consecutive_failures = -3",
+                "required_consecutive_failures",
+            ),
+            ("scale_up_cpu_threshold = 80", "scale_up_cpu_threshold"),
+            ("scale_down_cpu_threshold = -0.1", "scale_down_cpu_threshold"),
+            (
+                "scale_up_cpu_threshold = 0.3\nscale_down_cpu_threshold = 0.3",
+                "scale_up_cpu_threshold",
+            ),
+            ("grpc_listen = \"nowhere\"", "grpc_listen"),
+            (
+                "provisioning_webhook_url = \"ftp://x\"",
+                "provisioning_webhook_url",
+            ),
+        ];
+        for (text, key) in cases {
+            let error = load(text).unwrap_err();
+            assert!(
+                error.key == key || error.message.contains(key),
+                "{text:?} gave {error} which does not name {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn toml_syntax_errors_name_the_file_and_line() {
+        let error = load("heartbeat_timeout = 30\nthis is not toml").unwrap_err();
+        assert_eq!(error.key, "--config");
+        assert!(error.message.contains("test.toml at line 2"), "{error}");
+    }
+}

@@ -1,0 +1,393 @@
+//! The fleet actor: one task that owns the [`Registry`], the live sessions'
+//! signal channels and the event bus, in the style of tokio-console's aggregator.
+//!
+//! Stream handlers and operator RPCs talk to it through a cloneable [`FleetHandle`]
+//! (commands over a bounded channel). It applies each input to the registry, runs
+//! the dead-node check on its own timer, and then carries out the registry's
+//! effects: it publishes events (numbered, logged, broadcast to every subscriber)
+//! and signals sessions (Welcome, Terminate, close). Nothing else mutates fleet
+//! state, so there is no lock on the heartbeat path.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    event::{EventKind, FleetEvent},
+    node::{FleetStats, NodeId, NodeInfo, NodeSnapshot, SessionId},
+    registry::{
+        CloseReason, Effect, LifecycleConfig, Registry, SessionError, TerminateAccepted, TerminateError,
+    },
+};
+
+/// How many events a slow `WatchEvents` subscriber may fall behind before it is
+/// dropped (it gets RESOURCE_EXHAUSTED and can resubscribe).
+pub const EVENT_BUFFER: usize = 1024;
+/// Capacity of the command channel into the actor.
+const COMMAND_BUFFER: usize = 4096;
+
+/// What the actor tells one session's stream handler.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionSignal {
+    /// Accepted: send Welcome.
+    Welcome {
+        /// The new session.
+        session: SessionId,
+        /// Heartbeat interval the agent must use.
+        heartbeat_interval: Duration,
+    },
+    /// Send Terminate.
+    Terminate {
+        /// Why.
+        reason: String,
+        /// Graceful-shutdown budget.
+        grace_period: Duration,
+    },
+    /// End the stream for this reason.
+    Close(CloseReason),
+    /// End the stream: the orchestrator is shutting down.
+    ShuttingDown,
+}
+
+/// What a session's stream handler reports, stamped with the receipt time.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionReport {
+    /// A heartbeat.
+    Heartbeat,
+    /// The latest CPU fraction from a validated CpuSamples.
+    Cpu(f64),
+    /// The agent acknowledged a terminate.
+    TerminateAck,
+    /// The agent said goodbye.
+    Goodbye(String),
+    /// The stream ended or broke (reason in words), or was ended by a protocol error.
+    Closed(String),
+}
+
+/// The actor has stopped (the orchestrator is shutting down).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the fleet actor has stopped")]
+pub struct FleetStopped;
+
+enum Command {
+    Connect {
+        info: NodeInfo,
+        signals: mpsc::UnboundedSender<SessionSignal>,
+        at: Instant,
+        reply: oneshot::Sender<SessionId>,
+    },
+    Report {
+        node: NodeId,
+        session: SessionId,
+        report: SessionReport,
+        at: Instant,
+    },
+    Terminate {
+        node: NodeId,
+        reason: String,
+        reply: oneshot::Sender<Result<TerminateAccepted, TerminateError>>,
+    },
+    List(oneshot::Sender<Vec<NodeSnapshot>>),
+    Get(NodeId, oneshot::Sender<Option<NodeSnapshot>>),
+    Stats(oneshot::Sender<FleetStats>),
+    Subscribe(oneshot::Sender<broadcast::Receiver<FleetEvent>>),
+}
+
+/// A cloneable handle to the fleet actor.
+#[derive(Debug, Clone)]
+pub struct FleetHandle {
+    commands: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Command")
+    }
+}
+
+impl FleetHandle {
+    /// Registers a validated Hello as a new session; the actor sends the Welcome
+    /// (and any pending Terminate) through `signals`.
+    pub async fn connect(
+        &self,
+        info: NodeInfo,
+        signals: mpsc::UnboundedSender<SessionSignal>,
+        at: Instant,
+    ) -> Result<SessionId, FleetStopped> {
+        self.ask(|reply| Command::Connect {
+            info,
+            signals,
+            at,
+            reply,
+        })
+        .await
+    }
+
+    /// Reports something that happened on a session.
+    pub async fn report(
+        &self,
+        node: NodeId,
+        session: SessionId,
+        report: SessionReport,
+        at: Instant,
+    ) -> Result<(), FleetStopped> {
+        let command = Command::Report {
+            node,
+            session,
+            report,
+            at,
+        };
+        self.commands.send(command).await.map_err(|_| FleetStopped)
+    }
+
+    /// Marks a node terminating and sends it Terminate.
+    pub async fn terminate(
+        &self,
+        node: NodeId,
+        reason: String,
+    ) -> Result<Result<TerminateAccepted, TerminateError>, FleetStopped> {
+        self.ask(|reply| Command::Terminate { node, reason, reply }).await
+    }
+
+    /// Every known node.
+    pub async fn list(&self) -> Result<Vec<NodeSnapshot>, FleetStopped> {
+        self.ask(Command::List).await
+    }
+
+    /// One node.
+    pub async fn get(&self, node: NodeId) -> Result<Option<NodeSnapshot>, FleetStopped> {
+        self.ask(|reply| Command::Get(node, reply)).await
+    }
+
+    /// Fleet-wide figures.
+    pub async fn stats(&self) -> Result<FleetStats, FleetStopped> {
+        self.ask(Command::Stats).await
+    }
+
+    /// A receiver of every event published from now on.
+    pub async fn subscribe(&self) -> Result<broadcast::Receiver<FleetEvent>, FleetStopped> {
+        self.ask(Command::Subscribe).await
+    }
+
+    async fn ask<T>(&self, command: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, FleetStopped> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .await
+            .map_err(|_| FleetStopped)?;
+        answer.await.map_err(|_| FleetStopped)
+    }
+}
+
+/// The actor's settings.
+#[derive(Debug, Clone)]
+pub struct FleetSettings {
+    /// Lifecycle parameters for the registry and detector.
+    pub lifecycle: LifecycleConfig,
+    /// Heartbeat interval handed to agents.
+    pub heartbeat_interval: Duration,
+    /// Period of the dead-node check.
+    pub dead_node_check_interval: Duration,
+}
+
+/// Starts the fleet actor; it runs until `shutdown` is cancelled, then ends every
+/// session with "shutting down" and stops.
+pub fn spawn(
+    settings: FleetSettings,
+    shutdown: CancellationToken,
+) -> (FleetHandle, tokio::task::JoinHandle<()>) {
+    let (commands, inbox) = mpsc::channel(COMMAND_BUFFER);
+    let (events, _) = broadcast::channel(EVENT_BUFFER);
+    let actor = FleetActor {
+        registry: Registry::new(settings.lifecycle.clone(), Instant::now(), SystemTime::now()),
+        sessions: HashMap::new(),
+        events,
+        next_sequence: 1,
+        heartbeat_interval: settings.heartbeat_interval,
+    };
+    let task = tokio::spawn(actor.run(inbox, settings.dead_node_check_interval, shutdown));
+    (FleetHandle { commands }, task)
+}
+
+struct FleetActor {
+    registry: Registry,
+    sessions: HashMap<SessionId, mpsc::UnboundedSender<SessionSignal>>,
+    events: broadcast::Sender<FleetEvent>,
+    next_sequence: u64,
+    heartbeat_interval: Duration,
+}
+
+impl FleetActor {
+    async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<Command>,
+        check_every: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut checks = tokio::time::interval(check_every);
+        checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                command = inbox.recv() => match command {
+                    Some(command) => self.handle(command),
+                    None => break,
+                },
+                _ = checks.tick() => self.registry.check(Instant::now()),
+            }
+            self.apply_effects();
+        }
+        info!(
+            sessions = self.sessions.len(),
+            "fleet actor stopping: closing agent streams"
+        );
+        for (_, signals) in self.sessions.drain() {
+            let _ = signals.send(SessionSignal::ShuttingDown);
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Connect {
+                info,
+                signals,
+                at,
+                reply,
+            } => {
+                let session = self.registry.connect(info, at);
+                // The Welcome goes first, before any effect (a re-sent Terminate) for it.
+                let welcome = SessionSignal::Welcome {
+                    session,
+                    heartbeat_interval: self.heartbeat_interval,
+                };
+                if signals.send(welcome).is_ok() {
+                    self.sessions.insert(session, signals);
+                }
+                let _ = reply.send(session);
+            }
+            Command::Report {
+                node,
+                session,
+                report,
+                at,
+            } => self.handle_report(node, session, report, at),
+            Command::Terminate { node, reason, reply } => {
+                let outcome = self.registry.request_terminate(node, &reason, Instant::now());
+                let _ = reply.send(outcome);
+            }
+            Command::List(reply) => {
+                let _ = reply.send(self.registry.list());
+            }
+            Command::Get(node, reply) => {
+                let _ = reply.send(self.registry.snapshot(node));
+            }
+            Command::Stats(reply) => {
+                let _ = reply.send(self.registry.stats());
+            }
+            Command::Subscribe(reply) => {
+                let _ = reply.send(self.events.subscribe());
+            }
+        }
+    }
+
+    fn handle_report(&mut self, node: NodeId, session: SessionId, report: SessionReport, at: Instant) {
+        let outcome = match &report {
+            SessionReport::Heartbeat => self.registry.heartbeat(node, session, at),
+            SessionReport::Cpu(usage) => self.registry.cpu_sample(node, session, *usage, at),
+            SessionReport::TerminateAck => self.registry.terminate_ack(node, session, at),
+            SessionReport::Goodbye(reason) => self.registry.goodbye(node, session, reason, at),
+            SessionReport::Closed(cause) => {
+                self.sessions.remove(&session);
+                self.registry.stream_closed(node, session, cause, at);
+                Ok(())
+            }
+        };
+        match outcome {
+            Ok(()) => {}
+            // A fenced or closed session's last messages can still be in flight.
+            Err(SessionError::Stale | SessionError::UnknownNode) => {
+                debug!(node.id = %node, session = %session, ?report, "message from a session that is no longer live");
+            }
+            Err(error @ SessionError::NoTerminatePending) => {
+                warn!(node.id = %node, session = %session, %error, "terminate ack ignored");
+            }
+        }
+    }
+
+    fn apply_effects(&mut self) {
+        for effect in self.registry.take_effects() {
+            match effect {
+                Effect::Publish(event) => self.publish(event),
+                Effect::SendTerminate {
+                    node,
+                    session,
+                    reason,
+                    grace_period,
+                } => {
+                    info!(node.id = %node, session = %session, %reason, grace_s = grace_period.as_secs_f64(), "sending terminate");
+                    self.signal(session, SessionSignal::Terminate { reason, grace_period });
+                }
+                Effect::CloseSession {
+                    node,
+                    session,
+                    reason,
+                } => {
+                    debug!(node.id = %node, session = %session, ?reason, "closing session");
+                    self.signal(session, SessionSignal::Close(reason));
+                    self.sessions.remove(&session);
+                }
+            }
+        }
+    }
+
+    fn signal(&mut self, session: SessionId, signal: SessionSignal) {
+        let Some(signals) = self.sessions.get(&session) else {
+            return;
+        };
+        if signals.send(signal).is_err() {
+            // The handler is gone; its Closed report is on the way.
+            self.sessions.remove(&session);
+        }
+    }
+
+    fn publish(&mut self, mut event: FleetEvent) {
+        event.sequence = self.next_sequence;
+        self.next_sequence += 1;
+        log_event(&event);
+        // No subscriber is fine: events are also logged.
+        let _ = self.events.send(event);
+    }
+}
+
+/// Logs an event; the operator-facing lines keep the seed's wording.
+fn log_event(event: &FleetEvent) {
+    let (id, ip, reason) = (&event.node_id, &event.ip, &event.reason);
+    match event.kind {
+        EventKind::NodeFailed => error!(
+            node.id = %id, node.ip = %ip, %reason,
+            "CRITICAL UNEXPECTED NODE FAILURE DETECTED for Node {id} at IP {ip}. Initiating self-healing."
+        ),
+        EventKind::NodeTerminated => info!(
+            node.id = %id, node.ip = %ip, %reason,
+            "Node gracefully terminated as commanded - expected shutdown"
+        ),
+        EventKind::NodeJoined => {
+            info!(node.id = %id, node.ip = %ip, hostname = %event.hostname, "node joined")
+        }
+        EventKind::NodeReconnected => info!(node.id = %id, node.ip = %ip, %reason, "node reconnected"),
+        EventKind::NodeSuspected => warn!(node.id = %id, node.ip = %ip, %reason, "node suspected"),
+        EventKind::NodeRecovered => info!(node.id = %id, node.ip = %ip, "suspect node recovered"),
+        EventKind::TerminateRequested => info!(node.id = %id, node.ip = %ip, %reason, "terminate requested"),
+        EventKind::TerminateAcknowledged => info!(node.id = %id, "terminate acknowledged"),
+        EventKind::TerminateCancelled => warn!(node.id = %id, node.ip = %ip, %reason, "terminate cancelled"),
+        EventKind::NodeLeft => info!(node.id = %id, node.ip = %ip, %reason, "node left on its own"),
+        EventKind::SessionFenced => warn!(node.id = %id, %reason, "older session fenced"),
+        EventKind::NodeForgotten => debug!(node.id = %id, %reason, "node forgotten"),
+    }
+}

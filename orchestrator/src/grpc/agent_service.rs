@@ -1,0 +1,302 @@
+//! `AgentService.Connect`: one task per agent stream.
+//!
+//! The handler waits (bounded) for the Hello, validates it, registers the session
+//! with the fleet actor and returns the outbound stream. A per-session task then
+//! relays: inbound messages are validated, stamped with the orchestrator's clock
+//! at receipt and reported to the actor; the actor's signals (Welcome, Terminate,
+//! close) are written to the outbound stream. Any protocol violation ends only this
+//! stream, with INVALID_ARGUMENT.
+
+use std::time::{Duration, Instant};
+
+use secbeat::{
+    pb::{self, agent_message::Kind, control_message},
+    wire,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::{convert, status};
+use crate::{
+    fleet::{FleetHandle, SessionReport, SessionSignal},
+    node::{NodeId, SessionId},
+};
+
+/// Most samples one CpuSamples message may carry.
+pub const MAX_SAMPLES_PER_MESSAGE: usize = 64;
+/// Outbound messages buffered per stream. Control messages are rare (one Welcome,
+/// a Terminate, a close), so a full buffer means the agent stopped reading.
+const OUTBOUND_BUFFER: usize = 16;
+/// Longest goodbye reason kept.
+const MAX_REASON: usize = 256;
+
+/// The `AgentService` implementation.
+#[derive(Debug, Clone)]
+pub struct AgentApi {
+    fleet: FleetHandle,
+    hello_timeout: Duration,
+}
+
+impl AgentApi {
+    /// A service that registers sessions with `fleet` and waits `hello_timeout`
+    /// for each stream's Hello.
+    pub fn new(fleet: FleetHandle, hello_timeout: Duration) -> Self {
+        Self { fleet, hello_timeout }
+    }
+}
+
+type Outbound = mpsc::Sender<Result<pb::ControlMessage, Status>>;
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentApi {
+    type ConnectStream = ReceiverStream<Result<pb::ControlMessage, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let peer = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let first = match tokio::time::timeout(self.hello_timeout, inbound.message()).await {
+            Err(_) => {
+                let secs = self.hello_timeout.as_secs_f64();
+                return Err(Status::invalid_argument(format!("no hello within {secs}s")));
+            }
+            Ok(Err(status)) => return Err(status),
+            Ok(Ok(None)) => return Err(Status::invalid_argument("stream ended before hello")),
+            Ok(Ok(Some(message))) => message,
+        };
+        let hello = match first.kind {
+            Some(Kind::Hello(hello)) => hello,
+            other => {
+                let got = kind_name(other.as_ref());
+                return Err(Status::invalid_argument(format!(
+                    "first message must be hello, got {got}"
+                )));
+            }
+        };
+        let info = convert::node_info(hello, peer).map_err(status::invalid)?;
+        let node = info.id;
+        let (signals_tx, signals) = mpsc::unbounded_channel();
+        let session = self.fleet.connect(info, signals_tx, Instant::now()).await?;
+        let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_BUFFER);
+        let span = info_span!("agent_session", node.id = %node, session = %session, peer = ?peer);
+        let relay = SessionRelay {
+            fleet: self.fleet.clone(),
+            node,
+            session,
+            outbound,
+        };
+        tokio::spawn(relay.run(inbound, signals).instrument(span));
+        Ok(Response::new(ReceiverStream::new(outbound_rx)))
+    }
+}
+
+struct SessionRelay {
+    fleet: FleetHandle,
+    node: NodeId,
+    session: SessionId,
+    outbound: Outbound,
+}
+
+impl SessionRelay {
+    async fn run(
+        self,
+        mut inbound: Streaming<pb::AgentMessage>,
+        mut signals: mpsc::UnboundedReceiver<SessionSignal>,
+    ) {
+        debug!("session started");
+        let cause = loop {
+            tokio::select! {
+                signal = signals.recv() => {
+                    let Some(signal) = signal else { break "fleet actor stopped".to_owned() };
+                    if let Some(end) = self.forward(signal) {
+                        // Closed by the orchestrator: the registry already knows.
+                        debug!(reason = %end, "session closed by orchestrator");
+                        return;
+                    }
+                }
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => {
+                        let at = Instant::now();
+                        match validate(message) {
+                            Ok(report) => {
+                                if self.fleet.report(self.node, self.session, report, at).await.is_err() {
+                                    let _ = self.outbound.try_send(Err(status::shutting_down()));
+                                    return;
+                                }
+                            }
+                            Err(rejection) => {
+                                warn!(%rejection, "protocol violation: ending stream");
+                                let cause = format!("protocol violation: {}", rejection.message());
+                                let _ = self.outbound.try_send(Err(rejection));
+                                break cause;
+                            }
+                        }
+                    }
+                    Ok(None) => break "stream ended".to_owned(),
+                    Err(error) => break format!("stream broke: {}", error.message()),
+                },
+            }
+        };
+        info!(%cause, "session ended");
+        let _ = self
+            .fleet
+            .report(
+                self.node,
+                self.session,
+                SessionReport::Closed(cause),
+                Instant::now(),
+            )
+            .await;
+    }
+
+    /// Writes a signal to the agent; returns the reason when it ends the stream.
+    fn forward(&self, signal: SessionSignal) -> Option<String> {
+        let message = match signal {
+            SessionSignal::Welcome {
+                session,
+                heartbeat_interval,
+            } => control_message::Kind::Welcome(pb::Welcome {
+                session_id: session.0,
+                heartbeat_interval: Some(wire::duration_to_proto(heartbeat_interval)),
+                node_id: self.node.to_string(),
+            }),
+            SessionSignal::Terminate { reason, grace_period } => {
+                control_message::Kind::Terminate(pb::Terminate {
+                    reason,
+                    grace_period: Some(wire::duration_to_proto(grace_period)),
+                })
+            }
+            SessionSignal::Close(reason) => {
+                let status = status::closed(&reason);
+                let end = status.message().to_owned();
+                let _ = self.outbound.try_send(Err(status));
+                return Some(end);
+            }
+            SessionSignal::ShuttingDown => {
+                let _ = self.outbound.try_send(Err(status::shutting_down()));
+                return Some("orchestrator shutting down".to_owned());
+            }
+        };
+        if let Err(error) = self
+            .outbound
+            .try_send(Ok(pb::ControlMessage { kind: Some(message) }))
+        {
+            warn!(%error, "agent is not reading its stream; control message dropped");
+        }
+        None
+    }
+}
+
+/// Validates one message after the Hello into what the actor needs to know.
+fn validate(message: pb::AgentMessage) -> Result<SessionReport, Status> {
+    match message.kind {
+        Some(Kind::Heartbeat(_)) => Ok(SessionReport::Heartbeat),
+        Some(Kind::CpuSamples(batch)) => {
+            if batch.samples.is_empty() {
+                return Err(Status::invalid_argument("cpu_samples.samples: empty"));
+            }
+            if batch.samples.len() > MAX_SAMPLES_PER_MESSAGE {
+                return Err(Status::invalid_argument(format!(
+                    "cpu_samples.samples: {} samples, at most {MAX_SAMPLES_PER_MESSAGE} per message",
+                    batch.samples.len()
+                )));
+            }
+            let mut latest = 0.0;
+            for sample in &batch.samples {
+                latest = wire::check_cpu_fraction("cpu_samples.samples.usage", sample.usage)
+                    .map_err(status::invalid)?;
+            }
+            Ok(SessionReport::Cpu(latest))
+        }
+        Some(Kind::TerminateAck(_)) => Ok(SessionReport::TerminateAck),
+        Some(Kind::Goodbye(goodbye)) => {
+            let mut reason = goodbye.reason;
+            if reason.len() > MAX_REASON {
+                let cut = (0..=MAX_REASON)
+                    .rev()
+                    .find(|i| reason.is_char_boundary(*i))
+                    .unwrap_or(0);
+                reason.truncate(cut);
+            }
+            Ok(SessionReport::Goodbye(reason))
+        }
+        Some(Kind::Hello(_)) => Err(Status::invalid_argument("hello may only be the first message")),
+        None => Err(Status::invalid_argument("message has no kind set")),
+    }
+}
+
+fn kind_name(kind: Option<&Kind>) -> &'static str {
+    match kind {
+        Some(Kind::Hello(_)) => "hello",
+        Some(Kind::Heartbeat(_)) => "heartbeat",
+        Some(Kind::CpuSamples(_)) => "cpu_samples",
+        Some(Kind::TerminateAck(_)) => "terminate_ack",
+        Some(Kind::Goodbye(_)) => "goodbye",
+        None => "an empty message",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples(values: &[f64]) -> pb::AgentMessage {
+        let samples = values
+            .iter()
+            .map(|usage| pb::CpuSample {
+                time: None,
+                usage: *usage,
+            })
+            .collect();
+        pb::AgentMessage {
+            kind: Some(Kind::CpuSamples(pb::CpuSamples { samples })),
+        }
+    }
+
+    #[test]
+    fn cpu_batches_report_the_latest_valid_sample() {
+        assert_eq!(validate(samples(&[0.2, 0.7])).unwrap(), SessionReport::Cpu(0.7));
+    }
+
+    #[test]
+    fn bad_cpu_batches_are_invalid_argument() {
+        let too_many = vec![0.5; MAX_SAMPLES_PER_MESSAGE + 1];
+        for bad in [
+            samples(&[]),
+            samples(&[0.5, f64::NAN]),
+            samples(&[85.0]),
+            samples(&[-0.1]),
+            samples(&too_many),
+        ] {
+            assert_eq!(validate(bad).unwrap_err().code(), tonic::Code::InvalidArgument);
+        }
+    }
+
+    #[test]
+    fn a_second_hello_or_an_empty_message_is_rejected() {
+        let hello = pb::AgentMessage {
+            kind: Some(Kind::Hello(pb::Hello::default())),
+        };
+        assert_eq!(validate(hello).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            validate(pb::AgentMessage { kind: None }).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn long_goodbye_reasons_are_cut_on_a_char_boundary() {
+        let reason = "é".repeat(200);
+        let message = pb::AgentMessage {
+            kind: Some(Kind::Goodbye(pb::Goodbye { reason })),
+        };
+        let SessionReport::Goodbye(kept) = validate(message).unwrap() else {
+            panic!()
+        };
+        assert!(kept.len() <= MAX_REASON);
+    }
+}

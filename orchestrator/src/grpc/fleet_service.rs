@@ -1,0 +1,122 @@
+//! `FleetService`: the operator API over the fleet actor.
+
+use secbeat::pb;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info};
+
+use super::{convert, status};
+use crate::fleet::FleetHandle;
+
+/// Events buffered per `WatchEvents` stream on top of the shared event buffer.
+const WATCH_BUFFER: usize = 64;
+
+/// The `FleetService` implementation.
+#[derive(Debug, Clone)]
+pub struct FleetApi {
+    fleet: FleetHandle,
+}
+
+impl FleetApi {
+    /// A service answering from `fleet`.
+    pub fn new(fleet: FleetHandle) -> Self {
+        Self { fleet }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::fleet_service_server::FleetService for FleetApi {
+    type WatchEventsStream = ReceiverStream<Result<pb::FleetEvent, Status>>;
+
+    async fn list_nodes(
+        &self,
+        _: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let nodes = self.fleet.list().await?;
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes: nodes.iter().map(convert::node).collect(),
+        }))
+    }
+
+    async fn get_node(
+        &self,
+        request: Request<pb::GetNodeRequest>,
+    ) -> Result<Response<pb::GetNodeResponse>, Status> {
+        let id = convert::node_id("node_id", &request.into_inner().node_id).map_err(status::invalid)?;
+        let node = self
+            .fleet
+            .get(id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("node {id} is unknown")))?;
+        Ok(Response::new(pb::GetNodeResponse {
+            node: Some(convert::node(&node)),
+        }))
+    }
+
+    async fn terminate_node(
+        &self,
+        request: Request<pb::TerminateNodeRequest>,
+    ) -> Result<Response<pb::TerminateNodeResponse>, Status> {
+        let request = request.into_inner();
+        let id = convert::node_id("node_id", &request.node_id).map_err(status::invalid)?;
+        let reason = if request.reason.trim().is_empty() {
+            "operator request".to_owned()
+        } else {
+            request.reason
+        };
+        if reason.len() > 256 {
+            return Err(Status::invalid_argument("reason: longer than 256 bytes"));
+        }
+        info!(node.id = %id, %reason, "terminate node requested");
+        let accepted = self.fleet.terminate(id, reason).await??;
+        Ok(Response::new(pb::TerminateNodeResponse {
+            node: Some(convert::node(&accepted.node)),
+            already_terminating: accepted.already_terminating,
+            grace_period: Some(secbeat::wire::duration_to_proto(accepted.grace_period)),
+        }))
+    }
+
+    async fn get_fleet_stats(
+        &self,
+        _: Request<pb::GetFleetStatsRequest>,
+    ) -> Result<Response<pb::GetFleetStatsResponse>, Status> {
+        let stats = self.fleet.stats().await?;
+        Ok(Response::new(convert::fleet_stats(&stats)))
+    }
+
+    async fn watch_events(
+        &self,
+        _: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let mut events = self.fleet.subscribe().await?;
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        tokio::spawn(async move {
+            loop {
+                let received = tokio::select! {
+                    received = events.recv() => received,
+                    () = tx.closed() => {
+                        debug!("event watcher went away");
+                        return;
+                    }
+                };
+                let item = match received {
+                    Ok(event) => Ok(convert::fleet_event(&event)),
+                    Err(broadcast::error::RecvError::Lagged(missed)) => Err(Status::resource_exhausted(
+                        format!("subscriber fell {missed} events behind; resubscribe and re-list"),
+                    )),
+                    Err(broadcast::error::RecvError::Closed) => Err(status::shutting_down()),
+                };
+                let ends = item.is_err();
+                if tx.send(item).await.is_err() {
+                    debug!("event watcher went away");
+                    return;
+                }
+                if ends {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

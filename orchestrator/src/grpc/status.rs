@@ -1,0 +1,55 @@
+//! The one place where orchestrator errors become gRPC statuses.
+
+use tonic::Status;
+
+use crate::{
+    fleet::FleetStopped,
+    node::NodeState,
+    registry::{CloseReason, TerminateError},
+};
+use secbeat::wire::WireError;
+
+impl From<FleetStopped> for Status {
+    fn from(_: FleetStopped) -> Self {
+        Status::unavailable("orchestrator is shutting down")
+    }
+}
+
+impl From<TerminateError> for Status {
+    fn from(error: TerminateError) -> Self {
+        match error {
+            TerminateError::NotFound(_) => Status::not_found(error.to_string()),
+            TerminateError::NotConnected { state, .. } => {
+                let hint = if state == NodeState::Suspect {
+                    "; it may reconnect"
+                } else {
+                    ""
+                };
+                Status::failed_precondition(format!("{error}{hint}"))
+            }
+        }
+    }
+}
+
+/// A malformed field in a request or agent message.
+pub fn invalid(error: WireError) -> Status {
+    Status::invalid_argument(error.to_string())
+}
+
+/// The status that ends a session the orchestrator closes.
+pub fn closed(reason: &CloseReason) -> Status {
+    match reason {
+        CloseReason::Fenced { by } => Status::aborted(format!(
+            "fenced: a newer session ({by}) for this node id took over"
+        )),
+        CloseReason::DeclaredFailed => {
+            Status::unavailable("node declared failed after missing heartbeats; reconnect to rejoin")
+        }
+        CloseReason::TerminatedSilently => Status::unavailable("node terminated: silent after acknowledging"),
+    }
+}
+
+/// The status that ends every session when the orchestrator shuts down.
+pub fn shutting_down() -> Status {
+    Status::unavailable("orchestrator shutting down; reconnect with backoff")
+}

@@ -1,0 +1,20 @@
+//! `secbeat-orchestrator`: the SecBeat fleet control plane as a library.
+//!
+//! Core (pure, no IO, time passed in): [`node`] and [`event`] (domain types),
+//! [`registry`] (node lifecycle state machine) and [`detector`] (the periodic
+//! dead-node check). Glue: [`fleet`] (the actor that owns the registry and the
+//! sessions). Edges: [`grpc`] (AgentService, FleetService), [`http`] (health),
+//! [`server`] (wiring and graceful shutdown), [`config`], [`telemetry`].
+//!
+//! Data flows one way: agent stream -> registry/detector -> events -> consumers.
+
+pub mod config;
+pub mod detector;
+pub mod event;
+pub mod fleet;
+pub mod grpc;
+pub mod http;
+pub mod node;
+pub mod registry;
+pub mod server;
+pub mod telemetry;

@@ -1,0 +1,142 @@
+//! Domain types for nodes and their lifecycle, free of wire and transport types.
+
+use std::{collections::BTreeMap, fmt, net::IpAddr, time::SystemTime};
+
+use uuid::Uuid;
+
+/// A node's stable identity (the agent keeps it across restarts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub Uuid);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// One agent stream. Unique within one orchestrator run; never 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Where a node is in its lifecycle (see DESIGN.md, "Node lifecycle").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NodeState {
+    /// Live stream, heartbeats on time.
+    Connected,
+    /// Stream broke without goodbye, or went silent; not yet declared failed.
+    Suspect,
+    /// Declared failed unexpectedly: self-healing applies.
+    Failed,
+    /// Told to terminate; its exit is expected once it acknowledges.
+    Terminating,
+    /// Exited as told (expected).
+    Terminated,
+    /// Left on its own with a goodbye (deliberate, not a failure).
+    Left,
+}
+
+impl NodeState {
+    /// Every state, in declaration order.
+    pub const ALL: [NodeState; 6] = [
+        NodeState::Connected,
+        NodeState::Suspect,
+        NodeState::Failed,
+        NodeState::Terminating,
+        NodeState::Terminated,
+        NodeState::Left,
+    ];
+
+    /// Final states: the node has no stream and will not get one back without
+    /// reconnecting as a new session.
+    pub fn is_final(self) -> bool {
+        matches!(self, NodeState::Failed | NodeState::Terminated | NodeState::Left)
+    }
+
+    /// Lowercase name for logs and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Connected => "connected",
+            NodeState::Suspect => "suspect",
+            NodeState::Failed => "failed",
+            NodeState::Terminating => "terminating",
+            NodeState::Terminated => "terminated",
+            NodeState::Left => "left",
+        }
+    }
+}
+
+impl fmt::Display for NodeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a node says about itself in its Hello, already validated at the edge.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeInfo {
+    /// Stable identity.
+    pub id: NodeId,
+    /// Host name.
+    pub hostname: String,
+    /// The node's address: reported by the agent, else the connection's peer.
+    pub ip: IpAddr,
+    /// Agent version string.
+    pub agent_version: String,
+    /// Free-form labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A point-in-time copy of one node's record, for queries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSnapshot {
+    /// Identity and self-description.
+    pub info: NodeInfo,
+    /// Lifecycle state.
+    pub state: NodeState,
+    /// Why the node is in its state, if anything notable.
+    pub state_reason: String,
+    /// The live session, if any.
+    pub session: Option<SessionId>,
+    /// Latest CPU fraction of the current session.
+    pub last_cpu_usage: Option<f64>,
+    /// When the current (or last) session was accepted.
+    pub connected_since: SystemTime,
+    /// When the last message arrived.
+    pub last_heartbeat: SystemTime,
+    /// A pending or acknowledged terminate.
+    pub termination: Option<TerminationSnapshot>,
+}
+
+/// A pending or acknowledged terminate, as queries show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TerminationSnapshot {
+    /// Why it was requested.
+    pub reason: String,
+    /// When it was requested.
+    pub requested_at: SystemTime,
+    /// Whether the node acknowledged it.
+    pub acknowledged: bool,
+    /// When an unacknowledged terminate is cancelled.
+    pub deadline: SystemTime,
+}
+
+/// Fleet-wide figures.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FleetStats {
+    /// Nodes with a live stream in CONNECTED or TERMINATING.
+    pub active_nodes: u32,
+    /// Mean latest CPU of active nodes that reported one.
+    pub avg_cpu_usage: Option<f64>,
+    /// Known nodes per state.
+    pub nodes_by_state: BTreeMap<NodeState, u32>,
+    /// Unexpected failures declared since start.
+    pub unexpected_failures_total: u64,
+    /// Expected terminations since start.
+    pub graceful_terminations_total: u64,
+}

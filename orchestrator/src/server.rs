@@ -1,0 +1,177 @@
+//! Wiring: binds the listeners, starts the fleet actor, serves gRPC (with health
+//! and reflection v1 + v1alpha) and HTTP, and shuts all of it down gracefully.
+
+use std::{io, net::SocketAddr, path::PathBuf};
+
+use secbeat::pb::{agent_service_server::AgentServiceServer, fleet_service_server::FleetServiceServer};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    config::Config,
+    fleet::{self, FleetSettings},
+    grpc::{agent_service::AgentApi, fleet_service::FleetApi},
+    http,
+};
+
+/// Why the orchestrator could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Bind {
+        /// The config key of the address.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The state directory could not be created.
+    #[error("cannot create state_dir {path}: {source}")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Reflection descriptors failed to load (a build problem).
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The gRPC server failed.
+    #[error("grpc server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    /// The HTTP server failed.
+    #[error("http server: {0}")]
+    Http(io::Error),
+}
+
+/// An orchestrator with its listeners bound, ready to serve.
+#[derive(Debug)]
+pub struct Orchestrator {
+    config: Config,
+    grpc: TcpListener,
+    http: TcpListener,
+}
+
+impl Orchestrator {
+    /// Creates the state directory and binds both listeners (port 0 picks a free one).
+    pub async fn bind(config: Config) -> Result<Self, ServeError> {
+        std::fs::create_dir_all(&config.state_dir).map_err(|source| ServeError::StateDir {
+            path: config.state_dir.clone(),
+            source,
+        })?;
+        let grpc = bind("grpc_listen", config.grpc_listen).await?;
+        let http = bind("http_listen", config.http_listen).await?;
+        Ok(Self { config, grpc, http })
+    }
+
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> io::Result<SocketAddr> {
+        self.grpc.local_addr()
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> io::Result<SocketAddr> {
+        self.http.local_addr()
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains: agents' streams are ended
+    /// with UNAVAILABLE (they reconnect elsewhere or later), watchers are ended, and
+    /// in-flight calls get up to `shutdown_timeout` to finish.
+    pub async fn serve(self, shutdown: CancellationToken) -> Result<(), ServeError> {
+        let Self { config, grpc, http } = self;
+        let grpc_addr = grpc.local_addr().map_err(|source| ServeError::Bind {
+            key: "grpc_listen",
+            addr: config.grpc_listen,
+            source,
+        })?;
+        let http_addr = http.local_addr().map_err(|source| ServeError::Bind {
+            key: "http_listen",
+            addr: config.http_listen,
+            source,
+        })?;
+        if !grpc_addr.ip().is_loopback() {
+            warn!(addr = %grpc_addr, "grpc api listening beyond loopback WITHOUT TLS: anyone who reaches this port can act as a node or an operator");
+        }
+
+        let settings = FleetSettings {
+            lifecycle: config.lifecycle(),
+            heartbeat_interval: config.heartbeat_interval.0,
+            dead_node_check_interval: config.dead_node_check_interval.0,
+        };
+        let (fleet, actor) = fleet::spawn(settings, shutdown.clone());
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<AgentServiceServer<AgentApi>>().await;
+        health.set_serving::<FleetServiceServer<FleetApi>>().await;
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(secbeat::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        // grpcurl 1.8.x only speaks v1alpha.
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(secbeat::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let grpc_server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(AgentServiceServer::new(AgentApi::new(
+                fleet.clone(),
+                config.hello_timeout.0,
+            )))
+            .add_service(FleetServiceServer::new(FleetApi::new(fleet.clone())))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown.clone().cancelled_owned());
+        let http_server =
+            axum::serve(http, http::router(fleet)).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+
+        info!(addr = %grpc_addr, "grpc api listening");
+        info!(addr = %http_addr, "http api listening");
+        info!(
+            heartbeat_interval_s = config.heartbeat_interval.0.as_secs_f64(),
+            heartbeat_timeout_s = config.heartbeat_timeout.0.as_secs_f64(),
+            dead_node_check_interval_s = config.dead_node_check_interval.0.as_secs_f64(),
+            required_consecutive_failures = config.required_consecutive_failures,
+            state_dir = %config.state_dir.display(),
+            "orchestrator ready"
+        );
+
+        let grpc_task = tokio::spawn(grpc_server);
+        let http_task = tokio::spawn(async move { http_server.await.map_err(ServeError::Http) });
+
+        shutdown.cancelled().await;
+        info!("shutting down: closing agent streams and draining calls");
+        health.set_not_serving::<AgentServiceServer<AgentApi>>().await;
+        let drained = tokio::time::timeout(config.shutdown_timeout.0, async {
+            let _ = actor.await;
+            let grpc = grpc_task.await;
+            let http = http_task.await;
+            (grpc, http)
+        })
+        .await;
+        match drained {
+            Ok((grpc, http)) => {
+                grpc.expect("grpc server task panicked")?;
+                http.expect("http server task panicked")?;
+                info!("shutdown complete");
+            }
+            Err(_) => warn!(
+                timeout_s = config.shutdown_timeout.0.as_secs_f64(),
+                "shutdown timed out with calls still open; exiting anyway"
+            ),
+        }
+        Ok(())
+    }
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { key, addr, source })
+}

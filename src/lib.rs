@@ -1,0 +1,18 @@
+//! The SecBeat control-plane API crate.
+//!
+//! - [`pb`]: the `secbeat.v1` protobuf messages and gRPC clients/servers, generated
+//!   from `proto/secbeat/v1/` by the root `build.rs` into `OUT_DIR`.
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors for server reflection.
+//! - [`wire`]: the conversions between wire types and plain Rust values that every
+//!   edge needs (node ids, timestamps, durations, CPU fractions), with typed errors.
+
+pub mod wire;
+
+/// Generated `secbeat.v1` messages, enums, clients and servers.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("secbeat.v1");
+}
+
+/// Encoded `FileDescriptorSet` of `secbeat.v1`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("secbeat_v1_descriptor");

@@ -1,0 +1,116 @@
+//! Wire <-> plain-value conversions shared by the orchestrator, the agent and the
+//! test harness. Each failure names the offending field, so an edge can turn it into
+//! a precise `INVALID_ARGUMENT` without re-describing the problem.
+
+use std::time::{Duration, SystemTime};
+
+use uuid::Uuid;
+
+/// A wire field that does not hold an acceptable value.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct WireError {
+    /// The field's name as in the `.proto`, e.g. `hello.node_id`.
+    pub field: &'static str,
+    /// What is wrong with it, lowercase, short.
+    pub problem: String,
+}
+
+impl WireError {
+    /// An error for `field` saying `problem`.
+    pub fn new(field: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            field,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Parses a node id: a UUID that is not nil.
+pub fn parse_node_id(field: &'static str, raw: &str) -> Result<Uuid, WireError> {
+    if raw.is_empty() {
+        return Err(WireError::new(field, "missing"));
+    }
+    let id = Uuid::try_parse(raw).map_err(|error| WireError::new(field, format!("not a uuid ({error})")))?;
+    if id.is_nil() {
+        return Err(WireError::new(field, "the nil uuid is not a node id"));
+    }
+    Ok(id)
+}
+
+/// Checks a CPU usage value: a finite fraction in `[0.0, 1.0]`.
+pub fn check_cpu_fraction(field: &'static str, usage: f64) -> Result<f64, WireError> {
+    if !usage.is_finite() {
+        return Err(WireError::new(field, format!("{usage} is not a finite number")));
+    }
+    if !(0.0..=1.0).contains(&usage) {
+        return Err(WireError::new(
+            field,
+            format!("{usage} is outside 0.0..=1.0 (a fraction, not percent)"),
+        ));
+    }
+    Ok(usage)
+}
+
+/// Converts a `Duration` to its protobuf form (saturating at the protobuf maximum).
+pub fn duration_to_proto(duration: Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(duration).unwrap_or(prost_types::Duration {
+        seconds: 315_576_000_000,
+        nanos: 0,
+    })
+}
+
+/// Converts a protobuf duration to a `Duration`; negative or malformed ones fail.
+pub fn duration_from_proto(
+    field: &'static str,
+    duration: Option<prost_types::Duration>,
+) -> Result<Duration, WireError> {
+    let duration = duration.ok_or_else(|| WireError::new(field, "missing"))?;
+    Duration::try_from(duration).map_err(|error| WireError::new(field, format!("invalid duration ({error})")))
+}
+
+/// Converts a wall-clock time to a protobuf timestamp.
+pub fn timestamp_to_proto(time: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(time)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_must_be_real_uuids() {
+        let id = Uuid::new_v4();
+        assert_eq!(parse_node_id("f", &id.to_string()), Ok(id));
+        assert_eq!(parse_node_id("f", "").unwrap_err().problem, "missing");
+        assert!(
+            parse_node_id("f", "not-a-uuid")
+                .unwrap_err()
+                .problem
+                .starts_with("not a uuid")
+        );
+        assert!(parse_node_id("f", &Uuid::nil().to_string()).is_err());
+    }
+
+    #[test]
+    fn cpu_fractions_are_finite_and_within_unit_interval() {
+        assert_eq!(check_cpu_fraction("u", 0.0), Ok(0.0));
+        assert_eq!(check_cpu_fraction("u", 1.0), Ok(1.0));
+        for bad in [f64::NAN, f64::INFINITY, -0.01, 1.01, 85.0] {
+            let error = check_cpu_fraction("u", bad).unwrap_err();
+            assert_eq!(error.field, "u", "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations_round_trip_and_reject_negative() {
+        let d = Duration::from_millis(1500);
+        assert_eq!(duration_from_proto("d", Some(duration_to_proto(d))), Ok(d));
+        let negative = prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        };
+        assert!(duration_from_proto("d", Some(negative)).is_err());
+        assert_eq!(duration_from_proto("d", None).unwrap_err().problem, "missing");
+    }
+}
