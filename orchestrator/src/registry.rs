@@ -566,3 +566,443 @@ impl Registry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Lifecycle tests on fabricated instants: no runtime, no sleeping.
+
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use uuid::Uuid;
+
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(30);
+    const DEADLINE: Duration = Duration::from_secs(20);
+
+    struct Fixture {
+        registry: Registry,
+        now: Instant,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let config = LifecycleConfig {
+                heartbeat_timeout: TIMEOUT,
+                required_consecutive_failures: 2,
+                termination_deadline: DEADLINE,
+                termination_grace_period: Duration::from_secs(5),
+                node_retention: Duration::from_secs(600),
+            };
+            let now = Instant::now();
+            Self {
+                registry: Registry::new(config, now, SystemTime::UNIX_EPOCH),
+                now,
+            }
+        }
+
+        fn advance(&mut self, secs: u64) {
+            self.now += Duration::from_secs(secs);
+        }
+
+        fn connect(&mut self, node: NodeId) -> SessionId {
+            let info = NodeInfo {
+                id: node,
+                hostname: "edge".into(),
+                ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9)),
+                agent_version: "test".into(),
+                labels: Default::default(),
+            };
+            self.registry.connect(info, self.now)
+        }
+
+        fn check(&mut self) {
+            self.registry.check(self.now);
+        }
+
+        fn state(&self, node: NodeId) -> NodeState {
+            self.registry.snapshot(node).expect("known node").state
+        }
+
+        /// The kinds of the events published since the last call.
+        fn events(&mut self) -> Vec<EventKind> {
+            self.take()
+                .into_iter()
+                .filter_map(|e| {
+                    if let Effect::Publish(ev) = e {
+                        Some(ev.kind)
+                    } else {
+                        None
+                    }
+                })
+                .collect()
+        }
+
+        fn take(&mut self) -> Vec<Effect> {
+            self.registry.take_effects()
+        }
+    }
+
+    fn node() -> NodeId {
+        NodeId(Uuid::new_v4())
+    }
+
+    #[test]
+    fn a_new_node_joins_connected() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        assert_eq!(f.state(n), NodeState::Connected);
+        assert_eq!(f.registry.snapshot(n).unwrap().session, Some(s));
+        assert_eq!(f.events(), [EventKind::NodeJoined]);
+    }
+
+    #[test]
+    fn heartbeats_keep_a_node_connected_indefinitely() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        for _ in 0..100 {
+            f.advance(10);
+            f.registry.heartbeat(n, s, f.now).unwrap();
+            f.check();
+        }
+        assert_eq!(f.state(n), NodeState::Connected);
+        assert_eq!(f.registry.stats().unexpected_failures_total, 0);
+    }
+
+    #[test]
+    fn silence_makes_a_node_suspect_then_failed_after_consecutive_checks() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        f.take();
+        f.advance(30);
+        f.check();
+        assert_eq!(
+            f.state(n),
+            NodeState::Connected,
+            "exactly the timeout is not yet silence"
+        );
+        f.advance(1);
+        f.check();
+        assert_eq!(f.state(n), NodeState::Suspect);
+        assert_eq!(f.events(), [EventKind::NodeSuspected]);
+        f.advance(10);
+        f.check();
+        assert_eq!(f.state(n), NodeState::Failed);
+        let effects = f.take();
+        assert!(effects.contains(&Effect::CloseSession {
+            node: n,
+            session: s,
+            reason: CloseReason::DeclaredFailed
+        }));
+        assert!(effects.iter().any(
+            |e| matches!(e, Effect::Publish(ev) if ev.kind == EventKind::NodeFailed && ev.node_id == n)
+        ));
+        assert_eq!(f.registry.stats().unexpected_failures_total, 1);
+        assert_eq!(
+            f.registry.heartbeat(n, s, f.now),
+            Err(SessionError::Stale),
+            "a failed session is closed"
+        );
+    }
+
+    #[test]
+    fn a_broken_stream_fails_after_the_required_checks_not_before() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        f.registry.stream_closed(n, s, "reset", f.now);
+        assert_eq!(f.state(n), NodeState::Suspect);
+        f.check();
+        assert_eq!(f.state(n), NodeState::Suspect, "one check is not enough");
+        f.check();
+        assert_eq!(f.state(n), NodeState::Failed);
+        f.check();
+        assert_eq!(
+            f.registry.stats().unexpected_failures_total,
+            1,
+            "failed exactly once"
+        );
+    }
+
+    #[test]
+    fn reconnecting_while_suspect_returns_to_connected() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s1 = f.connect(n);
+        f.registry.stream_closed(n, s1, "reset", f.now);
+        f.check();
+        f.take();
+        let s2 = f.connect(n);
+        assert_ne!(s1, s2);
+        assert_eq!(f.state(n), NodeState::Connected);
+        assert_eq!(f.events(), [EventKind::NodeReconnected]);
+        f.check();
+        f.check();
+        assert_eq!(f.state(n), NodeState::Connected);
+    }
+
+    #[test]
+    fn a_heartbeat_after_silence_recovers_a_suspect_node() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        f.advance(31);
+        f.check();
+        f.take();
+        f.registry.heartbeat(n, s, f.now).unwrap();
+        assert_eq!(f.state(n), NodeState::Connected);
+        assert_eq!(f.events(), [EventKind::NodeRecovered]);
+    }
+
+    #[test]
+    fn a_second_session_fences_the_first() {
+        let mut f = Fixture::new();
+        let n = node();
+        let old = f.connect(n);
+        f.take();
+        let new = f.connect(n);
+        let effects = f.take();
+        assert_eq!(
+            effects[0],
+            Effect::CloseSession {
+                node: n,
+                session: old,
+                reason: CloseReason::Fenced { by: new }
+            }
+        );
+        assert_eq!(f.registry.heartbeat(n, old, f.now), Err(SessionError::Stale));
+        f.registry.stream_closed(n, old, "aborted", f.now);
+        assert_eq!(
+            f.state(n),
+            NodeState::Connected,
+            "the fenced stream's end is not a failure"
+        );
+        f.registry.heartbeat(n, new, f.now).unwrap();
+    }
+
+    #[test]
+    fn an_acknowledged_terminate_makes_the_exit_expected() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        f.take();
+        let accepted = f.registry.request_terminate(n, "scale-down", f.now).unwrap();
+        assert!(!accepted.already_terminating);
+        assert_eq!(f.state(n), NodeState::Terminating);
+        let effects = f.take();
+        assert!(effects.contains(&Effect::SendTerminate {
+            node: n,
+            session: s,
+            reason: "scale-down".into(),
+            grace_period: Duration::from_secs(5)
+        }));
+        f.registry.terminate_ack(n, s, f.now).unwrap();
+        f.registry.stream_closed(n, s, "ended", f.now);
+        assert_eq!(f.state(n), NodeState::Terminated);
+        f.check();
+        f.check();
+        let stats = f.registry.stats();
+        assert_eq!(
+            (stats.graceful_terminations_total, stats.unexpected_failures_total),
+            (1, 0)
+        );
+        assert!(!f.events().contains(&EventKind::NodeFailed));
+    }
+
+    #[test]
+    fn goodbye_after_terminate_is_terminated_and_goodbye_alone_is_left() {
+        let mut f = Fixture::new();
+        let (a, b) = (node(), node());
+        let sa = f.connect(a);
+        let sb = f.connect(b);
+        f.registry.request_terminate(a, "operator", f.now).unwrap();
+        f.registry.goodbye(a, sa, "terminated", f.now).unwrap();
+        f.registry.goodbye(b, sb, "shutdown", f.now).unwrap();
+        f.registry.stream_closed(a, sa, "ended", f.now);
+        f.registry.stream_closed(b, sb, "ended", f.now);
+        f.check();
+        f.check();
+        assert_eq!(f.state(a), NodeState::Terminated);
+        assert_eq!(f.state(b), NodeState::Left);
+        assert_eq!(f.registry.stats().unexpected_failures_total, 0);
+    }
+
+    #[test]
+    fn an_unacknowledged_terminate_is_cancelled_and_a_later_crash_is_a_failure() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        f.registry.request_terminate(n, "operator", f.now).unwrap();
+        f.take();
+        f.advance(10);
+        f.registry.heartbeat(n, s, f.now).unwrap();
+        f.check();
+        assert_eq!(f.state(n), NodeState::Terminating, "still within the deadline");
+        f.advance(10);
+        f.registry.heartbeat(n, s, f.now).unwrap();
+        f.check();
+        assert_eq!(f.state(n), NodeState::Connected);
+        assert_eq!(f.events(), [EventKind::TerminateCancelled]);
+        assert!(f.registry.snapshot(n).unwrap().termination.is_none());
+        f.registry.stream_closed(n, s, "killed", f.now);
+        f.check();
+        f.check();
+        assert_eq!(f.state(n), NodeState::Failed, "a real crash is never swallowed");
+    }
+
+    #[test]
+    fn a_late_ack_after_cancellation_still_makes_the_exit_expected() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        f.registry.request_terminate(n, "operator", f.now).unwrap();
+        f.advance(21);
+        f.registry.heartbeat(n, s, f.now).unwrap();
+        f.check();
+        assert_eq!(f.state(n), NodeState::Connected);
+        f.registry.terminate_ack(n, s, f.now).unwrap();
+        assert_eq!(f.state(n), NodeState::Terminating);
+        f.registry.stream_closed(n, s, "ended", f.now);
+        assert_eq!(f.state(n), NodeState::Terminated);
+    }
+
+    #[test]
+    fn an_ack_with_no_terminate_is_rejected() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        assert_eq!(
+            f.registry.terminate_ack(n, s, f.now),
+            Err(SessionError::NoTerminatePending)
+        );
+        assert_eq!(f.state(n), NodeState::Connected);
+    }
+
+    #[test]
+    fn a_pending_terminate_is_resent_on_reconnect() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s1 = f.connect(n);
+        f.registry.request_terminate(n, "operator", f.now).unwrap();
+        f.registry.stream_closed(n, s1, "network blip", f.now);
+        f.take();
+        let s2 = f.connect(n);
+        assert_eq!(f.state(n), NodeState::Terminating);
+        let effects = f.take();
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::SendTerminate { session, .. } if *session == s2))
+        );
+    }
+
+    #[test]
+    fn terminate_errors_and_idempotence() {
+        let mut f = Fixture::new();
+        let n = node();
+        assert_eq!(
+            f.registry.request_terminate(n, "x", f.now).unwrap_err(),
+            TerminateError::NotFound(n)
+        );
+        let s = f.connect(n);
+        assert!(
+            !f.registry
+                .request_terminate(n, "x", f.now)
+                .unwrap()
+                .already_terminating
+        );
+        f.take();
+        assert!(
+            f.registry
+                .request_terminate(n, "x", f.now)
+                .unwrap()
+                .already_terminating
+        );
+        assert!(f.take().is_empty(), "nothing is sent twice");
+        f.registry.goodbye(n, s, "terminated", f.now).unwrap();
+        let error = f.registry.request_terminate(n, "x", f.now).unwrap_err();
+        assert_eq!(
+            error,
+            TerminateError::NotConnected {
+                node: n,
+                state: NodeState::Terminated
+            }
+        );
+    }
+
+    #[test]
+    fn an_acknowledged_node_that_goes_silent_is_terminated_not_failed() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        f.registry.request_terminate(n, "x", f.now).unwrap();
+        f.registry.terminate_ack(n, s, f.now).unwrap();
+        f.advance(31);
+        f.check();
+        assert_eq!(f.state(n), NodeState::Terminated);
+        assert_eq!(f.registry.stats().unexpected_failures_total, 0);
+    }
+
+    #[test]
+    fn a_failed_node_that_reconnects_is_connected_again() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        f.registry.stream_closed(n, s, "killed", f.now);
+        f.check();
+        f.check();
+        assert_eq!(f.state(n), NodeState::Failed);
+        f.take();
+        f.connect(n);
+        assert_eq!(f.state(n), NodeState::Connected);
+        assert_eq!(f.events(), [EventKind::NodeReconnected]);
+    }
+
+    #[test]
+    fn final_nodes_are_forgotten_after_the_retention() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        f.registry.goodbye(n, s, "shutdown", f.now).unwrap();
+        f.advance(599);
+        f.check();
+        assert!(f.registry.snapshot(n).is_some());
+        f.take();
+        f.advance(1);
+        f.check();
+        assert!(f.registry.snapshot(n).is_none());
+        assert_eq!(f.events(), [EventKind::NodeForgotten]);
+    }
+
+    #[test]
+    fn stats_average_the_latest_cpu_of_active_nodes() {
+        let mut f = Fixture::new();
+        let (a, b, c) = (node(), node(), node());
+        let sa = f.connect(a);
+        let sb = f.connect(b);
+        let sc = f.connect(c);
+        f.registry.cpu_sample(a, sa, 0.9, f.now).unwrap();
+        f.registry.cpu_sample(a, sa, 0.2, f.now).unwrap();
+        f.registry.cpu_sample(b, sb, 0.6, f.now).unwrap();
+        f.registry.cpu_sample(c, sc, 1.0, f.now).unwrap();
+        f.registry.stream_closed(c, sc, "killed", f.now);
+        let stats = f.registry.stats();
+        assert_eq!(stats.active_nodes, 2);
+        assert!((stats.avg_cpu_usage.unwrap() - 0.4).abs() < 1e-12);
+        assert_eq!(stats.nodes_by_state[&NodeState::Suspect], 1);
+    }
+
+    #[test]
+    fn event_times_follow_the_monotonic_clock() {
+        let mut f = Fixture::new();
+        f.advance(7);
+        f.connect(node());
+        let Effect::Publish(event) = &f.take()[0] else {
+            panic!("expected an event")
+        };
+        assert_eq!(event.time, SystemTime::UNIX_EPOCH + Duration::from_secs(7));
+    }
+}

@@ -1,0 +1,293 @@
+//! One control stream to the orchestrator, from Hello to its end.
+//!
+//! Hello -> Welcome (sets the heartbeat interval) -> every interval one CpuSamples
+//! and one Heartbeat. On Terminate: TerminateAck, the `--on-terminate` hook bounded
+//! by the grace period (heartbeats continue meanwhile), Goodbye("terminated"), and
+//! the session ends as [`SessionEnd::Terminated`]. On shutdown (SIGTERM/SIGINT):
+//! Goodbye("shutdown") and [`SessionEnd::ShutDown`].
+
+use std::{
+    pin::Pin,
+    process::Stdio,
+    time::{Duration, Instant, SystemTime},
+};
+
+use secbeat::{
+    pb::{self, agent_message::Kind, agent_service_client::AgentServiceClient, control_message},
+    wire,
+};
+use tokio::{process::Command, sync::mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, Streaming, transport::Endpoint};
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use crate::{cpu::CpuSource, recover::Recovery};
+
+/// Shortest heartbeat interval the agent accepts from a Welcome.
+const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(20);
+/// How long to wait for the orchestrator to close the stream after Goodbye.
+const GOODBYE_LINGER: Duration = Duration::from_secs(2);
+
+/// Everything a session needs that does not change between sessions.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    /// Orchestrator URL, e.g. `http://127.0.0.1:50051`.
+    pub orchestrator: String,
+    /// This node's id.
+    pub node_id: Uuid,
+    /// Host name reported in Hello.
+    pub hostname: String,
+    /// IP reported in Hello; empty lets the orchestrator use the peer address.
+    pub ip: String,
+    /// Labels reported in Hello.
+    pub labels: Vec<(String, String)>,
+    /// Shell command run on Terminate, bounded by the grace period.
+    pub on_terminate: Option<String>,
+    /// Bound on TCP connect and on waiting for the Welcome.
+    pub connect_timeout: Duration,
+}
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// Told to terminate, hook done, goodbye sent: exit 0.
+    Terminated,
+    /// Shut down on a signal, goodbye sent: exit 0.
+    ShutDown,
+    /// Lost; `established` says whether a Welcome was received (resets backoff).
+    Lost {
+        /// Whether the session got as far as a Welcome.
+        established: bool,
+        /// What happened, for the log.
+        cause: String,
+    },
+    /// The orchestrator refused this agent; retrying cannot help.
+    Fatal(Status),
+}
+
+type Outbound = mpsc::Sender<pb::AgentMessage>;
+type Hook = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Runs one session to its end.
+pub async fn run(
+    settings: &SessionSettings,
+    cpu: &mut CpuSource,
+    shutdown: &CancellationToken,
+) -> SessionEnd {
+    let lost = |cause: String| SessionEnd::Lost {
+        established: false,
+        cause,
+    };
+    let endpoint = match Endpoint::from_shared(settings.orchestrator.clone()) {
+        Ok(endpoint) => endpoint
+            .connect_timeout(settings.connect_timeout)
+            .tcp_nodelay(true),
+        Err(error) => {
+            return SessionEnd::Fatal(Status::invalid_argument(format!("orchestrator url: {error}")));
+        }
+    };
+    let channel = tokio::select! {
+        channel = endpoint.connect() => match channel {
+            Ok(channel) => channel,
+            Err(error) => return lost(format!("connect: {error}")),
+        },
+        () = shutdown.cancelled() => return SessionEnd::ShutDown,
+    };
+    let (outbound, requests) = mpsc::channel(32);
+    let hello = pb::Hello {
+        node_id: settings.node_id.to_string(),
+        hostname: settings.hostname.clone(),
+        ip: settings.ip.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        labels: settings.labels.iter().cloned().collect(),
+    };
+    let _ = outbound.send(message(Kind::Hello(hello))).await;
+    let mut client = AgentServiceClient::new(channel);
+    let opened = tokio::select! {
+        opened = tokio::time::timeout(settings.connect_timeout, client.connect(ReceiverStream::new(requests))) => opened,
+        () = shutdown.cancelled() => return SessionEnd::ShutDown,
+    };
+    let mut inbound = match opened {
+        Err(_) => return lost("no answer to hello in time".to_owned()),
+        Ok(Err(status)) => return ended_by(status, false),
+        Ok(Ok(response)) => response.into_inner(),
+    };
+    let welcome = match tokio::time::timeout(settings.connect_timeout, inbound.message()).await {
+        Err(_) => return lost("no welcome in time".to_owned()),
+        Ok(Err(status)) => return ended_by(status, false),
+        Ok(Ok(None)) => return lost("stream ended before welcome".to_owned()),
+        Ok(Ok(Some(pb::ControlMessage {
+            kind: Some(control_message::Kind::Welcome(welcome)),
+        }))) => welcome,
+        Ok(Ok(Some(other))) => {
+            return SessionEnd::Fatal(Status::internal(format!("expected welcome, got {other:?}")));
+        }
+    };
+    let interval = match wire::duration_from_proto("welcome.heartbeat_interval", welcome.heartbeat_interval) {
+        Ok(interval) => interval.max(MIN_HEARTBEAT_INTERVAL),
+        Err(error) => return SessionEnd::Fatal(Status::internal(error.to_string())),
+    };
+    info!(
+        session = welcome.session_id,
+        heartbeat_interval_s = interval.as_secs_f64(),
+        "connected"
+    );
+    Established {
+        outbound,
+        inbound,
+        interval,
+        session: welcome.session_id,
+    }
+    .run(settings, cpu, shutdown)
+    .await
+}
+
+struct Established {
+    outbound: Outbound,
+    inbound: Streaming<pb::ControlMessage>,
+    interval: Duration,
+    session: u64,
+}
+
+impl Established {
+    async fn run(
+        mut self,
+        settings: &SessionSettings,
+        cpu: &mut CpuSource,
+        shutdown: &CancellationToken,
+    ) -> SessionEnd {
+        let lost = |cause: String| SessionEnd::Lost {
+            established: true,
+            cause,
+        };
+        let mut ticker = tokio::time::interval(self.interval);
+        // After a stall (SIGSTOP, overload) send one heartbeat, not a burst.
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sequence = 0u64;
+        let mut hook: Option<Hook> = None;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    sequence += 1;
+                    if let Some(usage) = cpu.sample(Instant::now()) {
+                        let sample = pb::CpuSample { time: Some(wire::timestamp_to_proto(SystemTime::now())), usage };
+                        let batch = pb::CpuSamples { samples: vec![sample] };
+                        if self.outbound.send(message(Kind::CpuSamples(batch))).await.is_err() {
+                            return lost("stream closed".to_owned());
+                        }
+                    }
+                    if self.outbound.send(message(Kind::Heartbeat(pb::Heartbeat { sequence }))).await.is_err() {
+                        return lost("stream closed".to_owned());
+                    }
+                }
+                command = self.inbound.message() => match command {
+                    Ok(Some(pb::ControlMessage { kind: Some(control_message::Kind::Terminate(terminate)) })) => {
+                        if hook.is_some() {
+                            debug!("terminate repeated; already shutting down");
+                            continue;
+                        }
+                        let grace = wire::duration_from_proto("terminate.grace_period", terminate.grace_period)
+                            .unwrap_or(Duration::ZERO);
+                        info!(reason = %terminate.reason, grace_s = grace.as_secs_f64(), "terminate received: shutting down gracefully");
+                        let ack = pb::TerminateAck { reason: terminate.reason.clone() };
+                        let _ = self.outbound.send(message(Kind::TerminateAck(ack))).await;
+                        hook = Some(Box::pin(run_hook(settings.on_terminate.clone(), terminate.reason, grace)));
+                    }
+                    Ok(Some(pb::ControlMessage { kind: Some(control_message::Kind::Welcome(_)) })) => {
+                        warn!("unexpected second welcome ignored");
+                    }
+                    // A command from a newer orchestrator that this agent does not know.
+                    Ok(Some(pb::ControlMessage { kind: None })) => debug!("unknown command ignored"),
+                    Ok(None) | Err(_) if hook.is_some() => {
+                        // Acknowledged already: finish the shutdown even without a stream.
+                        if let Some(hook) = hook.take() {
+                            hook.await;
+                        }
+                        info!("terminated (stream ended during graceful shutdown)");
+                        return SessionEnd::Terminated;
+                    }
+                    Ok(None) => return lost("orchestrator ended the stream".to_owned()),
+                    Err(status) => return ended_by(status, true),
+                },
+                () = async { hook.as_mut().expect("guarded").await }, if hook.is_some() => {
+                    self.goodbye("terminated").await;
+                    info!("terminated as commanded: exiting");
+                    return SessionEnd::Terminated;
+                }
+                () = shutdown.cancelled() => {
+                    let reason = if hook.is_some() { "terminated" } else { "shutdown" };
+                    let session = self.session;
+                    self.goodbye(reason).await;
+                    info!(session, reason, "goodbye sent");
+                    return if hook.is_some() { SessionEnd::Terminated } else { SessionEnd::ShutDown };
+                }
+            }
+        }
+    }
+
+    /// Sends Goodbye, half-closes, and waits (briefly) for the orchestrator to end
+    /// the stream, so the goodbye is known to have arrived before the process exits.
+    async fn goodbye(self, reason: &str) {
+        let Established {
+            outbound,
+            mut inbound,
+            ..
+        } = self;
+        let _ = outbound
+            .send(message(Kind::Goodbye(pb::Goodbye {
+                reason: reason.to_owned(),
+            })))
+            .await;
+        drop(outbound);
+        let drained = tokio::time::timeout(GOODBYE_LINGER, async {
+            while let Ok(Some(_)) = inbound.message().await {}
+        });
+        if drained.await.is_err() {
+            warn!("orchestrator did not close the stream after goodbye");
+        }
+    }
+}
+
+/// Runs the `--on-terminate` command, killed when the grace period is over.
+async fn run_hook(command: Option<String>, reason: String, grace: Duration) {
+    let Some(command) = command else { return };
+    let child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(&command)
+        .env("SECBEAT_TERMINATE_REASON", &reason)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(error) => {
+            warn!(%command, %error, "on-terminate command could not start");
+            return;
+        }
+    };
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(Ok(status)) if status.success() => info!(%command, "on-terminate command finished"),
+        Ok(Ok(status)) => warn!(%command, %status, "on-terminate command failed"),
+        Ok(Err(error)) => warn!(%command, %error, "on-terminate command could not be awaited"),
+        Err(_) => {
+            warn!(%command, grace_s = grace.as_secs_f64(), "on-terminate command outlived the grace period; killing it");
+            let _ = child.kill().await;
+        }
+    }
+}
+
+fn ended_by(status: Status, established: bool) -> SessionEnd {
+    match crate::recover::classify(status.code()) {
+        Recovery::Fatal => SessionEnd::Fatal(status),
+        Recovery::Retry => SessionEnd::Lost {
+            established,
+            cause: format!("{:?}: {}", status.code(), status.message()),
+        },
+    }
+}
+
+fn message(kind: Kind) -> pb::AgentMessage {
+    pb::AgentMessage { kind: Some(kind) }
+}
