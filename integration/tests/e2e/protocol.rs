@@ -99,8 +99,7 @@ async fn out_of_range_cpu_ends_only_that_stream() {
             .inbound
             .message()
             .await
-            .err()
-            .expect("stream ended with a status");
+            .expect_err("stream ended with a status");
         assert_eq!(status.code(), Code::InvalidArgument, "usage {bad}");
         assert!(
             status.message().contains("cpu_samples.samples.usage"),
