@@ -95,6 +95,13 @@ pub async fn run(
         },
         () = shutdown.cancelled() => return SessionEnd::ShutDown,
     };
+    if shutdown.is_cancelled() {
+        return SessionEnd::ShutDown;
+    }
+    // From the Hello on, the orchestrator may have registered this session, so every
+    // way out must say Goodbye: the opening is bounded by the connect timeout instead
+    // of racing the shutdown signal, and a shutdown that arrived meanwhile is handled
+    // by the established session's first poll.
     let (outbound, requests) = mpsc::channel(32);
     let hello = pb::Hello {
         node_id: settings.node_id.to_string(),
@@ -105,10 +112,11 @@ pub async fn run(
     };
     let _ = outbound.send(message(Kind::Hello(hello))).await;
     let mut client = AgentServiceClient::new(channel);
-    let opened = tokio::select! {
-        opened = tokio::time::timeout(settings.connect_timeout, client.connect(ReceiverStream::new(requests))) => opened,
-        () = shutdown.cancelled() => return SessionEnd::ShutDown,
-    };
+    let opened = tokio::time::timeout(
+        settings.connect_timeout,
+        client.connect(ReceiverStream::new(requests)),
+    )
+    .await;
     let mut inbound = match opened {
         Err(_) => return lost("no answer to hello in time".to_owned()),
         Ok(Err(status)) => return ended_by(status, false),
@@ -169,6 +177,16 @@ impl Established {
         let mut hook: Option<Hook> = None;
         loop {
             tokio::select! {
+                // A pending shutdown goes before anything else: its goodbye is what
+                // keeps a deliberate stop from looking like a crash.
+                biased;
+                () = shutdown.cancelled() => {
+                    let reason = if hook.is_some() { "terminated" } else { "shutdown" };
+                    let session = self.session;
+                    self.goodbye(reason).await;
+                    info!(session, reason, "goodbye sent");
+                    return if hook.is_some() { SessionEnd::Terminated } else { SessionEnd::ShutDown };
+                }
                 _ = ticker.tick() => {
                     sequence += 1;
                     if let Some(usage) = cpu.sample(Instant::now()) {
@@ -215,13 +233,6 @@ impl Established {
                     self.goodbye("terminated").await;
                     info!("terminated as commanded: exiting");
                     return SessionEnd::Terminated;
-                }
-                () = shutdown.cancelled() => {
-                    let reason = if hook.is_some() { "terminated" } else { "shutdown" };
-                    let session = self.session;
-                    self.goodbye(reason).await;
-                    info!(session, reason, "goodbye sent");
-                    return if hook.is_some() { SessionEnd::Terminated } else { SessionEnd::ShutDown };
                 }
             }
         }

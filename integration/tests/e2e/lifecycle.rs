@@ -229,7 +229,15 @@ async fn sigterm_on_an_agent_is_a_goodbye_not_a_failure() {
     let orchestrator = Orchestrator::start(FAST_CONFIG).await.unwrap();
     let mut agent = orchestrator.agent(&[]).unwrap();
     let mut fleet = orchestrator.fleet().await.unwrap();
-    wait_for_state(&mut fleet, &agent.id(), NodeState::Connected, STARTUP).await;
+    // Signal at the earliest moment a missing goodbye would count as a crash: the
+    // orchestrator has registered the session, the agent may not have its Welcome yet.
+    let joined = format!("node joined node.id={}", agent.id());
+    orchestrator
+        .process
+        .logs
+        .wait_for(&joined, STARTUP)
+        .await
+        .unwrap();
 
     agent.process.signal(Sig::SIGTERM);
     assert_eq!(
