@@ -394,3 +394,42 @@ mod tests {
         assert!(error.message.contains("test.toml at line 2"), "{error}");
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../examples/orchestrator.toml");
+
+    #[test]
+    fn the_example_config_lists_every_key_at_its_default() {
+        let config = Config::load(
+            Some((Path::new("examples/orchestrator.toml"), EXAMPLE)),
+            &ConfigOverrides::default(),
+        )
+        .expect("the example loads");
+        assert_eq!(config, Config::default(), "the example's values are the defaults");
+        let example: toml::Table = toml::from_str(EXAMPLE).unwrap();
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        for key in defaults.keys() {
+            assert!(
+                example.contains_key(key),
+                "examples/orchestrator.toml lacks {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_key_has_a_flag_and_an_environment_variable() {
+        use clap::Args;
+        let command = ConfigOverrides::augment_args(clap::Command::new("orchestrator"));
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        for key in defaults.keys() {
+            let arg = command.get_arguments().find(|arg| arg.get_id() == key.as_str());
+            let arg = arg.unwrap_or_else(|| panic!("{key} has no flag"));
+            assert_eq!(arg.get_long(), Some(key.replace('_', "-").as_str()));
+            let env = arg.get_env().map(|env| env.to_string_lossy().into_owned());
+            assert_eq!(env, Some(format!("SECBEAT_{}", key.to_uppercase())));
+        }
+    }
+}
