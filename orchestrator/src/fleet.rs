@@ -233,13 +233,16 @@ impl FleetActor {
         checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                // The check goes before commands: under a flood of heartbeats the
+                // inbox is always ready, and detection must not starve. The tick is
+                // ready once per interval, so commands cannot starve either.
                 biased;
                 () = shutdown.cancelled() => break,
+                _ = checks.tick() => self.registry.check(Instant::now()),
                 command = inbox.recv() => match command {
                     Some(command) => self.handle(command),
                     None => break,
                 },
-                _ = checks.tick() => self.registry.check(Instant::now()),
             }
             self.apply_effects();
         }

@@ -1,7 +1,6 @@
 //! End-to-end tests: the real orchestrator and agent binaries, real gRPC over
 //! loopback sockets, real signals, and the real grpcurl.
 
-mod config;
 mod grpcurl;
 mod lifecycle;
 mod protocol;

@@ -1,14 +1,16 @@
-//! Configuration errors: one clear line naming the key, exit code 64.
+//! The orchestrator binary's command line: configuration errors are one clear line
+//! naming the key and exit code 64; `--help` documents every option.
+//!
+//! (Having integration tests also makes `cargo test --workspace` build this binary,
+//! which the end-to-end tests in `integration/` start.)
 
 use std::process::Command;
-
-use secbeat_integration::binary;
 
 fn run_with_config(config: &str, extra: &[&str]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, config).unwrap();
-    let output = Command::new(binary("secbeat-orchestrator"))
+    let output = Command::new(env!("CARGO_BIN_EXE_secbeat-orchestrator"))
         .arg("--config")
         .arg(&path)
         .args([
@@ -58,7 +60,7 @@ fn bad_configuration_exits_64_naming_the_key() {
 
 #[test]
 fn a_missing_config_file_exits_64() {
-    let output = Command::new(binary("secbeat-orchestrator"))
+    let output = Command::new(env!("CARGO_BIN_EXE_secbeat-orchestrator"))
         .args(["--config", "/nonexistent/secbeat.toml"])
         .output()
         .unwrap();
@@ -68,7 +70,7 @@ fn a_missing_config_file_exits_64() {
 
 #[test]
 fn help_documents_every_option_and_its_environment_variable() {
-    let output = Command::new(binary("secbeat-orchestrator"))
+    let output = Command::new(env!("CARGO_BIN_EXE_secbeat-orchestrator"))
         .arg("--help")
         .output()
         .unwrap();
@@ -88,36 +90,4 @@ fn help_documents_every_option_and_its_environment_variable() {
     ] {
         assert!(help.contains(option), "--help does not mention {option}");
     }
-    let agent = Command::new(binary("secbeat-agent"))
-        .arg("--help")
-        .output()
-        .unwrap();
-    let agent_help = String::from_utf8_lossy(&agent.stdout);
-    for option in [
-        "--orchestrator",
-        "--node-id",
-        "--state-dir",
-        "--on-terminate",
-        "--cpu-source",
-    ] {
-        assert!(
-            agent_help.contains(option),
-            "agent --help does not mention {option}"
-        );
-    }
-}
-
-#[test]
-fn agent_rejects_a_bad_cpu_source_with_64() {
-    let output = Command::new(binary("secbeat-agent"))
-        .args([
-            "--node-id",
-            &uuid::Uuid::new_v4().to_string(),
-            "--cpu-source",
-            "const:85",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("--cpu-source"));
 }

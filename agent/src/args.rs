@@ -1,0 +1,131 @@
+//! The agent's command line: every flag also reads a `SECBEAT_*` variable.
+
+use std::path::PathBuf;
+
+/// The agent's command line (every flag also reads a `SECBEAT_*` variable).
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "secbeat-agent", version, verbatim_doc_comment)]
+/// SecBeat node agent.
+///
+/// Keeps one gRPC stream to the orchestrator: Hello, then heartbeats and CPU
+/// samples at the interval the orchestrator's Welcome sets. Reconnects with capped,
+/// jittered exponential backoff. On a Terminate command: acknowledges, runs
+/// --on-terminate within the grace period, says Goodbye and exits 0. On SIGTERM or
+/// SIGINT: says Goodbye (reason "shutdown") and exits 0.
+///
+/// Exit codes: 0 terminated or shut down; 1 refused by the orchestrator (bad hello,
+/// another agent owns this node id, credentials); 64 bad flags or state.
+pub struct AgentArgs {
+    /// Orchestrator gRPC URL
+    #[arg(
+        long,
+        env = "SECBEAT_ORCHESTRATOR",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub orchestrator: String,
+    /// Node id (UUID); without it, one is generated once and kept in --state-dir
+    #[arg(long, env = "SECBEAT_NODE_ID", value_name = "UUID")]
+    pub node_id: Option<uuid::Uuid>,
+    /// Directory where the agent keeps its node id
+    #[arg(
+        long,
+        env = "SECBEAT_AGENT_STATE_DIR",
+        value_name = "DIR",
+        default_value = "secbeat-agent-data"
+    )]
+    pub state_dir: PathBuf,
+    /// Shell command run on Terminate (reason in $SECBEAT_TERMINATE_REASON), killed after the grace period
+    #[arg(long, env = "SECBEAT_ON_TERMINATE", value_name = "CMD")]
+    pub on_terminate: Option<String>,
+    /// CPU source: proc (/proc/stat deltas), const:FRACTION (e.g. const:0.85), or trace:FILE.csv (timestamp,percent)
+    #[arg(
+        long,
+        env = "SECBEAT_CPU_SOURCE",
+        value_name = "SOURCE",
+        default_value = "proc"
+    )]
+    pub cpu_source: String,
+    /// Trace seconds replayed per real second for --cpu-source trace:FILE.csv (300 = one 5-minute step per second)
+    #[arg(
+        long,
+        env = "SECBEAT_TRACE_SPEEDUP",
+        value_name = "FACTOR",
+        default_value_t = 1.0
+    )]
+    pub trace_speedup: f64,
+    /// Host name to report [default: the kernel's host name]
+    #[arg(long, env = "SECBEAT_HOSTNAME", value_name = "NAME")]
+    pub hostname: Option<String>,
+    /// IP to report [default: the address the orchestrator sees]
+    #[arg(long, env = "SECBEAT_NODE_IP", value_name = "IP")]
+    pub ip: Option<std::net::IpAddr>,
+    /// Label to report, repeatable
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// First reconnect delay, seconds
+    #[arg(
+        long,
+        env = "SECBEAT_RECONNECT_INITIAL",
+        value_name = "SECS",
+        default_value_t = 0.5
+    )]
+    pub reconnect_initial: f64,
+    /// Longest reconnect delay, seconds
+    #[arg(
+        long,
+        env = "SECBEAT_RECONNECT_MAX",
+        value_name = "SECS",
+        default_value_t = 30.0
+    )]
+    pub reconnect_max: f64,
+    /// Bound on connecting and on waiting for the Welcome, seconds
+    #[arg(
+        long,
+        env = "SECBEAT_CONNECT_TIMEOUT",
+        value_name = "SECS",
+        default_value_t = 5.0
+    )]
+    pub connect_timeout: f64,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    if key.is_empty() {
+        return Err("label key is empty".to_owned());
+    }
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn defaults_point_at_a_local_orchestrator_and_real_cpu() {
+        let args = AgentArgs::try_parse_from(["secbeat-agent"]).unwrap();
+        assert_eq!(args.orchestrator, "http://127.0.0.1:50051");
+        assert_eq!(args.cpu_source, "proc");
+        assert!(args.node_id.is_none());
+    }
+
+    #[test]
+    fn labels_are_key_value_pairs() {
+        let args =
+            AgentArgs::try_parse_from(["secbeat-agent", "--label", "region=eu-west", "--label", "pool="])
+                .unwrap();
+        assert_eq!(
+            args.labels,
+            [
+                ("region".into(), "eu-west".into()),
+                ("pool".into(), String::new())
+            ]
+        );
+        assert!(AgentArgs::try_parse_from(["secbeat-agent", "--label", "novalue"]).is_err());
+        assert!(AgentArgs::try_parse_from(["secbeat-agent", "--label", "=x"]).is_err());
+    }
+}
