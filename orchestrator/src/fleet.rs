@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    clock,
     event::{EventKind, FleetEvent},
     node::{FleetStats, NodeId, NodeInfo, NodeSnapshot, SessionId},
     registry::{
@@ -204,7 +205,7 @@ pub fn spawn(
     let (commands, inbox) = mpsc::channel(COMMAND_BUFFER);
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let actor = FleetActor {
-        registry: Registry::new(settings.lifecycle.clone(), Instant::now(), SystemTime::now()),
+        registry: Registry::new(settings.lifecycle.clone(), clock::now(), SystemTime::now()),
         sessions: HashMap::new(),
         events,
         next_sequence: 1,
@@ -238,7 +239,7 @@ impl FleetActor {
                 // ready once per interval, so commands cannot starve either.
                 biased;
                 () = shutdown.cancelled() => break,
-                _ = checks.tick() => self.registry.check(Instant::now()),
+                _ = checks.tick() => self.registry.check(clock::now()),
                 command = inbox.recv() => match command {
                     Some(command) => self.handle(command),
                     None => break,
@@ -281,7 +282,7 @@ impl FleetActor {
                 at,
             } => self.handle_report(node, session, report, at),
             Command::Terminate { node, reason, reply } => {
-                let outcome = self.registry.request_terminate(node, &reason, Instant::now());
+                let outcome = self.registry.request_terminate(node, &reason, clock::now());
                 let _ = reply.send(outcome);
             }
             Command::List(reply) => {
@@ -392,5 +393,161 @@ fn log_event(event: &FleetEvent) {
         EventKind::NodeLeft => info!(node.id = %id, node.ip = %ip, %reason, "node left on its own"),
         EventKind::SessionFenced => warn!(node.id = %id, %reason, "older session fenced"),
         EventKind::NodeForgotten => debug!(node.id = %id, %reason, "node forgotten"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The actor on paused tokio time: its own timer drives detection, in virtual
+    //! seconds that take microseconds.
+
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use uuid::Uuid;
+
+    use super::*;
+
+    pub(crate) fn settings() -> FleetSettings {
+        FleetSettings {
+            lifecycle: LifecycleConfig {
+                heartbeat_timeout: Duration::from_secs(3),
+                required_consecutive_failures: 2,
+                termination_deadline: Duration::from_secs(5),
+                termination_grace_period: Duration::from_secs(2),
+                node_retention: Duration::from_secs(3600),
+            },
+            heartbeat_interval: Duration::from_secs(1),
+            dead_node_check_interval: Duration::from_secs(1),
+        }
+    }
+
+    pub(crate) fn info(node: NodeId) -> NodeInfo {
+        NodeInfo {
+            id: node,
+            hostname: "edge".into(),
+            ip: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
+            agent_version: "test".into(),
+            labels: Default::default(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn welcome_first_then_a_silent_node_is_failed_by_the_actors_timer() {
+        let shutdown = CancellationToken::new();
+        let (fleet, actor) = spawn(settings(), shutdown.clone());
+        let mut events = fleet.subscribe().await.unwrap();
+        let (tx, mut signals) = mpsc::unbounded_channel();
+        let node = NodeId(Uuid::new_v4());
+        let started = tokio::time::Instant::now();
+        let session = fleet.connect(info(node), tx, clock::now()).await.unwrap();
+        let welcome = SessionSignal::Welcome {
+            session,
+            heartbeat_interval: Duration::from_secs(1),
+        };
+        assert_eq!(signals.recv().await, Some(welcome));
+        assert_eq!(events.recv().await.unwrap().kind, EventKind::NodeJoined);
+
+        let suspected = events.recv().await.unwrap();
+        assert_eq!(suspected.kind, EventKind::NodeSuspected);
+        let failed = events.recv().await.unwrap();
+        assert_eq!(
+            (failed.kind, failed.node_id, failed.sequence),
+            (EventKind::NodeFailed, node, 3)
+        );
+        let elapsed = started.elapsed();
+        // Silent for more than 3s, then one more check: at 4s and 5s on a 1s timer.
+        assert!(
+            elapsed > Duration::from_secs(3) && elapsed <= Duration::from_secs(5),
+            "{elapsed:?}"
+        );
+        assert_eq!(
+            signals.recv().await,
+            Some(SessionSignal::Close(CloseReason::DeclaredFailed))
+        );
+
+        shutdown.cancel();
+        actor.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_keep_a_node_alive_for_as_long_as_they_come() {
+        let shutdown = CancellationToken::new();
+        let (fleet, actor) = spawn(settings(), shutdown.clone());
+        let mut events = fleet.subscribe().await.unwrap();
+        let (tx, _signals) = mpsc::unbounded_channel();
+        let node = NodeId(Uuid::new_v4());
+        let session = fleet.connect(info(node), tx, clock::now()).await.unwrap();
+        assert_eq!(events.recv().await.unwrap().kind, EventKind::NodeJoined);
+        let beating = fleet.clone();
+        let beats = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                ticks.tick().await;
+                beating
+                    .report(node, session, SessionReport::Heartbeat, clock::now())
+                    .await
+                    .unwrap();
+            }
+        });
+        let quiet = tokio::time::timeout(Duration::from_secs(120), events.recv()).await;
+        assert!(quiet.is_err(), "a heartbeating node produced an event: {quiet:?}");
+        assert_eq!(
+            fleet.get(node).await.unwrap().unwrap().state,
+            crate::node::NodeState::Connected
+        );
+        beats.abort();
+        shutdown.cancel();
+        actor.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pending_terminate_follows_the_welcome_on_the_new_session() {
+        let shutdown = CancellationToken::new();
+        let (fleet, _actor) = spawn(settings(), shutdown.clone());
+        let node = NodeId(Uuid::new_v4());
+        let (tx1, mut first) = mpsc::unbounded_channel();
+        let s1 = fleet.connect(info(node), tx1, clock::now()).await.unwrap();
+        fleet.terminate(node, "drain".into()).await.unwrap().unwrap();
+        first.recv().await.unwrap(); // welcome
+        assert!(matches!(
+            first.recv().await,
+            Some(SessionSignal::Terminate { .. })
+        ));
+        fleet
+            .report(node, s1, SessionReport::Closed("blip".into()), clock::now())
+            .await
+            .unwrap();
+
+        let (tx2, mut second) = mpsc::unbounded_channel();
+        let s2 = fleet.connect(info(node), tx2, clock::now()).await.unwrap();
+        assert!(matches!(second.recv().await, Some(SessionSignal::Welcome { session, .. }) if session == s2));
+        let resent = second.recv().await;
+        assert!(
+            matches!(resent, Some(SessionSignal::Terminate { ref reason, .. }) if reason == "drain"),
+            "{resent:?}"
+        );
+        shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_every_session_and_every_subscription() {
+        let shutdown = CancellationToken::new();
+        let (fleet, actor) = spawn(settings(), shutdown.clone());
+        let mut events = fleet.subscribe().await.unwrap();
+        let (tx, mut signals) = mpsc::unbounded_channel();
+        fleet
+            .connect(info(NodeId(Uuid::new_v4())), tx, clock::now())
+            .await
+            .unwrap();
+        signals.recv().await.unwrap();
+        shutdown.cancel();
+        actor.await.unwrap();
+        assert_eq!(signals.recv().await, Some(SessionSignal::ShuttingDown));
+        events.recv().await.unwrap(); // the join
+        assert!(matches!(
+            events.recv().await,
+            Err(broadcast::error::RecvError::Closed)
+        ));
+        assert_eq!(fleet.stats().await, Err(FleetStopped));
     }
 }

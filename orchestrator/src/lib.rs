@@ -4,10 +4,12 @@
 //! [`registry`] (node lifecycle state machine) and [`detector`] (the periodic
 //! dead-node check). Glue: [`fleet`] (the actor that owns the registry and the
 //! sessions). Edges: [`grpc`] (AgentService, FleetService), [`http`] (health),
-//! [`server`] (wiring and graceful shutdown), [`config`], [`telemetry`].
+//! [`server`] (wiring and graceful shutdown), [`config`], [`telemetry`], and
+//! [`clock`] (the one source of "now").
 //!
 //! Data flows one way: agent stream -> registry/detector -> events -> consumers.
 
+pub mod clock;
 pub mod config;
 pub mod detector;
 pub mod event;

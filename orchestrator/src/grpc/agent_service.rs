@@ -7,7 +7,7 @@
 //! close) are written to the outbound stream. Any protocol violation ends only this
 //! stream, with INVALID_ARGUMENT.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use secbeat::{
     pb::{self, agent_message::Kind, control_message},
@@ -20,6 +20,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{convert, status};
 use crate::{
+    clock,
     fleet::{FleetHandle, SessionReport, SessionSignal},
     node::{NodeId, SessionId},
 };
@@ -80,7 +81,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let info = convert::node_info(hello, peer).map_err(status::invalid)?;
         let node = info.id;
         let (signals_tx, signals) = mpsc::unbounded_channel();
-        let session = self.fleet.connect(info, signals_tx, Instant::now()).await?;
+        let session = self.fleet.connect(info, signals_tx, clock::now()).await?;
         let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_BUFFER);
         let span = info_span!("agent_session", node.id = %node, session = %session, peer = ?peer);
         let relay = SessionRelay {
@@ -120,7 +121,7 @@ impl SessionRelay {
                 }
                 message = inbound.message() => match message {
                     Ok(Some(message)) => {
-                        let at = Instant::now();
+                        let at = clock::now();
                         match validate(message) {
                             Ok(report) => {
                                 if self.fleet.report(self.node, self.session, report, at).await.is_err() {
@@ -148,7 +149,7 @@ impl SessionRelay {
                 self.node,
                 self.session,
                 SessionReport::Closed(cause),
-                Instant::now(),
+                clock::now(),
             )
             .await;
     }

@@ -120,3 +120,95 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use secbeat::pb::fleet_service_server::FleetService;
+    use tokio_stream::StreamExt;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::{
+        clock,
+        fleet::{self, EVENT_BUFFER},
+        node::NodeId,
+    };
+
+    fn fleet_settings() -> fleet::FleetSettings {
+        let lifecycle = crate::registry::LifecycleConfig {
+            heartbeat_timeout: std::time::Duration::from_secs(30),
+            required_consecutive_failures: 2,
+            termination_deadline: std::time::Duration::from_secs(30),
+            termination_grace_period: std::time::Duration::from_secs(30),
+            node_retention: std::time::Duration::from_secs(3600),
+        };
+        let period = std::time::Duration::from_secs(10);
+        fleet::FleetSettings {
+            lifecycle,
+            heartbeat_interval: period,
+            dead_node_check_interval: period,
+        }
+    }
+
+    fn node_info() -> crate::node::NodeInfo {
+        crate::node::NodeInfo {
+            id: NodeId(uuid::Uuid::new_v4()),
+            hostname: "edge".into(),
+            ip: "10.0.0.1".parse().unwrap(),
+            agent_version: "test".into(),
+            labels: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_cannot_keep_up_is_dropped_with_resource_exhausted() {
+        let shutdown = CancellationToken::new();
+        let (handle, _actor) = fleet::spawn(fleet_settings(), shutdown.clone());
+        let api = FleetApi::new(handle.clone());
+        let mut stream = api
+            .watch_events(Request::new(pb::WatchEventsRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+
+        // Far more events than the shared buffer plus this watcher's own buffer hold.
+        let published = EVENT_BUFFER + WATCH_BUFFER + 200;
+        for _ in 0..published {
+            let (tx, _) = tokio::sync::mpsc::unbounded_channel();
+            handle.connect(node_info(), tx, clock::now()).await.unwrap();
+        }
+        let mut delivered = 0;
+        let ended = loop {
+            match stream.next().await {
+                Some(Ok(event)) => {
+                    delivered += 1;
+                    assert_eq!(event.sequence, delivered as u64, "events in order until the cut");
+                }
+                Some(Err(status)) => break status,
+                None => panic!("stream ended without a status"),
+            }
+        };
+        assert_eq!(ended.code(), tonic::Code::ResourceExhausted, "{ended:?}");
+        assert!(delivered < published, "{delivered} of {published}");
+        assert!(stream.next().await.is_none(), "nothing after the status");
+        // The orchestrator itself was never slowed: it still answers.
+        assert_eq!(handle.stats().await.unwrap().active_nodes as usize, published);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn watchers_are_told_when_the_orchestrator_shuts_down() {
+        let shutdown = CancellationToken::new();
+        let (handle, actor) = fleet::spawn(fleet_settings(), shutdown.clone());
+        let api = FleetApi::new(handle);
+        let mut stream = api
+            .watch_events(Request::new(pb::WatchEventsRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        shutdown.cancel();
+        actor.await.unwrap();
+        let status = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+    }
+}
