@@ -3,4 +3,5 @@
 
 mod grpcurl;
 mod lifecycle;
+mod measure;
 mod protocol;
