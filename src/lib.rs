@@ -3,9 +3,13 @@
 //! - [`pb`]: the `secbeat.v1` protobuf messages and gRPC clients/servers, generated
 //!   from `proto/secbeat/v1/` by the root `build.rs` into `OUT_DIR`.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors for server reflection.
+//! - `process` (feature `process`): logging and signal handling shared by the
+//!   binaries' `main`s.
 //! - [`wire`]: the conversions between wire types and plain Rust values that every
 //!   edge needs (node ids, timestamps, durations, CPU fractions), with typed errors.
 
+#[cfg(feature = "process")]
+pub mod process;
 pub mod wire;
 
 /// Generated `secbeat.v1` messages, enums, clients and servers.

@@ -50,6 +50,18 @@ pub const FAST_DETECTION_BOUND: Duration = Duration::from_millis(1000 + 3 * 200)
 /// asserted as `configured bound + SCHEDULING_SLACK`.
 pub const SCHEDULING_SLACK: Duration = Duration::from_millis(1500);
 
+/// Asserts that a failure was declared within [`FAST_DETECTION_BOUND`] (plus
+/// [`SCHEDULING_SLACK`]) of the fault.
+pub fn assert_detected_within_bound(detection: Duration) {
+    assert!(
+        detection <= FAST_DETECTION_BOUND + SCHEDULING_SLACK,
+        "failure declared after {detection:?}, configured bound {FAST_DETECTION_BOUND:?}"
+    );
+}
+
+/// How long a process may take to start and connect on a loaded CI machine.
+pub const STARTUP: Duration = Duration::from_secs(10);
+
 /// Agent flags that make reconnects quick in tests.
 pub const FAST_RECONNECT: [&str; 4] = ["--reconnect-initial", "0.05", "--reconnect-max", "0.5"];
 
@@ -256,6 +268,14 @@ impl Orchestrator {
     /// Starts an agent with a fresh node id against this orchestrator.
     pub fn agent(&self, extra: &[&str]) -> anyhow::Result<Agent> {
         Agent::start(&self.url(), Uuid::new_v4(), extra)
+    }
+
+    /// Starts an agent and waits until the orchestrator lists it CONNECTED.
+    pub async fn connected_agent(&self, extra: &[&str]) -> anyhow::Result<(Agent, pb::Node)> {
+        let agent = self.agent(extra)?;
+        let mut fleet = self.fleet().await?;
+        let node = wait_for_state(&mut fleet, &agent.id(), pb::NodeState::Connected, STARTUP).await;
+        Ok((agent, node))
     }
 }
 

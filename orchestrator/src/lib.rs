@@ -4,8 +4,8 @@
 //! [`registry`] (node lifecycle state machine) and [`detector`] (the periodic
 //! dead-node check). Glue: [`fleet`] (the actor that owns the registry and the
 //! sessions). Edges: [`grpc`] (AgentService, FleetService), [`http`] (health),
-//! [`server`] (wiring and graceful shutdown), [`config`], [`telemetry`], and
-//! [`clock`] (the one source of "now").
+//! [`server`] (wiring and graceful shutdown), [`config`], and [`clock`] (the one
+//! source of "now").
 //!
 //! Data flows one way: agent stream -> registry/detector -> events -> consumers.
 
@@ -19,4 +19,3 @@ pub mod http;
 pub mod node;
 pub mod registry;
 pub mod server;
-pub mod telemetry;

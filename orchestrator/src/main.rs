@@ -2,17 +2,12 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::Parser;
 use secbeat_orchestrator::{
     config::{Config, ConfigOverrides},
     server::Orchestrator,
-    telemetry,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
-
-/// `EX_USAGE` from sysexits.h: bad flags or configuration.
-const EXIT_USAGE: u8 = 64;
+use tracing::error;
 
 /// SecBeat fleet control plane.
 ///
@@ -24,7 +19,7 @@ const EXIT_USAGE: u8 = 64;
 /// Configuration: embedded defaults < TOML file (--config) < SECBEAT_* environment
 /// < flags. Every key below is also a TOML key (same name with underscores).
 /// Durations are seconds and may be fractions. Invalid configuration exits 64.
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(name = "secbeat-orchestrator", version, verbatim_doc_comment)]
 struct Cli {
     /// TOML configuration file (the seed's keys at top level)
@@ -35,25 +30,18 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(error) => {
-            let _ = error.print();
-            return if error.use_stderr() {
-                ExitCode::from(EXIT_USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+    let cli = match secbeat::process::parse_args::<Cli>() {
+        Ok(parsed) => parsed,
+        Err(exit) => return exit,
     };
     let config = match load_config(&cli) {
         Ok(config) => config,
         Err(message) => {
             eprintln!("secbeat-orchestrator: config error: {message}");
-            return ExitCode::from(EXIT_USAGE);
+            return ExitCode::from(secbeat::process::EXIT_USAGE);
         }
     };
-    telemetry::init_logging();
+    secbeat::process::init_logging();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -86,23 +74,7 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
 async fn run(config: Config) -> anyhow::Result<()> {
     let orchestrator = Orchestrator::bind(config).await?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    tokio::spawn(secbeat::process::cancel_on_signal(shutdown.clone()));
     orchestrator.serve(shutdown).await?;
     Ok(())
-}
-
-/// Cancels `shutdown` on SIGTERM or SIGINT.
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        error!("cannot install signal handlers; stop with SIGKILL");
-        return;
-    };
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    info!(signal = name, "shutdown requested");
-    shutdown.cancel();
 }

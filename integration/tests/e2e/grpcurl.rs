@@ -8,15 +8,11 @@ use secbeat_integration::{FAST_CONFIG, Orchestrator, run_grpcurl, wait_for_state
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_lists_services_reads_nodes_and_terminates_one() {
     let orchestrator = Orchestrator::start(FAST_CONFIG).await.unwrap();
-    let mut agent = orchestrator.agent(&["--cpu-source", "const:0.25"]).unwrap();
+    let (mut agent, _) = orchestrator
+        .connected_agent(&["--cpu-source", "const:0.25"])
+        .await
+        .unwrap();
     let mut fleet = orchestrator.fleet().await.unwrap();
-    wait_for_state(
-        &mut fleet,
-        &agent.id(),
-        NodeState::Connected,
-        Duration::from_secs(10),
-    )
-    .await;
     let addr = orchestrator.grpc_addr.to_string();
 
     let (ok, services, stderr) = run_grpcurl(&["-plaintext", &addr, "list"]).await.unwrap();

@@ -4,12 +4,10 @@ use std::time::Duration;
 
 use secbeat::pb::{self, NodeState, control_message};
 use secbeat_integration::{
-    FAST_CONFIG, Orchestrator, cpu_samples, heartbeat, hello, node, raw_connect, wait_for_state,
+    FAST_CONFIG, Orchestrator, STARTUP, cpu_samples, heartbeat, hello, node, raw_connect, wait_for_state,
 };
 use tonic::Code;
 use uuid::Uuid;
-
-const STARTUP: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_message_must_be_hello() {
@@ -84,9 +82,11 @@ async fn welcome_carries_the_session_and_the_configured_heartbeat_interval() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_range_cpu_ends_only_that_stream() {
     let orchestrator = Orchestrator::start(FAST_CONFIG).await.unwrap();
-    let healthy = orchestrator.agent(&["--cpu-source", "const:0.4"]).unwrap();
+    let (healthy, before) = orchestrator
+        .connected_agent(&["--cpu-source", "const:0.4"])
+        .await
+        .unwrap();
     let mut fleet = orchestrator.fleet().await.unwrap();
-    let before = wait_for_state(&mut fleet, &healthy.id(), NodeState::Connected, STARTUP).await;
 
     for bad in [85.0, -0.5, f64::NAN, f64::INFINITY] {
         let mut client = orchestrator.agent_client().await.unwrap();
@@ -142,8 +142,7 @@ async fn terminate_node_errors_are_precise() {
     assert_eq!(fleet.get_node(missing).await.unwrap_err().code(), Code::NotFound);
 
     // A node whose agent left has no stream to send the terminate on.
-    let mut agent = orchestrator.agent(&[]).unwrap();
-    wait_for_state(&mut fleet, &agent.id(), NodeState::Connected, STARTUP).await;
+    let (mut agent, _) = orchestrator.connected_agent(&[]).await.unwrap();
     agent.process.signal(secbeat_integration::Sig::SIGTERM);
     agent.process.wait_exit(Duration::from_secs(5)).await.unwrap();
     wait_for_state(&mut fleet, &agent.id(), NodeState::Left, STARTUP).await;
