@@ -432,4 +432,28 @@ mod example_file {
             assert_eq!(env, Some(format!("SECBEAT_{}", key.to_uppercase())));
         }
     }
+
+    #[test]
+    fn help_states_the_real_defaults() {
+        use clap::Args;
+        let command = ConfigOverrides::augment_args(clap::Command::new("orchestrator"));
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        for arg in command.get_arguments() {
+            let key = arg.get_id().as_str();
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            let documented = help
+                .split("[default: ")
+                .nth(1)
+                .and_then(|rest| rest.split(']').next())
+                .unwrap_or_else(|| panic!("--help of {key} states no [default: ...]"));
+            let actual = &defaults[key];
+            let same = match actual {
+                toml::Value::Float(value) => documented.parse::<f64>().ok() == Some(*value),
+                toml::Value::Integer(value) => documented.parse::<i64>().ok() == Some(*value),
+                toml::Value::String(value) => documented.trim_start_matches("./") == value,
+                _ => false,
+            };
+            assert!(same, "--help of {key} says {documented}, the default is {actual}");
+        }
+    }
 }

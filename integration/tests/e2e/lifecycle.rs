@@ -316,3 +316,34 @@ async fn a_second_agent_with_the_same_id_fences_the_first() {
         (NodeState::Connected, replaced.session_id)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_trace_drives_the_cpu_the_orchestrator_sees() {
+    let orchestrator = Orchestrator::start(FAST_CONFIG).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace.csv");
+    // NAB format, percent; at 300x each 5-minute step lasts one real second.
+    std::fs::write(
+        &trace,
+        "timestamp,value\n2014-02-14 14:30:00,10.0\n2014-02-14 14:35:00,90.0\n",
+    )
+    .unwrap();
+    let source = format!("trace:{}", trace.display());
+    let (agent, _) = orchestrator
+        .connected_agent(&["--cpu-source", &source, "--trace-speedup", "300"])
+        .await
+        .unwrap();
+    let fleet = orchestrator.fleet().await.unwrap();
+    for expected in [0.9, 0.1, 0.9] {
+        eventually(STARTUP, &format!("cpu {expected} from the trace"), || {
+            let mut fleet = fleet.clone();
+            let id = agent.id();
+            async move {
+                node(&mut fleet, &id)
+                    .await
+                    .filter(|n| n.last_cpu_usage == Some(expected))
+            }
+        })
+        .await;
+    }
+}
