@@ -76,11 +76,20 @@ impl Agent {
         )
         .map_err(|e| usage("--reconnect-initial", e.to_string()))?;
         let connect_timeout = seconds("--connect-timeout", args.connect_timeout)?;
+        let endpoint = tonic::transport::Endpoint::from_shared(args.orchestrator.clone())
+            .map_err(|e| {
+                usage(
+                    "--orchestrator",
+                    format!("{:?} is not a URL: {e}", args.orchestrator),
+                )
+            })?
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true);
         let cpu = CpuSource::parse(&args.cpu_source, args.trace_speedup, std::time::Instant::now())
             .map_err(|e| usage("--cpu-source", e.to_string()))?;
         let hostname = args.hostname.unwrap_or_else(kernel_hostname);
         let settings = SessionSettings {
-            orchestrator: args.orchestrator,
+            endpoint,
             node_id,
             hostname,
             ip: args.ip.map(|ip| ip.to_string()).unwrap_or_default(),
@@ -103,7 +112,8 @@ impl Agent {
     /// Runs sessions until terminated, shut down (`shutdown` cancelled) or refused.
     pub async fn run(mut self, shutdown: CancellationToken) -> Exit {
         let mut rng = rand::rngs::StdRng::from_os_rng();
-        info!(node.id = %self.settings.node_id, orchestrator = %self.settings.orchestrator, "agent starting");
+        let orchestrator = self.settings.endpoint.uri().to_string();
+        info!(node.id = %self.settings.node_id, %orchestrator, "agent starting");
         loop {
             match session::run(&self.settings, &mut self.cpu, &shutdown).await {
                 SessionEnd::Terminated => return Exit::Clean,
@@ -117,7 +127,12 @@ impl Agent {
                         self.backoff.reset();
                     }
                     let delay = self.backoff.next_delay(&mut rng);
-                    warn!(%cause, retry_in_s = delay.as_secs_f64(), "session lost; reconnecting");
+                    let retry_in_s = delay.as_secs_f64();
+                    if established {
+                        warn!(%cause, retry_in_s, "session lost; reconnecting");
+                    } else {
+                        warn!(%cause, retry_in_s, "connect failed; retrying");
+                    }
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         () = shutdown.cancelled() => {

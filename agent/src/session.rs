@@ -33,8 +33,8 @@ const GOODBYE_LINGER: Duration = Duration::from_secs(2);
 /// Everything a session needs that does not change between sessions.
 #[derive(Debug, Clone)]
 pub struct SessionSettings {
-    /// Orchestrator URL, e.g. `http://127.0.0.1:50051`.
-    pub orchestrator: String,
+    /// The orchestrator, validated and configured (URL, connect timeout).
+    pub endpoint: Endpoint,
     /// This node's id.
     pub node_id: Uuid,
     /// Host name reported in Hello.
@@ -45,7 +45,8 @@ pub struct SessionSettings {
     pub labels: Vec<(String, String)>,
     /// Shell command run on Terminate, bounded by the grace period.
     pub on_terminate: Option<String>,
-    /// Bound on TCP connect and on waiting for the Welcome.
+    /// Bound on answering the Hello and on waiting for the Welcome (the endpoint
+    /// carries the same bound for the TCP connect).
     pub connect_timeout: Duration,
 }
 
@@ -80,16 +81,8 @@ pub async fn run(
         established: false,
         cause,
     };
-    let endpoint = match Endpoint::from_shared(settings.orchestrator.clone()) {
-        Ok(endpoint) => endpoint
-            .connect_timeout(settings.connect_timeout)
-            .tcp_nodelay(true),
-        Err(error) => {
-            return SessionEnd::Fatal(Status::invalid_argument(format!("orchestrator url: {error}")));
-        }
-    };
     let channel = tokio::select! {
-        channel = endpoint.connect() => match channel {
+        channel = settings.endpoint.connect() => match channel {
             Ok(channel) => channel,
             Err(error) => return lost(format!("connect: {error}")),
         },

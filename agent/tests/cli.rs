@@ -62,3 +62,18 @@ fn an_unknown_flag_exits_64() {
     let output = Command::new(AGENT).arg("--no-such-flag").output().unwrap();
     assert_eq!(output.status.code(), Some(64));
 }
+
+#[test]
+fn a_malformed_orchestrator_url_exits_64_naming_the_flag() {
+    let output = Command::new(AGENT)
+        .args([
+            "--node-id",
+            &uuid::Uuid::new_v4().to_string(),
+            "--orchestrator",
+            "not a url",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--orchestrator"));
+}
