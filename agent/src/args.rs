@@ -79,6 +79,10 @@ pub struct AgentArgs {
         default_value_t = 30.0
     )]
     pub reconnect_max: f64,
+    /// HTTP/2 ping interval, seconds; an unanswered ping for as long again drops the
+    /// connection and reconnects (detects a vanished orchestrator or a partition)
+    #[arg(long, env = "SECBEAT_KEEPALIVE", value_name = "SECS", default_value_t = 10.0)]
+    pub keepalive: f64,
     /// Bound on connecting and on waiting for the Welcome, seconds
     #[arg(
         long,

@@ -76,6 +76,10 @@ impl Agent {
         )
         .map_err(|e| usage("--reconnect-initial", e.to_string()))?;
         let connect_timeout = seconds("--connect-timeout", args.connect_timeout)?;
+        let keepalive = seconds("--keepalive", args.keepalive)?;
+        if keepalive.is_zero() {
+            return Err(usage("--keepalive", "must be greater than zero".into()));
+        }
         let endpoint = tonic::transport::Endpoint::from_shared(args.orchestrator.clone())
             .map_err(|e| {
                 usage(
@@ -84,7 +88,12 @@ impl Agent {
                 )
             })?
             .connect_timeout(connect_timeout)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            // The orchestrator sends nothing between commands, so without pings a
+            // vanished peer is only noticed when TCP retransmissions give up (minutes).
+            .http2_keep_alive_interval(keepalive)
+            .keep_alive_timeout(keepalive)
+            .keep_alive_while_idle(true);
         let cpu = CpuSource::parse(&args.cpu_source, args.trace_speedup, std::time::Instant::now())
             .map_err(|e| usage("--cpu-source", e.to_string()))?;
         let hostname = args.hostname.unwrap_or_else(kernel_hostname);

@@ -288,6 +288,7 @@ impl Config {
     pub fn lifecycle(&self) -> LifecycleConfig {
         LifecycleConfig {
             heartbeat_timeout: self.heartbeat_timeout.0,
+            dead_node_check_interval: self.dead_node_check_interval.0,
             required_consecutive_failures: self.required_consecutive_failures,
             termination_deadline: self.termination_deadline.0,
             termination_grace_period: self.termination_grace_period.0,

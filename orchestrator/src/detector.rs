@@ -9,9 +9,15 @@
 //!    declared FAILED, and its stream, if still open, is closed;
 //! 4. nodes in a final state longer than `node_retention` are forgotten.
 //!
+//! The detector only judges silence over time during which it ran itself. A
+//! check that comes later than twice its interval and later than half the
+//! heartbeat timeout means the orchestrator stalled (VM pause, SIGSTOP, swap): the
+//! nodes' heartbeats of that time sit unread in socket buffers, so that round
+//! judges nobody and every live node gets a fresh heartbeat window from now.
+//!
 //! The other half, reacting to streams that break, is [`Registry::stream_closed`].
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::{
     event::EventKind,
@@ -22,12 +28,27 @@ use crate::{
 impl Registry {
     /// Runs one dead-node check at `now`; results are queued as effects.
     pub fn check(&mut self, now: Instant) {
+        let previous = self.last_check.replace(now);
+        if let Some(gap) = previous.map(|previous| now.saturating_duration_since(previous))
+            && gap > self.stall_threshold()
+        {
+            for record in self.nodes.values_mut().filter(|record| record.session.is_some()) {
+                record.last_seen = record.last_seen.max(now);
+            }
+            self.queue(Effect::DetectorStalled { gap });
+            return;
+        }
         let mut ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         // Deterministic order keeps event order reproducible.
         ids.sort_unstable();
         for id in ids {
             self.check_node(id, now);
         }
+    }
+
+    /// A gap between checks beyond which the orchestrator itself must have stalled.
+    fn stall_threshold(&self) -> Duration {
+        (self.config.dead_node_check_interval * 2).max(self.config.heartbeat_timeout / 2)
     }
 
     fn check_node(&mut self, id: NodeId, now: Instant) {

@@ -192,8 +192,6 @@ pub struct FleetSettings {
     pub lifecycle: LifecycleConfig,
     /// Heartbeat interval handed to agents.
     pub heartbeat_interval: Duration,
-    /// Period of the dead-node check.
-    pub dead_node_check_interval: Duration,
 }
 
 /// Starts the fleet actor; it runs until `shutdown` is cancelled, then ends every
@@ -211,7 +209,7 @@ pub fn spawn(
         next_sequence: 1,
         heartbeat_interval: settings.heartbeat_interval,
     };
-    let task = tokio::spawn(actor.run(inbox, settings.dead_node_check_interval, shutdown));
+    let task = tokio::spawn(actor.run(inbox, settings.lifecycle.dead_node_check_interval, shutdown));
     (FleetHandle { commands }, task)
 }
 
@@ -337,6 +335,10 @@ impl FleetActor {
                     info!(node.id = %node, session = %session, %reason, grace_s = grace_period.as_secs_f64(), "sending terminate");
                     self.signal(session, SessionSignal::Terminate { reason, grace_period });
                 }
+                Effect::DetectorStalled { gap } => warn!(
+                    gap_s = gap.as_secs_f64(),
+                    "dead-node check ran late: the orchestrator itself stalled, so nobody was judged this round and live nodes get a fresh heartbeat window"
+                ),
                 Effect::CloseSession {
                     node,
                     session,
@@ -411,13 +413,13 @@ mod tests {
         FleetSettings {
             lifecycle: LifecycleConfig {
                 heartbeat_timeout: Duration::from_secs(3),
+                dead_node_check_interval: Duration::from_secs(1),
                 required_consecutive_failures: 2,
                 termination_deadline: Duration::from_secs(5),
                 termination_grace_period: Duration::from_secs(2),
                 node_retention: Duration::from_secs(3600),
             },
             heartbeat_interval: Duration::from_secs(1),
-            dead_node_check_interval: Duration::from_secs(1),
         }
     }
 

@@ -24,6 +24,9 @@ use crate::{
 pub struct LifecycleConfig {
     /// Silence after which a live node becomes suspect.
     pub heartbeat_timeout: Duration,
+    /// Period of the dead-node check (a check much later than this means the
+    /// orchestrator itself stalled).
+    pub dead_node_check_interval: Duration,
     /// Consecutive checks a node must stay suspect before it is declared failed.
     pub required_consecutive_failures: u32,
     /// How long a terminate may stay unacknowledged before it is cancelled.
@@ -49,6 +52,12 @@ pub enum Effect {
         reason: String,
         /// The graceful-shutdown budget.
         grace_period: Duration,
+    },
+    /// A dead-node check ran so late that the orchestrator itself must have stalled;
+    /// that round judged nobody and live nodes got a fresh heartbeat window.
+    DetectorStalled {
+        /// Time since the previous check.
+        gap: Duration,
     },
     /// End this session from the orchestrator's side.
     CloseSession {
@@ -175,6 +184,8 @@ pub struct Registry {
     pub(crate) config: LifecycleConfig,
     pub(crate) nodes: HashMap<NodeId, NodeRecord>,
     next_session: u64,
+    /// When the previous dead-node check ran.
+    pub(crate) last_check: Option<Instant>,
     anchor: TimeAnchor,
     effects: Vec<Effect>,
     pub(crate) unexpected_failures_total: u64,
@@ -188,6 +199,7 @@ impl Registry {
             config,
             nodes: HashMap::new(),
             next_session: 1,
+            last_check: None,
             anchor: TimeAnchor {
                 instant: now,
                 wall: wall_now,
@@ -589,6 +601,7 @@ mod tests {
         fn new() -> Self {
             let config = LifecycleConfig {
                 heartbeat_timeout: TIMEOUT,
+                dead_node_check_interval: Duration::from_secs(10),
                 required_consecutive_failures: 2,
                 termination_deadline: DEADLINE,
                 termination_grace_period: Duration::from_secs(5),
@@ -1004,5 +1017,46 @@ mod tests {
             panic!("expected an event")
         };
         assert_eq!(event.time, SystemTime::UNIX_EPOCH + Duration::from_secs(7));
+    }
+
+    #[test]
+    fn a_late_check_after_the_orchestrators_own_stall_judges_nobody() {
+        let mut f = Fixture::new();
+        let (live, broken) = (node(), node());
+        f.connect(live);
+        let sb = f.connect(broken);
+        f.registry.stream_closed(broken, sb, "reset", f.now);
+        f.check();
+        f.take();
+        // The orchestrator was frozen for 100s: its own silence is not the nodes'.
+        f.advance(100);
+        f.check();
+        let effects = f.take();
+        assert_eq!(
+            effects,
+            [Effect::DetectorStalled {
+                gap: Duration::from_secs(100)
+            }]
+        );
+        assert_eq!(f.state(live), NodeState::Connected);
+        assert_eq!(
+            f.state(broken),
+            NodeState::Suspect,
+            "the stall round does not count"
+        );
+        // From the resume on, judgement is normal again.
+        f.advance(10);
+        f.check();
+        assert_eq!(f.state(broken), NodeState::Failed);
+        f.advance(20);
+        f.check();
+        assert_eq!(
+            f.state(live),
+            NodeState::Connected,
+            "30s after the resume is not yet silence"
+        );
+        f.advance(1);
+        f.check();
+        assert_eq!(f.state(live), NodeState::Suspect);
     }
 }

@@ -100,7 +100,6 @@ impl Orchestrator {
         let settings = FleetSettings {
             lifecycle: config.lifecycle(),
             heartbeat_interval: config.heartbeat_interval.0,
-            dead_node_check_interval: config.dead_node_check_interval.0,
         };
         let (fleet, actor) = fleet::spawn(settings, shutdown.clone());
 

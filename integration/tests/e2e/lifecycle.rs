@@ -347,3 +347,61 @@ async fn a_replayed_trace_drives_the_cpu_the_orchestrator_sees() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_orchestrator_fails_nobody_and_its_agents_notice_the_dead_peer() {
+    let orchestrator = Orchestrator::start(FAST_CONFIG).await.unwrap();
+    let flags = [
+        "--keepalive",
+        "0.5",
+        "--reconnect-initial",
+        "0.05",
+        "--reconnect-max",
+        "0.5",
+    ];
+    let (agent, before) = orchestrator.connected_agent(&flags).await.unwrap();
+    let mut fleet = orchestrator.fleet().await.unwrap();
+    let mut events = fleet
+        .watch_events(pb::WatchEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Freeze the orchestrator well past the heartbeat timeout.
+    orchestrator.process.signal(Sig::SIGSTOP);
+    let lost = agent
+        .process
+        .logs
+        .wait_for("session lost; reconnecting", Duration::from_secs(5))
+        .await;
+    orchestrator.process.signal(Sig::SIGCONT);
+    // A frozen orchestrator cannot have closed the stream: the agent's own
+    // unanswered keepalive pings did.
+    lost.expect("the agent notices the dead peer while the orchestrator is frozen");
+
+    orchestrator
+        .process
+        .logs
+        .wait_for("dead-node check ran late", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    next_event_matching(&mut events, STARTUP, |e| {
+        seen.push((e.r#type(), e.reason.clone()));
+        e.r#type() == FleetEventType::NodeReconnected && e.node_id == agent.id()
+    })
+    .await
+    .unwrap();
+    assert!(
+        !seen.iter().any(|(_, reason)| reason.contains("no heartbeat")),
+        "nodes were judged on the orchestrator's own silence: {seen:?}"
+    );
+    let after = wait_for_state(&mut fleet, &agent.id(), NodeState::Connected, STARTUP).await;
+    assert_ne!(after.session_id, before.session_id);
+    let stats = fleet
+        .get_fleet_stats(pb::GetFleetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.unexpected_failures_total, 0);
+}

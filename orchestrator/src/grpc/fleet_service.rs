@@ -137,16 +137,15 @@ mod tests {
     fn fleet_settings() -> fleet::FleetSettings {
         let lifecycle = crate::registry::LifecycleConfig {
             heartbeat_timeout: std::time::Duration::from_secs(30),
+            dead_node_check_interval: std::time::Duration::from_secs(10),
             required_consecutive_failures: 2,
             termination_deadline: std::time::Duration::from_secs(30),
             termination_grace_period: std::time::Duration::from_secs(30),
             node_retention: std::time::Duration::from_secs(3600),
         };
-        let period = std::time::Duration::from_secs(10);
         fleet::FleetSettings {
             lifecycle,
-            heartbeat_interval: period,
-            dead_node_check_interval: period,
+            heartbeat_interval: std::time::Duration::from_secs(10),
         }
     }
 
