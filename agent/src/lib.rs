@@ -1,13 +1,14 @@
 //! `secbeat-agent`: the node agent as a library.
 //!
 //! [`args`] is the command line, [`identity`] keeps the node id, [`cpu`] measures (or replays) CPU usage,
-//! [`session`] runs one control stream, [`backoff`] and [`recover`] decide when and
+//! [`session`] runs one control stream, [`hook`] runs `--on-terminate`, [`backoff`] and [`recover`] decide when and
 //! whether to reconnect, and [`run`] ties them into the agent's life: reconnect
 //! until told to terminate, shut down, or refused.
 
 pub mod args;
 pub mod backoff;
 pub mod cpu;
+pub mod hook;
 pub mod identity;
 pub mod recover;
 pub mod session;

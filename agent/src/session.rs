@@ -8,7 +8,6 @@
 
 use std::{
     pin::Pin,
-    process::Stdio,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -16,7 +15,7 @@ use secbeat::{
     pb::{self, agent_message::Kind, agent_service_client::AgentServiceClient, control_message},
     wire,
 };
-use tokio::{process::Command, sync::mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming, transport::Endpoint};
@@ -204,7 +203,10 @@ impl Established {
                         info!(reason = %terminate.reason, grace_s = grace.as_secs_f64(), "terminate received: shutting down gracefully");
                         let ack = pb::TerminateAck { reason: terminate.reason.clone() };
                         let _ = self.outbound.send(message(Kind::TerminateAck(ack))).await;
-                        hook = Some(Box::pin(run_hook(settings.on_terminate.clone(), terminate.reason, grace)));
+                        let command = settings.on_terminate.clone();
+                        hook = Some(Box::pin(async move {
+                            crate::hook::run(command.as_deref(), &terminate.reason, grace).await;
+                        }));
                     }
                     Ok(Some(pb::ControlMessage { kind: Some(control_message::Kind::Welcome(_)) })) => {
                         warn!("unexpected second welcome ignored");
@@ -250,34 +252,6 @@ impl Established {
         });
         if drained.await.is_err() {
             warn!("orchestrator did not close the stream after goodbye");
-        }
-    }
-}
-
-/// Runs the `--on-terminate` command, killed when the grace period is over.
-async fn run_hook(command: Option<String>, reason: String, grace: Duration) {
-    let Some(command) = command else { return };
-    let child = Command::new("/bin/sh")
-        .arg("-c")
-        .arg(&command)
-        .env("SECBEAT_TERMINATE_REASON", &reason)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn();
-    let mut child = match child {
-        Ok(child) => child,
-        Err(error) => {
-            warn!(%command, %error, "on-terminate command could not start");
-            return;
-        }
-    };
-    match tokio::time::timeout(grace, child.wait()).await {
-        Ok(Ok(status)) if status.success() => info!(%command, "on-terminate command finished"),
-        Ok(Ok(status)) => warn!(%command, %status, "on-terminate command failed"),
-        Ok(Err(error)) => warn!(%command, %error, "on-terminate command could not be awaited"),
-        Err(_) => {
-            warn!(%command, grace_s = grace.as_secs_f64(), "on-terminate command outlived the grace period; killing it");
-            let _ = child.kill().await;
         }
     }
 }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use secbeat::pb::{self, FleetEventType, NodeState};
 use secbeat_integration::{
-    FAST_CONFIG, FAST_DETECTION_BOUND, FAST_RECONNECT, Orchestrator, STARTUP, Sig,
+    FAST_CONFIG, FAST_DETECTION_BOUND, FAST_RECONNECT, Orchestrator, SCHEDULING_SLACK, STARTUP, Sig,
     assert_detected_within_bound, eventually, next_event_matching, node, wait_for_state,
 };
 
@@ -398,6 +398,48 @@ async fn a_stalled_orchestrator_fails_nobody_and_its_agents_notice_the_dead_peer
     );
     let after = wait_for_state(&mut fleet, &agent.id(), NodeState::Connected, STARTUP).await;
     assert_ne!(after.session_id, before.session_id);
+    let stats = fleet
+        .get_fleet_stats(pb::GetFleetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.unexpected_failures_total, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hook_that_overruns_the_grace_period_is_cut_short_and_the_exit_stays_expected() {
+    // FAST_CONFIG gives agents a 2s grace period.
+    let orchestrator = Orchestrator::start(FAST_CONFIG).await.unwrap();
+    let (mut agent, _) = orchestrator
+        .connected_agent(&["--on-terminate", "sleep 600"])
+        .await
+        .unwrap();
+    let mut fleet = orchestrator.fleet().await.unwrap();
+
+    let asked = Instant::now();
+    let request = pb::TerminateNodeRequest {
+        node_id: agent.id(),
+        reason: "drain".into(),
+    };
+    fleet.terminate_node(request).await.unwrap();
+    let status = agent.process.wait_exit(Duration::from_secs(10)).await.unwrap();
+    let took = asked.elapsed();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        took >= Duration::from_secs(2),
+        "exited after {took:?}, before the grace period ran out"
+    );
+    assert!(
+        took <= Duration::from_secs(2) + SCHEDULING_SLACK,
+        "exited after {took:?}"
+    );
+    agent
+        .process
+        .logs
+        .wait_for("outlived the grace period", Duration::from_secs(1))
+        .await
+        .unwrap();
+    wait_for_state(&mut fleet, &agent.id(), NodeState::Terminated, STARTUP).await;
     let stats = fleet
         .get_fleet_stats(pb::GetFleetStatsRequest {})
         .await
