@@ -11,7 +11,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if env::var_os("PROTOC").is_none() {
         let protoc = protoc_bin_vendored::protoc_bin_path()?;
         // SAFETY: build scripts are single-threaded; nothing else reads the environment.
-        unsafe { env::set_var("PROTOC", protoc) };
+        // prost-build only reads PROTOC from the environment, hence the exception.
+        #[allow(clippy::disallowed_methods)]
+        unsafe {
+            env::set_var("PROTOC", protoc)
+        };
     }
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     tonic_prost_build::configure()

@@ -8,6 +8,8 @@
 //! - [`wire`]: the conversions between wire types and plain Rust values that every
 //!   edge needs (node ids, timestamps, durations, CPU fractions), with typed errors.
 
+#![warn(missing_docs)]
+
 #[cfg(feature = "process")]
 pub mod process;
 pub mod wire;

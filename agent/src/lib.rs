@@ -5,6 +5,8 @@
 //! whether to reconnect, and [`run`] ties them into the agent's life: reconnect
 //! until told to terminate, shut down, or refused.
 
+#![warn(missing_docs)]
+
 pub mod args;
 pub mod backoff;
 pub mod cpu;

@@ -6,6 +6,8 @@
 //! a blind sleep. Children are killed when their handle drops, so a failing test
 //! leaves nothing running.
 
+#![warn(missing_docs)]
+
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},

@@ -9,6 +9,8 @@
 //!
 //! Data flows one way: agent stream -> registry/detector -> events -> consumers.
 
+#![warn(missing_docs)]
+
 pub mod clock;
 pub mod config;
 pub mod detector;
