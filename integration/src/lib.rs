@@ -356,6 +356,15 @@ pub async fn node(fleet: &mut FleetServiceClient<Channel>, node_id: &str) -> Opt
     fleet.get_node(request).await.ok()?.into_inner().node
 }
 
+/// The fleet's current figures.
+pub async fn fleet_stats(fleet: &mut FleetServiceClient<Channel>) -> pb::GetFleetStatsResponse {
+    fleet
+        .get_fleet_stats(pb::GetFleetStatsRequest {})
+        .await
+        .expect("GetFleetStats")
+        .into_inner()
+}
+
 /// Waits until the node is in `state` and returns its record.
 pub async fn wait_for_state(
     fleet: &mut FleetServiceClient<Channel>,

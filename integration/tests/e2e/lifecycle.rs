@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use secbeat::pb::{self, FleetEventType, NodeState};
 use secbeat_integration::{
     FAST_CONFIG, FAST_DETECTION_BOUND, FAST_RECONNECT, Orchestrator, SCHEDULING_SLACK, STARTUP, Sig,
-    assert_detected_within_bound, eventually, next_event_matching, node, wait_for_state,
+    assert_detected_within_bound, eventually, fleet_stats, next_event_matching, node, wait_for_state,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,11 +51,7 @@ async fn two_agents_connect_and_report_cpu_fractions() {
     let constant_node = node(&mut fleet, &constant.id()).await.unwrap();
     assert_eq!(constant_node.last_cpu_usage, Some(0.85));
 
-    let stats = fleet
-        .get_fleet_stats(pb::GetFleetStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = fleet_stats(&mut fleet).await;
     assert_eq!(stats.active_nodes, 2);
     assert_eq!(stats.nodes_by_state.get("NODE_STATE_CONNECTED"), Some(&2));
     assert!(stats.avg_cpu_usage.is_some_and(|avg| (0.0..=1.0).contains(&avg)));
@@ -107,11 +103,7 @@ async fn sigkill_fails_that_node_only_and_watchers_see_it() {
         node(&mut fleet, &survivor.id()).await.unwrap().state(),
         NodeState::Connected
     );
-    let stats = fleet
-        .get_fleet_stats(pb::GetFleetStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = fleet_stats(&mut fleet).await;
     assert_eq!(stats.unexpected_failures_total, 1);
     let _ = victim.process.wait_exit(Duration::from_secs(1)).await;
 }
@@ -170,11 +162,7 @@ async fn terminate_node_makes_the_agent_exit_zero_as_an_expected_exit() {
         failure.is_err(),
         "an expected exit was treated as a failure: {failure:?}"
     );
-    let stats = fleet
-        .get_fleet_stats(pb::GetFleetStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = fleet_stats(&mut fleet).await;
     assert_eq!(
         (stats.unexpected_failures_total, stats.graceful_terminations_total),
         (0, 1)
@@ -242,11 +230,7 @@ async fn sigterm_on_an_agent_is_a_goodbye_not_a_failure() {
     );
     let left = wait_for_state(&mut fleet, &agent.id(), NodeState::Left, STARTUP).await;
     assert_eq!(left.state_reason, "goodbye: shutdown");
-    let stats = fleet
-        .get_fleet_stats(pb::GetFleetStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = fleet_stats(&mut fleet).await;
     assert_eq!(stats.unexpected_failures_total, 0);
 }
 
@@ -398,11 +382,7 @@ async fn a_stalled_orchestrator_fails_nobody_and_its_agents_notice_the_dead_peer
     );
     let after = wait_for_state(&mut fleet, &agent.id(), NodeState::Connected, STARTUP).await;
     assert_ne!(after.session_id, before.session_id);
-    let stats = fleet
-        .get_fleet_stats(pb::GetFleetStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = fleet_stats(&mut fleet).await;
     assert_eq!(stats.unexpected_failures_total, 0);
 }
 
@@ -440,10 +420,6 @@ async fn a_hook_that_overruns_the_grace_period_is_cut_short_and_the_exit_stays_e
         .await
         .unwrap();
     wait_for_state(&mut fleet, &agent.id(), NodeState::Terminated, STARTUP).await;
-    let stats = fleet
-        .get_fleet_stats(pb::GetFleetStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = fleet_stats(&mut fleet).await;
     assert_eq!(stats.unexpected_failures_total, 0);
 }
