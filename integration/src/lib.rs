@@ -258,6 +258,28 @@ impl Orchestrator {
         Ok(FleetServiceClient::new(self.channel().await?))
     }
 
+    /// A `WatchEvents` subscription: every event from now on.
+    pub async fn watch_events(&self) -> anyhow::Result<tonic::Streaming<pb::FleetEvent>> {
+        Ok(self
+            .fleet()
+            .await?
+            .watch_events(pb::WatchEventsRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Waits until every one of `agents` is CONNECTED.
+    pub async fn wait_all_connected<'a>(
+        &self,
+        agents: impl IntoIterator<Item = &'a Agent>,
+        timeout: Duration,
+    ) {
+        let mut fleet = self.fleet().await.expect("fleet client");
+        for agent in agents {
+            wait_for_state(&mut fleet, &agent.id(), pb::NodeState::Connected, timeout).await;
+        }
+    }
+
     /// A connected AgentService client (for raw protocol tests).
     pub async fn agent_client(&self) -> anyhow::Result<AgentServiceClient<Channel>> {
         Ok(AgentServiceClient::new(self.channel().await?))

@@ -63,11 +63,7 @@ async fn sigkill_fails_that_node_only_and_watchers_see_it() {
     let (mut victim, _) = orchestrator.connected_agent(&[]).await.unwrap();
     let (survivor, _) = orchestrator.connected_agent(&[]).await.unwrap();
     let mut fleet = orchestrator.fleet().await.unwrap();
-    let mut events = fleet
-        .watch_events(pb::WatchEventsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut events = orchestrator.watch_events().await.unwrap();
 
     let killed_at = Instant::now();
     victim.process.signal(Sig::SIGKILL);
@@ -119,11 +115,7 @@ async fn terminate_node_makes_the_agent_exit_zero_as_an_expected_exit() {
         .await
         .unwrap();
     let mut fleet = orchestrator.fleet().await.unwrap();
-    let mut events = fleet
-        .watch_events(pb::WatchEventsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut events = orchestrator.watch_events().await.unwrap();
 
     let request = pb::TerminateNodeRequest {
         node_id: agent.id(),
@@ -260,10 +252,7 @@ async fn agents_reconnect_on_their_own_after_orchestrator_restarts() {
                 .unwrap();
         }
         orchestrator = orchestrator.restart().await.unwrap();
-        let mut fleet = orchestrator.fleet().await.unwrap();
-        for agent in [&a, &b] {
-            wait_for_state(&mut fleet, &agent.id(), NodeState::Connected, STARTUP).await;
-        }
+        orchestrator.wait_all_connected([&a, &b], STARTUP).await;
     }
 }
 
@@ -345,11 +334,7 @@ async fn a_stalled_orchestrator_fails_nobody_and_its_agents_notice_the_dead_peer
     ];
     let (agent, before) = orchestrator.connected_agent(&flags).await.unwrap();
     let mut fleet = orchestrator.fleet().await.unwrap();
-    let mut events = fleet
-        .watch_events(pb::WatchEventsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut events = orchestrator.watch_events().await.unwrap();
 
     // Freeze the orchestrator well past the heartbeat timeout.
     orchestrator.process.signal(Sig::SIGSTOP);

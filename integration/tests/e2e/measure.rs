@@ -39,11 +39,7 @@ fn event_time(event: &pb::FleetEvent) -> SystemTime {
 async fn detection(signal: Sig) -> Vec<Duration> {
     let orchestrator = Orchestrator::start(FAST_CONFIG).await.unwrap();
     let mut fleet = orchestrator.fleet().await.unwrap();
-    let mut events = fleet
-        .watch_events(pb::WatchEventsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut events = orchestrator.watch_events().await.unwrap();
     let mut samples = Vec::with_capacity(ROUNDS);
     for _ in 0..ROUNDS {
         let agent = orchestrator.agent(&[]).unwrap();
@@ -95,16 +91,9 @@ async fn measure_reconnect_after_orchestrator_restart() {
     let agents: Vec<_> = (0..AGENTS)
         .map(|_| orchestrator.agent(&FAST_RECONNECT).unwrap())
         .collect();
-    let mut fleet = orchestrator.fleet().await.unwrap();
-    for agent in &agents {
-        wait_for_state(
-            &mut fleet,
-            &agent.id(),
-            NodeState::Connected,
-            Duration::from_secs(30),
-        )
+    orchestrator
+        .wait_all_connected(&agents, Duration::from_secs(30))
         .await;
-    }
     let mut samples = Vec::new();
     for _ in 0..5 {
         orchestrator.process.signal(Sig::SIGKILL);
@@ -115,16 +104,9 @@ async fn measure_reconnect_after_orchestrator_restart() {
             .unwrap();
         let down = std::time::Instant::now();
         orchestrator = orchestrator.restart().await.unwrap();
-        let mut fleet = orchestrator.fleet().await.unwrap();
-        for agent in &agents {
-            wait_for_state(
-                &mut fleet,
-                &agent.id(),
-                NodeState::Connected,
-                Duration::from_secs(30),
-            )
+        orchestrator
+            .wait_all_connected(&agents, Duration::from_secs(30))
             .await;
-        }
         samples.push(down.elapsed());
     }
     report(
