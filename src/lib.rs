@@ -5,13 +5,20 @@
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors for server reflection.
 //! - `process` (feature `process`): logging and signal handling shared by the
 //!   binaries' `main`s.
+//! - `backoff` (feature `backoff`): capped, jittered exponential backoff, for agent
+//!   reconnects and webhook retries.
+//! - `signing` (feature `signing`): Standard Webhooks signing and verification.
 //! - [`wire`]: the conversions between wire types and plain Rust values that every
 //!   edge needs (node ids, timestamps, durations, CPU fractions), with typed errors.
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "backoff")]
+pub mod backoff;
 #[cfg(feature = "process")]
 pub mod process;
+#[cfg(feature = "signing")]
+pub mod signing;
 pub mod wire;
 
 /// Generated `secbeat.v1` messages, enums, clients and servers.

@@ -8,7 +8,6 @@
 #![warn(missing_docs)]
 
 pub mod args;
-pub mod backoff;
 pub mod cpu;
 pub mod hook;
 pub mod identity;
@@ -18,12 +17,12 @@ pub mod session;
 use std::time::Duration;
 
 use rand::SeedableRng;
+use secbeat::backoff::Backoff;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 pub use crate::args::AgentArgs;
 use crate::{
-    backoff::Backoff,
     cpu::CpuSource,
     session::{SessionEnd, SessionSettings},
 };

@@ -12,7 +12,9 @@ use std::{
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::registry::LifecycleConfig;
+use secbeat::signing::WebhookSecret;
+
+use crate::{healer::HealingPolicy, registry::LifecycleConfig};
 
 /// A configuration problem, naming the key it is about.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -59,6 +61,53 @@ impl Seconds {
     }
 }
 
+/// A duration written as minutes (integer or fraction), for the seed's
+/// `self_healing_cooldown_minutes`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(into = "f64")]
+pub struct Minutes(pub Duration);
+
+impl From<Minutes> for f64 {
+    fn from(value: Minutes) -> f64 {
+        value.0.as_secs_f64() / 60.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Minutes {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let minutes = f64::deserialize(deserializer)?;
+        Duration::try_from_secs_f64(minutes * 60.0)
+            .map(Minutes)
+            .map_err(|_| serde::de::Error::custom(format!("{minutes} is not a valid number of minutes")))
+    }
+}
+
+/// A secret given on the command line or in the environment. Its `Debug` never
+/// shows the value.
+#[derive(Clone, Default, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct SecretArg(String);
+
+impl std::str::FromStr for SecretArg {
+    type Err = std::convert::Infallible;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(Self(text.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for SecretArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+fn webhook_secret<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<WebhookSecret>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    WebhookSecret::parse(&text)
+        .map(Some)
+        .map_err(|error| serde::de::Error::custom(error.to_string()))
+}
+
 /// The orchestrator's configuration. Field names are the TOML keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -97,6 +146,34 @@ pub struct Config {
     pub scale_down_cpu_threshold: f64,
     /// Where provisioning webhooks are POSTed.
     pub provisioning_webhook_url: String,
+
+    /// Standard-Webhooks signing secret (`whsec_<base64>` or raw). Never logged or
+    /// serialized; without one, webhooks go unsigned (with a warning at start-up).
+    #[serde(skip_serializing, deserialize_with = "webhook_secret")]
+    pub webhook_secret: Option<WebhookSecret>,
+    /// Timeout of one webhook delivery attempt.
+    pub webhook_timeout: Seconds,
+    /// First retry delay after a failed attempt (doubles, jittered).
+    pub webhook_retry_initial: Seconds,
+    /// Longest retry delay.
+    pub webhook_retry_max: Seconds,
+    /// Undelivered webhooks older than this are given up (kept as dead letters).
+    pub webhook_max_age: Seconds,
+
+    /// Self-healing webhooks allowed per rolling hour (the seed's 5).
+    pub max_self_healing_per_hour: u32,
+    /// Minimum time between replacements of the same node identity (the seed's 15).
+    pub self_healing_cooldown_minutes: Minutes,
+    /// More than this share of the fleet failing within `mass_failure_window` is a
+    /// mass failure: one alert, no healing; 1.0 turns the guard off.
+    pub mass_failure_fraction: f64,
+    /// The window over which failures count together for the mass-failure guard.
+    pub mass_failure_window: Seconds,
+    /// Fewer failures than this are never a mass failure.
+    pub mass_failure_min_nodes: u32,
+    /// After a restart, how long known nodes have to reconnect before they are
+    /// judged.
+    pub restart_reconnect_grace: Seconds,
 }
 
 impl Default for Config {
@@ -118,6 +195,17 @@ impl Default for Config {
             scale_up_cpu_threshold: 0.80,
             scale_down_cpu_threshold: 0.30,
             provisioning_webhook_url: "http://localhost:8000/provision".to_owned(),
+            webhook_secret: None,
+            webhook_timeout: Seconds::secs(10.0),
+            webhook_retry_initial: Seconds::secs(1.0),
+            webhook_retry_max: Seconds::secs(60.0),
+            webhook_max_age: Seconds::secs(86400.0),
+            max_self_healing_per_hour: 5,
+            self_healing_cooldown_minutes: Minutes(Duration::from_secs(15 * 60)),
+            mass_failure_fraction: 0.5,
+            mass_failure_window: Seconds::secs(60.0),
+            mass_failure_min_nodes: 3,
+            restart_reconnect_grace: Seconds::secs(60.0),
         }
     }
 }
@@ -190,6 +278,56 @@ pub struct ConfigOverrides {
     #[arg(long, env = "SECBEAT_PROVISIONING_WEBHOOK_URL", value_name = "URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub provisioning_webhook_url: Option<String>,
+    /// Webhook signing secret, `whsec_<base64>` or raw; prefer the environment
+    /// variable or the config file, flags show in `ps` [default: none: unsigned]
+    #[arg(
+        long,
+        env = "SECBEAT_WEBHOOK_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<SecretArg>,
+    /// Timeout of one webhook delivery attempt, seconds [default: 10]
+    #[arg(long, env = "SECBEAT_WEBHOOK_TIMEOUT", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_timeout: Option<f64>,
+    /// First retry delay of a failed webhook (doubles, jittered), seconds [default: 1]
+    #[arg(long, env = "SECBEAT_WEBHOOK_RETRY_INITIAL", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_retry_initial: Option<f64>,
+    /// Longest webhook retry delay, seconds [default: 60]
+    #[arg(long, env = "SECBEAT_WEBHOOK_RETRY_MAX", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_retry_max: Option<f64>,
+    /// Give up on (dead-letter) webhooks undelivered for this long, seconds [default: 86400]
+    #[arg(long, env = "SECBEAT_WEBHOOK_MAX_AGE", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_max_age: Option<f64>,
+    /// Self-healing webhooks allowed per rolling hour [default: 5]
+    #[arg(long, env = "SECBEAT_MAX_SELF_HEALING_PER_HOUR", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_self_healing_per_hour: Option<i64>,
+    /// Minimum time between replacements of one node identity, minutes [default: 15]
+    #[arg(long, env = "SECBEAT_SELF_HEALING_COOLDOWN_MINUTES", value_name = "MINS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub self_healing_cooldown_minutes: Option<f64>,
+    /// Share of the fleet failing within the window that is a mass failure (alert, no healing); 1 turns it off [default: 0.5]
+    #[arg(long, env = "SECBEAT_MASS_FAILURE_FRACTION", value_name = "FRACTION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mass_failure_fraction: Option<f64>,
+    /// Window over which failures count together for the mass-failure guard, seconds [default: 60]
+    #[arg(long, env = "SECBEAT_MASS_FAILURE_WINDOW", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mass_failure_window: Option<f64>,
+    /// Fewer failures than this in a window are never a mass failure [default: 3]
+    #[arg(long, env = "SECBEAT_MASS_FAILURE_MIN_NODES", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mass_failure_min_nodes: Option<i64>,
+    /// After a restart, time known nodes get to reconnect before they are judged, seconds [default: 60]
+    #[arg(long, env = "SECBEAT_RESTART_RECONNECT_GRACE", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restart_reconnect_grace: Option<f64>,
 }
 
 impl Config {
@@ -232,6 +370,10 @@ impl Config {
                 "scaling_check_interval_seconds",
                 self.scaling_check_interval_seconds,
             ),
+            ("webhook_timeout", self.webhook_timeout),
+            ("webhook_retry_initial", self.webhook_retry_initial),
+            ("webhook_max_age", self.webhook_max_age),
+            ("mass_failure_window", self.mass_failure_window),
         ];
         for (key, Seconds(value)) in positive {
             if value.is_zero() {
@@ -274,6 +416,23 @@ impl Config {
                 ),
             ));
         }
+        if self.webhook_retry_max.0 < self.webhook_retry_initial.0 {
+            return Err(ConfigError::new(
+                "webhook_retry_max",
+                format!(
+                    "{}s is below webhook_retry_initial ({}s)",
+                    self.webhook_retry_max.0.as_secs_f64(),
+                    self.webhook_retry_initial.0.as_secs_f64()
+                ),
+            ));
+        }
+        let fraction = self.mass_failure_fraction;
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            return Err(ConfigError::new(
+                "mass_failure_fraction",
+                format!("{fraction} is outside (0, 1] (1 turns the guard off)"),
+            ));
+        }
         let url = &self.provisioning_webhook_url;
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(ConfigError::new(
@@ -293,6 +452,17 @@ impl Config {
             termination_deadline: self.termination_deadline.0,
             termination_grace_period: self.termination_grace_period.0,
             node_retention: self.node_retention.0,
+        }
+    }
+
+    /// The healer's limits.
+    pub fn healing(&self) -> HealingPolicy {
+        HealingPolicy {
+            max_per_hour: self.max_self_healing_per_hour,
+            cooldown: self.self_healing_cooldown_minutes.0,
+            mass_failure_fraction: self.mass_failure_fraction,
+            mass_failure_window: self.mass_failure_window.0,
+            mass_failure_min_nodes: self.mass_failure_min_nodes,
         }
     }
 }
@@ -378,6 +548,19 @@ mod tests {
                 "provisioning_webhook_url = \"ftp://x\"",
                 "provisioning_webhook_url",
             ),
+            ("webhook_secret = \"whsec_!!\"", "webhook_secret"),
+            ("webhook_secret = \"\"", "webhook_secret"),
+            (
+                "webhook_retry_initial = 5\nwebhook_retry_max = 1",
+                "webhook_retry_max",
+            ),
+            ("mass_failure_fraction = 0", "mass_failure_fraction"),
+            ("mass_failure_fraction = 1.5", "mass_failure_fraction"),
+            ("max_self_healing_per_hour = -1", "max_self_healing_per_hour"),
+            (
+                "self_healing_cooldown_minutes = -1",
+                "self_healing_cooldown_minutes",
+            ),
         ];
         for (text, key) in cases {
             let error = load(text).unwrap_err();
@@ -386,6 +569,38 @@ mod tests {
                 "{text:?} gave {error} which does not name {key}"
             );
         }
+    }
+
+    #[test]
+    fn the_webhook_secret_is_read_but_never_shown() {
+        let config = load("webhook_secret = \"hunter2-secret\"").unwrap();
+        assert_eq!(
+            config.webhook_secret,
+            Some(WebhookSecret::parse("hunter2-secret").unwrap())
+        );
+        assert!(!format!("{config:?}").contains("hunter2"));
+        let table = toml::Table::try_from(&config).unwrap();
+        assert!(!table.contains_key("webhook_secret"));
+        let overrides = ConfigOverrides {
+            webhook_secret: Some("from-env".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(!format!("{overrides:?}").contains("from-env"));
+        let config = Config::load(None, &overrides).unwrap();
+        assert_eq!(
+            config.webhook_secret,
+            Some(WebhookSecret::parse("from-env").unwrap())
+        );
+    }
+
+    #[test]
+    fn the_seeds_self_healing_constants_are_the_defaults() {
+        let healing = Config::default().healing();
+        assert_eq!(healing.max_per_hour, 5);
+        assert_eq!(healing.cooldown, Duration::from_secs(15 * 60));
+        assert_eq!(Config::default().required_consecutive_failures, 2);
+        let config = load("self_healing_cooldown_minutes = 0.5").unwrap();
+        assert_eq!(config.healing().cooldown, Duration::from_secs(30));
     }
 
     #[test]
@@ -447,7 +662,14 @@ mod example_file {
                 .nth(1)
                 .and_then(|rest| rest.split(']').next())
                 .unwrap_or_else(|| panic!("--help of {key} states no [default: ...]"));
-            let actual = &defaults[key];
+            let Some(actual) = defaults.get(key) else {
+                // Secrets are never serialized; their default is "none".
+                assert!(
+                    documented.starts_with("none"),
+                    "--help of {key} says {documented}"
+                );
+                continue;
+            };
             let same = match actual {
                 toml::Value::Float(value) => documented.parse::<f64>().ok() == Some(*value),
                 toml::Value::Integer(value) => documented.parse::<i64>().ok() == Some(*value),

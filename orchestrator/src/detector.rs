@@ -7,7 +7,10 @@
 //!    if it had acknowledged a terminate, TERMINATED: it said it would go);
 //! 3. a node suspect on `required_consecutive_failures` consecutive checks is
 //!    declared FAILED, and its stream, if still open, is closed;
-//! 4. nodes in a final state longer than `node_retention` are forgotten.
+//! 4. nodes in a final state longer than `node_retention` are forgotten;
+//! 5. nodes restored after an orchestrator restart are left alone during their
+//!    reconnect grace; one that has not come back by then is FAILED, or
+//!    TERMINATED if it had been told to terminate.
 //!
 //! The detector only judges silence over time during which it ran itself. A
 //! check that comes later than twice its interval and later than half the
@@ -85,6 +88,25 @@ impl Registry {
         let Some(record) = self.nodes.get_mut(&id) else {
             return;
         };
+        if let Some(grace_until) = record.restart_grace_until {
+            if now < grace_until {
+                return;
+            }
+            let reason = "did not reconnect within the grace after the orchestrator restarted";
+            if record.termination.is_some() {
+                self.finish_terminated(id, format!("{reason}; it had been told to terminate"), now);
+            } else {
+                self.unexpected_failures_total += 1;
+                self.finish(
+                    id,
+                    NodeState::Failed,
+                    EventKind::NodeFailed,
+                    reason.to_owned(),
+                    now,
+                );
+            }
+            return;
+        }
         let silence = now.saturating_duration_since(record.last_seen);
         if let Some(session) = record.session
             && record.state != NodeState::Suspect

@@ -32,6 +32,10 @@ pub enum EventKind {
     SessionFenced,
     /// A node in a final state was dropped after the retention period.
     NodeForgotten,
+    /// A replacement was requested for a failed node (webhook queued).
+    SelfHealingRequested,
+    /// A failed node was not healed because a limit held it (reason says which).
+    SelfHealingHeld,
 }
 
 /// One event about one node.

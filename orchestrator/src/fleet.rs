@@ -1,15 +1,20 @@
-//! The fleet actor: one task that owns the [`Registry`], the live sessions'
-//! signal channels and the event bus, in the style of tokio-console's aggregator.
+//! The fleet actor: one task that owns the [`Registry`], the [`Healer`], the live
+//! sessions' signal channels and the event bus, in the style of tokio-console's
+//! aggregator.
 //!
 //! Stream handlers and operator RPCs talk to it through a cloneable [`FleetHandle`]
 //! (commands over a bounded channel). It applies each input to the registry, runs
 //! the dead-node check on its own timer, and then carries out the registry's
-//! effects: it publishes events (numbered, logged, broadcast to every subscriber)
-//! and signals sessions (Welcome, Terminate, close). Nothing else mutates fleet
-//! state, so there is no lock on the heartbeat path.
+//! effects: it publishes events (numbered, logged, broadcast to every subscriber),
+//! signals sessions (Welcome, Terminate, close), hands unexpected failures to the
+//! healer, and sends what must survive a restart (changed nodes, heal decisions,
+//! webhooks) to the store writer as one batch, so a node's FAILED state and its
+//! self-healing webhook are persisted together or not at all. Nothing else mutates
+//! fleet state, so there is no lock on the heartbeat path, and nothing here waits
+//! for a disk or the network.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -20,10 +25,14 @@ use tracing::{debug, error, info, warn};
 use crate::{
     clock,
     event::{EventKind, FleetEvent},
-    node::{FleetStats, NodeId, NodeInfo, NodeSnapshot, SessionId},
+    healer::{Decision, FailedNode, HealRecord, Healer, HealingPolicy, HoldCause},
+    metrics::{CauseLabel, Metrics},
+    node::{FleetStats, NodeId, NodeInfo, NodeSnapshot, NodeState, PersistedNode, SessionId},
     registry::{
         CloseReason, Effect, LifecycleConfig, Registry, SessionError, TerminateAccepted, TerminateError,
     },
+    store::{Write, writer::StoreWriter},
+    webhook::{self, WebhookEvent},
 };
 
 /// How many events a slow `WatchEvents` subscriber may fall behind before it is
@@ -192,22 +201,64 @@ pub struct FleetSettings {
     pub lifecycle: LifecycleConfig,
     /// Heartbeat interval handed to agents.
     pub heartbeat_interval: Duration,
+    /// The self-healing limits.
+    pub healing: HealingPolicy,
+    /// After a restart, how long restored nodes have to reconnect.
+    pub restart_reconnect_grace: Duration,
+}
+
+/// What a previous run left in the store.
+#[derive(Debug, Clone, Default)]
+pub struct Restored {
+    /// Known nodes.
+    pub nodes: Vec<PersistedNode>,
+    /// The self-healing ledger.
+    pub heals: Vec<HealRecord>,
+}
+
+/// Where the actor's results go besides its own event bus.
+#[derive(Debug, Clone)]
+pub struct Outputs {
+    /// Durable state.
+    pub store: StoreWriter,
+    /// Counters.
+    pub metrics: Metrics,
 }
 
 /// Starts the fleet actor; it runs until `shutdown` is cancelled, then ends every
 /// session with "shutting down" and stops.
 pub fn spawn(
     settings: FleetSettings,
+    restored: Restored,
+    outputs: Outputs,
     shutdown: CancellationToken,
 ) -> (FleetHandle, tokio::task::JoinHandle<()>) {
     let (commands, inbox) = mpsc::channel(COMMAND_BUFFER);
     let (events, _) = broadcast::channel(EVENT_BUFFER);
+    let now = clock::now();
+    let mut registry = Registry::new(settings.lifecycle.clone(), now, SystemTime::now());
+    if !restored.nodes.is_empty() {
+        let live = restored
+            .nodes
+            .iter()
+            .filter(|node| !node.state.is_final())
+            .count();
+        info!(
+            nodes = restored.nodes.len(),
+            awaiting_reconnect = live,
+            grace_s = settings.restart_reconnect_grace.as_secs_f64(),
+            "restored known nodes from the state store; live ones get a reconnect grace"
+        );
+        registry.restore(restored.nodes, now, settings.restart_reconnect_grace);
+    }
     let actor = FleetActor {
-        registry: Registry::new(settings.lifecycle.clone(), clock::now(), SystemTime::now()),
+        registry,
+        healer: Healer::new(settings.healing.clone(), restored.heals),
         sessions: HashMap::new(),
         events,
         next_sequence: 1,
         heartbeat_interval: settings.heartbeat_interval,
+        outputs,
     };
     let task = tokio::spawn(actor.run(inbox, settings.lifecycle.dead_node_check_interval, shutdown));
     (FleetHandle { commands }, task)
@@ -215,10 +266,12 @@ pub fn spawn(
 
 struct FleetActor {
     registry: Registry,
+    healer: Healer,
     sessions: HashMap<SessionId, mpsc::UnboundedSender<SessionSignal>>,
     events: broadcast::Sender<FleetEvent>,
     next_sequence: u64,
     heartbeat_interval: Duration,
+    outputs: Outputs,
 }
 
 impl FleetActor {
@@ -323,9 +376,32 @@ impl FleetActor {
     }
 
     fn apply_effects(&mut self) {
-        for effect in self.registry.take_effects() {
+        let effects = self.registry.take_effects();
+        if effects.is_empty() {
+            return;
+        }
+        let mut changed = BTreeSet::new();
+        let mut failed = Vec::new();
+        for effect in effects {
             match effect {
-                Effect::Publish(event) => self.publish(event),
+                Effect::Publish(event) => {
+                    changed.insert(event.node_id);
+                    match event.kind {
+                        EventKind::NodeFailed => {
+                            self.outputs.metrics.unexpected_node_failures.inc();
+                            failed.push(FailedNode {
+                                id: event.node_id,
+                                ip: event.ip,
+                                hostname: event.hostname.clone(),
+                            });
+                        }
+                        EventKind::NodeTerminated => {
+                            self.outputs.metrics.nodes_gracefully_terminated.inc();
+                        }
+                        _ => {}
+                    }
+                    self.publish(event);
+                }
                 Effect::SendTerminate {
                     node,
                     session,
@@ -350,6 +426,89 @@ impl FleetActor {
                 }
             }
         }
+        let mut writes: Vec<Write> = changed
+            .into_iter()
+            .map(|id| match self.registry.persisted(id) {
+                Some(node) => Write::PutNode(node),
+                None => Write::DeleteNode(id),
+            })
+            .collect();
+        if !failed.is_empty() {
+            self.heal(failed, &mut writes);
+        }
+        self.outputs.store.write(writes);
+    }
+
+    /// Hands failures declared together to the healer and carries out its decisions.
+    fn heal(&mut self, failed: Vec<FailedNode>, writes: &mut Vec<Write>) {
+        let now = SystemTime::now();
+        let stats = self.registry.stats();
+        let live = stats.active_nodes
+            + stats
+                .nodes_by_state
+                .get(&NodeState::Suspect)
+                .copied()
+                .unwrap_or(0);
+        for decision in self.healer.on_failures(failed, live, now) {
+            match decision {
+                Decision::Heal { node, record } => {
+                    let entry = webhook::outbox_entry(
+                        &WebhookEvent::UnexpectedNodeFailure(node.clone()),
+                        &stats,
+                        now,
+                    );
+                    info!(node.id = %node.id, node.ip = %node.ip, webhook.id = %entry.id, "self-healing requested: UNEXPECTED_NODE_FAILURE webhook queued");
+                    let reason = format!("UNEXPECTED_NODE_FAILURE webhook {} queued", entry.id);
+                    self.publish_healing(&node, EventKind::SelfHealingRequested, reason, now);
+                    writes.push(Write::PutHeal(record));
+                    writes.push(Write::PutOutbox(entry));
+                }
+                Decision::Hold { node, cause } => {
+                    let reason = held_reason(&cause);
+                    warn!(node.id = %node.id, node.ip = %node.ip, cause = cause.label(), "self-healing held back: {reason}");
+                    self.outputs
+                        .metrics
+                        .self_healing_held
+                        .get_or_create(&CauseLabel {
+                            cause: cause.label().to_owned(),
+                        })
+                        .inc();
+                    self.publish_healing(&node, EventKind::SelfHealingHeld, reason, now);
+                }
+                Decision::MassFailure { failed, fleet_size } => {
+                    let event = WebhookEvent::MassNodeFailure {
+                        failed: failed.clone(),
+                        fleet_size,
+                        window_seconds: self.healer.policy().mass_failure_window.as_secs_f64(),
+                    };
+                    let entry = webhook::outbox_entry(&event, &stats, now);
+                    error!(
+                        failed = failed.len(), fleet_size, webhook.id = %entry.id,
+                        "MASS NODE FAILURE: {} of {fleet_size} nodes failed within the window; the orchestrator suspects itself or the network, so self-healing is held and one MASS_NODE_FAILURE alert is sent",
+                        failed.len()
+                    );
+                    self.outputs.metrics.mass_failure_alerts.inc();
+                    writes.push(Write::PutOutbox(entry));
+                }
+            }
+        }
+        let horizon = self.healer.ledger_horizon();
+        if let Some(before) = now.checked_sub(horizon) {
+            writes.push(Write::PruneHeals { before });
+        }
+    }
+
+    fn publish_healing(&mut self, node: &FailedNode, kind: EventKind, reason: String, now: SystemTime) {
+        self.publish(FleetEvent {
+            sequence: 0,
+            time: now,
+            kind,
+            node_id: node.id,
+            ip: node.ip,
+            hostname: node.hostname.clone(),
+            state: NodeState::Failed,
+            reason,
+        });
     }
 
     fn signal(&mut self, session: SessionId, signal: SessionSignal) {
@@ -395,11 +554,31 @@ fn log_event(event: &FleetEvent) {
         EventKind::NodeLeft => info!(node.id = %id, node.ip = %ip, %reason, "node left on its own"),
         EventKind::SessionFenced => warn!(node.id = %id, %reason, "older session fenced"),
         EventKind::NodeForgotten => debug!(node.id = %id, %reason, "node forgotten"),
+        // The healer's own log lines say more.
+        EventKind::SelfHealingRequested | EventKind::SelfHealingHeld => {}
+    }
+}
+
+/// A held heal, in words.
+fn held_reason(cause: &HoldCause) -> String {
+    match cause {
+        HoldCause::HourlyBudget { used } => {
+            format!(
+                "hourly self-healing budget used up ({used} heals in the last hour; max_self_healing_per_hour)"
+            )
+        }
+        HoldCause::Cooldown { last_healed } => format!(
+            "this node identity was healed at {} (self_healing_cooldown_minutes)",
+            webhook::rfc3339(*last_healed)
+        ),
+        HoldCause::MassFailure { failed, fleet_size } => format!(
+            "mass failure: {failed} of {fleet_size} nodes failed within the window (mass_failure_fraction)"
+        ),
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The actor on paused tokio time: its own timer drives detection, in virtual
     //! seconds that take microseconds.
 
@@ -408,6 +587,7 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
+    use crate::store::memory::MemoryStore;
 
     pub(crate) fn settings() -> FleetSettings {
         FleetSettings {
@@ -420,6 +600,44 @@ mod tests {
                 node_retention: Duration::from_secs(3600),
             },
             heartbeat_interval: Duration::from_secs(1),
+            healing: HealingPolicy {
+                max_per_hour: 5,
+                cooldown: Duration::from_secs(900),
+                mass_failure_fraction: 0.5,
+                mass_failure_window: Duration::from_secs(60),
+                mass_failure_min_nodes: 3,
+            },
+            restart_reconnect_grace: Duration::from_secs(10),
+        }
+    }
+
+    /// A running actor whose durable writes land in a [`MemoryStore`].
+    pub(crate) struct TestFleet {
+        pub(crate) handle: FleetHandle,
+        pub(crate) actor: tokio::task::JoinHandle<()>,
+        pub(crate) store: MemoryStore,
+        pub(crate) metrics: Metrics,
+    }
+
+    pub(crate) fn start(
+        settings: FleetSettings,
+        restored: Restored,
+        shutdown: &CancellationToken,
+    ) -> TestFleet {
+        let store = MemoryStore::default();
+        let (committed, _) = mpsc::unbounded_channel();
+        let (writer, _thread) = crate::store::writer::spawn(Box::new(store.clone()), committed);
+        let metrics = Metrics::new();
+        let outputs = Outputs {
+            store: writer,
+            metrics: metrics.clone(),
+        };
+        let (handle, actor) = spawn(settings, restored, outputs, shutdown.clone());
+        TestFleet {
+            handle,
+            actor,
+            store,
+            metrics,
         }
     }
 
@@ -436,7 +654,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn welcome_first_then_a_silent_node_is_failed_by_the_actors_timer() {
         let shutdown = CancellationToken::new();
-        let (fleet, actor) = spawn(settings(), shutdown.clone());
+        let TestFleet {
+            handle: fleet, actor, ..
+        } = start(settings(), Restored::default(), &shutdown);
         let mut events = fleet.subscribe().await.unwrap();
         let (tx, mut signals) = mpsc::unbounded_channel();
         let node = NodeId(Uuid::new_v4());
@@ -474,7 +694,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn heartbeats_keep_a_node_alive_for_as_long_as_they_come() {
         let shutdown = CancellationToken::new();
-        let (fleet, actor) = spawn(settings(), shutdown.clone());
+        let TestFleet {
+            handle: fleet, actor, ..
+        } = start(settings(), Restored::default(), &shutdown);
         let mut events = fleet.subscribe().await.unwrap();
         let (tx, _signals) = mpsc::unbounded_channel();
         let node = NodeId(Uuid::new_v4());
@@ -505,7 +727,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_pending_terminate_follows_the_welcome_on_the_new_session() {
         let shutdown = CancellationToken::new();
-        let (fleet, _actor) = spawn(settings(), shutdown.clone());
+        let TestFleet {
+            handle: fleet,
+            actor: _actor,
+            ..
+        } = start(settings(), Restored::default(), &shutdown);
         let node = NodeId(Uuid::new_v4());
         let (tx1, mut first) = mpsc::unbounded_channel();
         let s1 = fleet.connect(info(node), tx1, clock::now()).await.unwrap();
@@ -534,7 +760,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn shutdown_ends_every_session_and_every_subscription() {
         let shutdown = CancellationToken::new();
-        let (fleet, actor) = spawn(settings(), shutdown.clone());
+        let TestFleet {
+            handle: fleet, actor, ..
+        } = start(settings(), Restored::default(), &shutdown);
         let mut events = fleet.subscribe().await.unwrap();
         let (tx, mut signals) = mpsc::unbounded_channel();
         fleet
@@ -551,5 +779,180 @@ mod tests {
             Err(broadcast::error::RecvError::Closed)
         ));
         assert_eq!(fleet.stats().await, Err(FleetStopped));
+    }
+
+    fn restored_node(n: u8, state: NodeState, terminating: bool) -> PersistedNode {
+        PersistedNode {
+            id: NodeId(Uuid::from_bytes([n; 16])),
+            hostname: format!("edge-{n}"),
+            ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, n)),
+            agent_version: "test".into(),
+            labels: Default::default(),
+            state,
+            state_reason: String::new(),
+            termination: terminating.then(|| crate::node::PersistedTermination {
+                reason: "scale down".into(),
+                acknowledged: true,
+            }),
+        }
+    }
+
+    /// Heartbeats every 500 ms (virtual) until aborted.
+    fn keep_beating(handle: &FleetHandle, node: NodeId, session: SessionId) -> tokio::task::JoinHandle<()> {
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                ticks.tick().await;
+                let _ = handle
+                    .report(node, session, SessionReport::Heartbeat, clock::now())
+                    .await;
+            }
+        })
+    }
+
+    fn body(entry: &webhook::OutboxEntry) -> serde_json::Value {
+        serde_json::from_slice(&entry.body).unwrap()
+    }
+
+    async fn next_of(events: &mut broadcast::Receiver<FleetEvent>, kind: EventKind) -> FleetEvent {
+        loop {
+            let event = events.recv().await.unwrap();
+            if event.kind == kind {
+                return event;
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_node_and_its_self_healing_webhook_are_persisted_together() {
+        let shutdown = CancellationToken::new();
+        let test = start(settings(), Restored::default(), &shutdown);
+        let mut events = test.handle.subscribe().await.unwrap();
+        let (tx, _signals) = mpsc::unbounded_channel();
+        let node = NodeId(Uuid::new_v4());
+        test.handle.connect(info(node), tx, clock::now()).await.unwrap();
+
+        let failed = next_of(&mut events, EventKind::NodeFailed).await;
+        let requested = events.recv().await.unwrap();
+        assert_eq!(
+            (requested.kind, requested.node_id),
+            (EventKind::SelfHealingRequested, node)
+        );
+
+        let state = test.store.wait_for(|state| !state.outbox.is_empty());
+        assert_eq!(state.nodes.len(), 1);
+        assert_eq!(state.nodes[0].state, NodeState::Failed);
+        assert_eq!(state.outbox.len(), 1, "exactly one webhook");
+        let payload = body(&state.outbox[0]);
+        assert_eq!(payload["reason"], "UNEXPECTED_NODE_FAILURE");
+        assert_eq!(payload["failed_node_id"], node.to_string());
+        assert_eq!(payload["failed_node_ip"], failed.ip.to_string());
+        assert!(
+            requested.reason.contains(&state.outbox[0].id),
+            "{}",
+            requested.reason
+        );
+        assert_eq!(state.heals.len(), 1);
+        assert_eq!(test.metrics.unexpected_node_failures.get(), 1);
+
+        shutdown.cancel();
+        test.actor.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn most_of_the_fleet_going_silent_at_once_raises_one_alert_and_heals_nobody() {
+        let shutdown = CancellationToken::new();
+        let test = start(settings(), Restored::default(), &shutdown);
+        let mut events = test.handle.subscribe().await.unwrap();
+        let mut nodes = Vec::new();
+        let mut keep = Vec::new();
+        for _ in 0..5 {
+            let (tx, signals) = mpsc::unbounded_channel();
+            let node = NodeId(Uuid::new_v4());
+            let session = test.handle.connect(info(node), tx, clock::now()).await.unwrap();
+            nodes.push((node, session));
+            keep.push(signals);
+        }
+        // One keeps beating; four go silent together.
+        let (alive, session) = nodes[0];
+        let beats = keep_beating(&test.handle, alive, session);
+        let mut held = 0;
+        while held < 4 {
+            let event = events.recv().await.unwrap();
+            assert_ne!(event.kind, EventKind::SelfHealingRequested, "{event:?}");
+            if event.kind == EventKind::SelfHealingHeld {
+                assert!(event.reason.contains("mass failure: 4 of 5"), "{}", event.reason);
+                held += 1;
+            }
+        }
+        let state = test.store.wait_for(|state| !state.outbox.is_empty());
+        assert_eq!(state.outbox.len(), 1);
+        let alert = body(&state.outbox[0]);
+        assert_eq!(alert["reason"], "MASS_NODE_FAILURE");
+        assert_eq!(alert["failed_nodes"].as_array().unwrap().len(), 4);
+        assert!(state.heals.is_empty());
+        assert_eq!(test.metrics.mass_failure_alerts.get(), 1);
+        beats.abort();
+        shutdown.cancel();
+        test.actor.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_restart_known_nodes_get_a_grace_then_are_judged_once() {
+        let shutdown = CancellationToken::new();
+        let restored = Restored {
+            nodes: vec![
+                restored_node(1, NodeState::Connected, false),
+                restored_node(2, NodeState::Terminating, true),
+                restored_node(3, NodeState::Connected, false),
+                restored_node(4, NodeState::Failed, false),
+            ],
+            heals: Vec::new(),
+        };
+        let test = start(settings(), restored, &shutdown);
+        let mut events = test.handle.subscribe().await.unwrap();
+        let started = tokio::time::Instant::now();
+        let listed = test.handle.list().await.unwrap();
+        assert_eq!(listed.len(), 4, "restored nodes are listed at once");
+        assert_eq!(listed[0].state, NodeState::Suspect);
+        assert!(listed[0].state_reason.contains("orchestrator restarted"));
+        assert_eq!(listed[3].state, NodeState::Failed);
+
+        // Node 3 comes back within the grace.
+        let (tx, _signals) = mpsc::unbounded_channel();
+        let back = restored_node(3, NodeState::Connected, false).id;
+        let session = test.handle.connect(info(back), tx, clock::now()).await.unwrap();
+        assert_eq!(events.recv().await.unwrap().kind, EventKind::NodeReconnected);
+        let beats = keep_beating(&test.handle, back, session);
+
+        let mut judged = Vec::new();
+        while judged.len() < 3 {
+            let event = events.recv().await.unwrap();
+            judged.push((event.kind, event.node_id));
+        }
+        assert!(
+            started.elapsed() >= Duration::from_secs(10),
+            "not before the grace"
+        );
+        let one = restored_node(1, NodeState::Connected, false).id;
+        let two = restored_node(2, NodeState::Connected, false).id;
+        assert_eq!(
+            judged,
+            vec![
+                (EventKind::NodeFailed, one),
+                (EventKind::NodeTerminated, two),
+                (EventKind::SelfHealingRequested, one),
+            ]
+        );
+        let state = test.store.wait_for(|state| !state.outbox.is_empty());
+        assert_eq!(state.outbox.len(), 1, "the terminating node is not healed");
+        assert_eq!(body(&state.outbox[0])["failed_node_id"], one.to_string());
+        // Nothing more happens to anyone (the failed node 4 is not judged again).
+        let quiet = tokio::time::timeout(Duration::from_secs(60), events.recv()).await;
+        assert!(quiet.is_err(), "unexpected event {quiet:?}");
+        beats.abort();
+        shutdown.cancel();
+        test.actor.await.unwrap();
     }
 }

@@ -17,7 +17,13 @@ pub mod detector;
 pub mod event;
 pub mod fleet;
 pub mod grpc;
+pub mod healer;
 pub mod http;
+pub mod metrics;
 pub mod node;
 pub mod registry;
 pub mod server;
+pub mod store;
+#[cfg(test)]
+pub(crate) mod test_util;
+pub mod webhook;

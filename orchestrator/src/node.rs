@@ -2,10 +2,12 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr, time::SystemTime};
 
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// A node's stable identity (the agent keeps it across restarts).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct NodeId(pub Uuid);
 
 impl fmt::Display for NodeId {
@@ -24,8 +26,10 @@ impl fmt::Display for SessionId {
     }
 }
 
-/// Where a node is in its lifecycle (see DESIGN.md, "Node lifecycle").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Where a node is in its lifecycle (see DESIGN.md, "Node lifecycle"). Persisted
+/// by its lowercase name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum NodeState {
     /// Live stream, heartbeats on time.
     Connected,
@@ -139,4 +143,34 @@ pub struct FleetStats {
     pub unexpected_failures_total: u64,
     /// Expected terminations since start.
     pub graceful_terminations_total: u64,
+}
+
+/// What of a node survives an orchestrator restart (the store keeps it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersistedNode {
+    /// Identity.
+    pub id: NodeId,
+    /// Host name.
+    pub hostname: String,
+    /// Address.
+    pub ip: IpAddr,
+    /// Agent version.
+    pub agent_version: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Last lifecycle state.
+    pub state: NodeState,
+    /// Why it is in that state.
+    pub state_reason: String,
+    /// A terminating mark.
+    pub termination: Option<PersistedTermination>,
+}
+
+/// A terminating mark as persisted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersistedTermination {
+    /// Why it was requested.
+    pub reason: String,
+    /// Whether the node acknowledged it.
+    pub acknowledged: bool,
 }

@@ -16,7 +16,10 @@ use std::{
 
 use crate::{
     event::{EventKind, FleetEvent},
-    node::{FleetStats, NodeId, NodeInfo, NodeSnapshot, NodeState, SessionId, TerminationSnapshot},
+    node::{
+        FleetStats, NodeId, NodeInfo, NodeSnapshot, NodeState, PersistedNode, PersistedTermination,
+        SessionId, TerminationSnapshot,
+    },
 };
 
 /// The lifecycle parameters the registry and detector apply.
@@ -165,6 +168,9 @@ pub(crate) struct NodeRecord {
     pub(crate) cancelled_termination: Option<String>,
     /// When the node entered a final state.
     pub(crate) ended_at: Option<Instant>,
+    /// Restored after an orchestrator restart and not yet reconnected: it is not
+    /// judged before this instant.
+    pub(crate) restart_grace_until: Option<Instant>,
 }
 
 impl NodeRecord {
@@ -240,6 +246,7 @@ impl Registry {
                 termination: None,
                 cancelled_termination: None,
                 ended_at: None,
+                restart_grace_until: None,
             };
             self.nodes.insert(id, record);
             self.publish(id, EventKind::NodeJoined, String::new(), now);
@@ -265,6 +272,7 @@ impl Registry {
         record.last_cpu = None;
         record.suspect_checks = 0;
         record.ended_at = None;
+        record.restart_grace_until = None;
         record.state = record.live_state();
         record.state_reason.clear();
 
@@ -297,6 +305,74 @@ impl Registry {
             });
         }
         session
+    }
+
+    /// Loads the nodes a previous run persisted. Nodes that were live get
+    /// `grace` to reconnect before they are judged: one that returns reconnects as
+    /// usual; one that does not is FAILED (or TERMINATED if it had been told to
+    /// go). Nodes in a final state are listed again until the retention passes.
+    /// No events are published: nothing happened to the nodes.
+    pub fn restore(&mut self, nodes: Vec<PersistedNode>, now: Instant, grace: Duration) {
+        let deadline = now + self.config.termination_deadline;
+        for node in nodes {
+            let final_state = node.state.is_final();
+            let record = NodeRecord {
+                info: NodeInfo {
+                    id: node.id,
+                    hostname: node.hostname,
+                    ip: node.ip,
+                    agent_version: node.agent_version,
+                    labels: node.labels,
+                },
+                state: if final_state {
+                    node.state
+                } else {
+                    NodeState::Suspect
+                },
+                state_reason: if final_state {
+                    node.state_reason
+                } else {
+                    format!(
+                        "orchestrator restarted; waiting up to {:.1}s for the node to reconnect (was {})",
+                        grace.as_secs_f64(),
+                        node.state
+                    )
+                },
+                session: None,
+                connected_since: now,
+                last_seen: now,
+                last_cpu: None,
+                suspect_checks: 0,
+                termination: node.termination.filter(|_| !final_state).map(|t| Termination {
+                    reason: t.reason,
+                    requested_at: now,
+                    deadline,
+                    acknowledged: t.acknowledged,
+                }),
+                cancelled_termination: None,
+                ended_at: final_state.then_some(now),
+                restart_grace_until: (!final_state).then_some(now + grace),
+            };
+            self.nodes.insert(node.id, record);
+        }
+    }
+
+    /// What of the node must survive a restart (None once it is forgotten).
+    pub fn persisted(&self, node: NodeId) -> Option<PersistedNode> {
+        let record = self.nodes.get(&node)?;
+        Some(PersistedNode {
+            id: node,
+            hostname: record.info.hostname.clone(),
+            ip: record.info.ip,
+            agent_version: record.info.agent_version.clone(),
+            labels: record.info.labels.clone(),
+            state: record.state,
+            state_reason: record.state_reason.clone(),
+            termination: record.termination.as_ref().map(|t| PersistedTermination {
+                reason: t.reason.clone(),
+                acknowledged: t.acknowledged,
+            }),
+        })
     }
 
     /// Records a heartbeat on `session`. A suspect node that speaks again recovers.
@@ -536,6 +612,7 @@ impl Registry {
         record.termination = None;
         record.cancelled_termination = None;
         record.ended_at = Some(now);
+        record.restart_grace_until = None;
         self.publish(node, kind, reason, now);
     }
 

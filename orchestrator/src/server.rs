@@ -11,9 +11,12 @@ use tracing::{info, warn};
 
 use crate::{
     config::Config,
-    fleet::{self, FleetSettings},
+    fleet::{self, FleetSettings, Outputs, Restored},
     grpc::{agent_service::AgentApi, fleet_service::FleetApi},
     http,
+    metrics::Metrics,
+    store::{Store, StoreError, StoredState, redb::RedbStore, writer},
+    webhook::sender::{self, SenderError, SenderSettings},
 };
 
 /// Why the orchestrator could not start or serve.
@@ -37,6 +40,12 @@ pub enum ServeError {
         /// The OS error.
         source: io::Error,
     },
+    /// The state store could not be opened or read.
+    #[error("state_dir: {0}")]
+    Store(#[from] StoreError),
+    /// The webhook client could not be built.
+    #[error(transparent)]
+    Webhook(#[from] SenderError),
     /// Reflection descriptors failed to load (a build problem).
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -54,18 +63,29 @@ pub struct Orchestrator {
     config: Config,
     grpc: TcpListener,
     http: TcpListener,
+    store: RedbStore,
+    stored: StoredState,
 }
 
 impl Orchestrator {
-    /// Creates the state directory and binds both listeners (port 0 picks a free one).
+    /// Opens the state store (creating `state_dir` if needed), loads what the last
+    /// run left, and binds both listeners (port 0 picks a free one).
     pub async fn bind(config: Config) -> Result<Self, ServeError> {
         std::fs::create_dir_all(&config.state_dir).map_err(|source| ServeError::StateDir {
             path: config.state_dir.clone(),
             source,
         })?;
+        let store = RedbStore::open(&config.state_dir)?;
+        let stored = store.load()?;
         let grpc = bind("grpc_listen", config.grpc_listen).await?;
         let http = bind("http_listen", config.http_listen).await?;
-        Ok(Self { config, grpc, http })
+        Ok(Self {
+            config,
+            grpc,
+            http,
+            store,
+            stored,
+        })
     }
 
     /// The bound gRPC address.
@@ -82,7 +102,13 @@ impl Orchestrator {
     /// with UNAVAILABLE (they reconnect elsewhere or later), watchers are ended, and
     /// in-flight calls get up to `shutdown_timeout` to finish.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), ServeError> {
-        let Self { config, grpc, http } = self;
+        let Self {
+            config,
+            grpc,
+            http,
+            store,
+            stored,
+        } = self;
         let grpc_addr = grpc.local_addr().map_err(|source| ServeError::Bind {
             key: "grpc_listen",
             addr: config.grpc_listen,
@@ -97,11 +123,51 @@ impl Orchestrator {
             warn!(addr = %grpc_addr, "grpc api listening beyond loopback WITHOUT TLS: anyone who reaches this port can act as a node or an operator");
         }
 
+        let metrics = Metrics::new();
+        let (committed_tx, committed) = tokio::sync::mpsc::unbounded_channel();
+        let (store, store_thread) = writer::spawn(Box::new(store), committed_tx);
+        if config.webhook_secret.is_none() {
+            warn!(
+                "webhook_secret is not set: webhooks are sent UNSIGNED and receivers cannot tell them from forgeries (set SECBEAT_WEBHOOK_SECRET)"
+            );
+        }
+        if stored.dead_letters > 0 {
+            warn!(
+                dead_letters = stored.dead_letters,
+                "the state store holds webhooks that were given up on after webhook_max_age"
+            );
+        }
+        let sender_settings = SenderSettings {
+            url: config.provisioning_webhook_url.clone(),
+            secret: config.webhook_secret.clone(),
+            timeout: config.webhook_timeout.0,
+            retry_initial: config.webhook_retry_initial.0,
+            retry_max: config.webhook_retry_max.0,
+            max_age: config.webhook_max_age.0,
+        };
+        let sender = sender::spawn(
+            sender_settings,
+            stored.outbox,
+            committed,
+            store.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        )?;
         let settings = FleetSettings {
             lifecycle: config.lifecycle(),
             heartbeat_interval: config.heartbeat_interval.0,
+            healing: config.healing(),
+            restart_reconnect_grace: config.restart_reconnect_grace.0,
         };
-        let (fleet, actor) = fleet::spawn(settings, shutdown.clone());
+        let restored = Restored {
+            nodes: stored.nodes,
+            heals: stored.heals,
+        };
+        let outputs = Outputs {
+            store,
+            metrics: metrics.clone(),
+        };
+        let (fleet, actor) = fleet::spawn(settings, restored, outputs, shutdown.clone());
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<AgentServiceServer<AgentApi>>().await;
@@ -127,8 +193,8 @@ impl Orchestrator {
             )))
             .add_service(FleetServiceServer::new(FleetApi::new(fleet.clone())))
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown.clone().cancelled_owned());
-        let http_server =
-            axum::serve(http, http::router(fleet)).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let http_server = axum::serve(http, http::router(fleet, metrics))
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
         info!(addr = %grpc_addr, "grpc api listening");
         info!(addr = %http_addr, "http api listening");
@@ -149,8 +215,11 @@ impl Orchestrator {
         health.set_not_serving::<AgentServiceServer<AgentApi>>().await;
         let drained = tokio::time::timeout(config.shutdown_timeout.0, async {
             let _ = actor.await;
+            let _ = sender.await;
             let grpc = grpc_task.await;
             let http = http_task.await;
+            // Every writer handle is gone now: the writer finishes what is queued.
+            let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
             (grpc, http)
         })
         .await;

@@ -144,6 +144,8 @@ pub fn fleet_event(event: &FleetEvent) -> pb::FleetEvent {
         EventKind::NodeLeft => pb::FleetEventType::NodeLeft,
         EventKind::SessionFenced => pb::FleetEventType::SessionFenced,
         EventKind::NodeForgotten => pb::FleetEventType::NodeForgotten,
+        EventKind::SelfHealingRequested => pb::FleetEventType::SelfHealingRequested,
+        EventKind::SelfHealingHeld => pb::FleetEventType::SelfHealingHeld,
     };
     pb::FleetEvent {
         sequence: event.sequence,

@@ -146,6 +146,7 @@ mod tests {
         fleet::FleetSettings {
             lifecycle,
             heartbeat_interval: std::time::Duration::from_secs(10),
+            ..fleet::tests::settings()
         }
     }
 
@@ -162,7 +163,11 @@ mod tests {
     #[tokio::test]
     async fn a_watcher_that_cannot_keep_up_is_dropped_with_resource_exhausted() {
         let shutdown = CancellationToken::new();
-        let (handle, _actor) = fleet::spawn(fleet_settings(), shutdown.clone());
+        let fleet::tests::TestFleet {
+            handle,
+            actor: _actor,
+            ..
+        } = fleet::tests::start(fleet_settings(), fleet::Restored::default(), &shutdown);
         let api = FleetApi::new(handle.clone());
         let mut stream = api
             .watch_events(Request::new(pb::WatchEventsRequest {}))
@@ -198,7 +203,8 @@ mod tests {
     #[tokio::test]
     async fn watchers_are_told_when_the_orchestrator_shuts_down() {
         let shutdown = CancellationToken::new();
-        let (handle, actor) = fleet::spawn(fleet_settings(), shutdown.clone());
+        let fleet::tests::TestFleet { handle, actor, .. } =
+            fleet::tests::start(fleet_settings(), fleet::Restored::default(), &shutdown);
         let api = FleetApi::new(handle);
         let mut stream = api
             .watch_events(Request::new(pb::WatchEventsRequest {}))

@@ -1,4 +1,4 @@
-//! Capped, jittered exponential backoff for reconnects (after linkerd's
+//! Capped, jittered exponential backoff (after linkerd's
 //! `exp-backoff`): the n-th delay is drawn from
 //! `[d * (1 - jitter), d]` with `d = min(max, initial * 2^n)`, so a fleet that lost
 //! its orchestrator at the same instant does not come back at the same instant.

@@ -1,0 +1,226 @@
+//! Prometheus metrics (OpenMetrics text at `GET /metrics`), with the seed's names.
+//!
+//! One [`Metrics`] value is created at start-up and cloned into the parts that
+//! count (the fleet actor, the webhook sender); the handles are atomics, so
+//! counting never takes a lock. Figures that are a view of fleet state (nodes by
+//! state) are set at scrape time from a snapshot instead of on every change.
+
+use std::sync::{Arc, atomic::AtomicU64};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::node::FleetStats;
+
+/// A `reason` label (webhook reason).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// The webhook's reason, e.g. UNEXPECTED_NODE_FAILURE.
+    pub reason: String,
+}
+
+/// A `cause` label (which limit held a heal back).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabel {
+    /// hourly_budget, cooldown or mass_failure.
+    pub cause: String,
+}
+
+/// A `state` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// Lowercase node state.
+    pub state: String,
+}
+
+/// Every metric the orchestrator exports.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    /// Nodes declared failed unexpectedly.
+    pub unexpected_node_failures: Counter,
+    /// Nodes that exited as told.
+    pub nodes_gracefully_terminated: Counter,
+    /// Self-healing webhooks delivered (2xx).
+    pub self_healing_webhooks_sent: Counter,
+    /// Failed delivery attempts of self-healing webhooks.
+    pub self_healing_webhook_errors: Counter,
+    /// Failures not healed, by the limit that held them.
+    pub self_healing_held: Family<CauseLabel, Counter>,
+    /// MASS_NODE_FAILURE alerts raised.
+    pub mass_failure_alerts: Counter,
+    /// Webhooks delivered, by reason.
+    pub webhooks_sent: Family<ReasonLabel, Counter>,
+    /// Failed delivery attempts, by reason.
+    pub webhook_errors: Family<ReasonLabel, Counter>,
+    /// Webhooks given up on after the maximum age (kept aside in the store).
+    pub webhook_dead_letters: Counter,
+    /// Webhooks waiting for delivery.
+    pub webhook_outbox_depth: Gauge,
+    /// Age of the oldest webhook waiting for delivery, seconds (0 when none).
+    pub webhook_outbox_oldest_age_seconds: Gauge<f64, AtomicU64>,
+    /// Known nodes by state (set at scrape time).
+    pub nodes: Family<StateLabel, Gauge>,
+    /// Nodes with a live stream (set at scrape time).
+    pub active_nodes: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let metrics = Self {
+            registry: Arc::default(),
+            unexpected_node_failures: Counter::default(),
+            nodes_gracefully_terminated: Counter::default(),
+            self_healing_webhooks_sent: Counter::default(),
+            self_healing_webhook_errors: Counter::default(),
+            self_healing_held: Family::default(),
+            mass_failure_alerts: Counter::default(),
+            webhooks_sent: Family::default(),
+            webhook_errors: Family::default(),
+            webhook_dead_letters: Counter::default(),
+            webhook_outbox_depth: Gauge::default(),
+            webhook_outbox_oldest_age_seconds: Gauge::default(),
+            nodes: Family::default(),
+            active_nodes: Gauge::default(),
+        };
+        // Counter names get `_total` appended on export.
+        let r = &mut registry;
+        r.register(
+            "orchestrator_unexpected_node_failures",
+            "Nodes declared failed unexpectedly (self-healing applies)",
+            metrics.unexpected_node_failures.clone(),
+        );
+        r.register(
+            "orchestrator_nodes_gracefully_terminated",
+            "Nodes that exited as commanded (expected, never healed)",
+            metrics.nodes_gracefully_terminated.clone(),
+        );
+        r.register(
+            "orchestrator_self_healing_webhooks_sent",
+            "UNEXPECTED_NODE_FAILURE webhooks delivered (2xx)",
+            metrics.self_healing_webhooks_sent.clone(),
+        );
+        r.register(
+            "orchestrator_self_healing_webhook_errors",
+            "Failed delivery attempts of UNEXPECTED_NODE_FAILURE webhooks (each is retried)",
+            metrics.self_healing_webhook_errors.clone(),
+        );
+        r.register(
+            "orchestrator_self_healing_held",
+            "Unexpected failures not healed, by the limit that held them",
+            metrics.self_healing_held.clone(),
+        );
+        r.register(
+            "orchestrator_mass_failure_alerts",
+            "MASS_NODE_FAILURE alerts raised",
+            metrics.mass_failure_alerts.clone(),
+        );
+        r.register(
+            "orchestrator_webhooks_sent",
+            "Webhooks delivered (2xx), by reason",
+            metrics.webhooks_sent.clone(),
+        );
+        r.register(
+            "orchestrator_webhook_errors",
+            "Failed webhook delivery attempts, by reason",
+            metrics.webhook_errors.clone(),
+        );
+        r.register(
+            "orchestrator_webhook_dead_letters",
+            "Webhooks given up on after webhook_max_age (kept in the store)",
+            metrics.webhook_dead_letters.clone(),
+        );
+        r.register(
+            "orchestrator_webhook_outbox_depth",
+            "Webhooks waiting for delivery",
+            metrics.webhook_outbox_depth.clone(),
+        );
+        r.register(
+            "orchestrator_webhook_outbox_oldest_age_seconds",
+            "Age of the oldest webhook waiting for delivery (0 when none)",
+            metrics.webhook_outbox_oldest_age_seconds.clone(),
+        );
+        r.register(
+            "orchestrator_nodes",
+            "Known nodes by lifecycle state",
+            metrics.nodes.clone(),
+        );
+        r.register(
+            "orchestrator_active_nodes",
+            "Nodes with a live stream (connected or terminating)",
+            metrics.active_nodes.clone(),
+        );
+        Self {
+            registry: Arc::new(registry),
+            ..metrics
+        }
+    }
+
+    /// Sets the fleet-state gauges from a snapshot.
+    pub fn observe_fleet(&self, stats: &FleetStats) {
+        self.active_nodes.set(i64::from(stats.active_nodes));
+        for state in crate::node::NodeState::ALL {
+            let count = stats.nodes_by_state.get(&state).copied().unwrap_or(0);
+            self.nodes
+                .get_or_create(&StateLabel {
+                    state: state.as_str().to_owned(),
+                })
+                .set(i64::from(count));
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+
+    /// A reason label.
+    pub fn reason(reason: &str) -> ReasonLabel {
+        ReasonLabel {
+            reason: reason.to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seeds_metric_names_are_exported() {
+        let metrics = Metrics::new();
+        metrics.unexpected_node_failures.inc();
+        metrics
+            .webhooks_sent
+            .get_or_create(&Metrics::reason("UNEXPECTED_NODE_FAILURE"))
+            .inc();
+        metrics.observe_fleet(&FleetStats::default());
+        let text = metrics.encode();
+        for name in [
+            "orchestrator_unexpected_node_failures_total 1",
+            "orchestrator_self_healing_webhooks_sent_total 0",
+            "orchestrator_nodes_gracefully_terminated_total 0",
+            "orchestrator_self_healing_webhook_errors_total 0",
+            "orchestrator_webhook_outbox_depth 0",
+            "orchestrator_webhooks_sent_total{reason=\"UNEXPECTED_NODE_FAILURE\"} 1",
+            "orchestrator_nodes{state=\"failed\"} 0",
+        ] {
+            assert!(text.contains(name), "missing {name:?} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
