@@ -43,6 +43,25 @@ hello_timeout = 1.0
 shutdown_timeout = 3.0
 ";
 
+/// The webhook signing secret the tests share between orchestrator and receiver.
+pub const TEST_WEBHOOK_SECRET: &str = "whsec_c2VjYmVhdC10ZXN0LXNlY3JldC0wMTIzNDU2Nzg5";
+
+/// [`FAST_CONFIG`] plus webhooks to `url`, signed with [`TEST_WEBHOOK_SECRET`],
+/// quick retries and a short reconnect grace after restarts.
+pub fn webhook_config(url: &str) -> String {
+    format!(
+        "{FAST_CONFIG}\
+provisioning_webhook_url = \"{url}\"
+webhook_secret = \"{TEST_WEBHOOK_SECRET}\"
+webhook_timeout = 2.0
+webhook_retry_initial = 0.1
+webhook_retry_max = 0.5
+restart_reconnect_grace = 2.0
+mass_failure_window = 10.0
+"
+    )
+}
+
 /// The longest a failure may take to be declared under [`FAST_CONFIG`]: the
 /// heartbeat timeout plus one check per required consecutive failure, plus the
 /// check that first notices.
@@ -309,6 +328,132 @@ fn listening_addr(line: &str) -> anyhow::Result<SocketAddr> {
         .find_map(|field| field.strip_prefix("addr="))
         .with_context(|| format!("no addr= in {line:?}"))?;
     Ok(addr.parse()?)
+}
+
+impl Orchestrator {
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        http_get(self.http_addr, "/metrics").await
+    }
+
+    /// One sample's value from `/metrics` (`name` with labels, e.g.
+    /// `orchestrator_webhooks_sent_total{reason="MASS_NODE_FAILURE"}`); 0 when absent.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.metrics().await.expect("GET /metrics");
+        metric_value(&text, name).unwrap_or(0.0)
+    }
+
+    /// Waits until the webhook outbox is empty (everything queued was delivered).
+    pub async fn wait_outbox_drained(&self, timeout: Duration) {
+        eventually(timeout, "the webhook outbox to drain", || async {
+            (self.metric("orchestrator_webhook_outbox_depth").await == 0.0).then_some(())
+        })
+        .await
+    }
+}
+
+/// A sample's value in Prometheus text, if present.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        rest.strip_prefix(' ')?.trim().parse().ok()
+    })
+}
+
+/// A minimal HTTP/1.0 GET over a real socket; returns the body of a 200.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response.split_once("\r\n\r\n").context("no header end")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_owned())
+}
+
+/// A loopback address with a port that was free a moment ago (for a receiver
+/// that must start later on a known address).
+pub fn free_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+/// A running `secbeat-webhook-receiver`.
+#[derive(Debug)]
+pub struct WebhookReceiver {
+    /// The process.
+    pub process: Process,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl WebhookReceiver {
+    /// Starts a receiver on `addr` checking [`TEST_WEBHOOK_SECRET`], plus `extra` flags.
+    pub async fn start(addr: SocketAddr, extra: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let log = dir.path().join("logs/webhook.log");
+        let mut command = Command::new(binary("secbeat-webhook-receiver"));
+        command
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--log")
+            .arg(&log)
+            .args(["--secret", TEST_WEBHOOK_SECRET])
+            .args(extra);
+        let process = Process::spawn("receiver", &mut command)?;
+        let line = process
+            .logs
+            .wait_for("webhook receiver listening", STARTUP)
+            .await?;
+        Ok(Self {
+            addr: listening_addr(&line)?,
+            process,
+            log,
+            _dir: dir,
+        })
+    }
+
+    /// The URL to configure as `provisioning_webhook_url`.
+    pub fn url(&self) -> String {
+        format!("http://{}/provision", self.addr)
+    }
+
+    /// Every recorded webhook (one JSON object per line of its log).
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines()
+            .map(|line| serde_json::from_str(line).expect("the receiver writes JSON lines"))
+            .collect()
+    }
+
+    /// The recorded webhooks with this `reason`.
+    pub fn events_with_reason(&self, reason: &str) -> Vec<serde_json::Value> {
+        let mut events = self.events();
+        events.retain(|event| event["payload"]["reason"] == reason);
+        events
+    }
+
+    /// Waits until at least `count` webhooks with `reason` are recorded.
+    pub async fn wait_for_events(
+        &self,
+        reason: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<serde_json::Value> {
+        let what = format!("{count} {reason} webhook(s)");
+        eventually(timeout, &what, || async {
+            let events = self.events_with_reason(reason);
+            (events.len() >= count).then_some(events)
+        })
+        .await
+    }
 }
 
 /// A running agent.

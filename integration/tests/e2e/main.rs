@@ -2,6 +2,7 @@
 //! loopback sockets, real signals, and the real grpcurl.
 
 mod grpcurl;
+mod healing;
 mod lifecycle;
 mod measure;
 mod protocol;
