@@ -31,7 +31,7 @@ async fn sigkill_of_an_agent_sends_exactly_one_signed_self_healing_webhook() {
     let orchestrator = Orchestrator::start(&webhook_config(&receiver.url()))
         .await
         .unwrap();
-    let (mut victim, victim_node) = orchestrator.connected_agent(&[]).await.unwrap();
+    let (victim, victim_node) = orchestrator.connected_agent(&[]).await.unwrap();
     let (_survivor, _) = orchestrator.connected_agent(&[]).await.unwrap();
 
     victim.process.signal(Sig::SIGKILL);
@@ -94,7 +94,7 @@ async fn a_terminated_node_is_counted_as_graceful_and_never_healed() {
         .await
         .unwrap();
     let (mut told, _) = orchestrator.connected_agent(&[]).await.unwrap();
-    let (mut sentinel, _) = orchestrator.connected_agent(&[]).await.unwrap();
+    let (sentinel, _) = orchestrator.connected_agent(&[]).await.unwrap();
     let (_third, _) = orchestrator.connected_agent(&[]).await.unwrap();
     let mut fleet = orchestrator.fleet().await.unwrap();
 
@@ -150,7 +150,7 @@ async fn a_terminate_that_is_never_acked_does_not_protect_a_node_that_then_dies(
     .replace("heartbeat_timeout = 1.0\n", "")
     .replace("termination_deadline = 2.0\n", "");
     let orchestrator = Orchestrator::start(&config).await.unwrap();
-    let (mut frozen, _) = orchestrator.connected_agent(&[]).await.unwrap();
+    let (frozen, _) = orchestrator.connected_agent(&[]).await.unwrap();
     let (_other, _) = orchestrator.connected_agent(&[]).await.unwrap();
     let mut fleet = orchestrator.fleet().await.unwrap();
     let mut events = orchestrator.watch_events().await.unwrap();
@@ -194,7 +194,7 @@ async fn a_receiver_failing_three_times_gets_the_webhook_once_with_the_same_id()
     let orchestrator = Orchestrator::start(&webhook_config(&receiver.url()))
         .await
         .unwrap();
-    let (mut victim, _) = orchestrator.connected_agent(&[]).await.unwrap();
+    let (victim, _) = orchestrator.connected_agent(&[]).await.unwrap();
     let (_survivor, _) = orchestrator.connected_agent(&[]).await.unwrap();
 
     victim.process.signal(Sig::SIGKILL);
@@ -238,7 +238,7 @@ async fn a_receiver_outage_of_ten_seconds_delays_the_webhook_but_loses_nothing()
     let addr = free_addr();
     let url = format!("http://{addr}/provision");
     let orchestrator = Orchestrator::start(&webhook_config(&url)).await.unwrap();
-    let (mut victim, _) = orchestrator.connected_agent(&[]).await.unwrap();
+    let (victim, _) = orchestrator.connected_agent(&[]).await.unwrap();
     let (_survivor, _) = orchestrator.connected_agent(&[]).await.unwrap();
 
     victim.process.signal(Sig::SIGKILL);
@@ -276,7 +276,7 @@ async fn undelivered_webhooks_and_nodes_lost_meanwhile_survive_an_orchestrator_s
     let addr = free_addr();
     let url = format!("http://{addr}/provision");
     let mut first = Orchestrator::start(&webhook_config(&url)).await.unwrap();
-    let (mut before, _) = first.connected_agent(&FAST_RECONNECT).await.unwrap();
+    let (before, _) = first.connected_agent(&FAST_RECONNECT).await.unwrap();
     let (mut during, _) = first.connected_agent(&FAST_RECONNECT).await.unwrap();
     let (survivor, _) = first.connected_agent(&FAST_RECONNECT).await.unwrap();
 
