@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use secbeat::pb::{self, FleetEventType, NodeState};
 use secbeat_integration::{
-    FAST_CONFIG, FAST_RECONNECT, Orchestrator, Sig, next_event_matching, wait_for_state,
+    FAST_CONFIG, FAST_RECONNECT, Orchestrator, Sig, WebhookReceiver, next_event_matching, wait_for_state,
+    webhook_config,
 };
 
 const ROUNDS: usize = 30;
@@ -111,6 +112,39 @@ async fn measure_reconnect_after_orchestrator_restart() {
     }
     report(
         &format!("orchestrator SIGKILL+restart -> all {AGENTS} agents CONNECTED (backoff 0.05..0.5s)"),
+        samples,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run on demand"]
+async fn measure_crash_to_webhook() {
+    const KILLS: usize = 100;
+    let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), &[]).await.unwrap();
+    // Limits out of the way: this measures the path, not the budget.
+    let config = format!(
+        "{}max_self_healing_per_hour = 100000\nmass_failure_fraction = 1.0\n",
+        webhook_config(&receiver.url())
+    );
+    let orchestrator = Orchestrator::start(&config).await.unwrap();
+    let mut samples = Vec::with_capacity(KILLS);
+    for round in 0..KILLS {
+        let (agent, _) = orchestrator.connected_agent(&[]).await.unwrap();
+        let killed = SystemTime::now();
+        agent.process.signal(Sig::SIGKILL);
+        let events = receiver
+            .wait_for_events("UNEXPECTED_NODE_FAILURE", round + 1, Duration::from_secs(20))
+            .await;
+        let event = events
+            .iter()
+            .find(|event| event["payload"]["failed_node_id"] == agent.id())
+            .expect("this agent's webhook");
+        let received = chrono::DateTime::parse_from_rfc3339(event["received_at"].as_str().unwrap()).unwrap();
+        let received = SystemTime::from(received);
+        samples.push(received.duration_since(killed).unwrap());
+    }
+    report(
+        "sigkill -> UNEXPECTED_NODE_FAILURE webhook recorded by the receiver (heartbeat 0.2s, timeout 1s, checks 0.2s x2)",
         samples,
     );
 }
