@@ -16,6 +16,7 @@ pub mod config;
 pub mod detector;
 pub mod event;
 pub mod fleet;
+pub mod forecast;
 pub mod grpc;
 pub mod healer;
 pub mod http;

@@ -120,7 +120,9 @@ async fn measure_reconnect_after_orchestrator_restart() {
 #[ignore = "measurement; run on demand"]
 async fn measure_crash_to_webhook() {
     const KILLS: usize = 100;
-    let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), &[]).await.unwrap();
+    let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), &[])
+        .await
+        .unwrap();
     // Limits out of the way: this measures the path, not the budget.
     let config = format!(
         "{}max_self_healing_per_hour = 100000\nmass_failure_fraction = 1.0\n",
