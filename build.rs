@@ -3,7 +3,11 @@
 
 use std::{env, path::PathBuf};
 
-const PROTOS: &[&str] = &["proto/secbeat/v1/agent.proto", "proto/secbeat/v1/fleet.proto"];
+const PROTOS: &[&str] = &[
+    "proto/secbeat/v1/agent.proto",
+    "proto/secbeat/v1/fleet.proto",
+    "proto/secbeat/v1/prediction.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // A `protoc` from the environment (e.g. Debian's protobuf-compiler) wins; otherwise

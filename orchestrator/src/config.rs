@@ -14,7 +14,12 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use secbeat::signing::WebhookSecret;
 
-use crate::{healer::HealingPolicy, registry::LifecycleConfig};
+use crate::{
+    forecast::{ForecastConfig, Model},
+    healer::HealingPolicy,
+    registry::LifecycleConfig,
+    scaler::{ScalingMode, ScalingPolicy},
+};
 
 /// A configuration problem, naming the key it is about.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -146,6 +151,25 @@ pub struct Config {
     pub scale_down_cpu_threshold: f64,
     /// Where provisioning webhooks are POSTed.
     pub provisioning_webhook_url: String,
+    /// `forecast_and_scale` acts on decisions; `forecast_only` predicts, scores and
+    /// logs what it would do, and sends nothing.
+    pub scaling_mode: ScalingMode,
+    /// The forecasting model (`auto` picks by recent scored error).
+    pub forecast_model: Model,
+    /// Checks in a row above the scale-up threshold before scaling up.
+    pub scale_up_consecutive_checks: u32,
+    /// Checks in a row below the scale-down threshold before scaling down.
+    pub scale_down_consecutive_checks: u32,
+    /// Quiet time after a scale-up.
+    pub scale_up_cooldown: Seconds,
+    /// Quiet time after any scaling action before a scale-down.
+    pub scale_down_cooldown: Seconds,
+    /// Never scale down below this many nodes.
+    pub min_nodes: u32,
+    /// Never scale up beyond this many nodes.
+    pub max_nodes: u32,
+    /// Predictions less confident than this are not acted on (current CPU is).
+    pub min_prediction_confidence: f64,
 
     /// Standard-Webhooks signing secret (`whsec_<base64>` or raw). Never logged or
     /// serialized; without one, webhooks go unsigned (with a warning at start-up).
@@ -195,6 +219,15 @@ impl Default for Config {
             scale_up_cpu_threshold: 0.80,
             scale_down_cpu_threshold: 0.30,
             provisioning_webhook_url: "http://localhost:8000/provision".to_owned(),
+            scaling_mode: ScalingMode::ForecastAndScale,
+            forecast_model: Model::Auto,
+            scale_up_consecutive_checks: 2,
+            scale_down_consecutive_checks: 5,
+            scale_up_cooldown: Seconds::secs(300.0),
+            scale_down_cooldown: Seconds::secs(600.0),
+            min_nodes: 1,
+            max_nodes: 1000,
+            min_prediction_confidence: 0.5,
             webhook_secret: None,
             webhook_timeout: Seconds::secs(10.0),
             webhook_retry_initial: Seconds::secs(1.0),
@@ -278,6 +311,42 @@ pub struct ConfigOverrides {
     #[arg(long, env = "SECBEAT_PROVISIONING_WEBHOOK_URL", value_name = "URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub provisioning_webhook_url: Option<String>,
+    /// forecast_and_scale acts on scaling decisions; forecast_only only predicts and logs [default: forecast_and_scale]
+    #[arg(long, env = "SECBEAT_SCALING_MODE", value_name = "MODE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scaling_mode: Option<String>,
+    /// Forecasting model: auto, naive, mean, level, trend, seasonal_hour, seasonal_day, linear [default: auto]
+    #[arg(long, env = "SECBEAT_FORECAST_MODEL", value_name = "NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forecast_model: Option<String>,
+    /// Checks in a row above scale_up_cpu_threshold before scaling up [default: 2]
+    #[arg(long, env = "SECBEAT_SCALE_UP_CONSECUTIVE_CHECKS", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale_up_consecutive_checks: Option<i64>,
+    /// Checks in a row below scale_down_cpu_threshold before scaling down [default: 5]
+    #[arg(long, env = "SECBEAT_SCALE_DOWN_CONSECUTIVE_CHECKS", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale_down_consecutive_checks: Option<i64>,
+    /// Quiet time after a scale-up, seconds [default: 300]
+    #[arg(long, env = "SECBEAT_SCALE_UP_COOLDOWN", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale_up_cooldown: Option<f64>,
+    /// Quiet time after any scaling action before a scale-down, seconds [default: 600]
+    #[arg(long, env = "SECBEAT_SCALE_DOWN_COOLDOWN", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale_down_cooldown: Option<f64>,
+    /// Never scale down below this many nodes [default: 1]
+    #[arg(long, env = "SECBEAT_MIN_NODES", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_nodes: Option<i64>,
+    /// Never scale up beyond this many nodes [default: 1000]
+    #[arg(long, env = "SECBEAT_MAX_NODES", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_nodes: Option<i64>,
+    /// Predictions less confident than this are not acted on; current CPU is [default: 0.5]
+    #[arg(long, env = "SECBEAT_MIN_PREDICTION_CONFIDENCE", value_name = "P")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_prediction_confidence: Option<f64>,
     /// Webhook signing secret, `whsec_<base64>` or raw; prefer the environment
     /// variable or the config file, flags show in `ps` [default: none: unsigned]
     #[arg(
@@ -426,6 +495,29 @@ impl Config {
                 ),
             ));
         }
+        for (key, value) in [
+            ("scale_up_consecutive_checks", self.scale_up_consecutive_checks),
+            (
+                "scale_down_consecutive_checks",
+                self.scale_down_consecutive_checks,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(key, "must be at least 1"));
+            }
+        }
+        if self.min_nodes > self.max_nodes {
+            return Err(ConfigError::new(
+                "min_nodes",
+                format!("{} is above max_nodes ({})", self.min_nodes, self.max_nodes),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.min_prediction_confidence) {
+            return Err(ConfigError::new(
+                "min_prediction_confidence",
+                format!("{} is outside 0..1", self.min_prediction_confidence),
+            ));
+        }
         let fraction = self.mass_failure_fraction;
         if !(fraction > 0.0 && fraction <= 1.0) {
             return Err(ConfigError::new(
@@ -453,6 +545,28 @@ impl Config {
             termination_grace_period: self.termination_grace_period.0,
             node_retention: self.node_retention.0,
         }
+    }
+
+    /// The scaler's parameters.
+    pub fn scaling(&self) -> ScalingPolicy {
+        ScalingPolicy {
+            up_threshold: self.scale_up_cpu_threshold,
+            down_threshold: self.scale_down_cpu_threshold,
+            up_consecutive: self.scale_up_consecutive_checks,
+            down_consecutive: self.scale_down_consecutive_checks,
+            up_cooldown: self.scale_up_cooldown.0,
+            down_cooldown: self.scale_down_cooldown.0,
+            min_nodes: self.min_nodes,
+            max_nodes: self.max_nodes,
+            min_confidence: self.min_prediction_confidence,
+            mode: self.scaling_mode,
+        }
+    }
+
+    /// The forecaster's parameters: the seed's window and horizon at this check
+    /// interval.
+    pub fn forecast(&self) -> ForecastConfig {
+        ForecastConfig::seed(self.scaling_check_interval_seconds.0, self.forecast_model)
     }
 
     /// The healer's limits.
@@ -550,6 +664,11 @@ mod tests {
             ),
             ("webhook_secret = \"whsec_!!\"", "webhook_secret"),
             ("webhook_secret = \"\"", "webhook_secret"),
+            ("scaling_mode = \"yolo\"", "scaling_mode"),
+            ("forecast_model = \"arima\"", "forecast_model"),
+            ("scale_up_consecutive_checks = 0", "scale_up_consecutive_checks"),
+            ("min_nodes = 5\nmax_nodes = 2", "min_nodes"),
+            ("min_prediction_confidence = 2", "min_prediction_confidence"),
             (
                 "webhook_retry_initial = 5\nwebhook_retry_max = 1",
                 "webhook_retry_max",

@@ -31,6 +31,7 @@ use crate::{
     registry::{
         CloseReason, Effect, LifecycleConfig, Registry, SessionError, TerminateAccepted, TerminateError,
     },
+    scaler::Candidate,
     store::{Write, writer::StoreWriter},
     webhook::{self, WebhookEvent},
 };
@@ -105,6 +106,7 @@ enum Command {
     List(oneshot::Sender<Vec<NodeSnapshot>>),
     Get(NodeId, oneshot::Sender<Option<NodeSnapshot>>),
     Stats(oneshot::Sender<FleetStats>),
+    ScalingView(oneshot::Sender<(FleetStats, Option<Candidate>)>),
     Subscribe(oneshot::Sender<broadcast::Receiver<FleetEvent>>),
 }
 
@@ -177,6 +179,11 @@ impl FleetHandle {
     /// Fleet-wide figures.
     pub async fn stats(&self) -> Result<FleetStats, FleetStopped> {
         self.ask(Command::Stats).await
+    }
+
+    /// Fleet-wide figures and the least loaded connected node, for a scaling check.
+    pub async fn scaling_view(&self) -> Result<(FleetStats, Option<Candidate>), FleetStopped> {
+        self.ask(Command::ScalingView).await
     }
 
     /// A receiver of every event published from now on.
@@ -344,6 +351,9 @@ impl FleetActor {
             }
             Command::Stats(reply) => {
                 let _ = reply.send(self.registry.stats());
+            }
+            Command::ScalingView(reply) => {
+                let _ = reply.send((self.registry.stats(), self.registry.least_loaded()));
             }
             Command::Subscribe(reply) => {
                 let _ = reply.send(self.events.subscribe());

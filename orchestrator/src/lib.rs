@@ -23,6 +23,8 @@ pub mod http;
 pub mod metrics;
 pub mod node;
 pub mod registry;
+pub mod scaler;
+pub mod scaling;
 pub mod server;
 pub mod store;
 #[cfg(test)]

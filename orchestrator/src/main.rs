@@ -140,9 +140,14 @@ fn run_backtest(args: &BacktestArgs) -> ExitCode {
         || args.input.display().to_string(),
         |name| name.to_string_lossy().into_owned(),
     );
-    print!("{}", backtest::report(&name, &points, &results));
-    println!("\ncalibration of {}'s confidence:", args.model);
-    print!("{}", backtest::calibration_table(&results[0].calibration));
+    let text = format!(
+        "{}\ncalibration of {}'s confidence:\n{}",
+        backtest::report(&name, &points, &results),
+        args.model,
+        backtest::calibration_table(&results[0].calibration)
+    );
+    // A closed pipe (`| head`) is not an error worth a panic.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
     if let Some(output) = &args.output
         && let Err(error) = std::fs::write(output, backtest::predictions_csv(&results[0].predictions))
     {

@@ -66,6 +66,35 @@ pub struct Metrics {
     pub nodes: Family<StateLabel, Gauge>,
     /// Nodes with a live stream (set at scrape time).
     pub active_nodes: Gauge,
+    /// Predictions made (one per scaling check with enough history).
+    pub ml_predictions_made: Counter,
+    /// Share of recent scored predictions within +-0.10 of the actual.
+    pub ml_prediction_accuracy_ratio: Gauge<f64, AtomicU64>,
+    /// The same share for the naive "current value" baseline.
+    pub ml_baseline_accuracy_ratio: Gauge<f64, AtomicU64>,
+    /// Mean absolute error of recent scored predictions.
+    pub ml_prediction_mean_absolute_error: Gauge<f64, AtomicU64>,
+    /// Mean absolute error of the baseline.
+    pub ml_baseline_mean_absolute_error: Gauge<f64, AtomicU64>,
+    /// Mean error (actual minus predicted) of recent scored predictions.
+    pub ml_prediction_bias: Gauge<f64, AtomicU64>,
+    /// The latest prediction.
+    pub ml_predicted_cpu_usage: Gauge<f64, AtomicU64>,
+    /// The latest prediction's confidence.
+    pub ml_prediction_confidence: Gauge<f64, AtomicU64>,
+    /// Fleet CPU at the latest scaling check.
+    pub fleet_cpu_usage: Gauge<f64, AtomicU64>,
+    /// Scale-ups decided on a prediction.
+    pub predictive_scale_ups: Counter,
+    /// Scaling decisions by kind (hold, scale_up_predicted, scale_up_current, scale_down).
+    pub scaling_decisions: Family<DecisionLabel, Counter>,
+}
+
+/// A `decision` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabel {
+    /// hold, scale_up_predicted, scale_up_current or scale_down.
+    pub decision: String,
 }
 
 impl Default for Metrics {
@@ -93,6 +122,17 @@ impl Metrics {
             webhook_outbox_oldest_age_seconds: Gauge::default(),
             nodes: Family::default(),
             active_nodes: Gauge::default(),
+            ml_predictions_made: Counter::default(),
+            ml_prediction_accuracy_ratio: Gauge::default(),
+            ml_baseline_accuracy_ratio: Gauge::default(),
+            ml_prediction_mean_absolute_error: Gauge::default(),
+            ml_baseline_mean_absolute_error: Gauge::default(),
+            ml_prediction_bias: Gauge::default(),
+            ml_predicted_cpu_usage: Gauge::default(),
+            ml_prediction_confidence: Gauge::default(),
+            fleet_cpu_usage: Gauge::default(),
+            predictive_scale_ups: Counter::default(),
+            scaling_decisions: Family::default(),
         };
         // Counter names get `_total` appended on export.
         let r = &mut registry;
@@ -161,6 +201,66 @@ impl Metrics {
             "Nodes with a live stream (connected or terminating)",
             metrics.active_nodes.clone(),
         );
+        let ml: [(&str, &str, &Gauge<f64, AtomicU64>); 8] = [
+            (
+                "orchestrator_ml_prediction_accuracy_ratio",
+                "Share of recent scored predictions within +-0.10 of the actual fleet CPU",
+                &metrics.ml_prediction_accuracy_ratio,
+            ),
+            (
+                "orchestrator_ml_baseline_accuracy_ratio",
+                "The same share for the naive current-value baseline",
+                &metrics.ml_baseline_accuracy_ratio,
+            ),
+            (
+                "orchestrator_ml_prediction_mean_absolute_error",
+                "Mean absolute error of recent scored predictions (fraction of one)",
+                &metrics.ml_prediction_mean_absolute_error,
+            ),
+            (
+                "orchestrator_ml_baseline_mean_absolute_error",
+                "Mean absolute error of the current-value baseline",
+                &metrics.ml_baseline_mean_absolute_error,
+            ),
+            (
+                "orchestrator_ml_prediction_bias",
+                "Mean error of recent scored predictions, actual minus predicted",
+                &metrics.ml_prediction_bias,
+            ),
+            (
+                "orchestrator_ml_predicted_cpu_usage",
+                "The latest fleet CPU prediction (fraction of one), 10 minutes ahead",
+                &metrics.ml_predicted_cpu_usage,
+            ),
+            (
+                "orchestrator_ml_prediction_confidence",
+                "Probability that the latest prediction lands within +-0.10",
+                &metrics.ml_prediction_confidence,
+            ),
+            (
+                "orchestrator_fleet_cpu_usage",
+                "Fleet CPU (mean latest sample of live nodes) at the latest scaling check",
+                &metrics.fleet_cpu_usage,
+            ),
+        ];
+        for (name, help, gauge) in ml {
+            registry.register(name, help, gauge.clone());
+        }
+        registry.register(
+            "orchestrator_ml_predictions_made",
+            "Fleet CPU predictions made",
+            metrics.ml_predictions_made.clone(),
+        );
+        registry.register(
+            "orchestrator_predictive_scale_ups",
+            "Scale-ups decided on a prediction (PREDICTED_HIGH_FLEET_CPU_LOAD)",
+            metrics.predictive_scale_ups.clone(),
+        );
+        registry.register(
+            "orchestrator_scaling_decisions",
+            "Scaling decisions by kind",
+            metrics.scaling_decisions.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             ..metrics
@@ -218,6 +318,9 @@ mod tests {
             "orchestrator_webhook_outbox_depth 0",
             "orchestrator_webhooks_sent_total{reason=\"UNEXPECTED_NODE_FAILURE\"} 1",
             "orchestrator_nodes{state=\"failed\"} 0",
+            "orchestrator_ml_predictions_made_total 0",
+            "orchestrator_ml_prediction_accuracy_ratio 0.0",
+            "orchestrator_predictive_scale_ups_total 0",
         ] {
             assert!(text.contains(name), "missing {name:?} in\n{text}");
         }

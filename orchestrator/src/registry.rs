@@ -560,6 +560,17 @@ impl Registry {
         stats
     }
 
+    /// The connected (not terminating) node with the lowest latest CPU: the one a
+    /// scale-down removes. Ties go to the lowest node id.
+    pub fn least_loaded(&self) -> Option<crate::scaler::Candidate> {
+        self.nodes
+            .iter()
+            .filter(|(_, record)| record.state == NodeState::Connected && record.session.is_some())
+            .filter_map(|(id, record)| record.last_cpu.map(|cpu| (*id, record.info.ip, cpu)))
+            .min_by(|a, b| a.2.total_cmp(&b.2).then(a.0.cmp(&b.0)))
+            .map(|(id, ip, cpu)| crate::scaler::Candidate { id, ip, cpu })
+    }
+
     /// Marks the node as alive at `now` if `session` is its live session.
     fn touch(&mut self, node: NodeId, session: SessionId, now: Instant) -> Result<(), SessionError> {
         let record = self.nodes.get_mut(&node).ok_or(SessionError::UnknownNode)?;

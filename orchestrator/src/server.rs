@@ -3,7 +3,10 @@
 
 use std::{io, net::SocketAddr, path::PathBuf};
 
-use secbeat::pb::{agent_service_server::AgentServiceServer, fleet_service_server::FleetServiceServer};
+use secbeat::pb::{
+    agent_service_server::AgentServiceServer, fleet_service_server::FleetServiceServer,
+    prediction_service_server::PredictionServiceServer,
+};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -12,9 +15,10 @@ use tracing::{info, warn};
 use crate::{
     config::Config,
     fleet::{self, FleetSettings, Outputs, Restored},
-    grpc::{agent_service::AgentApi, fleet_service::FleetApi},
+    grpc::{agent_service::AgentApi, fleet_service::FleetApi, prediction_service::PredictionApi},
     http,
     metrics::Metrics,
+    scaling::{self, ScalingSettings},
     store::{Store, StoreError, StoredState, redb::RedbStore, writer},
     webhook::sender::{self, SenderError, SenderSettings},
 };
@@ -164,14 +168,30 @@ impl Orchestrator {
             heals: stored.heals,
         };
         let outputs = Outputs {
-            store,
+            store: store.clone(),
             metrics: metrics.clone(),
         };
         let (fleet, actor) = fleet::spawn(settings, restored, outputs, shutdown.clone());
+        let scaling_settings = ScalingSettings {
+            interval: config.scaling_check_interval_seconds.0,
+            forecast: config.forecast(),
+            policy: config.scaling(),
+        };
+        let (predictions, scaling_loop) = scaling::spawn(
+            scaling_settings,
+            stored.history,
+            fleet.clone(),
+            store,
+            metrics.clone(),
+            shutdown.clone(),
+        );
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<AgentServiceServer<AgentApi>>().await;
         health.set_serving::<FleetServiceServer<FleetApi>>().await;
+        health
+            .set_serving::<PredictionServiceServer<PredictionApi>>()
+            .await;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(secbeat::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -192,6 +212,7 @@ impl Orchestrator {
                 config.hello_timeout.0,
             )))
             .add_service(FleetServiceServer::new(FleetApi::new(fleet.clone())))
+            .add_service(PredictionServiceServer::new(PredictionApi::new(predictions)))
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown.clone().cancelled_owned());
         let http_server = axum::serve(http, http::router(fleet, metrics))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
@@ -203,6 +224,9 @@ impl Orchestrator {
             heartbeat_timeout_s = config.heartbeat_timeout.0.as_secs_f64(),
             dead_node_check_interval_s = config.dead_node_check_interval.0.as_secs_f64(),
             required_consecutive_failures = config.required_consecutive_failures,
+            scaling_check_interval_s = config.scaling_check_interval_seconds.0.as_secs_f64(),
+            scaling_mode = ?config.scaling_mode,
+            forecast_model = %config.forecast_model,
             state_dir = %config.state_dir.display(),
             "orchestrator ready"
         );
@@ -215,6 +239,7 @@ impl Orchestrator {
         health.set_not_serving::<AgentServiceServer<AgentApi>>().await;
         let drained = tokio::time::timeout(config.shutdown_timeout.0, async {
             let _ = actor.await;
+            let _ = scaling_loop.await;
             let _ = sender.await;
             let grpc = grpc_task.await;
             let http = http_task.await;

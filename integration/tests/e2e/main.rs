@@ -6,3 +6,4 @@ mod healing;
 mod lifecycle;
 mod measure;
 mod protocol;
+mod scaling;

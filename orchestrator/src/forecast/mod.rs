@@ -123,6 +123,19 @@ impl fmt::Display for Model {
 #[error("unknown model {0:?} (one of: auto, naive, mean, level, trend, seasonal_hour, seasonal_day, linear)")]
 pub struct UnknownModel(pub String);
 
+impl serde::Serialize for Model {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Model {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl FromStr for Model {
     type Err = UnknownModel;
     fn from_str(name: &str) -> Result<Self, Self::Err> {

@@ -13,6 +13,7 @@ use secbeat::{
 use crate::{
     event::{EventKind, FleetEvent},
     node::{FleetStats, NodeId, NodeInfo, NodeSnapshot, NodeState},
+    scaling::Prediction,
 };
 
 /// Longest accepted host name (DNS limit).
@@ -156,6 +157,38 @@ pub fn fleet_event(event: &FleetEvent) -> pb::FleetEvent {
         hostname: event.hostname.clone(),
         state: node_state(event.state).into(),
         reason: event.reason.clone(),
+    }
+}
+
+/// A scaling check's prediction as the API shows it.
+pub fn prediction(prediction: &Prediction) -> pb::Prediction {
+    let forecast = prediction.forecast.as_ref();
+    let accuracy = &prediction.accuracy;
+    pb::Prediction {
+        timestamp: Some(wire::timestamp_to_proto(prediction.at)),
+        current_cpu_usage: prediction.current_cpu_usage.unwrap_or_default(),
+        predicted_cpu_usage: forecast.and_then(|f| f.predicted),
+        horizon: Some(wire::duration_to_proto(prediction.horizon)),
+        confidence: forecast
+            .filter(|f| f.predicted.is_some())
+            .map_or(0.0, |f| f.confidence),
+        data_points: forecast.map_or(0, |f| u32::try_from(f.data_points).unwrap_or(u32::MAX)),
+        model: forecast
+            .filter(|f| f.predicted.is_some())
+            .map_or_else(String::new, |f| f.model.name().to_owned()),
+        configured_model: prediction.configured_model.name().to_owned(),
+        accuracy: Some(pb::PredictionAccuracy {
+            scored: accuracy.scored,
+            window: u32::try_from(accuracy.window).unwrap_or(u32::MAX),
+            within_10_ratio: accuracy.model.within_ratio,
+            mean_absolute_error: accuracy.model.mean_absolute_error,
+            bias: accuracy.model.bias,
+            baseline_within_10_ratio: accuracy.baseline.within_ratio,
+            baseline_mean_absolute_error: accuracy.baseline.mean_absolute_error,
+            baseline_bias: accuracy.baseline.bias,
+        }),
+        active_nodes: prediction.active_nodes,
+        decision: prediction.decision.clone(),
     }
 }
 

@@ -1,16 +1,12 @@
 //! `FleetService`: the operator API over the fleet actor.
 
 use secbeat::pb;
-use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::{debug, info};
+use tracing::info;
 
-use super::{convert, status};
+use super::{convert, status, watch};
 use crate::fleet::FleetHandle;
-
-/// Events buffered per `WatchEvents` stream on top of the shared event buffer.
-const WATCH_BUFFER: usize = 64;
 
 /// The `FleetService` implementation.
 #[derive(Debug, Clone)]
@@ -89,35 +85,9 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         _: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        let mut events = self.fleet.subscribe().await?;
-        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        tokio::spawn(async move {
-            loop {
-                let received = tokio::select! {
-                    received = events.recv() => received,
-                    () = tx.closed() => {
-                        debug!("event watcher went away");
-                        return;
-                    }
-                };
-                let item = match received {
-                    Ok(event) => Ok(convert::fleet_event(&event)),
-                    Err(broadcast::error::RecvError::Lagged(missed)) => Err(Status::resource_exhausted(
-                        format!("subscriber fell {missed} events behind; resubscribe and re-list"),
-                    )),
-                    Err(broadcast::error::RecvError::Closed) => Err(status::shutting_down()),
-                };
-                let ends = item.is_err();
-                if tx.send(item).await.is_err() {
-                    debug!("event watcher went away");
-                    return;
-                }
-                if ends {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let events = self.fleet.subscribe().await?;
+        let stream = watch::forward(events, None, "events", |event| Some(convert::fleet_event(event)));
+        Ok(Response::new(stream))
     }
 }
 
@@ -176,7 +146,7 @@ mod tests {
             .into_inner();
 
         // Far more events than the shared buffer plus this watcher's own buffer hold.
-        let published = EVENT_BUFFER + WATCH_BUFFER + 200;
+        let published = EVENT_BUFFER + watch::STREAM_BUFFER + 200;
         for _ in 0..published {
             let (tx, _) = tokio::sync::mpsc::unbounded_channel();
             handle.connect(node_info(), tx, clock::now()).await.unwrap();

@@ -3,7 +3,8 @@
 //! - known nodes (identity, address, last state, terminating marks), so that after a
 //!   restart they get a reconnect grace and those that do not return are judged once;
 //! - the webhook outbox, so that no decided webhook is lost;
-//! - the self-healing ledger, so that a restart does not reset the limits.
+//! - the self-healing ledger, so that a restart does not reset the limits;
+//! - the fleet CPU history, so that the forecaster does not start from nothing.
 //!
 //! [`Store`] is the small seam a distributed backend (etcd, say) would implement;
 //! [`redb::RedbStore`] is the embedded one. [`writer`] runs the store on its own
@@ -15,7 +16,7 @@ pub mod writer;
 use std::time::SystemTime;
 
 pub use crate::node::{PersistedNode, PersistedTermination};
-use crate::{healer::HealRecord, node::NodeId, webhook::OutboxEntry};
+use crate::{forecast::Point, healer::HealRecord, node::NodeId, webhook::OutboxEntry};
 
 /// One change to durable state. A batch of them is applied atomically.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +38,13 @@ pub enum Write {
     DeleteOutbox(String),
     /// A webhook outlived its maximum age: move it aside, keep it for the operator.
     DeadLetter(String),
+    /// Append a fleet CPU history point.
+    PutHistory(Point),
+    /// Drop history points older than this (Unix seconds).
+    PruneHistory {
+        /// The cut-off.
+        before: f64,
+    },
 }
 
 /// Everything loaded at start-up.
@@ -50,6 +58,8 @@ pub struct StoredState {
     pub outbox: Vec<OutboxEntry>,
     /// How many webhooks were given up on (kept aside).
     pub dead_letters: u64,
+    /// Fleet CPU history, oldest first.
+    pub history: Vec<Point>,
 }
 
 /// A store failure, in words (the backend's error types stay inside the backend).
@@ -90,6 +100,7 @@ pub(crate) mod memory {
         heals: Vec<HealRecord>,
         outbox: Vec<OutboxEntry>,
         dead_letters: u64,
+        history: Vec<Point>,
     }
 
     impl MemoryStore {
@@ -121,6 +132,7 @@ pub(crate) mod memory {
                 heals: self.heals.clone(),
                 outbox: self.outbox.clone(),
                 dead_letters: self.dead_letters,
+                history: self.history.clone(),
             }
         }
     }
@@ -150,6 +162,8 @@ pub(crate) mod memory {
                         inner.outbox.retain(|entry| entry.id != id);
                         inner.dead_letters += 1;
                     }
+                    Write::PutHistory(point) => inner.history.push(point),
+                    Write::PruneHistory { before } => inner.history.retain(|point| point.t >= before),
                 }
             }
             Ok(())

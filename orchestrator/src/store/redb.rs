@@ -8,13 +8,15 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHand
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{PersistedNode, Store, StoreError, StoredState, Write};
-use crate::{healer::HealRecord, webhook::OutboxEntry};
+use crate::{forecast::Point, healer::HealRecord, webhook::OutboxEntry};
 
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes_v1");
 /// Keyed `<unix nanos, 20 digits>/<node id>` so key order is time order.
 const HEALS: TableDefinition<&str, &[u8]> = TableDefinition::new("heals_v1");
 const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("outbox_v1");
 const DEAD_LETTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("dead_letters_v1");
+/// Keyed by Unix milliseconds, 20 digits, so key order is time order.
+const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("history_v1");
 
 /// The file name inside `state_dir`.
 pub const FILE_NAME: &str = "orchestrator.redb";
@@ -42,7 +44,7 @@ impl RedbStore {
             other => err(&format!("cannot open {}", path.display()), other),
         })?;
         let txn = db.begin_write().map_err(|e| err("begin", e))?;
-        for table in [NODES, HEALS, OUTBOX, DEAD_LETTERS] {
+        for table in [NODES, HEALS, OUTBOX, DEAD_LETTERS, HISTORY] {
             txn.open_table(table).map_err(|e| err("create table", e))?;
         }
         txn.commit().map_err(|e| err("commit", e))?;
@@ -60,6 +62,10 @@ fn unix_nanos(at: SystemTime) -> String {
         .unwrap_or_default()
         .as_nanos();
     format!("{nanos:020}")
+}
+
+fn history_key(t: f64) -> String {
+    format!("{:020}", (t.max(0.0) * 1000.0) as u64)
 }
 
 fn encode(value: &impl Serialize) -> Result<Vec<u8>, StoreError> {
@@ -95,11 +101,13 @@ impl Store for RedbStore {
             .open_table(DEAD_LETTERS)
             .and_then(|table| Ok(redb::ReadableTableMetadata::len(&table)?))
             .map_err(|e| err("read", e))?;
+        let history: Vec<Point> = read_all(&txn, HISTORY)?;
         Ok(StoredState {
             nodes,
             heals,
             outbox,
             dead_letters,
+            history,
         })
     }
 
@@ -113,6 +121,7 @@ impl Store for RedbStore {
             let mut heals = txn.open_table(HEALS).map_err(|e| err("open table", e))?;
             let mut outbox = txn.open_table(OUTBOX).map_err(|e| err("open table", e))?;
             let mut dead = txn.open_table(DEAD_LETTERS).map_err(|e| err("open table", e))?;
+            let mut history = txn.open_table(HISTORY).map_err(|e| err("open table", e))?;
             let io = |e: redb::StorageError| err("write", e);
             for write in writes {
                 match write {
@@ -149,6 +158,15 @@ impl Store for RedbStore {
                         if let Some(entry) = entry {
                             dead.insert(id.as_str(), entry.as_slice()).map_err(io)?;
                         }
+                    }
+                    Write::PutHistory(point) => {
+                        history
+                            .insert(history_key(point.t).as_str(), encode(point)?.as_slice())
+                            .map_err(io)?;
+                    }
+                    Write::PruneHistory { before } => {
+                        let cut = history_key(*before);
+                        history.retain_in(..cut.as_str(), |_, _| false).map_err(io)?;
                     }
                 }
             }
@@ -276,6 +294,29 @@ mod tests {
             .unwrap();
         store.apply(&[Write::PruneHeals { before: at(200) }]).unwrap();
         assert_eq!(store.load().unwrap().heals, heals[1..].to_vec());
+    }
+
+    #[test]
+    fn history_is_kept_in_time_order_and_pruned_by_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = RedbStore::open(dir.path()).unwrap();
+        let point = |t: f64| Point { t, value: t / 1e10 };
+        store
+            .apply(&[
+                Write::PutHistory(point(1_700_000_120.0)),
+                Write::PutHistory(point(1_700_000_000.0)),
+                Write::PutHistory(point(1_700_000_060.5)),
+            ])
+            .unwrap();
+        store
+            .apply(&[Write::PruneHistory {
+                before: 1_700_000_060.0,
+            }])
+            .unwrap();
+        assert_eq!(
+            store.load().unwrap().history,
+            vec![point(1_700_000_060.5), point(1_700_000_120.0)]
+        );
     }
 
     #[test]

@@ -15,12 +15,28 @@ use serde_json::json;
 use crate::{
     healer::FailedNode,
     node::{FleetStats, NodeId},
+    scaler::{Candidate, UpReason},
 };
 
 /// The `reason` of a self-healing request (the seed's value).
 pub const UNEXPECTED_NODE_FAILURE: &str = "UNEXPECTED_NODE_FAILURE";
 /// The `reason` of the mass-failure alert.
 pub const MASS_NODE_FAILURE: &str = "MASS_NODE_FAILURE";
+/// The `reason` of a predictive scale-up (the seed's value).
+pub const PREDICTED_HIGH_FLEET_CPU_LOAD: &str = "PREDICTED_HIGH_FLEET_CPU_LOAD";
+/// The `reason` of a scale-down.
+pub const LOW_FLEET_CPU_LOAD: &str = "LOW_FLEET_CPU_LOAD";
+
+/// The seed's `prediction_info`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PredictionInfo {
+    /// Predicted fleet CPU fraction.
+    pub predicted_cpu_usage: f64,
+    /// How far ahead, minutes.
+    pub prediction_horizon_minutes: f64,
+    /// Probability that the actual lands within +-0.10.
+    pub confidence: f64,
+}
 
 /// One webhook to deliver, as the outbox keeps it. The body and id never change
 /// between attempts, so receivers can dedupe on `webhook-id`.
@@ -52,6 +68,18 @@ pub enum WebhookEvent {
         /// The window, seconds.
         window_seconds: f64,
     },
+    /// More capacity is needed.
+    ScaleUp {
+        /// Predicted or current load.
+        reason: UpReason,
+        /// The prediction, when the decision used one.
+        prediction: Option<PredictionInfo>,
+    },
+    /// A node is being terminated because the fleet is under-used.
+    ScaleDown {
+        /// The node told to terminate.
+        node: Candidate,
+    },
 }
 
 impl WebhookEvent {
@@ -60,6 +88,8 @@ impl WebhookEvent {
         match self {
             WebhookEvent::UnexpectedNodeFailure(_) => UNEXPECTED_NODE_FAILURE,
             WebhookEvent::MassNodeFailure { .. } => MASS_NODE_FAILURE,
+            WebhookEvent::ScaleUp { reason, .. } => reason.as_str(),
+            WebhookEvent::ScaleDown { .. } => LOW_FLEET_CPU_LOAD,
         }
     }
 }
@@ -126,6 +156,15 @@ pub fn outbox_entry(event: &WebhookEvent, stats: &FleetStats, now: SystemTime) -
             "failed_fraction": failed.len() as f64 / f64::from((*fleet_size).max(1)),
             "window_seconds": window_seconds,
             "self_healing": "held for these nodes: the orchestrator suspects itself or the network",
+        }),
+        WebhookEvent::ScaleUp { prediction, .. } => match prediction {
+            Some(info) => json!({ "prediction_info": info }),
+            None => json!({}),
+        },
+        WebhookEvent::ScaleDown { node } => json!({
+            "terminated_node_id": node.id.0,
+            "terminated_node_ip": node.ip,
+            "terminated_node_cpu_usage": node.cpu,
         }),
     };
     if let (Some(body), serde_json::Value::Object(extra)) = (body.as_object_mut(), extra) {
@@ -208,6 +247,42 @@ mod tests {
         assert_eq!(body["failed_nodes"][0]["ip"], "10.0.1.42");
         assert_eq!(body["fleet_size"], 5);
         assert_eq!(body["failed_fraction"], 0.4);
+    }
+
+    #[test]
+    fn the_scaling_payloads_are_the_seeds() {
+        let up = WebhookEvent::ScaleUp {
+            reason: UpReason::PredictedHighFleetCpuLoad,
+            prediction: Some(PredictionInfo {
+                predicted_cpu_usage: 0.85,
+                prediction_horizon_minutes: 10.0,
+                confidence: 0.8,
+            }),
+        };
+        let body: Value = serde_json::from_slice(&outbox_entry(&up, &stats(), at()).body).unwrap();
+        assert_eq!(body["reason"], "PREDICTED_HIGH_FLEET_CPU_LOAD");
+        assert_eq!(body["prediction_info"]["predicted_cpu_usage"], 0.85);
+        assert_eq!(body["prediction_info"]["prediction_horizon_minutes"], 10.0);
+        assert_eq!(body["prediction_info"]["confidence"], 0.8);
+        assert_eq!(body["fleet_metrics"]["active_nodes"], 2);
+        let current = WebhookEvent::ScaleUp {
+            reason: UpReason::HighFleetCpuLoad,
+            prediction: None,
+        };
+        let body: Value = serde_json::from_slice(&outbox_entry(&current, &stats(), at()).body).unwrap();
+        assert_eq!(body["reason"], "HIGH_FLEET_CPU_LOAD");
+        assert!(body.get("prediction_info").is_none());
+        let down = WebhookEvent::ScaleDown {
+            node: Candidate {
+                id: failed().id,
+                ip: failed().ip,
+                cpu: 0.05,
+            },
+        };
+        let body: Value = serde_json::from_slice(&outbox_entry(&down, &stats(), at()).body).unwrap();
+        assert_eq!(body["reason"], "LOW_FLEET_CPU_LOAD");
+        assert_eq!(body["terminated_node_id"], "550e8400-e29b-41d4-a716-446655440000");
+        assert_eq!(body["terminated_node_ip"], "10.0.1.42");
     }
 
     #[test]

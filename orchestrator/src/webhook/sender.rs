@@ -186,6 +186,8 @@ async fn deliver(delivery: Arc<Delivery>, entry: OutboxEntry) -> String {
                 if self_healing {
                     delivery.metrics.self_healing_webhooks_sent.inc();
                     info!(webhook.id = %entry.id, attempt, status, "Self-healing webhook sent successfully");
+                } else if entry.reason == super::PREDICTED_HIGH_FLEET_CPU_LOAD {
+                    info!(webhook.id = %entry.id, attempt, status, "Predictive scale-up webhook called successfully");
                 } else {
                     info!(webhook.id = %entry.id, webhook.reason = %entry.reason, attempt, status, "webhook delivered");
                 }

@@ -1,0 +1,52 @@
+//! `PredictionService`: the latest prediction and a stream of them.
+
+use secbeat::pb;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{convert, watch};
+use crate::scaling::PredictionHandle;
+
+/// The `PredictionService` implementation.
+#[derive(Debug, Clone)]
+pub struct PredictionApi {
+    predictions: PredictionHandle,
+}
+
+impl PredictionApi {
+    /// A service answering from `predictions`.
+    pub fn new(predictions: PredictionHandle) -> Self {
+        Self { predictions }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::prediction_service_server::PredictionService for PredictionApi {
+    type WatchPredictionsStream = ReceiverStream<Result<pb::Prediction, Status>>;
+
+    async fn get_prediction(
+        &self,
+        _: Request<pb::GetPredictionRequest>,
+    ) -> Result<Response<pb::Prediction>, Status> {
+        let latest = self.predictions.latest().ok_or_else(|| {
+            Status::not_found("no scaling check has run yet (see scaling_check_interval_seconds)")
+        })?;
+        Ok(Response::new(convert::prediction(&latest)))
+    }
+
+    async fn watch_predictions(
+        &self,
+        _: Request<pb::WatchPredictionsRequest>,
+    ) -> Result<Response<Self::WatchPredictionsStream>, Status> {
+        let (latest, updates) = self.predictions.subscribe();
+        let sent_up_to = latest.as_ref().map(|p| p.at);
+        let first = latest.as_deref().map(convert::prediction);
+        // The receiver was subscribed before `latest` was read: skip what `first`
+        // already covered.
+        let stream = watch::forward(updates, first, "predictions", move |prediction| {
+            let newer = sent_up_to.is_none_or(|sent| prediction.at > sent);
+            newer.then(|| convert::prediction(prediction))
+        });
+        Ok(Response::new(stream))
+    }
+}
