@@ -212,10 +212,19 @@ impl Orchestrator {
                 config.hello_timeout.0,
             )))
             .add_service(FleetServiceServer::new(FleetApi::new(fleet.clone())))
-            .add_service(PredictionServiceServer::new(PredictionApi::new(predictions)))
+            .add_service(PredictionServiceServer::new(PredictionApi::new(
+                predictions.clone(),
+            )))
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown.clone().cancelled_owned());
-        let http_server = axum::serve(http, http::router(fleet, metrics))
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let http_server = axum::serve(
+            http,
+            http::router(http::AppState {
+                fleet,
+                metrics,
+                predictions,
+            }),
+        )
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
         info!(addr = %grpc_addr, "grpc api listening");
         info!(addr = %http_addr, "http api listening");

@@ -5,5 +5,6 @@ mod grpcurl;
 mod healing;
 mod lifecycle;
 mod measure;
+mod operator;
 mod protocol;
 mod scaling;
