@@ -7,6 +7,8 @@
 //!   binaries' `main`s.
 //! - `backoff` (feature `backoff`): capped, jittered exponential backoff, for agent
 //!   reconnects and webhook retries.
+//! - `telemetry` (feature `process`): logs (text or JSON, stderr and a file) and
+//!   OTLP traces with W3C trace-context propagation.
 //! - `signing` (feature `signing`): Standard Webhooks signing and verification.
 //! - [`wire`]: the conversions between wire types and plain Rust values that every
 //!   edge needs (node ids, timestamps, durations, CPU fractions), with typed errors.
@@ -19,6 +21,8 @@ pub mod backoff;
 pub mod process;
 #[cfg(feature = "signing")]
 pub mod signing;
+#[cfg(feature = "process")]
+pub mod telemetry;
 pub mod wire;
 
 /// Generated `secbeat.v1` messages, enums, clients and servers.

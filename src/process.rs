@@ -24,7 +24,8 @@ pub fn parse_args<T: clap::Parser>() -> Result<T, ExitCode> {
 
 /// Installs the global `tracing` subscriber: stderr, filtered by `RUST_LOG`
 /// (default `info`), colours only on a terminal so log files and harnesses read
-/// plain text.
+/// plain text. (The binaries use [`crate::telemetry::init`], which adds JSON, a
+/// log file and traces.)
 pub fn init_logging() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -32,6 +33,15 @@ pub fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+}
+
+/// A runtime for a binary: multi-threaded with `workers` threads. Trace export
+/// needs a multi-threaded runtime, so even a small agent gets one.
+pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.max(1))
+        .enable_all()
+        .build()
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT (run it as a task).

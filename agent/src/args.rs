@@ -16,6 +16,9 @@ use std::path::PathBuf;
 /// Exit codes: 0 terminated or shut down; 1 refused by the orchestrator (bad hello,
 /// another agent owns this node id, credentials); 64 bad flags or state.
 pub struct AgentArgs {
+    /// Logging: --log-format, --log-file
+    #[command(flatten)]
+    pub logs: secbeat::telemetry::LogArgs,
     /// Orchestrator gRPC URL
     #[arg(
         long,

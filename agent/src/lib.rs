@@ -19,7 +19,7 @@ use std::time::Duration;
 use rand::SeedableRng;
 use secbeat::backoff::Backoff;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 
 pub use crate::args::AgentArgs;
 use crate::{
@@ -126,7 +126,11 @@ impl Agent {
         let orchestrator = self.settings.endpoint.uri().to_string();
         info!(node.id = %self.settings.node_id, %orchestrator, "agent starting");
         loop {
-            match session::run(&self.settings, &mut self.cpu, &shutdown).await {
+            let span = tracing::info_span!("agent_session", node.id = %self.settings.node_id);
+            let ended = session::run(&self.settings, &mut self.cpu, &shutdown)
+                .instrument(span)
+                .await;
+            match ended {
                 SessionEnd::Terminated => return Exit::Clean,
                 SessionEnd::ShutDown => return Exit::Clean,
                 SessionEnd::Fatal(status) => {

@@ -10,28 +10,36 @@ fn main() -> ExitCode {
         Ok(parsed) => parsed,
         Err(exit) => return exit,
     };
-    secbeat::process::init_logging();
-    let agent = match Agent::prepare(args) {
-        Ok(agent) => agent,
-        Err(error) => {
-            eprintln!("secbeat-agent: {error}");
-            return ExitCode::from(secbeat::process::EXIT_USAGE);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    // One worker: the agent is small. (Trace export needs a multi-threaded runtime.)
+    let runtime = match secbeat::process::runtime(1) {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("secbeat-agent: cannot start the runtime: {error}");
             return ExitCode::FAILURE;
         }
     };
-    let exit = runtime.block_on(async {
+    runtime.block_on(async {
+        let telemetry = match secbeat::telemetry::init("secbeat-agent", &args.logs) {
+            Ok(telemetry) => telemetry,
+            Err(message) => {
+                eprintln!("secbeat-agent: {message}");
+                return ExitCode::from(secbeat::process::EXIT_USAGE);
+            }
+        };
+        let agent = match Agent::prepare(args) {
+            Ok(agent) => agent,
+            Err(error) => {
+                eprintln!("secbeat-agent: {error}");
+                return ExitCode::from(secbeat::process::EXIT_USAGE);
+            }
+        };
         let shutdown = CancellationToken::new();
         tokio::spawn(secbeat::process::cancel_on_signal(shutdown.clone()));
-        agent.run(shutdown).await
-    });
-    match exit {
-        Exit::Clean => ExitCode::SUCCESS,
-        Exit::Refused => ExitCode::FAILURE,
-    }
+        let exit = agent.run(shutdown).await;
+        telemetry.shutdown();
+        match exit {
+            Exit::Clean => ExitCode::SUCCESS,
+            Exit::Refused => ExitCode::FAILURE,
+        }
+    })
 }

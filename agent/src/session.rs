@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming, transport::Endpoint};
+use tracing::Instrument;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
@@ -104,11 +105,14 @@ pub async fn run(
     };
     let _ = outbound.send(message(Kind::Hello(hello))).await;
     let mut client = AgentServiceClient::new(channel);
-    let opened = tokio::time::timeout(
-        settings.connect_timeout,
-        client.connect(ReceiverStream::new(requests)),
-    )
-    .await;
+    let mut request = tonic::Request::new(ReceiverStream::new(requests));
+    // The orchestrator's side of this session joins this agent's trace.
+    if let Some(traceparent) = secbeat::telemetry::current_traceparent()
+        && let Ok(value) = traceparent.parse()
+    {
+        request.metadata_mut().insert("traceparent", value);
+    }
+    let opened = tokio::time::timeout(settings.connect_timeout, client.connect(request)).await;
     let mut inbound = match opened {
         Err(_) => return lost("no answer to hello in time".to_owned()),
         Ok(Err(status)) => return ended_by(status, false),
@@ -200,13 +204,18 @@ impl Established {
                         }
                         let grace = wire::duration_from_proto("terminate.grace_period", terminate.grace_period)
                             .unwrap_or(Duration::ZERO);
-                        info!(reason = %terminate.reason, grace_s = grace.as_secs_f64(), "terminate received: shutting down gracefully");
+                        // The shutdown is part of the trace of whoever asked for it.
+                        let span = tracing::info_span!("agent_terminate", node.id = %settings.node_id, reason = %terminate.reason);
+                        if !terminate.traceparent.is_empty() {
+                            secbeat::telemetry::set_parent(&span, &terminate.traceparent);
+                        }
+                        span.in_scope(|| info!(reason = %terminate.reason, grace_s = grace.as_secs_f64(), "terminate received: shutting down gracefully"));
                         let ack = pb::TerminateAck { reason: terminate.reason.clone() };
                         let _ = self.outbound.send(message(Kind::TerminateAck(ack))).await;
                         let command = settings.on_terminate.clone();
                         hook = Some(Box::pin(async move {
                             crate::hook::run(command.as_deref(), &terminate.reason, grace).await;
-                        }));
+                        }.instrument(span)));
                     }
                     Ok(Some(pb::ControlMessage { kind: Some(control_message::Kind::Welcome(_)) })) => {
                         warn!("unexpected second welcome ignored");

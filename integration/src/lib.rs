@@ -8,6 +8,9 @@
 
 #![warn(missing_docs)]
 
+mod collector;
+pub use collector::{CollectedSpan, Collector};
+
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -232,18 +235,28 @@ pub struct Orchestrator {
 impl Orchestrator {
     /// Starts an orchestrator with `config` (TOML) on free loopback ports.
     pub async fn start(config: &str) -> anyhow::Result<Self> {
+        Self::start_with_env(config, &[]).await
+    }
+
+    /// Like [`Orchestrator::start`], with extra environment variables.
+    pub async fn start_with_env(config: &str, env: &[(String, String)]) -> anyhow::Result<Self> {
         let dir = Arc::new(tempfile::tempdir()?);
-        Self::start_in(dir, config, "127.0.0.1:0".parse()?).await
+        Self::start_in(dir, config, "127.0.0.1:0".parse()?, env).await
     }
 
     /// Starts another orchestrator with the same state dir, config and gRPC
     /// address as this (stopped) one: a restart.
     pub async fn restart(&self) -> anyhow::Result<Self> {
         let config = std::fs::read_to_string(self.dir.path().join("orchestrator.toml"))?;
-        Self::start_in(Arc::clone(&self.dir), &config, self.grpc_addr).await
+        Self::start_in(Arc::clone(&self.dir), &config, self.grpc_addr, &[]).await
     }
 
-    async fn start_in(dir: Arc<tempfile::TempDir>, config: &str, grpc: SocketAddr) -> anyhow::Result<Self> {
+    async fn start_in(
+        dir: Arc<tempfile::TempDir>,
+        config: &str,
+        grpc: SocketAddr,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         let config_path = dir.path().join("orchestrator.toml");
         std::fs::write(&config_path, config)?;
         let mut command = Command::new(binary("secbeat-orchestrator"));
@@ -253,7 +266,8 @@ impl Orchestrator {
             .arg("--grpc-listen")
             .arg(grpc.to_string())
             .args(["--http-listen", "127.0.0.1:0", "--state-dir"])
-            .arg(dir.path().join("state"));
+            .arg(dir.path().join("state"))
+            .envs(env.iter().map(|(k, v)| (k, v)));
         let process = Process::spawn("orchestrator", &mut command)?;
         let startup = Duration::from_secs(10);
         let grpc_addr = listening_addr(&process.logs.wait_for("grpc api listening", startup).await?)?;
@@ -539,6 +553,16 @@ pub struct Agent {
 impl Agent {
     /// Starts `secbeat-agent --orchestrator url --node-id id` plus `extra` flags.
     pub fn start(url: &str, node_id: Uuid, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_env(url, node_id, extra, &[])
+    }
+
+    /// Like [`Agent::start`], with extra environment variables.
+    pub fn start_with_env(
+        url: &str,
+        node_id: Uuid,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut command = Command::new(binary("secbeat-agent"));
         command
@@ -550,7 +574,8 @@ impl Agent {
                 "--state-dir",
             ])
             .arg(dir.path())
-            .args(extra);
+            .args(extra)
+            .envs(env.iter().map(|(k, v)| (k, v)));
         let name = format!("agent {}", &node_id.to_string()[..8]);
         Ok(Self {
             process: Process::spawn(&name, &mut command)?,

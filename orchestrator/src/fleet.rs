@@ -58,6 +58,8 @@ pub enum SessionSignal {
         reason: String,
         /// Graceful-shutdown budget.
         grace_period: Duration,
+        /// W3C trace context of the request, if tracing is on.
+        traceparent: Option<String>,
     },
     /// End the stream for this reason.
     Close(CloseReason),
@@ -101,6 +103,7 @@ enum Command {
     Terminate {
         node: NodeId,
         reason: String,
+        traceparent: Option<String>,
         reply: oneshot::Sender<Result<TerminateAccepted, TerminateError>>,
     },
     List(oneshot::Sender<Vec<NodeSnapshot>>),
@@ -163,7 +166,15 @@ impl FleetHandle {
         node: NodeId,
         reason: String,
     ) -> Result<Result<TerminateAccepted, TerminateError>, FleetStopped> {
-        self.ask(|reply| Command::Terminate { node, reason, reply }).await
+        // The actor runs on its own task: carry the caller's trace context along.
+        let traceparent = secbeat::telemetry::current_traceparent();
+        self.ask(|reply| Command::Terminate {
+            node,
+            reason,
+            traceparent,
+            reply,
+        })
+        .await
     }
 
     /// Every known node.
@@ -266,6 +277,7 @@ pub fn spawn(
         next_sequence: 1,
         heartbeat_interval: settings.heartbeat_interval,
         outputs,
+        terminate_traces: HashMap::new(),
     };
     let task = tokio::spawn(actor.run(inbox, settings.lifecycle.dead_node_check_interval, shutdown));
     (FleetHandle { commands }, task)
@@ -279,6 +291,8 @@ struct FleetActor {
     next_sequence: u64,
     heartbeat_interval: Duration,
     outputs: Outputs,
+    /// Trace context of pending terminates, so a re-sent one joins the same trace.
+    terminate_traces: HashMap<NodeId, String>,
 }
 
 impl FleetActor {
@@ -339,7 +353,15 @@ impl FleetActor {
                 report,
                 at,
             } => self.handle_report(node, session, report, at),
-            Command::Terminate { node, reason, reply } => {
+            Command::Terminate {
+                node,
+                reason,
+                traceparent,
+                reply,
+            } => {
+                if let Some(traceparent) = traceparent {
+                    self.terminate_traces.insert(node, traceparent);
+                }
                 let outcome = self.registry.request_terminate(node, &reason, clock::now());
                 let _ = reply.send(outcome);
             }
@@ -396,6 +418,9 @@ impl FleetActor {
             match effect {
                 Effect::Publish(event) => {
                     changed.insert(event.node_id);
+                    if event.state.is_final() || event.kind == EventKind::TerminateCancelled {
+                        self.terminate_traces.remove(&event.node_id);
+                    }
                     match event.kind {
                         EventKind::NodeFailed => {
                             self.outputs.metrics.unexpected_node_failures.inc();
@@ -419,7 +444,15 @@ impl FleetActor {
                     grace_period,
                 } => {
                     info!(node.id = %node, session = %session, %reason, grace_s = grace_period.as_secs_f64(), "sending terminate");
-                    self.signal(session, SessionSignal::Terminate { reason, grace_period });
+                    let traceparent = self.terminate_traces.get(&node).cloned();
+                    self.signal(
+                        session,
+                        SessionSignal::Terminate {
+                            reason,
+                            grace_period,
+                            traceparent,
+                        },
+                    );
                 }
                 Effect::DetectorStalled { gap } => warn!(
                     gap_s = gap.as_secs_f64(),
@@ -450,7 +483,11 @@ impl FleetActor {
     }
 
     /// Hands failures declared together to the healer and carries out its decisions.
+    /// Runs in a `failure_detection` span, the root of each self-healing trace.
     fn heal(&mut self, failed: Vec<FailedNode>, writes: &mut Vec<Write>) {
+        let ids: Vec<String> = failed.iter().map(|node| node.id.to_string()).collect();
+        let span = tracing::info_span!("failure_detection", node.id = %ids.join(","), failed = failed.len());
+        let _entered = span.enter();
         let now = SystemTime::now();
         let stats = self.registry.stats();
         let live = stats.active_nodes

@@ -2,6 +2,7 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
+use secbeat::telemetry::{self, LogArgs};
 use secbeat_orchestrator::{
     config::{Config, ConfigOverrides},
     forecast::{Model, backtest},
@@ -31,6 +32,8 @@ struct Cli {
     config: Option<PathBuf>,
     #[command(flatten)]
     overrides: ConfigOverrides,
+    #[command(flatten)]
+    logs: LogArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -81,7 +84,6 @@ fn main() -> ExitCode {
             return ExitCode::from(secbeat::process::EXIT_USAGE);
         }
     };
-    secbeat::process::init_logging();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -89,13 +91,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            error!(%error, "orchestrator failed");
-            ExitCode::FAILURE
-        }
-    }
+    runtime.block_on(async {
+        let telemetry = match telemetry::init("secbeat-orchestrator", &cli.logs) {
+            Ok(telemetry) => telemetry,
+            Err(message) => {
+                eprintln!("secbeat-orchestrator: {message}");
+                return ExitCode::from(secbeat::process::EXIT_USAGE);
+            }
+        };
+        let code = match run(config).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                error!(%error, "orchestrator failed");
+                ExitCode::FAILURE
+            }
+        };
+        telemetry.shutdown();
+        code
+    })
 }
 
 fn load_config(cli: &Cli) -> Result<Config, String> {

@@ -15,7 +15,7 @@ use std::{
 
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::{
     clock,
@@ -154,7 +154,8 @@ impl ScalingLoop {
                 biased;
                 () = shutdown.cancelled() => break,
                 _ = ticks.tick() => {
-                    if self.check().await.is_err() {
+                    let span = tracing::info_span!("scaling_check");
+                    if self.check().instrument(span).await.is_err() {
                         break;
                     }
                 }
@@ -185,7 +186,8 @@ impl ScalingLoop {
                 info!(cpu, active_nodes = stats.active_nodes, "CPU data point recorded");
                 self.forecaster.observe(point);
                 writes.push(Write::PutHistory(point));
-                self.forecaster.predict(t)
+                let span = tracing::info_span!("prediction", model = %self.forecaster.config().model);
+                span.in_scope(|| self.forecaster.predict(t))
             }
             None => {
                 debug!("no live node reported CPU; no data point this check");

@@ -8,3 +8,4 @@ mod measure;
 mod operator;
 mod protocol;
 mod scaling;
+mod traces;

@@ -59,6 +59,12 @@ impl pb::agent_service_server::AgentService for AgentApi {
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let peer = request.remote_addr();
+        // The agent's session span, if it sent one, is this session's parent.
+        let parent = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
         let mut inbound = request.into_inner();
         let first = match tokio::time::timeout(self.hello_timeout, inbound.message()).await {
             Err(_) => {
@@ -81,9 +87,19 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let info = convert::node_info(hello, peer).map_err(status::invalid)?;
         let node = info.id;
         let (signals_tx, signals) = mpsc::unbounded_channel();
-        let session = self.fleet.connect(info, signals_tx, clock::now()).await?;
+        let span =
+            info_span!("agent_session", node.id = %node, session = tracing::field::Empty, peer = ?peer);
+        if let Some(parent) = &parent {
+            secbeat::telemetry::set_parent(&span, parent);
+        }
+        let registration = info_span!(parent: &span, "register_node", node.id = %node);
+        let session = self
+            .fleet
+            .connect(info, signals_tx, clock::now())
+            .instrument(registration)
+            .await?;
+        span.record("session", tracing::field::display(session));
         let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_BUFFER);
-        let span = info_span!("agent_session", node.id = %node, session = %session, peer = ?peer);
         let relay = SessionRelay {
             fleet: self.fleet.clone(),
             node,
@@ -165,12 +181,15 @@ impl SessionRelay {
                 heartbeat_interval: Some(wire::duration_to_proto(heartbeat_interval)),
                 node_id: self.node.to_string(),
             }),
-            SessionSignal::Terminate { reason, grace_period } => {
-                control_message::Kind::Terminate(pb::Terminate {
-                    reason,
-                    grace_period: Some(wire::duration_to_proto(grace_period)),
-                })
-            }
+            SessionSignal::Terminate {
+                reason,
+                grace_period,
+                traceparent,
+            } => control_message::Kind::Terminate(pb::Terminate {
+                traceparent: traceparent.unwrap_or_default(),
+                reason,
+                grace_period: Some(wire::duration_to_proto(grace_period)),
+            }),
             SessionSignal::Close(reason) => {
                 let status = status::closed(&reason);
                 let end = status.message().to_owned();

@@ -3,7 +3,7 @@
 use secbeat::pb;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{Instrument, info, info_span};
 
 use super::{convert, status, watch};
 use crate::fleet::FleetHandle;
@@ -54,6 +54,11 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::TerminateNodeRequest>,
     ) -> Result<Response<pb::TerminateNodeResponse>, Status> {
+        let parent = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
         let request = request.into_inner();
         let id = convert::node_id("node_id", &request.node_id).map_err(status::invalid)?;
         let reason = if request.reason.trim().is_empty() {
@@ -64,8 +69,12 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         if reason.len() > 256 {
             return Err(Status::invalid_argument("reason: longer than 256 bytes"));
         }
-        info!(node.id = %id, %reason, "terminate node requested");
-        let accepted = self.fleet.terminate(id, reason).await??;
+        let span = info_span!("terminate_node", node.id = %id, reason = %reason);
+        if let Some(parent) = &parent {
+            secbeat::telemetry::set_parent(&span, parent);
+        }
+        span.in_scope(|| info!(node.id = %id, %reason, "terminate node requested"));
+        let accepted = self.fleet.terminate(id, reason).instrument(span).await??;
         Ok(Response::new(pb::TerminateNodeResponse {
             node: Some(convert::node(&accepted.node)),
             already_terminating: accepted.already_terminating,

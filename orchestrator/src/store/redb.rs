@@ -208,7 +208,7 @@ mod tests {
             id: id.into(),
             reason: "UNEXPECTED_NODE_FAILURE".into(),
             created_at: SystemTime::UNIX_EPOCH + Duration::from_secs(seconds),
-            trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
             body: br#"{"reason":"UNEXPECTED_NODE_FAILURE"}"#.to_vec(),
         }
     }

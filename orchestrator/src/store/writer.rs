@@ -120,7 +120,7 @@ mod tests {
             id: id.into(),
             reason: "UNEXPECTED_NODE_FAILURE".into(),
             created_at: SystemTime::UNIX_EPOCH,
-            trace_id: String::new(),
+            traceparent: String::new(),
             body: b"{}".to_vec(),
         }
     }

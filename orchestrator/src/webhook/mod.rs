@@ -48,8 +48,11 @@ pub struct OutboxEntry {
     pub reason: String,
     /// When it was decided (for the maximum age and the oldest-pending metric).
     pub created_at: SystemTime,
-    /// W3C trace id (32 hex digits) every attempt's `traceparent` carries.
-    pub trace_id: String,
+    /// W3C `traceparent` of the decision that queued it (the failure detection or
+    /// scaling check span); every delivery attempt is a child span of it. Without
+    /// tracing, a generated one, so the receiver can still tie attempts together.
+    #[serde(default)]
+    pub traceparent: String,
     /// The JSON body.
     pub body: Vec<u8>,
 }
@@ -134,7 +137,19 @@ fn node_json(id: NodeId, ip: IpAddr) -> serde_json::Value {
     json!({ "node_id": id.0, "ip": ip })
 }
 
-/// Builds the outbox entry for `event`, with a fresh id and trace id.
+/// A fresh, sampled W3C `traceparent` (used when tracing is off).
+pub fn generated_traceparent() -> String {
+    let trace = uuid::Uuid::new_v4().simple().to_string();
+    let span = format!("{:016x}", rand::random::<u64>() | 1);
+    format!("00-{trace}-{span}-01")
+}
+
+/// The trace id part of a `traceparent`, if it has one.
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    traceparent.split('-').nth(1).filter(|id| id.len() == 32)
+}
+
+/// Builds the outbox entry for `event`, with a fresh id, in the current trace.
 pub fn outbox_entry(event: &WebhookEvent, stats: &FleetStats, now: SystemTime) -> OutboxEntry {
     let mut body = json!({
         "reason": event.reason(),
@@ -174,7 +189,7 @@ pub fn outbox_entry(event: &WebhookEvent, stats: &FleetStats, now: SystemTime) -
         id: format!("msg_{}", uuid::Uuid::new_v4().simple()),
         reason: event.reason().to_owned(),
         created_at: now,
-        trace_id: uuid::Uuid::new_v4().simple().to_string(),
+        traceparent: secbeat::telemetry::current_traceparent().unwrap_or_else(generated_traceparent),
         body: serde_json::to_vec(&body).expect("a json value serializes"),
     }
 }
@@ -231,7 +246,12 @@ mod tests {
             "{}",
             entry.id
         );
-        assert_eq!(entry.trace_id.len(), 32);
+        assert_eq!(
+            trace_id(&entry.traceparent).map(str::len),
+            Some(32),
+            "{}",
+            entry.traceparent
+        );
     }
 
     #[test]
@@ -291,6 +311,6 @@ mod tests {
         let a = outbox_entry(&event, &stats(), at());
         let b = outbox_entry(&event, &stats(), at());
         assert_ne!(a.id, b.id);
-        assert_ne!(a.trace_id, b.trace_id);
+        assert_ne!(a.traceparent, b.traceparent);
     }
 }

@@ -26,7 +26,7 @@ use tokio::{
     task::JoinSet,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use super::{OutboxEntry, UNEXPECTED_NODE_FAILURE};
 use crate::{
@@ -175,9 +175,17 @@ async fn deliver(delivery: Arc<Delivery>, entry: OutboxEntry) -> String {
     let reason = Metrics::reason(&entry.reason);
     let self_healing = entry.reason == UNEXPECTED_NODE_FAILURE;
     for attempt in 1u32.. {
+        let span =
+            info_span!("webhook_delivery", webhook.id = %entry.id, webhook.reason = %entry.reason, attempt);
+        secbeat::telemetry::set_parent(&span, &entry.traceparent);
         let result = {
             let _permit = delivery.in_flight.acquire().await.expect("never closed");
-            delivery.attempt(&entry).await
+            let traceparent = secbeat::telemetry::traceparent_of(&span).unwrap_or_else(|| {
+                // Tracing is off: same trace id on every attempt, a new span id each.
+                let trace = super::trace_id(&entry.traceparent).unwrap_or("00000000000000000000000000000001");
+                format!("00-{trace}-{:016x}-01", rand::random::<u64>() | 1)
+            });
+            delivery.attempt(&entry, &traceparent).instrument(span).await
         };
         match result {
             Ok(status) => {
@@ -226,19 +234,18 @@ async fn deliver(delivery: Arc<Delivery>, entry: OutboxEntry) -> String {
 
 impl Delivery {
     /// One POST. Ok with the status on a 2xx; the problem in words otherwise.
-    async fn attempt(&self, entry: &OutboxEntry) -> Result<u16, String> {
+    async fn attempt(&self, entry: &OutboxEntry, traceparent: &str) -> Result<u16, String> {
         let timestamp = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs() as i64;
-        let span_id = format!("{:016x}", rand::random::<u64>() | 1);
         let mut request = self
             .client
             .post(&self.settings.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(signing::ID_HEADER, &entry.id)
             .header(signing::TIMESTAMP_HEADER, timestamp.to_string())
-            .header("traceparent", format!("00-{}-{span_id}-01", entry.trace_id))
+            .header("traceparent", traceparent)
             .body(entry.body.clone());
         if let Some(secret) = &self.settings.secret {
             request = request.header(
@@ -349,7 +356,7 @@ mod tests {
             id: "msg_test".into(),
             reason: UNEXPECTED_NODE_FAILURE.into(),
             created_at: SystemTime::now(),
-            trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
             body: br#"{"reason":"UNEXPECTED_NODE_FAILURE"}"#.to_vec(),
         }
     }

@@ -1,0 +1,170 @@
+//! Logs and traces, set up the same way by every SecBeat binary.
+//!
+//! - Logs go to stderr, human-readable by default or one JSON object per line with
+//!   `--log-format json`; `--log-file FILE` also appends them to a file (the seed's
+//!   `tail -f logs/orchestrator.log | grep ...` recipes work on it).
+//! - Traces are exported over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, and are off otherwise or with
+//!   `OTEL_SDK_DISABLED=true` / `OTEL_TRACES_EXPORTER=none`. The standard `OTEL_*`
+//!   variables apply; `OTEL_SERVICE_NAME` defaults to the binary's name.
+//! - Trace context crosses processes as W3C `traceparent` strings:
+//!   [`current_traceparent`] to send one, [`set_parent`] to continue one.
+
+use std::{collections::HashMap, fs::OpenOptions, io::IsTerminal, path::PathBuf, sync::Mutex};
+
+use opentelemetry::{
+    propagation::TextMapPropagator,
+    trace::{TraceContextExt, TracerProvider as _},
+};
+use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The logging flags both binaries take.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log format: text (human-readable) or json (one object per line, for shipping)
+    #[arg(long, env = "SECBEAT_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Also append logs to this file (its directory is created), e.g. logs/orchestrator.log
+    #[arg(long, env = "SECBEAT_LOG_FILE", value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+}
+
+/// Keeps the trace exporter alive; [`Telemetry::shutdown`] flushes it.
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether traces are being exported.
+    pub fn tracing_enabled(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Exports every finished span, then stops the exporter. Call before exit.
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider
+            && let Err(error) = provider.shutdown()
+        {
+            tracing::warn!(%error, "flushing traces at shutdown failed");
+        }
+    }
+}
+
+/// Whether the standard variables ask for OTLP trace export.
+pub fn tracing_requested() -> bool {
+    let set = |name: &str| std::env::var(name).is_ok_and(|value| !value.trim().is_empty());
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+        || std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.eq_ignore_ascii_case("none"));
+    !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+}
+
+/// Installs logging (and, when requested, trace export) for `service`. Must run
+/// inside a multi-threaded tokio runtime when traces are requested.
+pub fn init(service: &'static str, args: &LogArgs) -> Result<Telemetry, String> {
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = args.log_format == LogFormat::Json;
+    let mut layers: Vec<BoxedLayer> = vec![
+        fmt_layer(json, std::io::stderr().is_terminal(), std::io::stderr)
+            .with_filter(filter())
+            .boxed(),
+    ];
+    if let Some(path) = &args.log_file {
+        {
+            if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| format!("--log-file {}: {e}", dir.display()))?;
+            }
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("--log-file {}: {e}", path.display()))?;
+            layers.push(
+                fmt_layer(json, false, Mutex::new(file))
+                    .with_filter(filter())
+                    .boxed(),
+            );
+        }
+    }
+    let provider = if tracing_requested() {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+            .map_err(|e| format!("OTLP trace exporter: {e}"))?;
+        let mut resource = Resource::builder();
+        if std::env::var("OTEL_SERVICE_NAME").is_err() {
+            resource = resource.with_service_name(service);
+        }
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource.build())
+            .build();
+        layers.push(
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer(service))
+                .with_filter(filter())
+                .boxed(),
+        );
+        Some(provider)
+    } else {
+        None
+    };
+    tracing_subscriber::registry()
+        .with(layers)
+        .try_init()
+        .map_err(|e| format!("logging: {e}"))?;
+    Ok(Telemetry { provider })
+}
+
+type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
+
+fn fmt_layer<W>(json: bool, ansi: bool, writer: W) -> BoxedLayer
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(ansi);
+    if json {
+        layer.json().flatten_event(true).with_current_span(true).boxed()
+    } else {
+        layer.boxed()
+    }
+}
+
+/// The W3C `traceparent` of the current span, if traces are on and it has one.
+pub fn current_traceparent() -> Option<String> {
+    traceparent_of(&tracing::Span::current())
+}
+
+/// The W3C `traceparent` of `span`.
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    let context = span.context();
+    if !context.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(&context, &mut carrier);
+    carrier.remove("traceparent")
+}
+
+/// Makes `span` continue the trace of a received `traceparent` (ignored if it
+/// does not parse).
+pub fn set_parent(span: &tracing::Span, traceparent: &str) {
+    let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let context = TraceContextPropagator::new().extract(&carrier);
+    if context.span().span_context().is_valid() {
+        let _ = span.set_parent(context);
+    }
+}
