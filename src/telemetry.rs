@@ -168,3 +168,67 @@ pub fn set_parent(span: &tracing::Span, traceparent: &str) {
         let _ = span.set_parent(context);
     }
 }
+
+/// Content type of the classic Prometheus text format.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// Content type of OpenMetrics text.
+pub const OPENMETRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Picks the metrics format for a scrape: OpenMetrics when the `Accept` header asks
+/// for it (Prometheus does), the classic text format otherwise (promtool, curl).
+/// Returns the content type and the body.
+pub fn negotiate_metrics(accept: Option<&str>, openmetrics: String) -> (&'static str, String) {
+    if accept.is_some_and(|accept| accept.contains("application/openmetrics-text")) {
+        (OPENMETRICS_TEXT, openmetrics)
+    } else {
+        (PROMETHEUS_TEXT, openmetrics_to_text(&openmetrics))
+    }
+}
+
+/// Rewrites OpenMetrics text as Prometheus text 0.0.4: a counter family `x` is
+/// named `x_total` in its HELP and TYPE lines (as its samples already are), and the
+/// OpenMetrics-only `# EOF` and `# UNIT` lines go.
+pub fn openmetrics_to_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut text = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let rewritten = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        text.push_str(rewritten.as_deref().unwrap_or(line));
+        text.push('\n');
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_get_their_total_in_the_classic_format() {
+        let openmetrics = "# HELP x_sent Things sent.\n# TYPE x_sent counter\nx_sent_total 3\n# HELP y A gauge.\n# TYPE y gauge\ny 1\n# EOF\n";
+        let (content_type, text) = negotiate_metrics(None, openmetrics.to_owned());
+        assert_eq!(content_type, PROMETHEUS_TEXT);
+        assert_eq!(
+            text,
+            "# HELP x_sent_total Things sent.\n# TYPE x_sent_total counter\nx_sent_total 3\n# HELP y A gauge.\n# TYPE y gauge\ny 1\n"
+        );
+        let (content_type, body) = negotiate_metrics(
+            Some("application/openmetrics-text; version=1.0.0"),
+            openmetrics.to_owned(),
+        );
+        assert_eq!((content_type, body.as_str()), (OPENMETRICS_TEXT, openmetrics));
+    }
+}

@@ -94,6 +94,9 @@ pub struct AgentArgs {
         default_value_t = 5.0
     )]
     pub connect_timeout: f64,
+    /// Serve this agent's Prometheus metrics at http://ADDR/metrics (off by default)
+    #[arg(long, env = "SECBEAT_AGENT_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {

@@ -11,6 +11,7 @@ pub mod args;
 pub mod cpu;
 pub mod hook;
 pub mod identity;
+pub mod metrics;
 pub mod recover;
 pub mod session;
 
@@ -24,6 +25,7 @@ use tracing::{Instrument, error, info, warn};
 pub use crate::args::AgentArgs;
 use crate::{
     cpu::CpuSource,
+    metrics::AgentMetrics,
     session::{SessionEnd, SessionSettings},
 };
 
@@ -52,6 +54,8 @@ pub struct Agent {
     settings: SessionSettings,
     cpu: CpuSource,
     backoff: Backoff,
+    metrics: AgentMetrics,
+    metrics_listener: Option<std::net::TcpListener>,
 }
 
 impl Agent {
@@ -108,10 +112,24 @@ impl Agent {
             on_terminate: args.on_terminate,
             connect_timeout,
         };
+        // Bound now, so an address in use is a start-up error, not a silent gap.
+        let metrics_listener = args
+            .metrics_listen
+            .map(|addr| {
+                let listener = std::net::TcpListener::bind(addr)
+                    .map_err(|e| usage("--metrics-listen", format!("cannot listen on {addr}: {e}")))?;
+                listener
+                    .set_nonblocking(true)
+                    .map_err(|e| usage("--metrics-listen", e.to_string()))?;
+                Ok(listener)
+            })
+            .transpose()?;
         Ok(Self {
             settings,
             cpu,
             backoff,
+            metrics: AgentMetrics::new(),
+            metrics_listener,
         })
     }
 
@@ -125,9 +143,12 @@ impl Agent {
         let mut rng = rand::rngs::StdRng::from_os_rng();
         let orchestrator = self.settings.endpoint.uri().to_string();
         info!(node.id = %self.settings.node_id, %orchestrator, "agent starting");
+        if let Some(listener) = self.metrics_listener.take() {
+            tokio::spawn(metrics::serve(listener, self.metrics.clone(), shutdown.clone()));
+        }
         loop {
             let span = tracing::info_span!("agent_session", node.id = %self.settings.node_id);
-            let ended = session::run(&self.settings, &mut self.cpu, &shutdown)
+            let ended = session::run(&self.settings, &mut self.cpu, &self.metrics, &shutdown)
                 .instrument(span)
                 .await;
             match ended {
@@ -138,6 +159,7 @@ impl Agent {
                     return Exit::Refused;
                 }
                 SessionEnd::Lost { established, cause } => {
+                    self.metrics.sessions_lost.inc();
                     if established {
                         self.backoff.reset();
                     }

@@ -20,6 +20,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming, transport::Endpoint};
 use tracing::Instrument;
+
+use crate::metrics::AgentMetrics;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
@@ -75,6 +77,7 @@ type Hook = Pin<Box<dyn Future<Output = ()> + Send>>;
 pub async fn run(
     settings: &SessionSettings,
     cpu: &mut CpuSource,
+    metrics: &AgentMetrics,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
     let lost = |cause: String| SessionEnd::Lost {
@@ -138,14 +141,18 @@ pub async fn run(
         heartbeat_interval_s = interval.as_secs_f64(),
         "connected"
     );
-    Established {
+    metrics.sessions_established.inc();
+    metrics.connected.set(1);
+    let end = Established {
         outbound,
         inbound,
         interval,
         session: welcome.session_id,
     }
-    .run(settings, cpu, shutdown)
-    .await
+    .run(settings, cpu, metrics, shutdown)
+    .await;
+    metrics.connected.set(0);
+    end
 }
 
 struct Established {
@@ -160,6 +167,7 @@ impl Established {
         mut self,
         settings: &SessionSettings,
         cpu: &mut CpuSource,
+        metrics: &AgentMetrics,
         shutdown: &CancellationToken,
     ) -> SessionEnd {
         let lost = |cause: String| SessionEnd::Lost {
@@ -191,10 +199,13 @@ impl Established {
                         if self.outbound.send(message(Kind::CpuSamples(batch))).await.is_err() {
                             return lost("stream closed".to_owned());
                         }
+                        metrics.cpu_samples_sent.inc();
+                        metrics.cpu_usage.set(usage);
                     }
                     if self.outbound.send(message(Kind::Heartbeat(pb::Heartbeat { sequence }))).await.is_err() {
                         return lost("stream closed".to_owned());
                     }
+                    metrics.heartbeats_sent.inc();
                 }
                 command = self.inbound.message() => match command {
                     Ok(Some(pb::ControlMessage { kind: Some(control_message::Kind::Terminate(terminate)) })) => {
@@ -202,6 +213,7 @@ impl Established {
                             debug!("terminate repeated; already shutting down");
                             continue;
                         }
+                        metrics.terminates_received.inc();
                         let grace = wire::duration_from_proto("terminate.grace_period", terminate.grace_period)
                             .unwrap_or(Duration::ZERO);
                         // The shutdown is part of the trace of whoever asked for it.

@@ -337,6 +337,14 @@ impl Orchestrator {
 }
 
 fn listening_addr(line: &str) -> anyhow::Result<SocketAddr> {
+    // `--log-format json` lines carry the field as JSON.
+    if line.starts_with('{') {
+        let value: serde_json::Value = serde_json::from_str(line)?;
+        let addr = value["addr"]
+            .as_str()
+            .with_context(|| format!("no addr in {line:?}"))?;
+        return Ok(addr.parse()?);
+    }
     let addr = line
         .split_whitespace()
         .find_map(|field| field.strip_prefix("addr="))

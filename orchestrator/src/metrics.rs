@@ -291,7 +291,7 @@ impl Metrics {
     /// The classic Prometheus text format (0.0.4), for scrapers and tools that do
     /// not ask for OpenMetrics (`promtool check metrics`, older Prometheus).
     pub fn encode_text(&self) -> String {
-        openmetrics_to_text(&self.encode())
+        secbeat::telemetry::openmetrics_to_text(&self.encode())
     }
 
     /// A reason label.
@@ -300,33 +300,6 @@ impl Metrics {
             reason: reason.to_owned(),
         }
     }
-}
-
-/// Rewrites OpenMetrics text as Prometheus text 0.0.4: a counter family `x` is
-/// named `x_total` in its HELP and TYPE lines (as its samples already are), and the
-/// OpenMetrics-only `# EOF` and `# UNIT` lines go.
-pub fn openmetrics_to_text(openmetrics: &str) -> String {
-    let counters: std::collections::HashSet<&str> = openmetrics
-        .lines()
-        .filter_map(|line| line.strip_prefix("# TYPE "))
-        .filter_map(|rest| rest.strip_suffix(" counter"))
-        .collect();
-    let mut text = String::with_capacity(openmetrics.len());
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let rewritten = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
-            let rest = line.strip_prefix(prefix)?;
-            let (name, tail) = rest.split_once(' ')?;
-            counters
-                .contains(name)
-                .then(|| format!("{prefix}{name}_total {tail}"))
-        });
-        text.push_str(rewritten.as_deref().unwrap_or(line));
-        text.push('\n');
-    }
-    text
 }
 
 #[cfg(test)]

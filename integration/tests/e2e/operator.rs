@@ -3,8 +3,35 @@
 
 use std::process::Stdio;
 
-use secbeat_integration::{FAST_CONFIG, Orchestrator, STARTUP, eventually, http_request, promtool};
+use secbeat_integration::{
+    FAST_CONFIG, Orchestrator, STARTUP, Sig, eventually, free_addr, http_request, metric_value, promtool,
+};
 use tokio::io::AsyncWriteExt;
+
+/// `promtool check metrics` on a scrape; fails the test on any complaint.
+async fn promtool_check(scrape: &str) {
+    let mut check = tokio::process::Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .await
+        .unwrap();
+    let output = check.wait_with_output().await.unwrap();
+    assert!(
+        output.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
 
 fn with_fast_scaling() -> String {
     format!("{FAST_CONFIG}scaling_check_interval_seconds = 0.1\nscaling_mode = \"forecast_only\"\n")
@@ -157,4 +184,64 @@ async fn the_metrics_scrape_passes_promtool_and_speaks_openmetrics_on_request() 
             .starts_with("application/openmetrics-text")
     );
     assert!(openmetrics.body.ends_with("# EOF\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_go_to_stderr_and_the_log_file_for_the_seeds_grep_recipes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_file = dir.path().join("logs/orchestrator.log");
+    let env = vec![
+        ("SECBEAT_LOG_FORMAT".to_owned(), "json".to_owned()),
+        ("SECBEAT_LOG_FILE".to_owned(), log_file.display().to_string()),
+    ];
+    let orchestrator = Orchestrator::start_with_env(FAST_CONFIG, &env).await.unwrap();
+    let (victim, _) = orchestrator.connected_agent(&[]).await.unwrap();
+    victim.process.signal(Sig::SIGKILL);
+
+    // tail -f logs/orchestrator.log | grep -E "(UNEXPECTED|self-healing|CRITICAL)"
+    let line = eventually(STARTUP, "the CRITICAL line in the log file", || async {
+        let text = std::fs::read_to_string(&log_file).ok()?;
+        text.lines()
+            .find(|line| line.contains("CRITICAL UNEXPECTED NODE FAILURE"))
+            .map(str::to_owned)
+    })
+    .await;
+    let event: serde_json::Value = serde_json::from_str(&line).expect("one JSON object per line");
+    assert_eq!(event["level"], "ERROR");
+    assert_eq!(event["node.id"], victim.id());
+    assert!(event["timestamp"].is_string());
+    let stderr = orchestrator
+        .process
+        .logs
+        .wait_for("CRITICAL UNEXPECTED", STARTUP)
+        .await
+        .unwrap();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&stderr).is_ok(),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_serves_its_own_metrics_when_asked() {
+    let orchestrator = Orchestrator::start(FAST_CONFIG).await.unwrap();
+    let addr = free_addr();
+    let listen = addr.to_string();
+    let (_agent, _) = orchestrator
+        .connected_agent(&["--cpu-source", "const:0.25", "--metrics-listen", &listen])
+        .await
+        .unwrap();
+    let scrape = eventually(STARTUP, "agent metrics with a few heartbeats", || async {
+        let response = http_request(addr, "/metrics", &[]).await.ok()?;
+        let sent = metric_value(&response.body, "secbeat_agent_heartbeats_sent_total")?;
+        (sent >= 3.0).then_some(response.body)
+    })
+    .await;
+    assert_eq!(metric_value(&scrape, "secbeat_agent_connected"), Some(1.0));
+    assert_eq!(
+        metric_value(&scrape, "secbeat_agent_sessions_established_total"),
+        Some(1.0)
+    );
+    assert_eq!(metric_value(&scrape, "secbeat_agent_cpu_usage"), Some(0.25));
+    promtool_check(&scrape).await;
 }
