@@ -7,5 +7,6 @@ mod lifecycle;
 mod measure;
 mod operator;
 mod protocol;
+mod readme;
 mod scaling;
 mod traces;
