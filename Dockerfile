@@ -9,7 +9,8 @@ RUN cargo build --release --locked -p secbeat-orchestrator -p secbeat-agent \
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/*
-RUN useradd --system --home /var/lib/secbeat --create-home secbeat
+RUN useradd --system --home /var/lib/secbeat --create-home secbeat \
+    && install -d -o secbeat -g secbeat /var/lib/secbeat/agent /var/lib/secbeat/orchestrator
 COPY --from=build /src/target/release/secbeat-orchestrator /src/target/release/secbeat-agent \
     /src/target/release/secbeat-webhook-receiver /usr/local/bin/
 USER secbeat

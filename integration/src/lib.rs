@@ -457,6 +457,19 @@ pub fn promtool() -> PathBuf {
         .expect("promtool not found: apt-get install prometheus (scripts/test does, as root) or set PROMTOOL")
 }
 
+/// The real `docker-compose` (Debian's, which validates without an engine):
+/// `$DOCKER_COMPOSE`, else `docker-compose` on `PATH`.
+pub fn docker_compose() -> PathBuf {
+    find_tool("DOCKER_COMPOSE", "docker-compose").expect(
+        "docker-compose not found: apt-get install docker-compose (scripts/test does, as root) or set DOCKER_COMPOSE",
+    )
+}
+
+/// The repository root (for files the tests check: README, compose, deploy/).
+pub fn repository_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
 fn find_tool(variable: &str, name: &str) -> Option<PathBuf> {
     if let Some(path) = std::env::var_os(variable) {
         return Some(PathBuf::from(path));

@@ -261,6 +261,28 @@ impl Metrics {
             "Scaling decisions by kind",
             metrics.scaling_decisions.clone(),
         );
+        // Known label values start at zero, so every series exists from the start
+        // (dashboards and alerts see 0, not "no data").
+        for decision in ["hold", "scale_up_predicted", "scale_up_current", "scale_down"] {
+            let _ = metrics.scaling_decisions.get_or_create(&DecisionLabel {
+                decision: decision.to_owned(),
+            });
+        }
+        for cause in ["hourly_budget", "cooldown", "mass_failure"] {
+            let _ = metrics.self_healing_held.get_or_create(&CauseLabel {
+                cause: cause.to_owned(),
+            });
+        }
+        for reason in [
+            "UNEXPECTED_NODE_FAILURE",
+            "MASS_NODE_FAILURE",
+            "PREDICTED_HIGH_FLEET_CPU_LOAD",
+            "HIGH_FLEET_CPU_LOAD",
+            "LOW_FLEET_CPU_LOAD",
+        ] {
+            let _ = metrics.webhooks_sent.get_or_create(&Metrics::reason(reason));
+            let _ = metrics.webhook_errors.get_or_create(&Metrics::reason(reason));
+        }
         Self {
             registry: Arc::new(registry),
             ..metrics

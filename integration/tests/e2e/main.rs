@@ -1,6 +1,7 @@
 //! End-to-end tests: the real orchestrator and agent binaries, real gRPC over
 //! loopback sockets, real signals, and the real grpcurl.
 
+mod deploy;
 mod grpcurl;
 mod healing;
 mod lifecycle;
