@@ -9,7 +9,7 @@ use std::sync::{Arc, atomic::AtomicU64};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -88,7 +88,27 @@ pub struct Metrics {
     pub predictive_scale_ups: Counter,
     /// Scaling decisions by kind (hold, scale_up_predicted, scale_up_current, scale_down).
     pub scaling_decisions: Family<DecisionLabel, Counter>,
+    /// How much later than the heartbeat interval heartbeats arrive, seconds.
+    pub heartbeat_lateness_seconds: Histogram,
+    /// Agent streams open now.
+    pub agent_streams: Gauge,
+    /// Agent sessions accepted.
+    pub agent_sessions: Counter,
+    /// Always 1, labelled with the version.
+    pub build_info: Family<VersionLabel, Gauge>,
 }
+
+/// A `version` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabel {
+    /// The orchestrator's version.
+    pub version: String,
+}
+
+/// Buckets of the heartbeat lateness histogram, seconds.
+const LATENESS_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 /// A `decision` label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -133,6 +153,10 @@ impl Metrics {
             fleet_cpu_usage: Gauge::default(),
             predictive_scale_ups: Counter::default(),
             scaling_decisions: Family::default(),
+            heartbeat_lateness_seconds: Histogram::new(LATENESS_BUCKETS),
+            agent_streams: Gauge::default(),
+            agent_sessions: Counter::default(),
+            build_info: Family::default(),
         };
         // Counter names get `_total` appended on export.
         let r = &mut registry;
@@ -261,6 +285,32 @@ impl Metrics {
             "Scaling decisions by kind",
             metrics.scaling_decisions.clone(),
         );
+        registry.register(
+            "orchestrator_heartbeat_lateness_seconds",
+            "How much later than the heartbeat interval each heartbeat arrived",
+            metrics.heartbeat_lateness_seconds.clone(),
+        );
+        registry.register(
+            "orchestrator_agent_streams",
+            "Agent streams open now",
+            metrics.agent_streams.clone(),
+        );
+        registry.register(
+            "orchestrator_agent_sessions",
+            "Agent sessions accepted",
+            metrics.agent_sessions.clone(),
+        );
+        registry.register(
+            "orchestrator_build_info",
+            "Always 1; the version is in the label",
+            metrics.build_info.clone(),
+        );
+        metrics
+            .build_info
+            .get_or_create(&VersionLabel {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            })
+            .set(1);
         // Known label values start at zero, so every series exists from the start
         // (dashboards and alerts see 0, not "no data").
         for decision in ["hold", "scale_up_predicted", "scale_up_current", "scale_down"] {

@@ -210,6 +210,8 @@ impl Orchestrator {
             .add_service(AgentServiceServer::new(AgentApi::new(
                 fleet.clone(),
                 config.hello_timeout.0,
+                config.heartbeat_interval.0,
+                metrics.clone(),
             )))
             .add_service(FleetServiceServer::new(FleetApi::new(fleet.clone())))
             .add_service(PredictionServiceServer::new(PredictionApi::new(

@@ -22,6 +22,7 @@ use super::{convert, status};
 use crate::{
     clock,
     fleet::{FleetHandle, SessionReport, SessionSignal},
+    metrics::Metrics,
     node::{NodeId, SessionId},
 };
 
@@ -38,13 +39,43 @@ const MAX_REASON: usize = 256;
 pub struct AgentApi {
     fleet: FleetHandle,
     hello_timeout: Duration,
+    heartbeat_interval: Duration,
+    metrics: Metrics,
 }
 
 impl AgentApi {
     /// A service that registers sessions with `fleet` and waits `hello_timeout`
-    /// for each stream's Hello.
-    pub fn new(fleet: FleetHandle, hello_timeout: Duration) -> Self {
-        Self { fleet, hello_timeout }
+    /// for each stream's Hello; heartbeats later than `heartbeat_interval` count
+    /// as late in `metrics`.
+    pub fn new(
+        fleet: FleetHandle,
+        hello_timeout: Duration,
+        heartbeat_interval: Duration,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            fleet,
+            hello_timeout,
+            heartbeat_interval,
+            metrics,
+        }
+    }
+}
+
+/// Counts an open stream for as long as it lives.
+struct OpenStream(Metrics);
+
+impl OpenStream {
+    fn new(metrics: &Metrics) -> Self {
+        metrics.agent_sessions.inc();
+        metrics.agent_streams.inc();
+        Self(metrics.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.agent_streams.dec();
     }
 }
 
@@ -105,6 +136,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
             node,
             session,
             outbound,
+            heartbeat_interval: self.heartbeat_interval,
+            open: OpenStream::new(&self.metrics),
         };
         tokio::spawn(relay.run(inbound, signals).instrument(span));
         Ok(Response::new(ReceiverStream::new(outbound_rx)))
@@ -116,6 +149,8 @@ struct SessionRelay {
     node: NodeId,
     session: SessionId,
     outbound: Outbound,
+    heartbeat_interval: Duration,
+    open: OpenStream,
 }
 
 impl SessionRelay {
@@ -125,6 +160,7 @@ impl SessionRelay {
         mut signals: mpsc::UnboundedReceiver<SessionSignal>,
     ) {
         debug!("session started");
+        let mut last_heartbeat = clock::now();
         let cause = loop {
             tokio::select! {
                 signal = signals.recv() => {
@@ -140,6 +176,12 @@ impl SessionRelay {
                         let at = clock::now();
                         match validate(message) {
                             Ok(report) => {
+                                if report == SessionReport::Heartbeat {
+                                    let gap = at.saturating_duration_since(last_heartbeat);
+                                    let late = gap.saturating_sub(self.heartbeat_interval);
+                                    self.open.0.heartbeat_lateness_seconds.observe(late.as_secs_f64());
+                                    last_heartbeat = at;
+                                }
                                 if self.fleet.report(self.node, self.session, report, at).await.is_err() {
                                     let _ = self.outbound.try_send(Err(status::shutting_down()));
                                     return;
