@@ -11,6 +11,8 @@
 
 #![warn(missing_docs)]
 
+pub mod auth;
+pub mod certs;
 pub mod clock;
 pub mod config;
 pub mod detector;
