@@ -69,6 +69,16 @@ pub fn duration_from_proto(
     Duration::try_from(duration).map_err(|error| WireError::new(field, format!("invalid duration ({error})")))
 }
 
+/// Converts a protobuf timestamp to wall-clock time; malformed ones fail.
+pub fn timestamp_from_proto(
+    field: &'static str,
+    timestamp: Option<prost_types::Timestamp>,
+) -> Result<SystemTime, WireError> {
+    let timestamp = timestamp.ok_or_else(|| WireError::new(field, "missing"))?;
+    SystemTime::try_from(timestamp)
+        .map_err(|error| WireError::new(field, format!("invalid timestamp ({error})")))
+}
+
 /// Converts a wall-clock time to a protobuf timestamp.
 pub fn timestamp_to_proto(time: SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp::from(time)

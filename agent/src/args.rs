@@ -94,6 +94,15 @@ pub struct AgentArgs {
         default_value_t = 5.0
     )]
     pub connect_timeout: f64,
+    /// CA certificate (PEM) the orchestrator's certificate must chain to; turns TLS on (use an https:// URL)
+    #[arg(long, env = "SECBEAT_AGENT_CA", value_name = "FILE")]
+    pub ca: Option<std::path::PathBuf>,
+    /// This agent's client certificate (PEM), issued for its node id (mTLS)
+    #[arg(long, env = "SECBEAT_AGENT_CERT", value_name = "FILE", requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM)
+    #[arg(long, env = "SECBEAT_AGENT_KEY", value_name = "FILE", requires = "cert")]
+    pub key: Option<std::path::PathBuf>,
     /// Serve this agent's Prometheus metrics at http://ADDR/metrics (off by default)
     #[arg(long, env = "SECBEAT_AGENT_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,

@@ -100,6 +100,34 @@ impl Agent {
             .http2_keep_alive_interval(keepalive)
             .keep_alive_timeout(keepalive)
             .keep_alive_while_idle(true);
+        let endpoint = match &args.ca {
+            Some(ca) => {
+                let read = |flag: &'static str, path: &std::path::Path| {
+                    std::fs::read(path).map_err(|e| usage(flag, format!("{}: {e}", path.display())))
+                };
+                let mut tls = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(read("--ca", ca)?));
+                if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+                    tls = tls.identity(tonic::transport::Identity::from_pem(
+                        read("--cert", cert)?,
+                        read("--key", key)?,
+                    ));
+                }
+                endpoint
+                    .tls_config(tls)
+                    .map_err(|e| usage("--ca", e.to_string()))?
+            }
+            None if args.cert.is_some() => {
+                return Err(usage(
+                    "--cert",
+                    "a client certificate needs TLS: give --ca too".into(),
+                ));
+            }
+            None if args.orchestrator.starts_with("https://") => {
+                return Err(usage("--ca", "an https:// orchestrator needs --ca".into()));
+            }
+            None => endpoint,
+        };
         let cpu = CpuSource::parse(&args.cpu_source, args.trace_speedup, std::time::Instant::now())
             .map_err(|e| usage("--cpu-source", e.to_string()))?;
         let hostname = args.hostname.unwrap_or_else(kernel_hostname);

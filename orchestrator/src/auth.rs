@@ -74,7 +74,10 @@ impl std::fmt::Debug for Authority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Authority")
             .field("client_certs", &self.client_certs)
-            .field("operator_token", &self.operator_token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "operator_token",
+                &self.operator_token.as_ref().map(|_| "<redacted>"),
+            )
             .field("viewer_token", &self.viewer_token.as_ref().map(|_| "<redacted>"))
             .finish()
     }
@@ -89,6 +92,11 @@ impl Authority {
             operator_token: token(operator_token),
             viewer_token: token(viewer_token),
         }
+    }
+
+    /// Whether a bearer token is configured.
+    pub fn tokens_configured(&self) -> bool {
+        self.operator_token.is_some() || self.viewer_token.is_some()
     }
 
     /// Whether anything is enforced.
@@ -113,7 +121,10 @@ impl Authority {
                 return Caller::Viewer(name.to_owned());
             }
         }
-        let Some(token) = authorization.and_then(|value| value.strip_prefix("Bearer ")).map(str::trim) else {
+        let Some(token) = authorization
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(str::trim)
+        else {
             return Caller::Anonymous;
         };
         let matches = |expected: &Option<Arc<[u8]>>| {
@@ -226,7 +237,13 @@ mod tests {
             authority.identify(&[], Some("Bearer view-secret")),
             Caller::Viewer("token".into())
         );
-        for wrong in ["Bearer op-secre", "Bearer op-secret2", "op-secret", "Basic op-secret", ""] {
+        for wrong in [
+            "Bearer op-secre",
+            "Bearer op-secret2",
+            "op-secret",
+            "Basic op-secret",
+            "",
+        ] {
             assert_eq!(authority.identify(&[], Some(wrong)), Caller::Anonymous, "{wrong}");
         }
         assert!(!format!("{authority:?}").contains("secret"));
@@ -240,13 +257,31 @@ mod tests {
         let agent = Caller::Node(node(1));
         assert_eq!(authority.allow(&operator, Need::Operate), Ok(()));
         assert_eq!(authority.allow(&viewer, Need::Read), Ok(()));
-        assert!(matches!(authority.allow(&viewer, Need::Operate), Err(Denied::PermissionDenied(_))));
-        assert!(matches!(authority.allow(&agent, Need::Read), Err(Denied::PermissionDenied(_))));
-        assert!(matches!(authority.allow(&Caller::Anonymous, Need::Read), Err(Denied::Unauthenticated(_))));
+        assert!(matches!(
+            authority.allow(&viewer, Need::Operate),
+            Err(Denied::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            authority.allow(&agent, Need::Read),
+            Err(Denied::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            authority.allow(&Caller::Anonymous, Need::Read),
+            Err(Denied::Unauthenticated(_))
+        ));
         assert_eq!(authority.allow_agent(&agent, node(1)), Ok(()));
-        assert!(matches!(authority.allow_agent(&agent, node(2)), Err(Denied::PermissionDenied(_))));
-        assert!(matches!(authority.allow_agent(&Caller::Anonymous, node(1)), Err(Denied::Unauthenticated(_))));
-        assert!(matches!(authority.allow_agent(&operator, node(1)), Err(Denied::PermissionDenied(_))));
+        assert!(matches!(
+            authority.allow_agent(&agent, node(2)),
+            Err(Denied::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            authority.allow_agent(&Caller::Anonymous, node(1)),
+            Err(Denied::Unauthenticated(_))
+        ));
+        assert!(matches!(
+            authority.allow_agent(&operator, node(1)),
+            Err(Denied::PermissionDenied(_))
+        ));
         // Nothing configured: development mode, everyone is trusted.
         let open = Authority::default();
         assert_eq!(open.allow(&Caller::Anonymous, Need::Operate), Ok(()));

@@ -19,8 +19,8 @@ use std::{
 
 use chrono::Datelike;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 use uuid::Uuid;
 
@@ -58,7 +58,11 @@ fn ca_params() -> Result<CertificateParams, CertError> {
     name.push(DnType::CommonName, "SecBeat development CA");
     params.distinguished_name = name;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     valid_for_a_year(&mut params);
     Ok(params)
 }
@@ -147,7 +151,13 @@ pub fn init(dir: &Path, hosts: &[String]) -> Result<Vec<PathBuf>, CertError> {
             ),
         });
     }
-    written.extend(leaf(dir, "orchestrator", "secbeat-orchestrator", sans, ExtendedKeyUsagePurpose::ServerAuth)?);
+    written.extend(leaf(
+        dir,
+        "orchestrator",
+        "secbeat-orchestrator",
+        sans,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )?);
     Ok(written)
 }
 
@@ -163,12 +173,20 @@ pub fn issue_agent(dir: &Path, node: Uuid) -> Result<Vec<PathBuf>, CertError> {
 
 /// Issues an operator (or, with `viewer`, a read-only viewer) certificate.
 pub fn issue_operator(dir: &Path, name: &str, viewer: bool) -> Result<Vec<PathBuf>, CertError> {
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c)) {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+    {
         return Err(CertError::Invalid(format!(
             "--name {name:?}: use letters, digits and - _ . @"
         )));
     }
-    let (prefix, role) = if viewer { (VIEWER_URI, "viewer") } else { (OPERATOR_URI, "operator") };
+    let (prefix, role) = if viewer {
+        (VIEWER_URI, "viewer")
+    } else {
+        (OPERATOR_URI, "operator")
+    };
     let stem = format!("{role}-{name}");
     let sans = vec![uri(&format!("{prefix}{name}"))?];
     leaf(dir, &stem, &stem, sans, ExtendedKeyUsagePurpose::ClientAuth)
@@ -192,11 +210,20 @@ mod tests {
         assert_eq!(files.len(), 4);
         let node = Uuid::new_v4();
         let agent = issue_agent(dir.path(), node).unwrap();
-        assert_eq!(san_uris(&der(&agent[0])), vec![format!("urn:secbeat:node:{node}")]);
+        assert_eq!(
+            san_uris(&der(&agent[0])),
+            vec![format!("urn:secbeat:node:{node}")]
+        );
         let operator = issue_operator(dir.path(), "alice", false).unwrap();
-        assert_eq!(san_uris(&der(&operator[0])), vec!["urn:secbeat:operator:alice".to_owned()]);
+        assert_eq!(
+            san_uris(&der(&operator[0])),
+            vec!["urn:secbeat:operator:alice".to_owned()]
+        );
         let viewer = issue_operator(dir.path(), "grafana", true).unwrap();
-        assert_eq!(san_uris(&der(&viewer[0])), vec!["urn:secbeat:viewer:grafana".to_owned()]);
+        assert_eq!(
+            san_uris(&der(&viewer[0])),
+            vec!["urn:secbeat:viewer:grafana".to_owned()]
+        );
         let mode = std::fs::metadata(&agent[1]).unwrap().permissions();
         assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
         assert!(issue_operator(dir.path(), "bad name", false).is_err());

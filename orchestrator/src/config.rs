@@ -106,6 +106,31 @@ impl std::fmt::Debug for SecretArg {
     }
 }
 
+fn token<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    let token = String::deserialize(deserializer)?;
+    if token.len() < 16 {
+        return Err(serde::de::Error::custom("must be at least 16 characters"));
+    }
+    Ok(Some(token))
+}
+
+/// The `[tls]` table: server certificate and key (PEM), and the CA that client
+/// certificates must chain to (mTLS).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificate chain (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// CA of client certificates (PEM). Set: agents must present a certificate
+    /// for their node id, and operators may use certificates too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+}
+
 fn webhook_secret<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<WebhookSecret>, D::Error> {
     let text = String::deserialize(deserializer)?;
     WebhookSecret::parse(&text)
@@ -166,10 +191,27 @@ pub struct Config {
     pub scale_down_cooldown: Seconds,
     /// Never scale down below this many nodes.
     pub min_nodes: u32,
-    /// Never scale up beyond this many nodes.
+    /// Never scale up beyond this many nodes, and accept no more known nodes than
+    /// this (a new node beyond it is refused with RESOURCE_EXHAUSTED).
     pub max_nodes: u32,
     /// Predictions less confident than this are not acted on (current CPU is).
     pub min_prediction_confidence: f64,
+
+    /// TLS for the gRPC listener (`[tls]` table: cert, key, client_ca).
+    pub tls: TlsConfig,
+    /// Plain text off loopback: only with this explicit opt-in.
+    pub allow_insecure: bool,
+    /// Bearer token that grants the operator role (read and change the fleet).
+    /// Never logged or serialized.
+    #[serde(skip_serializing, deserialize_with = "token")]
+    pub admin_token: Option<String>,
+    /// Bearer token that grants the viewer role (read and watch only).
+    #[serde(skip_serializing, deserialize_with = "token")]
+    pub viewer_token: Option<String>,
+    /// Maximum agent message size, bytes (larger messages end the stream).
+    pub max_message_bytes: u32,
+    /// Messages per second one agent stream may send on average.
+    pub max_messages_per_second: f64,
 
     /// Standard-Webhooks signing secret (`whsec_<base64>` or raw). Never logged or
     /// serialized; without one, webhooks go unsigned (with a warning at start-up).
@@ -228,6 +270,12 @@ impl Default for Config {
             min_nodes: 1,
             max_nodes: 1000,
             min_prediction_confidence: 0.5,
+            tls: TlsConfig::default(),
+            allow_insecure: false,
+            admin_token: None,
+            viewer_token: None,
+            max_message_bytes: 64 * 1024,
+            max_messages_per_second: 50.0,
             webhook_secret: None,
             webhook_timeout: Seconds::secs(10.0),
             webhook_retry_initial: Seconds::secs(1.0),
@@ -339,7 +387,7 @@ pub struct ConfigOverrides {
     #[arg(long, env = "SECBEAT_MIN_NODES", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_nodes: Option<i64>,
-    /// Never scale up beyond this many nodes [default: 1000]
+    /// Fleet size cap: no scale-up beyond it, and new nodes beyond it are refused [default: 1000]
     #[arg(long, env = "SECBEAT_MAX_NODES", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_nodes: Option<i64>,
@@ -347,6 +395,48 @@ pub struct ConfigOverrides {
     #[arg(long, env = "SECBEAT_MIN_PREDICTION_CONFIDENCE", value_name = "P")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_prediction_confidence: Option<f64>,
+    /// Server certificate (PEM) for TLS on the gRPC listener [default: none: plain text]
+    #[arg(long, env = "SECBEAT_TLS_CERT", value_name = "FILE")]
+    #[serde(skip)]
+    pub tls_cert: Option<String>,
+    /// Server private key (PEM) [default: none]
+    #[arg(long, env = "SECBEAT_TLS_KEY", value_name = "FILE")]
+    #[serde(skip)]
+    pub tls_key: Option<String>,
+    /// CA that agent and operator client certificates must chain to (turns mTLS on) [default: none]
+    #[arg(long, env = "SECBEAT_TLS_CLIENT_CA", value_name = "FILE")]
+    #[serde(skip)]
+    pub tls_client_ca: Option<String>,
+    /// Allow plain text on a non-loopback gRPC address (anyone who reaches it can act as a node) [default: false]
+    #[arg(long, env = "SECBEAT_ALLOW_INSECURE", value_name = "BOOL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_insecure: Option<bool>,
+    /// Bearer token of the operator role; prefer the environment variable [default: none]
+    #[arg(
+        long,
+        env = "SECBEAT_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<SecretArg>,
+    /// Bearer token of the read-only viewer role [default: none]
+    #[arg(
+        long,
+        env = "SECBEAT_VIEWER_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub viewer_token: Option<SecretArg>,
+    /// Largest agent message accepted, bytes [default: 65536]
+    #[arg(long, env = "SECBEAT_MAX_MESSAGE_BYTES", value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_message_bytes: Option<i64>,
+    /// Messages per second one agent stream may send on average (bursts of 4 s allowed) [default: 50]
+    #[arg(long, env = "SECBEAT_MAX_MESSAGES_PER_SECOND", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_messages_per_second: Option<f64>,
     /// Webhook signing secret, `whsec_<base64>` or raw; prefer the environment
     /// variable or the config file, flags show in `ps` [default: none: unsigned]
     #[arg(
@@ -414,9 +504,24 @@ impl Config {
             })?,
             None => toml::Table::new(),
         };
+        let tls_overrides = [
+            ("cert", &overrides.tls_cert),
+            ("key", &overrides.tls_key),
+            ("client_ca", &overrides.tls_client_ca),
+        ];
         let overrides = toml::Table::try_from(overrides)
             .map_err(|error| ConfigError::new("flags", format!("cannot apply overrides: {error}")))?;
         table.extend(overrides);
+        for (key, value) in tls_overrides {
+            if let Some(value) = value {
+                let tls = table
+                    .entry("tls")
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                if let toml::Value::Table(tls) = tls {
+                    tls.insert(key.to_owned(), toml::Value::String(value.clone()));
+                }
+            }
+        }
         let config: Config =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|error| {
                 let key = error.path().to_string();
@@ -518,6 +623,7 @@ impl Config {
                 format!("{} is outside 0..1", self.min_prediction_confidence),
             ));
         }
+        self.validate_security()?;
         let fraction = self.mass_failure_fraction;
         if !(fraction > 0.0 && fraction <= 1.0) {
             return Err(ConfigError::new(
@@ -531,6 +637,48 @@ impl Config {
                 "provisioning_webhook_url",
                 format!("{url:?} is not an http(s) URL"),
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        let tls = &self.tls;
+        match (&tls.cert, &tls.key) {
+            (Some(_), None) => return Err(ConfigError::new("tls.key", "tls.cert is set, tls.key is not")),
+            (None, Some(_)) => return Err(ConfigError::new("tls.cert", "tls.key is set, tls.cert is not")),
+            _ => {}
+        }
+        if tls.client_ca.is_some() && tls.cert.is_none() {
+            return Err(ConfigError::new(
+                "tls.client_ca",
+                "client certificates need TLS: set tls.cert and tls.key",
+            ));
+        }
+        for (key, path) in [
+            ("tls.cert", &tls.cert),
+            ("tls.key", &tls.key),
+            ("tls.client_ca", &tls.client_ca),
+        ] {
+            if let Some(path) = path
+                && let Err(error) = std::fs::metadata(path)
+            {
+                return Err(ConfigError::new(key, format!("{}: {error}", path.display())));
+            }
+        }
+        if tls.cert.is_none() && !self.grpc_listen.ip().is_loopback() && !self.allow_insecure {
+            return Err(ConfigError::new(
+                "allow_insecure",
+                format!(
+                    "grpc_listen {} is not loopback and TLS is off: set [tls] cert and key, or allow_insecure = true to accept plain text (anyone who reaches the port can pose as a node or an operator)",
+                    self.grpc_listen
+                ),
+            ));
+        }
+        if self.max_message_bytes < 1024 {
+            return Err(ConfigError::new("max_message_bytes", "must be at least 1024"));
+        }
+        if !(self.max_messages_per_second.is_finite() && self.max_messages_per_second >= 1.0) {
+            return Err(ConfigError::new("max_messages_per_second", "must be at least 1"));
         }
         Ok(())
     }
@@ -665,6 +813,16 @@ mod tests {
             ("webhook_secret = \"whsec_!!\"", "webhook_secret"),
             ("webhook_secret = \"\"", "webhook_secret"),
             ("scaling_mode = \"yolo\"", "scaling_mode"),
+            ("grpc_listen = \"0.0.0.0:50051\"", "allow_insecure"),
+            ("[tls]\ncert = \"/nonexistent.pem\"", "tls.key"),
+            ("[tls]\nclient_ca = \"/etc/hostname\"", "tls.client_ca"),
+            (
+                "[tls]\ncert = \"/nonexistent.pem\"\nkey = \"/nonexistent.key\"",
+                "tls.cert",
+            ),
+            ("[tls]\nbogus = 1", "tls.bogus"),
+            ("admin_token = \"short\"", "admin_token"),
+            ("max_message_bytes = 10", "max_message_bytes"),
             ("forecast_model = \"arima\"", "forecast_model"),
             ("scale_up_consecutive_checks = 0", "scale_up_consecutive_checks"),
             ("min_nodes = 5\nmax_nodes = 2", "min_nodes"),
@@ -759,7 +917,9 @@ mod example_file {
         use clap::Args;
         let command = ConfigOverrides::augment_args(clap::Command::new("orchestrator"));
         let defaults = toml::Table::try_from(Config::default()).unwrap();
-        for key in defaults.keys() {
+        let mut keys: Vec<String> = defaults.keys().filter(|key| *key != "tls").cloned().collect();
+        keys.extend(["tls_cert", "tls_key", "tls_client_ca"].map(str::to_owned));
+        for key in &keys {
             let arg = command.get_arguments().find(|arg| arg.get_id() == key.as_str());
             let arg = arg.unwrap_or_else(|| panic!("{key} has no flag"));
             assert_eq!(arg.get_long(), Some(key.replace('_', "-").as_str()));
@@ -781,7 +941,7 @@ mod example_file {
                 .nth(1)
                 .and_then(|rest| rest.split(']').next())
                 .unwrap_or_else(|| panic!("--help of {key} states no [default: ...]"));
-            let Some(actual) = defaults.get(key) else {
+            let Some(actual) = defaults.get(key).filter(|_| !key.starts_with("tls_")) else {
                 // Secrets are never serialized; their default is "none".
                 assert!(
                     documented.starts_with("none"),
@@ -793,6 +953,7 @@ mod example_file {
                 toml::Value::Float(value) => documented.parse::<f64>().ok() == Some(*value),
                 toml::Value::Integer(value) => documented.parse::<i64>().ok() == Some(*value),
                 toml::Value::String(value) => documented.trim_start_matches("./") == value,
+                toml::Value::Boolean(value) => documented.parse::<bool>().ok() == Some(*value),
                 _ => false,
             };
             assert!(same, "--help of {key} says {documented}, the default is {actual}");

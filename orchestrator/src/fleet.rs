@@ -82,6 +82,23 @@ pub enum SessionReport {
     Closed(String),
 }
 
+/// Why a new session was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    /// The orchestrator is shutting down.
+    #[error("the fleet actor has stopped")]
+    Stopped,
+    /// A node the orchestrator does not know, with `max_nodes` known already.
+    #[error("the orchestrator is at max_nodes ({0}); not accepting new nodes")]
+    AtCapacity(u32),
+}
+
+impl From<FleetStopped> for ConnectError {
+    fn from(_: FleetStopped) -> Self {
+        ConnectError::Stopped
+    }
+}
+
 /// The actor has stopped (the orchestrator is shutting down).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the fleet actor has stopped")]
@@ -92,7 +109,7 @@ enum Command {
         info: NodeInfo,
         signals: mpsc::UnboundedSender<SessionSignal>,
         at: Instant,
-        reply: oneshot::Sender<SessionId>,
+        reply: oneshot::Sender<Result<SessionId, ConnectError>>,
     },
     Report {
         node: NodeId,
@@ -133,14 +150,14 @@ impl FleetHandle {
         info: NodeInfo,
         signals: mpsc::UnboundedSender<SessionSignal>,
         at: Instant,
-    ) -> Result<SessionId, FleetStopped> {
+    ) -> Result<SessionId, ConnectError> {
         self.ask(|reply| Command::Connect {
             info,
             signals,
             at,
             reply,
         })
-        .await
+        .await?
     }
 
     /// Reports something that happened on a session.
@@ -223,6 +240,8 @@ pub struct FleetSettings {
     pub healing: HealingPolicy,
     /// After a restart, how long restored nodes have to reconnect.
     pub restart_reconnect_grace: Duration,
+    /// Known nodes at most; a new node beyond it is refused.
+    pub max_nodes: u32,
 }
 
 /// What a previous run left in the store.
@@ -278,6 +297,7 @@ pub fn spawn(
         heartbeat_interval: settings.heartbeat_interval,
         outputs,
         terminate_traces: HashMap::new(),
+        max_nodes: settings.max_nodes,
     };
     let task = tokio::spawn(actor.run(inbox, settings.lifecycle.dead_node_check_interval, shutdown));
     (FleetHandle { commands }, task)
@@ -293,6 +313,7 @@ struct FleetActor {
     outputs: Outputs,
     /// Trace context of pending terminates, so a re-sent one joins the same trace.
     terminate_traces: HashMap<NodeId, String>,
+    max_nodes: u32,
 }
 
 impl FleetActor {
@@ -336,6 +357,11 @@ impl FleetActor {
                 at,
                 reply,
             } => {
+                if !self.registry.knows(info.id) && self.registry.node_count() >= self.max_nodes as usize {
+                    warn!(node.id = %info.id, max_nodes = self.max_nodes, "new node refused: the fleet is at max_nodes");
+                    let _ = reply.send(Err(ConnectError::AtCapacity(self.max_nodes)));
+                    return;
+                }
                 let session = self.registry.connect(info, at);
                 // The Welcome goes first, before any effect (a re-sent Terminate) for it.
                 let welcome = SessionSignal::Welcome {
@@ -345,7 +371,7 @@ impl FleetActor {
                 if signals.send(welcome).is_ok() {
                     self.sessions.insert(session, signals);
                 }
-                let _ = reply.send(session);
+                let _ = reply.send(Ok(session));
             }
             Command::Report {
                 node,
@@ -655,6 +681,7 @@ pub(crate) mod tests {
                 mass_failure_min_nodes: 3,
             },
             restart_reconnect_grace: Duration::from_secs(10),
+            max_nodes: 10_000,
         }
     }
 

@@ -51,6 +51,49 @@ enum Command {
     /// trace, naming the line.
     #[command(verbatim_doc_comment)]
     Backtest(BacktestArgs),
+    /// Create a development CA and certificates for TLS and mTLS
+    ///
+    /// `certs init` writes ca.pem/ca.key and orchestrator.pem/.key (SANs localhost,
+    /// 127.0.0.1 and every --host). `certs issue-agent --node-id UUID` writes
+    /// agent-<uuid>.pem/.key (SAN urn:secbeat:node:<uuid>, the only node id that
+    /// certificate may claim). `certs issue-operator --name NAME [--viewer]` writes
+    /// operator-<name>.pem/.key (or a read-only viewer). Keys are mode 0600.
+    #[command(verbatim_doc_comment, subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum CertsCommand {
+    /// Create the CA and the orchestrator's server certificate
+    Init {
+        /// Directory for the files (created if missing)
+        #[arg(long, default_value = "certs", value_name = "DIR")]
+        dir: PathBuf,
+        /// Extra DNS names or IP addresses the orchestrator is reached at (repeatable)
+        #[arg(long = "host", value_name = "NAME")]
+        hosts: Vec<String>,
+    },
+    /// Issue an agent certificate bound to one node id
+    IssueAgent {
+        /// Directory holding ca.pem/ca.key
+        #[arg(long, default_value = "certs", value_name = "DIR")]
+        dir: PathBuf,
+        /// The node id (default: a new random one, printed)
+        #[arg(long, value_name = "UUID")]
+        node_id: Option<uuid::Uuid>,
+    },
+    /// Issue an operator (or viewer) client certificate
+    IssueOperator {
+        /// Directory holding ca.pem/ca.key
+        #[arg(long, default_value = "certs", value_name = "DIR")]
+        dir: PathBuf,
+        /// Who it is for (letters, digits, - _ . @)
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// Read-only: may list and watch, not terminate
+        #[arg(long)]
+        viewer: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -74,8 +117,10 @@ fn main() -> ExitCode {
         Ok(parsed) => parsed,
         Err(exit) => return exit,
     };
-    if let Some(Command::Backtest(args)) = &cli.command {
-        return run_backtest(args);
+    match &cli.command {
+        Some(Command::Backtest(args)) => return run_backtest(args),
+        Some(Command::Certs(command)) => return run_certs(command),
+        None => {}
     }
     let config = match load_config(&cli) {
         Ok(config) => config,
@@ -167,4 +212,29 @@ fn run_backtest(args: &BacktestArgs) -> ExitCode {
         return fail(format!("--output {}: {error}", output.display()), 1);
     }
     ExitCode::SUCCESS
+}
+
+fn run_certs(command: &CertsCommand) -> ExitCode {
+    use secbeat_orchestrator::certs;
+    let result = match command {
+        CertsCommand::Init { dir, hosts } => certs::init(dir, hosts),
+        CertsCommand::IssueAgent { dir, node_id } => {
+            let node = node_id.unwrap_or_else(uuid::Uuid::new_v4);
+            println!("node id: {node}");
+            certs::issue_agent(dir, node)
+        }
+        CertsCommand::IssueOperator { dir, name, viewer } => certs::issue_operator(dir, name, *viewer),
+    };
+    match result {
+        Ok(files) => {
+            for file in files {
+                println!("wrote {}", file.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("secbeat-orchestrator certs: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -221,6 +221,16 @@ impl Registry {
         &self.config
     }
 
+    /// Whether the node is known (in any state).
+    pub fn knows(&self, node: NodeId) -> bool {
+        self.nodes.contains_key(&node)
+    }
+
+    /// Known nodes, in any state.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
     /// Drains the effects queued since the last call, oldest first.
     pub fn take_effects(&mut self) -> Vec<Effect> {
         std::mem::take(&mut self.effects)

@@ -13,9 +13,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
+    auth::Authority,
     config::Config,
     fleet::{self, FleetSettings, Outputs, Restored},
-    grpc::{agent_service::AgentApi, fleet_service::FleetApi, prediction_service::PredictionApi},
+    grpc::{
+        agent_service::{AgentApi, StreamLimits},
+        fleet_service::FleetApi,
+        prediction_service::PredictionApi,
+    },
     http,
     metrics::Metrics,
     scaling::{self, ScalingSettings},
@@ -40,6 +45,16 @@ pub enum ServeError {
     #[error("cannot create state_dir {path}: {source}")]
     StateDir {
         /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A TLS file could not be read.
+    #[error("{key}: cannot read {path}: {source}")]
+    Tls {
+        /// The config key.
+        key: &'static str,
+        /// The file.
         path: PathBuf,
         /// The OS error.
         source: io::Error,
@@ -123,8 +138,8 @@ impl Orchestrator {
             addr: config.http_listen,
             source,
         })?;
-        if !grpc_addr.ip().is_loopback() {
-            warn!(addr = %grpc_addr, "grpc api listening beyond loopback WITHOUT TLS: anyone who reaches this port can act as a node or an operator");
+        if !grpc_addr.ip().is_loopback() && config.tls.cert.is_none() {
+            warn!(addr = %grpc_addr, "INSECURE: grpc api listening beyond loopback WITHOUT TLS (allow_insecure = true): anyone who reaches this port can act as a node or an operator");
         }
 
         let metrics = Metrics::new();
@@ -162,6 +177,7 @@ impl Orchestrator {
             heartbeat_interval: config.heartbeat_interval.0,
             healing: config.healing(),
             restart_reconnect_grace: config.restart_reconnect_grace.0,
+            max_nodes: config.max_nodes,
         };
         let restored = Restored {
             nodes: stored.nodes,
@@ -202,20 +218,50 @@ impl Orchestrator {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
 
-        let grpc_server = tonic::transport::Server::builder()
+        let limits = StreamLimits {
+            hello_timeout: config.hello_timeout.0,
+            heartbeat_interval: config.heartbeat_interval.0,
+            messages_per_second: config.max_messages_per_second,
+        };
+        let authority = Authority::new(
+            config.tls.client_ca.is_some(),
+            config.admin_token.as_deref(),
+            config.viewer_token.as_deref(),
+        );
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls_config(&config)? {
+            builder = builder.tls_config(tls)?;
+            info!(
+                client_certificates = config.tls.client_ca.is_some(),
+                "grpc api serves TLS"
+            );
+        }
+        if !authority.enforcing() {
+            warn!(
+                "no client CA and no tokens configured: every caller may operate the fleet (fine for development on loopback; see SECURITY.md)"
+            );
+        }
+        let grpc_server = builder
             .tcp_nodelay(true)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(AgentServiceServer::new(AgentApi::new(
+            .add_service(
+                AgentServiceServer::new(AgentApi::new(
+                    fleet.clone(),
+                    limits,
+                    authority.clone(),
+                    metrics.clone(),
+                ))
+                .max_decoding_message_size(config.max_message_bytes as usize),
+            )
+            .add_service(FleetServiceServer::new(FleetApi::new(
                 fleet.clone(),
-                config.hello_timeout.0,
-                config.heartbeat_interval.0,
-                metrics.clone(),
+                authority.clone(),
             )))
-            .add_service(FleetServiceServer::new(FleetApi::new(fleet.clone())))
             .add_service(PredictionServiceServer::new(PredictionApi::new(
                 predictions.clone(),
+                authority.clone(),
             )))
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown.clone().cancelled_owned());
         let http_server = axum::serve(
@@ -224,6 +270,7 @@ impl Orchestrator {
                 fleet,
                 metrics,
                 predictions,
+                authority: authority.clone(),
             }),
         )
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
@@ -278,4 +325,31 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeE
     TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { key, addr, source })
+}
+
+/// The TLS settings of the gRPC listener, if `[tls]` is configured.
+fn tls_config(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>, ServeError> {
+    let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) else {
+        return Ok(None);
+    };
+    let read = |key: &'static str, path: &PathBuf| {
+        std::fs::read(path).map_err(|source| ServeError::Tls {
+            key,
+            path: path.clone(),
+            source,
+        })
+    };
+    let identity = tonic::transport::Identity::from_pem(read("tls.cert", cert)?, read("tls.key", key)?);
+    let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &config.tls.client_ca {
+        // Optional at the TLS layer: an operator may come with a token instead;
+        // AgentService requires the certificate, and each service checks its rule.
+        tls = tls
+            .client_ca_root(tonic::transport::Certificate::from_pem(read(
+                "tls.client_ca",
+                ca,
+            )?))
+            .client_auth_optional(true);
+    }
+    Ok(Some(tls))
 }

@@ -10,4 +10,5 @@ mod operator;
 mod protocol;
 mod readme;
 mod scaling;
+mod security;
 mod traces;

@@ -7,7 +7,7 @@
 //! close) are written to the outbound stream. Any protocol violation ends only this
 //! stream, with INVALID_ARGUMENT.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use secbeat::{
     pb::{self, agent_message::Kind, control_message},
@@ -18,8 +18,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::{convert, status};
+use super::{convert, rate::TokenBucket, status};
 use crate::{
+    auth::Authority,
     clock,
     fleet::{FleetHandle, SessionReport, SessionSignal},
     metrics::Metrics,
@@ -38,25 +39,30 @@ const MAX_REASON: usize = 256;
 #[derive(Debug, Clone)]
 pub struct AgentApi {
     fleet: FleetHandle,
-    hello_timeout: Duration,
-    heartbeat_interval: Duration,
+    limits: StreamLimits,
+    authority: Authority,
     metrics: Metrics,
 }
 
+/// What each agent stream is held to.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    /// How long a new stream may take to send its Hello.
+    pub hello_timeout: Duration,
+    /// The heartbeat interval agents are given (for the lateness metric).
+    pub heartbeat_interval: Duration,
+    /// Average messages per second one stream may send.
+    pub messages_per_second: f64,
+}
+
 impl AgentApi {
-    /// A service that registers sessions with `fleet` and waits `hello_timeout`
-    /// for each stream's Hello; heartbeats later than `heartbeat_interval` count
-    /// as late in `metrics`.
-    pub fn new(
-        fleet: FleetHandle,
-        hello_timeout: Duration,
-        heartbeat_interval: Duration,
-        metrics: Metrics,
-    ) -> Self {
+    /// A service that registers sessions with `fleet`, holding each stream to
+    /// `limits`, admitting agents as `authority` says, counting in `metrics`.
+    pub fn new(fleet: FleetHandle, limits: StreamLimits, authority: Authority, metrics: Metrics) -> Self {
         Self {
             fleet,
-            hello_timeout,
-            heartbeat_interval,
+            limits,
+            authority,
             metrics,
         }
     }
@@ -90,6 +96,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let peer = request.remote_addr();
+        let caller = super::caller(&self.authority, &request);
         // The agent's session span, if it sent one, is this session's parent.
         let parent = request
             .metadata()
@@ -97,9 +104,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .and_then(|value| value.to_str().ok())
             .map(str::to_owned);
         let mut inbound = request.into_inner();
-        let first = match tokio::time::timeout(self.hello_timeout, inbound.message()).await {
+        let first = match tokio::time::timeout(self.limits.hello_timeout, inbound.message()).await {
             Err(_) => {
-                let secs = self.hello_timeout.as_secs_f64();
+                let secs = self.limits.hello_timeout.as_secs_f64();
                 return Err(Status::invalid_argument(format!("no hello within {secs}s")));
             }
             Ok(Err(status)) => return Err(status),
@@ -117,6 +124,11 @@ impl pb::agent_service_server::AgentService for AgentApi {
         };
         let info = convert::node_info(hello, peer).map_err(status::invalid)?;
         let node = info.id;
+        if let Err(denied) = self.authority.allow_agent(&caller, node) {
+            warn!(node.id = %node, peer = ?peer, %denied, "agent refused");
+            return Err(denied.into());
+        }
+
         let (signals_tx, signals) = mpsc::unbounded_channel();
         let span =
             info_span!("agent_session", node.id = %node, session = tracing::field::Empty, peer = ?peer);
@@ -136,8 +148,13 @@ impl pb::agent_service_server::AgentService for AgentApi {
             node,
             session,
             outbound,
-            heartbeat_interval: self.heartbeat_interval,
+            heartbeat_interval: self.limits.heartbeat_interval,
             open: OpenStream::new(&self.metrics),
+            bucket: TokenBucket::new(
+                self.limits.messages_per_second,
+                self.limits.messages_per_second * BURST_SECONDS,
+                clock::now(),
+            ),
         };
         tokio::spawn(relay.run(inbound, signals).instrument(span));
         Ok(Response::new(ReceiverStream::new(outbound_rx)))
@@ -151,11 +168,15 @@ struct SessionRelay {
     outbound: Outbound,
     heartbeat_interval: Duration,
     open: OpenStream,
+    bucket: TokenBucket,
 }
+
+/// A stream may send this many seconds' worth of messages at once.
+const BURST_SECONDS: f64 = 4.0;
 
 impl SessionRelay {
     async fn run(
-        self,
+        mut self,
         mut inbound: Streaming<pb::AgentMessage>,
         mut signals: mpsc::UnboundedReceiver<SessionSignal>,
     ) {
@@ -174,7 +195,15 @@ impl SessionRelay {
                 message = inbound.message() => match message {
                     Ok(Some(message)) => {
                         let at = clock::now();
-                        match validate(message) {
+                        if !self.bucket.take(at) {
+                            warn!("stream over its message rate: ending it");
+                            let status = Status::resource_exhausted(
+                                "more messages than max_messages_per_second allows; slow down and reconnect",
+                            );
+                            let _ = self.outbound.try_send(Err(status));
+                            break "flooding: over max_messages_per_second".to_owned();
+                        }
+                        match validate(message, SystemTime::now()) {
                             Ok(report) => {
                                 if report == SessionReport::Heartbeat {
                                     let gap = at.saturating_duration_since(last_heartbeat);
@@ -254,7 +283,10 @@ impl SessionRelay {
 }
 
 /// Validates one message after the Hello into what the actor needs to know.
-fn validate(message: pb::AgentMessage) -> Result<SessionReport, Status> {
+/// Agent timestamps further than this from the orchestrator's clock are garbage.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(24 * 3600);
+
+fn validate(message: pb::AgentMessage, now: SystemTime) -> Result<SessionReport, Status> {
     match message.kind {
         Some(Kind::Heartbeat(_)) => Ok(SessionReport::Heartbeat),
         Some(Kind::CpuSamples(batch)) => {
@@ -271,6 +303,22 @@ fn validate(message: pb::AgentMessage) -> Result<SessionReport, Status> {
             for sample in &batch.samples {
                 latest = wire::check_cpu_fraction("cpu_samples.samples.usage", sample.usage)
                     .map_err(status::invalid)?;
+                // Timing never uses agent clocks, but an absurd one means garbage.
+                if let Some(time) = sample.time {
+                    let time = wire::timestamp_from_proto("cpu_samples.samples.time", Some(time))
+                        .map_err(status::invalid)?;
+                    let skew = time
+                        .duration_since(now)
+                        .or_else(|e| Ok::<_, ()>(e.duration()))
+                        .unwrap_or_default();
+                    if skew > MAX_CLOCK_SKEW {
+                        return Err(Status::invalid_argument(format!(
+                            "cpu_samples.samples.time: {}s away from the orchestrator's clock (at most {}s)",
+                            skew.as_secs(),
+                            MAX_CLOCK_SKEW.as_secs()
+                        )));
+                    }
+                }
             }
             Ok(SessionReport::Cpu(latest))
         }
@@ -321,7 +369,10 @@ mod tests {
 
     #[test]
     fn cpu_batches_report_the_latest_valid_sample() {
-        assert_eq!(validate(samples(&[0.2, 0.7])).unwrap(), SessionReport::Cpu(0.7));
+        assert_eq!(
+            validate(samples(&[0.2, 0.7]), SystemTime::now()).unwrap(),
+            SessionReport::Cpu(0.7)
+        );
     }
 
     #[test]
@@ -334,7 +385,10 @@ mod tests {
             samples(&[-0.1]),
             samples(&too_many),
         ] {
-            assert_eq!(validate(bad).unwrap_err().code(), tonic::Code::InvalidArgument);
+            assert_eq!(
+                validate(bad, SystemTime::now()).unwrap_err().code(),
+                tonic::Code::InvalidArgument
+            );
         }
     }
 
@@ -343,9 +397,14 @@ mod tests {
         let hello = pb::AgentMessage {
             kind: Some(Kind::Hello(pb::Hello::default())),
         };
-        assert_eq!(validate(hello).unwrap_err().code(), tonic::Code::InvalidArgument);
         assert_eq!(
-            validate(pb::AgentMessage { kind: None }).unwrap_err().code(),
+            validate(hello, SystemTime::now()).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            validate(pb::AgentMessage { kind: None }, SystemTime::now())
+                .unwrap_err()
+                .code(),
             tonic::Code::InvalidArgument
         );
     }
@@ -356,9 +415,80 @@ mod tests {
         let message = pb::AgentMessage {
             kind: Some(Kind::Goodbye(pb::Goodbye { reason })),
         };
-        let SessionReport::Goodbye(kept) = validate(message).unwrap() else {
+        let SessionReport::Goodbye(kept) = validate(message, SystemTime::now()).unwrap() else {
             panic!()
         };
         assert!(kept.len() <= MAX_REASON);
+    }
+
+    #[test]
+    fn sample_times_far_from_now_are_invalid_argument() {
+        let now = SystemTime::now();
+        let at = |offset: Duration, later: bool| {
+            let time = if later { now + offset } else { now - offset };
+            pb::AgentMessage {
+                kind: Some(Kind::CpuSamples(pb::CpuSamples {
+                    samples: vec![pb::CpuSample {
+                        time: Some(wire::timestamp_to_proto(time)),
+                        usage: 0.5,
+                    }],
+                })),
+            }
+        };
+        assert!(
+            validate(at(Duration::from_secs(3600), true), now).is_ok(),
+            "an hour of skew is tolerated"
+        );
+        for later in [true, false] {
+            let error = validate(at(MAX_CLOCK_SKEW * 2, later), now).unwrap_err();
+            assert_eq!(error.code(), tonic::Code::InvalidArgument);
+        }
+    }
+
+    mod properties {
+        //! The wire -> domain validation never panics, and what it accepts is sane.
+
+        use proptest::prelude::*;
+        use prost::Message;
+
+        use super::*;
+
+        fn any_sample() -> impl Strategy<Value = pb::CpuSample> {
+            let usage = prop_oneof![any::<f64>(), 0.0..=1.0f64, Just(f64::NAN), Just(f64::INFINITY)];
+            let time = proptest::option::of((any::<i64>(), any::<i32>()));
+            (usage, time).prop_map(|(usage, time)| pb::CpuSample {
+                usage,
+                time: time.map(|(seconds, nanos)| prost_types::Timestamp { seconds, nanos }),
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn accepted_cpu_batches_carry_a_fraction(samples in proptest::collection::vec(any_sample(), 0..80)) {
+                let message = pb::AgentMessage { kind: Some(Kind::CpuSamples(pb::CpuSamples { samples })) };
+                if let Ok(SessionReport::Cpu(usage)) = validate(message, SystemTime::now()) {
+                    prop_assert!((0.0..=1.0).contains(&usage));
+                }
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic_the_decoder_or_the_validator(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                if let Ok(message) = pb::AgentMessage::decode(bytes.as_slice()) {
+                    let _ = validate(message.clone(), SystemTime::now());
+                    if let Some(Kind::Hello(hello)) = message.kind {
+                        let _ = convert::node_info(hello, None);
+                    }
+                }
+            }
+
+            #[test]
+            fn hellos_are_accepted_only_with_a_real_node_id(node_id in ".{0,40}", ip in ".{0,20}") {
+                let hello = pb::Hello { node_id: node_id.clone(), ip, ..Default::default() };
+                if let Ok(info) = convert::node_info(hello, None) {
+                    prop_assert!(!info.id.0.is_nil());
+                    prop_assert_eq!(uuid::Uuid::parse_str(node_id.trim()).ok(), Some(info.id.0));
+                }
+            }
+        }
     }
 }

@@ -6,18 +6,27 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument, info, info_span};
 
 use super::{convert, status, watch};
-use crate::fleet::FleetHandle;
+use crate::{
+    auth::{Authority, Need},
+    fleet::FleetHandle,
+};
 
 /// The `FleetService` implementation.
 #[derive(Debug, Clone)]
 pub struct FleetApi {
     fleet: FleetHandle,
+    authority: Authority,
 }
 
 impl FleetApi {
-    /// A service answering from `fleet`.
-    pub fn new(fleet: FleetHandle) -> Self {
-        Self { fleet }
+    /// A service answering from `fleet` to callers `authority` admits.
+    pub fn new(fleet: FleetHandle, authority: Authority) -> Self {
+        Self { fleet, authority }
+    }
+
+    fn allow<T>(&self, request: &Request<T>, need: Need) -> Result<(), Status> {
+        let caller = super::caller(&self.authority, request);
+        self.authority.allow(&caller, need).map_err(Status::from)
     }
 }
 
@@ -27,8 +36,9 @@ impl pb::fleet_service_server::FleetService for FleetApi {
 
     async fn list_nodes(
         &self,
-        _: Request<pb::ListNodesRequest>,
+        request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.allow(&request, Need::Read)?;
         let nodes = self.fleet.list().await?;
         Ok(Response::new(pb::ListNodesResponse {
             nodes: nodes.iter().map(convert::node).collect(),
@@ -39,6 +49,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::GetNodeRequest>,
     ) -> Result<Response<pb::GetNodeResponse>, Status> {
+        self.allow(&request, Need::Read)?;
         let id = convert::node_id("node_id", &request.into_inner().node_id).map_err(status::invalid)?;
         let node = self
             .fleet
@@ -54,6 +65,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<pb::TerminateNodeRequest>,
     ) -> Result<Response<pb::TerminateNodeResponse>, Status> {
+        self.allow(&request, Need::Operate)?;
         let parent = request
             .metadata()
             .get("traceparent")
@@ -84,16 +96,18 @@ impl pb::fleet_service_server::FleetService for FleetApi {
 
     async fn get_fleet_stats(
         &self,
-        _: Request<pb::GetFleetStatsRequest>,
+        request: Request<pb::GetFleetStatsRequest>,
     ) -> Result<Response<pb::GetFleetStatsResponse>, Status> {
+        self.allow(&request, Need::Read)?;
         let stats = self.fleet.stats().await?;
         Ok(Response::new(convert::fleet_stats(&stats)))
     }
 
     async fn watch_events(
         &self,
-        _: Request<pb::WatchEventsRequest>,
+        request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        self.allow(&request, Need::Read)?;
         let events = self.fleet.subscribe().await?;
         let stream = watch::forward(events, None, "events", |event| Some(convert::fleet_event(event)));
         Ok(Response::new(stream))
@@ -147,7 +161,7 @@ mod tests {
             actor: _actor,
             ..
         } = fleet::tests::start(fleet_settings(), fleet::Restored::default(), &shutdown);
-        let api = FleetApi::new(handle.clone());
+        let api = FleetApi::new(handle.clone(), Default::default());
         let mut stream = api
             .watch_events(Request::new(pb::WatchEventsRequest {}))
             .await
@@ -184,7 +198,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let fleet::tests::TestFleet { handle, actor, .. } =
             fleet::tests::start(fleet_settings(), fleet::Restored::default(), &shutdown);
-        let api = FleetApi::new(handle);
+        let api = FleetApi::new(handle, Default::default());
         let mut stream = api
             .watch_events(Request::new(pb::WatchEventsRequest {}))
             .await

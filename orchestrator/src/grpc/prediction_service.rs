@@ -5,18 +5,30 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{convert, watch};
-use crate::scaling::PredictionHandle;
+use crate::{
+    auth::{Authority, Need},
+    scaling::PredictionHandle,
+};
 
 /// The `PredictionService` implementation.
 #[derive(Debug, Clone)]
 pub struct PredictionApi {
     predictions: PredictionHandle,
+    authority: Authority,
 }
 
 impl PredictionApi {
-    /// A service answering from `predictions`.
-    pub fn new(predictions: PredictionHandle) -> Self {
-        Self { predictions }
+    /// A service answering from `predictions` to callers `authority` admits.
+    pub fn new(predictions: PredictionHandle, authority: Authority) -> Self {
+        Self {
+            predictions,
+            authority,
+        }
+    }
+
+    fn allow<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let caller = super::caller(&self.authority, request);
+        self.authority.allow(&caller, Need::Read).map_err(Status::from)
     }
 }
 
@@ -26,8 +38,9 @@ impl pb::prediction_service_server::PredictionService for PredictionApi {
 
     async fn get_prediction(
         &self,
-        _: Request<pb::GetPredictionRequest>,
+        request: Request<pb::GetPredictionRequest>,
     ) -> Result<Response<pb::Prediction>, Status> {
+        self.allow(&request)?;
         let latest = self.predictions.latest().ok_or_else(|| {
             Status::not_found("no scaling check has run yet (see scaling_check_interval_seconds)")
         })?;
@@ -36,8 +49,9 @@ impl pb::prediction_service_server::PredictionService for PredictionApi {
 
     async fn watch_predictions(
         &self,
-        _: Request<pb::WatchPredictionsRequest>,
+        request: Request<pb::WatchPredictionsRequest>,
     ) -> Result<Response<Self::WatchPredictionsStream>, Status> {
+        self.allow(&request)?;
         let (latest, updates) = self.predictions.subscribe();
         let sent_up_to = latest.as_ref().map(|p| p.at);
         let first = latest.as_deref().map(convert::prediction);

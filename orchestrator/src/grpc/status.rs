@@ -3,7 +3,8 @@
 use tonic::Status;
 
 use crate::{
-    fleet::FleetStopped,
+    auth::Denied,
+    fleet::{ConnectError, FleetStopped},
     node::NodeState,
     registry::{CloseReason, TerminateError},
 };
@@ -52,4 +53,22 @@ pub fn closed(reason: &CloseReason) -> Status {
 /// The status that ends every session when the orchestrator shuts down.
 pub fn shutting_down() -> Status {
     Status::unavailable("orchestrator shutting down; reconnect with backoff")
+}
+
+impl From<ConnectError> for Status {
+    fn from(error: ConnectError) -> Self {
+        match error {
+            ConnectError::Stopped => FleetStopped.into(),
+            ConnectError::AtCapacity(_) => Status::resource_exhausted(error.to_string()),
+        }
+    }
+}
+
+impl From<Denied> for Status {
+    fn from(denied: Denied) -> Self {
+        match denied {
+            Denied::Unauthenticated(message) => Status::unauthenticated(message),
+            Denied::PermissionDenied(message) => Status::permission_denied(message),
+        }
+    }
 }

@@ -39,6 +39,34 @@ impl From<FleetStopped> for ApiError {
     }
 }
 
+/// `/api/*` needs the operator or viewer token when tokens are configured (HTTP
+/// has no client certificates); health and metrics stay open.
+pub async fn require_token(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if request.uri().path().starts_with("/api/") {
+        let authorization = request
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok());
+        // Client certificates do not apply here: only tokens can open the API.
+        let tokens_only = crate::auth::Authority::clone(&state.authority);
+        let caller = tokens_only.identify(&[], authorization);
+        if tokens_only.tokens_configured()
+            && let Err(denied) = tokens_only.allow(&caller, crate::auth::Need::Read)
+        {
+            let status = match denied {
+                crate::auth::Denied::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+                crate::auth::Denied::PermissionDenied(_) => StatusCode::FORBIDDEN,
+            };
+            return ApiError(status, denied.to_string()).into_response();
+        }
+    }
+    next.run(request).await
+}
+
 /// `GET /api/v1/fleet/stats`.
 pub async fn fleet_stats(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let stats = state.fleet.stats().await?;

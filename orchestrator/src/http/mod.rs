@@ -11,7 +11,7 @@ use axum::{
     routing::get,
 };
 
-use crate::{fleet::FleetHandle, metrics::Metrics, scaling::PredictionHandle};
+use crate::{auth::Authority, fleet::FleetHandle, metrics::Metrics, scaling::PredictionHandle};
 
 /// What the handlers read.
 #[derive(Debug, Clone)]
@@ -22,6 +22,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// The scaling loop's predictions.
     pub predictions: PredictionHandle,
+    /// Who may read the JSON API (the operator and viewer tokens).
+    pub authority: Authority,
 }
 
 /// The HTTP routes.
@@ -34,6 +36,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/nodes", get(api::nodes))
         .route("/api/v1/nodes/{id}", get(api::node))
         .route("/api/{*rest}", get(api::not_found))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            api::require_token,
+        ))
         .with_state(state)
 }
 
