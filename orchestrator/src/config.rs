@@ -106,12 +106,29 @@ impl std::fmt::Debug for SecretArg {
     }
 }
 
-fn token<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+/// A bearer token from config. Its `Debug` never shows the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    /// The token itself, for the one place that compares it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+fn token<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Token>, D::Error> {
     let token = String::deserialize(deserializer)?;
     if token.len() < 16 {
         return Err(serde::de::Error::custom("must be at least 16 characters"));
     }
-    Ok(Some(token))
+    Ok(Some(Token(token)))
 }
 
 /// The `[tls]` table: server certificate and key (PEM), and the CA that client
@@ -204,10 +221,10 @@ pub struct Config {
     /// Bearer token that grants the operator role (read and change the fleet).
     /// Never logged or serialized.
     #[serde(skip_serializing, deserialize_with = "token")]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Token>,
     /// Bearer token that grants the viewer role (read and watch only).
     #[serde(skip_serializing, deserialize_with = "token")]
-    pub viewer_token: Option<String>,
+    pub viewer_token: Option<Token>,
     /// Maximum agent message size, bytes (larger messages end the stream).
     pub max_message_bytes: u32,
     /// Messages per second one agent stream may send on average.
@@ -867,6 +884,21 @@ mod tests {
         assert_eq!(
             config.webhook_secret,
             Some(WebhookSecret::parse("from-env").unwrap())
+        );
+    }
+
+    #[test]
+    fn tokens_are_read_but_never_shown() {
+        let config = load("admin_token = \"0123456789abcdef-admin\"").unwrap();
+        assert_eq!(
+            config.admin_token.as_ref().map(Token::expose),
+            Some("0123456789abcdef-admin")
+        );
+        assert!(!format!("{config:?}").contains("0123456789abcdef"));
+        assert!(
+            !toml::Table::try_from(&config)
+                .unwrap()
+                .contains_key("admin_token")
         );
     }
 

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::{
     auth::Authority,
-    config::Config,
+    config::{Config, Token},
     fleet::{self, FleetSettings, Outputs, Restored},
     grpc::{
         agent_service::{AgentApi, StreamLimits},
@@ -225,8 +225,8 @@ impl Orchestrator {
         };
         let authority = Authority::new(
             config.tls.client_ca.is_some(),
-            config.admin_token.as_deref(),
-            config.viewer_token.as_deref(),
+            config.admin_token.as_ref().map(Token::expose),
+            config.viewer_token.as_ref().map(Token::expose),
         );
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = tls_config(&config)? {

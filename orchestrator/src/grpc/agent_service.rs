@@ -283,6 +283,19 @@ impl SessionRelay {
 }
 
 /// Validates one message after the Hello into what the actor needs to know.
+/// Decodes and validates one agent message exactly as a stream handler does
+/// (Hello included): the fuzzing entry point (`fuzz/`). Never panics.
+pub fn decode_and_validate(bytes: &[u8]) -> Result<(), Status> {
+    use prost::Message;
+    let message = pb::AgentMessage::decode(bytes).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if let Some(Kind::Hello(hello)) = message.kind {
+        return convert::node_info(hello, None)
+            .map(|_| ())
+            .map_err(status::invalid);
+    }
+    validate(message, SystemTime::now()).map(|_| ())
+}
+
 /// Agent timestamps further than this from the orchestrator's clock are garbage.
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(24 * 3600);
 
