@@ -288,10 +288,16 @@ async fn hostile_streams_get_a_clear_status_and_a_good_agent_is_unaffected() {
         }
     };
 
-    // A flood from one stream: RESOURCE_EXHAUSTED for that stream only.
-    let flood = raw_connect(&mut client, vec![hello(Uuid::new_v4())])
+    // A nil node id: refused before anything is registered.
+    let status = raw_connect(&mut client, vec![hello(Uuid::nil())])
         .await
-        .unwrap();
+        .err()
+        .expect("refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    // A flood from one stream: RESOURCE_EXHAUSTED for that stream only.
+    let flooder = Uuid::new_v4();
+    let flood = raw_connect(&mut client, vec![hello(flooder)]).await.unwrap();
     let outbound = flood.outbound.clone();
     tokio::spawn(async move {
         for sequence in 0..5000 {
@@ -302,6 +308,13 @@ async fn hostile_streams_get_a_clear_status_and_a_good_agent_is_unaffected() {
     });
     let status = ended_with(flood).await;
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+
+    // Too many samples in one message (the same node, reconnecting).
+    let batch = raw_connect(&mut client, vec![hello(flooder)]).await.unwrap();
+    batch.outbound.send(cpu_samples(&[0.5; 65])).await.unwrap();
+    let status = ended_with(batch).await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("at most 64"), "{status:?}");
 
     // An oversized message: refused by the decoder's limit.
     let mut huge = hello(Uuid::new_v4());
