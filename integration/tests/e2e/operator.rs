@@ -148,27 +148,7 @@ async fn the_metrics_scrape_passes_promtool_and_speaks_openmetrics_on_request() 
         );
     }
 
-    let mut check = tokio::process::Command::new(promtool())
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    check
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.body.as_bytes())
-        .await
-        .unwrap();
-    let output = check.wait_with_output().await.unwrap();
-    assert!(
-        output.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    promtool_check(&text.body).await;
 
     let openmetrics = http_request(
         addr,
