@@ -210,8 +210,9 @@ async fn deliver(delivery: Arc<Delivery>, entry: OutboxEntry) -> String {
                     .duration_since(entry.created_at)
                     .unwrap_or_default();
                 if age >= settings.max_age {
-                    delivery.store.write(vec![Write::DeadLetter(entry.id.clone())]);
+                    // Counted before the store write: whoever sees the store sees the count.
                     delivery.metrics.webhook_dead_letters.inc();
+                    delivery.store.write(vec![Write::DeadLetter(entry.id.clone())]);
                     error!(
                         webhook.id = %entry.id, webhook.reason = %entry.reason, attempt, %problem,
                         age_s = age.as_secs(),
