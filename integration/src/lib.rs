@@ -196,6 +196,22 @@ impl Process {
         })
     }
 
+    /// CPU time the process has used so far (user + system), from /proc.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the command name (which may contain spaces) start after ')'.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+            .sum();
+        // /proc reports clock ticks in USER_HZ, which the Linux ABI fixes at 100.
+        Duration::from_millis(ticks * 10)
+    }
+
     /// The OS process id.
     pub fn pid(&self) -> Pid {
         Pid::from_raw(self.child.id().expect("process still owned") as i32)
@@ -241,14 +257,21 @@ impl Orchestrator {
     /// Like [`Orchestrator::start`], with extra environment variables.
     pub async fn start_with_env(config: &str, env: &[(String, String)]) -> anyhow::Result<Self> {
         let dir = Arc::new(tempfile::tempdir()?);
-        Self::start_in(dir, config, "127.0.0.1:0".parse()?, env).await
+        Self::start_in(dir, config, "127.0.0.1:0".parse()?, env, None).await
+    }
+
+    /// Like [`Orchestrator::start`], in a process whose open-files limit (soft and
+    /// hard) is `limit`.
+    pub async fn start_with_fd_limit(config: &str, limit: u64) -> anyhow::Result<Self> {
+        let dir = Arc::new(tempfile::tempdir()?);
+        Self::start_in(dir, config, "127.0.0.1:0".parse()?, &[], Some(limit)).await
     }
 
     /// Starts another orchestrator with the same state dir, config and gRPC
     /// address as this (stopped) one: a restart.
     pub async fn restart(&self) -> anyhow::Result<Self> {
         let config = std::fs::read_to_string(self.dir.path().join("orchestrator.toml"))?;
-        Self::start_in(Arc::clone(&self.dir), &config, self.grpc_addr, &[]).await
+        Self::start_in(Arc::clone(&self.dir), &config, self.grpc_addr, &[], None).await
     }
 
     async fn start_in(
@@ -256,6 +279,7 @@ impl Orchestrator {
         config: &str,
         grpc: SocketAddr,
         env: &[(String, String)],
+        fd_limit: Option<u64>,
     ) -> anyhow::Result<Self> {
         let config_path = dir.path().join("orchestrator.toml");
         std::fs::write(&config_path, config)?;
@@ -268,6 +292,15 @@ impl Orchestrator {
             .args(["--http-listen", "127.0.0.1:0", "--state-dir"])
             .arg(dir.path().join("state"))
             .envs(env.iter().map(|(k, v)| (k, v)));
+        if let Some(limit) = fd_limit {
+            // SAFETY: between fork and exec only async-signal-safe work: one setrlimit.
+            unsafe {
+                command.pre_exec(move || {
+                    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, limit, limit)
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
         let process = Process::spawn("orchestrator", &mut command)?;
         let startup = Duration::from_secs(10);
         let grpc_addr = listening_addr(&process.logs.wait_for("grpc api listening", startup).await?)?;

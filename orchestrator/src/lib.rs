@@ -22,6 +22,7 @@ pub mod forecast;
 pub mod grpc;
 pub mod healer;
 pub mod http;
+pub mod listener;
 pub mod metrics;
 pub mod node;
 pub mod registry;

@@ -96,6 +96,8 @@ pub struct Metrics {
     pub agent_sessions: Counter,
     /// Always 1, labelled with the version.
     pub build_info: Family<VersionLabel, Gauge>,
+    /// Failed accepts on the gRPC listener (descriptor exhaustion backs off).
+    pub accept_errors: Counter,
 }
 
 /// A `version` label.
@@ -157,6 +159,7 @@ impl Metrics {
             agent_streams: Gauge::default(),
             agent_sessions: Counter::default(),
             build_info: Family::default(),
+            accept_errors: Counter::default(),
         };
         // Counter names get `_total` appended on export.
         let r = &mut registry;
@@ -299,6 +302,11 @@ impl Metrics {
             "orchestrator_agent_sessions",
             "Agent sessions accepted",
             metrics.agent_sessions.clone(),
+        );
+        registry.register(
+            "orchestrator_accept_errors",
+            "Failed accepts on the gRPC listener (out of descriptors: the loop backs off)",
+            metrics.accept_errors.clone(),
         );
         registry.register(
             "orchestrator_build_info",

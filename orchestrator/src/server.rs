@@ -8,7 +8,6 @@ use secbeat::pb::{
     prediction_service_server::PredictionServiceServer,
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -21,7 +20,7 @@ use crate::{
         fleet_service::FleetApi,
         prediction_service::PredictionApi,
     },
-    http,
+    http, listener,
     metrics::Metrics,
     scaling::{self, ScalingSettings},
     store::{Store, StoreError, StoredState, redb::RedbStore, writer},
@@ -143,6 +142,7 @@ impl Orchestrator {
         }
 
         let metrics = Metrics::new();
+        listener::raise_open_files_limit(config.max_nodes);
         let (committed_tx, committed) = tokio::sync::mpsc::unbounded_channel();
         let (store, store_thread) = writer::spawn(Box::new(store), committed_tx);
         if config.webhook_secret.is_none() {
@@ -263,7 +263,10 @@ impl Orchestrator {
                 predictions.clone(),
                 authority.clone(),
             )))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown.clone().cancelled_owned());
+            .serve_with_incoming_shutdown(
+                listener::incoming(grpc, metrics.clone()),
+                shutdown.clone().cancelled_owned(),
+            );
         let http_server = axum::serve(
             http,
             http::router(http::AppState {

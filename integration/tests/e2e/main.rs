@@ -2,6 +2,7 @@
 //! loopback sockets, real signals, and the real grpcurl.
 
 mod deploy;
+mod descriptors;
 mod grpcurl;
 mod healing;
 mod lifecycle;

@@ -1,0 +1,72 @@
+//! Descriptor exhaustion handled like a production server: with more connections
+//! than its open-files limit allows, the orchestrator backs off instead of spinning
+//! in its accept loop, and keeps serving the agents it already has.
+
+use std::time::{Duration, Instant};
+
+use secbeat::pb::NodeState;
+use secbeat_integration::{FAST_CONFIG, Orchestrator, STARTUP, eventually, wait_for_state};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_connections_than_descriptors_neither_spin_nor_drop_existing_agents() {
+    let orchestrator = Orchestrator::start_with_fd_limit(FAST_CONFIG, 96).await.unwrap();
+    orchestrator
+        .process
+        .logs
+        .wait_for(
+            "the open-files limit is below what max_nodes agents need",
+            STARTUP,
+        )
+        .await
+        .unwrap();
+    let (agent, _) = orchestrator.connected_agent(&[]).await.unwrap();
+    let mut fleet = orchestrator.fleet().await.unwrap();
+
+    // Far more raw TCP connections than descriptors: the kernel completes them,
+    // the orchestrator cannot accept them all.
+    let addr = orchestrator.grpc_addr;
+    let flood: Vec<std::net::TcpStream> = (0..200)
+        .filter_map(|_| std::net::TcpStream::connect(addr).ok())
+        .collect();
+    assert!(flood.len() > 96, "only {} connections", flood.len());
+    orchestrator
+        .process
+        .logs
+        .wait_for("out of file descriptors; backing off", STARTUP)
+        .await
+        .unwrap();
+
+    // While exhausted: no spinning. Measured over a fixed window of CPU time.
+    let (cpu_before, wall_before) = (orchestrator.process.cpu_time(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = orchestrator.process.cpu_time().saturating_sub(cpu_before);
+    let share = used.as_secs_f64() / wall_before.elapsed().as_secs_f64();
+    eprintln!(
+        "orchestrator CPU while out of descriptors: {:.1}% of a core",
+        share * 100.0
+    );
+    assert!(
+        share < 0.5,
+        "the orchestrator used {:.0}% of a core while out of descriptors",
+        share * 100.0
+    );
+
+    // The existing agent was served throughout.
+    let node = wait_for_state(&mut fleet, &agent.id(), NodeState::Connected, STARTUP).await;
+    assert_ne!(node.session_id, 0);
+
+    // Descriptors back: the HTTP side answers again, and new agents get in.
+    drop(flood);
+    let errors = orchestrator.metric("orchestrator_accept_errors_total").await;
+    assert!(errors >= 1.0, "{errors}");
+    let late = orchestrator.agent(&[]).unwrap();
+    eventually(STARTUP, "a new agent after the flood", || {
+        let mut fleet = fleet.clone();
+        let id = late.id();
+        async move {
+            let node = secbeat_integration::node(&mut fleet, &id).await?;
+            (node.state() == NodeState::Connected).then_some(())
+        }
+    })
+    .await;
+}
