@@ -70,3 +70,52 @@ async fn more_connections_than_descriptors_neither_spin_nor_drop_existing_agents
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_simulator_reports_detection_and_no_false_failures() {
+    let config = format!("{FAST_CONFIG}mass_failure_fraction = 1.0\n");
+    let orchestrator = Orchestrator::start(&config).await.unwrap();
+    let output = tokio::process::Command::new(secbeat_integration::binary("secbeat-fleetsim"))
+        .args([
+            "--orchestrator",
+            &orchestrator.url(),
+            "--agents",
+            "60",
+            "--duration",
+            "6",
+        ])
+        .args([
+            "--streams-per-connection",
+            "4",
+            "--kill",
+            "3",
+            "--stall",
+            "3",
+            "--json",
+        ])
+        .arg("--orchestrator-pid")
+        .arg(orchestrator.process.pid().to_string())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["connected"], 60, "{report}");
+    assert_eq!(report["connections"], 15);
+    assert_eq!(report["false_failures"], 0, "{report}");
+    assert_eq!(report["crash_detection"]["detected"], 3, "{report}");
+    assert_eq!(report["hang_detection"]["detected"], 3, "{report}");
+    assert!(
+        report["hang_detection"]["p50_s"].as_f64().unwrap() >= 1.0,
+        "a hang costs the timeout"
+    );
+    assert!(
+        report["messages_per_second"].as_f64().unwrap() > 100.0,
+        "{report}"
+    );
+    assert!(report["orchestrator_rss_bytes"].as_u64().unwrap() > 0);
+}
