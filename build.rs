@@ -26,6 +26,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Channels come from the caller (`Client::new(channel)`), so this crate needs
         // only tonic's codegen feature, not its transport.
         .build_transport(false)
+        // Small per-stream buffers (src/codec.rs).
+        .codec_path("crate::codec::CompactCodec")
         .file_descriptor_set_path(out_dir.join("secbeat_v1_descriptor.bin"))
         .compile_protos(PROTOS, &["proto"])?;
     Ok(())

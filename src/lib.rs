@@ -10,6 +10,7 @@
 //! - `telemetry` (feature `process`): logs (text or JSON, stderr and a file) and
 //!   OTLP traces with W3C trace-context propagation.
 //! - `signing` (feature `signing`): Standard Webhooks signing and verification.
+//! - [`codec`]: the gRPC codec with small per-stream buffers.
 //! - [`wire`]: the conversions between wire types and plain Rust values that every
 //!   edge needs (node ids, timestamps, durations, CPU fractions), with typed errors.
 
@@ -17,6 +18,7 @@
 
 #[cfg(feature = "backoff")]
 pub mod backoff;
+pub mod codec;
 #[cfg(feature = "process")]
 pub mod process;
 #[cfg(feature = "signing")]
