@@ -158,7 +158,12 @@ async fn an_idle_fleet_scales_down_its_least_loaded_node_through_terminate() {
         .unwrap();
 
     let events = receiver.wait_for_events("LOW_FLEET_CPU_LOAD", 1, DELIVERY).await;
-    assert_eq!(events[0]["payload"]["terminated_node_id"], idle.id());
+    assert_eq!(
+        events[0]["payload"]["terminated_node_id"],
+        idle.id(),
+        "busier is {}: {events:#?}",
+        busier.id()
+    );
     assert_eq!(events[0]["payload"]["terminated_node_ip"], "127.0.0.1");
     let status = idle.process.wait_exit(STARTUP).await.unwrap();
     assert!(
@@ -169,7 +174,8 @@ async fn an_idle_fleet_scales_down_its_least_loaded_node_through_terminate() {
     wait_for_state(&mut fleet, &idle.id(), NodeState::Terminated, STARTUP).await;
     // min_nodes = 1 and the cooldown keep the other one.
     wait_for_state(&mut fleet, &busier.id(), NodeState::Connected, STARTUP).await;
-    assert!(receiver.events_with_reason("UNEXPECTED_NODE_FAILURE").is_empty());
+    let failures = receiver.events_with_reason("UNEXPECTED_NODE_FAILURE");
+    assert!(failures.is_empty(), "{failures:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
