@@ -157,18 +157,51 @@ impl Logs {
 
     /// Waits until a line contains `needle` and returns it.
     pub async fn wait_for(&self, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+        let what = format!("a line containing {needle:?}");
+        self.wait_until(&what, timeout, |lines| {
+            lines.iter().find(|line| line.contains(needle)).cloned()
+        })
+        .await
+    }
+
+    /// Waits (woken by each new line, never polling on a timer) until `check` finds
+    /// what it looks for in the lines so far, and returns it.
+    pub async fn wait_until<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&[String]) -> Option<T>,
+    ) -> anyhow::Result<T> {
         let mut changed = self.changed.clone();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if let Some(line) = self.lines().into_iter().find(|line| line.contains(needle)) {
-                return Ok(line);
+            if let Some(found) = check(&self.lines()) {
+                return Ok(found);
             }
             match tokio::time::timeout_at(deadline, changed.changed()).await {
                 Ok(Ok(())) => {}
-                Ok(Err(_)) => bail!("{}: output ended without a line containing {needle:?}", self.name),
-                Err(_) => bail!("{}: no line containing {needle:?} within {timeout:?}", self.name),
+                Ok(Err(_)) => bail!("{}: output ended without {what}", self.name),
+                Err(_) => bail!("{}: no {what} within {timeout:?}", self.name),
             }
         }
+    }
+
+    /// Waits until `count` lines contain `needle`; returns the `count`-th.
+    pub async fn wait_for_nth(
+        &self,
+        needle: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
+        let what = format!("{count} lines containing {needle:?}");
+        self.wait_until(&what, timeout, |lines| {
+            lines
+                .iter()
+                .filter(|line| line.contains(needle))
+                .nth(count.saturating_sub(1))
+                .cloned()
+        })
+        .await
     }
 }
 
@@ -198,18 +231,7 @@ impl Process {
 
     /// CPU time the process has used so far (user + system), from /proc.
     pub fn cpu_time(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after the command name (which may contain spaces) start after ')'.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let ticks: u64 = [11, 12]
-            .iter()
-            .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
-            .sum();
-        // /proc reports clock ticks in USER_HZ, which the Linux ABI fixes at 100.
-        Duration::from_millis(ticks * 10)
+        process_cpu_time(self.pid().as_raw() as u32)
     }
 
     /// The OS process id.
@@ -396,6 +418,12 @@ impl Orchestrator {
     pub async fn metric(&self, name: &str) -> f64 {
         let text = self.metrics().await.expect("GET /metrics");
         metric_value(&text, name).unwrap_or(0.0)
+    }
+
+    /// Asserts that a `/metrics` sample has exactly `expected` as its value.
+    pub async fn assert_metric(&self, name: &str, expected: f64) {
+        let actual = self.metric(name).await;
+        assert_eq!(actual, expected, "{name}");
     }
 
     /// Waits until the webhook outbox is empty (everything queued was delivered).
@@ -642,6 +670,35 @@ impl Agent {
     pub fn id(&self) -> String {
         self.node_id.to_string()
     }
+}
+
+/// CPU time a process has used so far (user + system), from `/proc/<pid>/stat`.
+pub fn process_cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+        .sum();
+    // /proc reports clock ticks in USER_HZ, which the Linux ABI fixes at 100.
+    Duration::from_millis(ticks * 10)
+}
+
+/// Resident memory of a process, bytes, from `/proc/<pid>/status`.
+pub fn process_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 /// Polls `probe` until it yields `Some`, or fails after `timeout` naming `what`.

@@ -28,6 +28,7 @@ use secbeat::pb::{
     self, FleetEventType, agent_message::Kind, agent_service_client::AgentServiceClient, control_message,
     fleet_service_client::FleetServiceClient,
 };
+use secbeat_integration::{process_cpu_time, process_rss};
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -161,7 +162,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
 
-    let cpu_before = args.orchestrator_pid.map(process_cpu);
+    let cpu_before = args.orchestrator_pid.map(process_cpu_time);
     let started = Instant::now();
     let (fault_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let gate = Arc::new(Semaphore::new(args.connect_concurrency));
@@ -218,7 +219,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let (cpu, rss) = match (args.orchestrator_pid, cpu_before) {
         (Some(pid), Some(before)) => {
-            let used = process_cpu(pid).saturating_sub(before).as_secs_f64();
+            let used = process_cpu_time(pid).saturating_sub(before).as_secs_f64();
             (Some(used / started.elapsed().as_secs_f64()), process_rss(pid))
         }
         _ => (None, None),
@@ -261,32 +262,6 @@ fn latency_summary(samples: &mut [Duration], injected: usize) -> serde_json::Val
         "p99_s": at(0.99),
         "max_s": samples[samples.len() - 1].as_secs_f64(),
     })
-}
-
-/// User + system CPU time of a process (clock ticks are USER_HZ = 100).
-fn process_cpu(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
-        .sum();
-    Duration::from_millis(ticks * 10)
-}
-
-fn process_rss(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
 }
 
 struct VirtualAgent {

@@ -2,14 +2,16 @@
 //! than its open-files limit allows, the orchestrator backs off instead of spinning
 //! in its accept loop, and keeps serving the agents it already has.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use secbeat::pb::NodeState;
 use secbeat_integration::{FAST_CONFIG, Orchestrator, STARTUP, eventually, wait_for_state};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_connections_than_descriptors_neither_spin_nor_drop_existing_agents() {
-    let orchestrator = Orchestrator::start_with_fd_limit(FAST_CONFIG, 96).await.unwrap();
+    // Scaling checks every 0.25 s: their log lines are the orchestrator's own clock.
+    let config = format!("{FAST_CONFIG}scaling_check_interval_seconds = 0.25\n");
+    let orchestrator = Orchestrator::start_with_fd_limit(&config, 96).await.unwrap();
     orchestrator
         .process
         .logs
@@ -36,9 +38,14 @@ async fn more_connections_than_descriptors_neither_spin_nor_drop_existing_agents
         .await
         .unwrap();
 
-    // While exhausted: no spinning. Measured over a fixed window of CPU time.
+    // While exhausted: no spinning. Measured over eight of the orchestrator's own
+    // scaling checks (about 2 s), so the window is its timer, not a sleep here.
+    const CHECK: &str = "CPU data point recorded";
+    let logs = &orchestrator.process.logs;
+    let start = logs.count(CHECK) + 1;
+    logs.wait_for_nth(CHECK, start, STARTUP).await.unwrap();
     let (cpu_before, wall_before) = (orchestrator.process.cpu_time(), Instant::now());
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    logs.wait_for_nth(CHECK, start + 8, STARTUP).await.unwrap();
     let used = orchestrator.process.cpu_time().saturating_sub(cpu_before);
     let share = used.as_secs_f64() / wall_before.elapsed().as_secs_f64();
     eprintln!(

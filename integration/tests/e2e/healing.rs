@@ -3,7 +3,7 @@
 //! signals. The receiver verifies every signature (it refuses unsigned or
 //! mis-signed deliveries with 401), so each recorded event was validly signed.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use secbeat::pb::{self, FleetEventType, NodeState};
 use secbeat_integration::{
@@ -15,6 +15,14 @@ const DELIVERY: Duration = Duration::from_secs(15);
 
 fn any_addr() -> std::net::SocketAddr {
     "127.0.0.1:0".parse().unwrap()
+}
+
+/// The timestamp a log line starts with.
+fn log_time(line: &str) -> std::time::SystemTime {
+    let stamp = line.split_whitespace().next().unwrap_or_default();
+    chrono::DateTime::parse_from_rfc3339(stamp)
+        .unwrap_or_else(|e| panic!("no timestamp in {line:?}: {e}"))
+        .into()
 }
 
 /// The `webhook.id=` field of a log line.
@@ -73,18 +81,12 @@ async fn sigkill_of_an_agent_sends_exactly_one_signed_self_healing_webhook() {
     orchestrator.wait_outbox_drained(DELIVERY).await;
     assert_eq!(receiver.events().len(), 1);
     assert_eq!(receiver.process.logs.count("recorded UNEXPECTED_NODE_FAILURE"), 1);
-    assert_eq!(
-        orchestrator
-            .metric("orchestrator_self_healing_webhooks_sent_total")
-            .await,
-        1.0
-    );
-    assert_eq!(
-        orchestrator
-            .metric("orchestrator_unexpected_node_failures_total")
-            .await,
-        1.0
-    );
+    orchestrator
+        .assert_metric("orchestrator_self_healing_webhooks_sent_total", 1.0)
+        .await;
+    orchestrator
+        .assert_metric("orchestrator_unexpected_node_failures_total", 1.0)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,12 +117,9 @@ async fn a_terminated_node_is_counted_as_graceful_and_never_healed() {
         )
         .await
         .unwrap();
-    assert_eq!(
-        orchestrator
-            .metric("orchestrator_nodes_gracefully_terminated_total")
-            .await,
-        1.0
-    );
+    orchestrator
+        .assert_metric("orchestrator_nodes_gracefully_terminated_total", 1.0)
+        .await;
 
     // A crash after it is healed; the terminated node's exit, before it, was not.
     sentinel.process.signal(Sig::SIGKILL);
@@ -131,12 +130,9 @@ async fn a_terminated_node_is_counted_as_graceful_and_never_healed() {
     let all = receiver.events();
     assert_eq!(all.len(), 1, "{all:#?}");
     assert_eq!(events[0]["payload"]["failed_node_id"], sentinel.id());
-    assert_eq!(
-        orchestrator
-            .metric("orchestrator_unexpected_node_failures_total")
-            .await,
-        1.0
-    );
+    orchestrator
+        .assert_metric("orchestrator_unexpected_node_failures_total", 1.0)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,12 +174,9 @@ async fn a_terminate_that_is_never_acked_does_not_protect_a_node_that_then_dies(
         "{}",
         node.state_reason
     );
-    assert_eq!(
-        orchestrator
-            .metric("orchestrator_nodes_gracefully_terminated_total")
-            .await,
-        0.0
-    );
+    orchestrator
+        .assert_metric("orchestrator_nodes_gracefully_terminated_total", 0.0)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,18 +212,12 @@ async fn a_receiver_failing_three_times_gets_the_webhook_once_with_the_same_id()
         assert_eq!(webhook_id(line), id, "the id is stable across retries");
     }
     assert_eq!(receiver.events().len(), 1);
-    assert_eq!(
-        orchestrator
-            .metric("orchestrator_self_healing_webhook_errors_total")
-            .await,
-        3.0
-    );
-    assert_eq!(
-        orchestrator
-            .metric("orchestrator_self_healing_webhooks_sent_total")
-            .await,
-        1.0
-    );
+    orchestrator
+        .assert_metric("orchestrator_self_healing_webhook_errors_total", 3.0)
+        .await;
+    orchestrator
+        .assert_metric("orchestrator_self_healing_webhooks_sent_total", 1.0)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,17 +236,33 @@ async fn a_receiver_outage_of_ten_seconds_delays_the_webhook_but_loses_nothing()
         .await
         .unwrap();
     let id = webhook_id(&first_failure);
-    let outage_started = Instant::now();
-    // The outage itself: the receiver stays down for ten seconds while the
-    // orchestrator keeps retrying.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // The outage: the receiver stays down until the orchestrator has logged a
+    // failed attempt at least ten seconds after its first one.
+    let outage = Duration::from_secs(10);
+    let first_at = log_time(&first_failure);
+    let last_failure = orchestrator
+        .process
+        .logs
+        .wait_until(
+            "a failed attempt 10 s after the first",
+            outage + DELIVERY,
+            |lines| {
+                lines
+                    .iter()
+                    .filter(|line| line.contains("webhook delivery failed"))
+                    .find(|line| log_time(line).duration_since(first_at).unwrap_or_default() >= outage)
+                    .cloned()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(webhook_id(&last_failure), id, "one webhook, retried");
     assert!(orchestrator.metric("orchestrator_webhook_outbox_depth").await >= 1.0);
     let receiver = WebhookReceiver::start(addr, &[]).await.unwrap();
 
     let events = receiver
         .wait_for_events("UNEXPECTED_NODE_FAILURE", 1, DELIVERY)
         .await;
-    assert!(outage_started.elapsed() >= Duration::from_secs(10));
     assert_eq!(events[0]["webhook_id"], id.as_str());
     assert_eq!(events[0]["payload"]["failed_node_id"], victim.id());
     orchestrator.wait_outbox_drained(DELIVERY).await;
@@ -385,12 +388,9 @@ async fn killing_most_of_the_fleet_raises_one_alert_and_heals_within_the_budget(
     })
     .await;
     assert!(held >= 2.0, "{held}");
-    assert_eq!(
-        orchestrator
-            .metric("orchestrator_mass_failure_alerts_total")
-            .await,
-        1.0
-    );
+    orchestrator
+        .assert_metric("orchestrator_mass_failure_alerts_total", 1.0)
+        .await;
     // The one survivor is untouched.
     wait_for_state(&mut fleet, &agents[0].id(), NodeState::Connected, STARTUP).await;
 }

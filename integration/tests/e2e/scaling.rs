@@ -127,16 +127,12 @@ async fn forecast_only_predicts_and_decides_but_sends_nothing() {
         .metric("orchestrator_scaling_decisions_total{decision=\"scale_up_current\"}")
         .await;
     assert!(decided >= 1.0, "{decided}");
-    assert_eq!(
-        orchestrator
-            .metric("orchestrator_predictive_scale_ups_total")
-            .await,
-        0.0
-    );
-    assert_eq!(
-        orchestrator.metric("orchestrator_webhook_outbox_depth").await,
-        0.0
-    );
+    orchestrator
+        .assert_metric("orchestrator_predictive_scale_ups_total", 0.0)
+        .await;
+    orchestrator
+        .assert_metric("orchestrator_webhook_outbox_depth", 0.0)
+        .await;
     assert!(receiver.events().is_empty());
 }
 

@@ -52,10 +52,10 @@ pub async fn require_token(
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok());
         // Client certificates do not apply here: only tokens can open the API.
-        let tokens_only = crate::auth::Authority::clone(&state.authority);
-        let caller = tokens_only.identify(&[], authorization);
-        if tokens_only.tokens_configured()
-            && let Err(denied) = tokens_only.allow(&caller, crate::auth::Need::Read)
+        let authority = &state.authority;
+        let caller = authority.identify(&[], authorization);
+        if authority.tokens_configured()
+            && let Err(denied) = authority.allow(&caller, crate::auth::Need::Read)
         {
             let status = match denied {
                 crate::auth::Denied::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
