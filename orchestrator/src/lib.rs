@@ -30,6 +30,4 @@ pub mod scaler;
 pub mod scaling;
 pub mod server;
 pub mod store;
-#[cfg(test)]
-pub(crate) mod test_util;
 pub mod webhook;

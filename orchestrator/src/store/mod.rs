@@ -101,9 +101,23 @@ pub(crate) mod memory {
         outbox: Vec<OutboxEntry>,
         dead_letters: u64,
         history: Vec<Point>,
+        /// Outbox ids deleted (delivered), in order.
+        deleted: Vec<String>,
     }
 
     impl MemoryStore {
+        /// Waits (real time, 10 s at most) until the outbox entry `id` was deleted.
+        pub(crate) fn wait_for_deleted(&self, id: &str) {
+            let (lock, changed) = &*self.inner;
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let mut inner = lock.lock().unwrap();
+            while !inner.deleted.iter().any(|deleted| deleted == id) {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                assert!(!left.is_zero(), "outbox entry {id} was never deleted");
+                inner = changed.wait_timeout(inner, left).unwrap().0;
+            }
+        }
+
         /// Waits (in real time, the writer is a thread) until the stored state
         /// satisfies `done`, and returns it; panics after 10 s with what is there.
         pub(crate) fn wait_for(&self, done: impl Fn(&StoredState) -> bool) -> StoredState {
@@ -157,7 +171,10 @@ pub(crate) mod memory {
                     Write::PutHeal(record) => inner.heals.push(record),
                     Write::PruneHeals { before } => inner.heals.retain(|record| record.at >= before),
                     Write::PutOutbox(entry) => inner.outbox.push(entry),
-                    Write::DeleteOutbox(id) => inner.outbox.retain(|entry| entry.id != id),
+                    Write::DeleteOutbox(id) => {
+                        inner.outbox.retain(|entry| entry.id != id);
+                        inner.deleted.push(id);
+                    }
                     Write::DeadLetter(id) => {
                         inner.outbox.retain(|entry| entry.id != id);
                         inner.dead_letters += 1;

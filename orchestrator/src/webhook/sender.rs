@@ -189,10 +189,13 @@ async fn deliver(delivery: Arc<Delivery>, entry: OutboxEntry) -> String {
         };
         match result {
             Ok(status) => {
-                delivery.store.write(vec![Write::DeleteOutbox(entry.id.clone())]);
+                // Counted before the store write, as dead letters are.
                 delivery.metrics.webhooks_sent.get_or_create(&reason).inc();
                 if self_healing {
                     delivery.metrics.self_healing_webhooks_sent.inc();
+                }
+                delivery.store.write(vec![Write::DeleteOutbox(entry.id.clone())]);
+                if self_healing {
                     info!(webhook.id = %entry.id, attempt, status, "Self-healing webhook sent successfully");
                 } else if entry.reason == super::PREDICTED_HIGH_FLEET_CPU_LOAD {
                     info!(webhook.id = %entry.id, attempt, status, "Predictive scale-up webhook called successfully");
@@ -397,13 +400,19 @@ mod tests {
     async fn failed_attempts_are_retried_with_the_same_id_until_a_2xx_removes_the_entry() {
         let (url, attempts) = serve(3).await;
         let running = run_sender(settings(url, Duration::from_secs(3600)), entry());
-        let metrics = running.metrics.clone();
-        crate::test_util::until(|| metrics.self_healing_webhooks_sent.get() == 1).await;
         // The entry was put before it was sent; the delete follows the 2xx.
         let store = running.store.clone();
-        tokio::task::spawn_blocking(move || store.wait_for(|state| state.outbox.is_empty()))
+        tokio::task::spawn_blocking(move || store.wait_for_deleted("msg_test"))
             .await
             .unwrap();
+        assert!(
+            running
+                .store
+                .wait_for(|state| state.outbox.is_empty())
+                .outbox
+                .is_empty()
+        );
+        assert_eq!(running.metrics.self_healing_webhooks_sent.get(), 1);
 
         let attempts = attempts.lock().unwrap().clone();
         assert_eq!(attempts.len(), 4, "three 500s, then delivered once");
