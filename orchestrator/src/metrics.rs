@@ -90,8 +90,12 @@ pub struct Metrics {
     pub scaling_decisions: Family<DecisionLabel, Counter>,
     /// How much later than the heartbeat interval heartbeats arrive, seconds.
     pub heartbeat_lateness_seconds: Histogram,
+    /// From a heartbeat's receipt on its stream to the registry applying it, seconds.
+    pub heartbeat_handling_seconds: Histogram,
     /// Agent streams open now.
     pub agent_streams: Gauge,
+    /// Nodes the latest dead-node check looked at (only those due are).
+    pub detector_nodes_checked: Gauge,
     /// Agent sessions accepted.
     pub agent_sessions: Counter,
     /// Always 1, labelled with the version.
@@ -110,6 +114,12 @@ pub struct VersionLabel {
 /// Buckets of the heartbeat lateness histogram, seconds.
 const LATENESS_BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Buckets of the heartbeat handling histogram, seconds: 10 µs to 1 s.
+const HANDLING_BUCKETS: [f64; 16] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0,
 ];
 
 /// A `decision` label.
@@ -156,7 +166,9 @@ impl Metrics {
             predictive_scale_ups: Counter::default(),
             scaling_decisions: Family::default(),
             heartbeat_lateness_seconds: Histogram::new(LATENESS_BUCKETS),
+            heartbeat_handling_seconds: Histogram::new(HANDLING_BUCKETS),
             agent_streams: Gauge::default(),
+            detector_nodes_checked: Gauge::default(),
             agent_sessions: Counter::default(),
             build_info: Family::default(),
             accept_errors: Counter::default(),
@@ -292,6 +304,16 @@ impl Metrics {
             "orchestrator_heartbeat_lateness_seconds",
             "How much later than the heartbeat interval each heartbeat arrived",
             metrics.heartbeat_lateness_seconds.clone(),
+        );
+        registry.register(
+            "orchestrator_heartbeat_handling_seconds",
+            "Time from a heartbeat's receipt on its stream to the fleet registry applying it",
+            metrics.heartbeat_handling_seconds.clone(),
+        );
+        registry.register(
+            "orchestrator_detector_nodes_checked",
+            "Nodes the latest dead-node check looked at; only nodes whose deadline has come are",
+            metrics.detector_nodes_checked.clone(),
         );
         registry.register(
             "orchestrator_agent_streams",

@@ -10,7 +10,8 @@
 //! The periodic dead-node check lives in [`crate::detector`].
 
 use std::{
-    collections::HashMap,
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -171,6 +172,8 @@ pub(crate) struct NodeRecord {
     /// Restored after an orchestrator restart and not yet reconnected: it is not
     /// judged before this instant.
     pub(crate) restart_grace_until: Option<Instant>,
+    /// When this node's entry in the detector's schedule comes due, if it has one.
+    pub(crate) due: Option<Instant>,
 }
 
 impl NodeRecord {
@@ -189,6 +192,14 @@ impl NodeRecord {
 pub struct Registry {
     pub(crate) config: LifecycleConfig,
     pub(crate) nodes: HashMap<NodeId, NodeRecord>,
+    /// The detector's schedule: when each node next needs looking at, earliest
+    /// first. Entries are lazy: a heartbeat does not move its node's entry; the
+    /// entry comes due, finds the node fresh and is pushed again further out, so a
+    /// node costs one entry per heartbeat timeout, not one per heartbeat. An entry
+    /// whose time no longer matches its node's `due` is stale and skipped.
+    pub(crate) schedule: BinaryHeap<Reverse<(Instant, NodeId)>>,
+    /// Nodes the latest dead-node check looked at.
+    pub(crate) last_check_visits: usize,
     next_session: u64,
     /// When the previous dead-node check ran.
     pub(crate) last_check: Option<Instant>,
@@ -204,6 +215,8 @@ impl Registry {
         Self {
             config,
             nodes: HashMap::new(),
+            schedule: BinaryHeap::new(),
+            last_check_visits: 0,
             next_session: 1,
             last_check: None,
             anchor: TimeAnchor {
@@ -257,8 +270,10 @@ impl Registry {
                 cancelled_termination: None,
                 ended_at: None,
                 restart_grace_until: None,
+                due: None,
             };
             self.nodes.insert(id, record);
+            self.schedule(id, now);
             self.publish(id, EventKind::NodeJoined, String::new(), now);
             return session;
         };
@@ -285,6 +300,7 @@ impl Registry {
         record.restart_grace_until = None;
         record.state = record.live_state();
         record.state_reason.clear();
+        self.schedule(id, now);
 
         if let Some(old) = fenced {
             self.effects.push(Effect::CloseSession {
@@ -362,8 +378,11 @@ impl Registry {
                 cancelled_termination: None,
                 ended_at: final_state.then_some(now),
                 restart_grace_until: (!final_state).then_some(now + grace),
+                due: None,
             };
-            self.nodes.insert(node.id, record);
+            let id = node.id;
+            self.nodes.insert(id, record);
+            self.schedule(id, now);
         }
     }
 
@@ -480,6 +499,7 @@ impl Registry {
         record.suspect_checks = 0;
         record.state_reason = format!("stream ended without goodbye ({cause})");
         let reason = record.state_reason.clone();
+        self.schedule(node, now);
         self.publish(node, EventKind::NodeSuspected, reason, now);
     }
 
@@ -516,6 +536,7 @@ impl Registry {
         if record.state == NodeState::Connected {
             record.state = NodeState::Terminating;
         }
+        self.schedule(node, now);
         self.effects.push(Effect::SendTerminate {
             node,
             session,
@@ -634,6 +655,7 @@ impl Registry {
         record.cancelled_termination = None;
         record.ended_at = Some(now);
         record.restart_grace_until = None;
+        self.schedule(node, now);
         self.publish(node, kind, reason, now);
     }
 

@@ -8,10 +8,19 @@
 //! by default, spread over 127.0.0.x source addresses so ephemeral ports do not
 //! run out; `--streams-per-connection K` multiplexes K agents per connection.
 //!
-//! Faults, injected halfway through `--duration`: `--kill K` drops K agents'
-//! connections abruptly (a crash), `--stall K` keeps K streams open but silent (a
-//! hang). The run watches the orchestrator's events and reports detection latency
-//! per fault, and every failure of an agent that was healthy (`false_failures`).
+//! Faults, injected from halfway through `--duration`, one every 97 ms so that
+//! they fall at every phase of the orchestrator's check timer: `--kill K` drops K
+//! agents' streams abruptly (a crash), `--stall K` keeps K streams open but silent
+//! (a hang). The run watches the orchestrator's events and reports detection
+//! latency per fault, and every failure of an agent that was healthy
+//! (`false_failures`).
+//!
+//! Healthy agents whose stream ends reconnect like the real agent (jittered
+//! exponential backoff from 0.5 s to 30 s). Restart the orchestrator during a run
+//! and `reconnect` says how long it took until every agent that lost its stream
+//! was welcomed again (the reconnect storm). With `--orchestrator-http`, the run
+//! also reads the orchestrator's heartbeat handling latency (receipt on the stream
+//! to the registry applying it) from `/metrics` over its second half.
 
 use std::{
     collections::HashMap,
@@ -69,6 +78,10 @@ struct Args {
     /// The orchestrator's pid, to report its CPU and RSS from /proc
     #[arg(long)]
     orchestrator_pid: Option<u32>,
+    /// The orchestrator's HTTP address (host:port), to read heartbeat handling
+    /// latency and detector work from its /metrics
+    #[arg(long)]
+    orchestrator_http: Option<std::net::SocketAddr>,
     /// Print one JSON object instead of text
     #[arg(long)]
     json: bool,
@@ -84,6 +97,19 @@ struct Counters {
     connected: AtomicU64,
     messages: AtomicU64,
     refused: AtomicU64,
+    /// Streams of healthy agents that ended under them.
+    lost: AtomicU64,
+    /// Of those, welcomed again.
+    back: AtomicU64,
+    /// The first loss, and each agent's time from its loss to its next Welcome.
+    storm: Mutex<Storm>,
+}
+
+#[derive(Default)]
+struct Storm {
+    first_loss: Option<Instant>,
+    last_back: Option<Instant>,
+    downtimes: Vec<Duration>,
 }
 
 /// What a virtual agent is told halfway.
@@ -163,8 +189,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
 
     let cpu_before = args.orchestrator_pid.map(process_cpu_time);
+    let metrics_at_start = match args.orchestrator_http {
+        Some(addr) => Some(scrape(addr).await?),
+        None => None,
+    };
     let started = Instant::now();
-    let (fault_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let half = Duration::from_secs_f64(args.duration / 2.0);
+    let faults_from = started + half;
+    let faults_from_wall = SystemTime::now() + half;
     let gate = Arc::new(Semaphore::new(args.connect_concurrency));
     let mut channels: Vec<Channel> = Vec::new();
     let mut tasks = Vec::with_capacity(args.agents);
@@ -180,24 +212,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
             channels.push(endpoint.connect_lazy());
         }
         let channel = channels[connection].clone();
+        let fate = fates[id];
         let agent = VirtualAgent {
             id: *id,
-            fate: fates[id],
+            fate,
+            fault_at: faults_from + FAULT_STEP * index as u32,
             cpu: args.cpu,
             interval: args.heartbeat_interval.map(Duration::from_secs_f64),
             counters: counters.clone(),
             gate: gate.clone(),
         };
-        tasks.push(tokio::spawn(agent.run(channel, fault_tx.subscribe())));
+        tasks.push(tokio::spawn(agent.run(channel)));
     }
 
-    let half = Duration::from_secs_f64(args.duration / 2.0);
     tokio::time::sleep(half.saturating_sub(started.elapsed())).await;
     let connected_before_faults = counters.connected.load(Ordering::Relaxed);
     let messages_at_half = counters.messages.load(Ordering::Relaxed);
+    // The steady half: every agent has connected (ramp-up is over).
+    let metrics_at_half = match args.orchestrator_http {
+        Some(addr) => Some(scrape(addr).await?),
+        None => None,
+    };
     let half_at = Instant::now();
-    let fault_time = SystemTime::now();
-    let _ = fault_tx.send(());
     tokio::time::sleep(Duration::from_secs_f64(args.duration).saturating_sub(started.elapsed())).await;
     let rate = (counters.messages.load(Ordering::Relaxed) - messages_at_half) as f64
         / half_at.elapsed().as_secs_f64().max(1e-9);
@@ -206,10 +242,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut false_failures = 0;
     let mut crash = Vec::new();
     let mut hang = Vec::new();
+    let index: HashMap<Uuid, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
     for (node, at) in &failures {
-        let Some(fate) = Uuid::parse_str(node).ok().and_then(|id| fates.get(&id)) else {
+        let Some(id) = Uuid::parse_str(node).ok() else {
             continue;
         };
+        let (Some(fate), Some(i)) = (fates.get(&id), index.get(&id)) else {
+            continue;
+        };
+        let fault_time = faults_from_wall + FAULT_STEP * *i as u32;
         let latency = at.duration_since(fault_time).unwrap_or_default();
         match fate {
             Fate::Healthy => false_failures += 1,
@@ -223,6 +264,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
             (Some(used / started.elapsed().as_secs_f64()), process_rss(pid))
         }
         _ => (None, None),
+    };
+    let handling = match (args.orchestrator_http, metrics_at_half.or(metrics_at_start)) {
+        (Some(addr), Some(before)) => {
+            let after = scrape(addr).await?;
+            let buckets = histogram_delta(&before, &after, "orchestrator_heartbeat_handling_seconds");
+            json!({
+                "heartbeats": buckets.last().map(|(_, count)| *count),
+                "p50_s_at_most": quantile_bound(&buckets, 0.5),
+                "p99_s_at_most": quantile_bound(&buckets, 0.99),
+                "detector_nodes_checked_last": gauge(&after, "orchestrator_detector_nodes_checked"),
+            })
+        }
+        _ => serde_json::Value::Null,
+    };
+    let storm = {
+        let storm = counters.storm.lock().expect("lock");
+        let mut downtimes = storm.downtimes.clone();
+        json!({
+            "lost": counters.lost.load(Ordering::Relaxed),
+            "back": counters.back.load(Ordering::Relaxed),
+            "all_back_s": match (storm.first_loss, storm.last_back) {
+                (Some(first), Some(last)) if counters.back.load(Ordering::Relaxed) == counters.lost.load(Ordering::Relaxed) =>
+                    Some(last.saturating_duration_since(first).as_secs_f64()),
+                _ => None,
+            },
+            "per_agent_downtime": spread(&mut downtimes),
+        })
     };
     for task in tasks {
         task.abort();
@@ -240,6 +308,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "orchestrator_cpu_share_of_one_core": cpu,
         "orchestrator_rss_bytes": rss,
         "orchestrator_rss_bytes_per_agent": rss.map(|rss| rss / args.agents.max(1) as u64),
+        "heartbeat_handling": handling,
+        "reconnect": storm,
     });
     if args.json {
         println!("{report}");
@@ -250,31 +320,87 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn latency_summary(samples: &mut [Duration], injected: usize) -> serde_json::Value {
+    let mut summary = spread(samples);
+    summary["injected"] = json!(injected);
+    summary["detected"] = json!(samples.len());
+    summary
+}
+
+/// Median, 99th percentile and maximum of `samples`, seconds.
+fn spread(samples: &mut [Duration]) -> serde_json::Value {
     if samples.is_empty() {
-        return json!({ "injected": injected, "detected": 0 });
+        return json!({});
     }
     samples.sort();
     let at = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize].as_secs_f64();
     json!({
-        "injected": injected,
-        "detected": samples.len(),
         "p50_s": at(0.5),
         "p99_s": at(0.99),
         "max_s": samples[samples.len() - 1].as_secs_f64(),
     })
 }
 
+/// Faults are injected this far apart.
+const FAULT_STEP: Duration = Duration::from_millis(97);
+
 struct VirtualAgent {
     id: Uuid,
     fate: Fate,
+    /// When a faulty agent's fault strikes.
+    fault_at: Instant,
     cpu: f64,
     interval: Option<Duration>,
     counters: Arc<Counters>,
     gate: Arc<Semaphore>,
 }
 
+/// How one session of a virtual agent ended.
+enum SessionEnd {
+    /// The orchestrator refused it or the connection failed before Welcome.
+    Refused,
+    /// Welcomed, then the stream ended under a healthy agent.
+    Lost,
+    /// The agent's fault was injected: it is gone for good.
+    Faulted,
+}
+
 impl VirtualAgent {
-    async fn run(self, channel: Channel, mut fault: tokio::sync::broadcast::Receiver<()>) {
+    /// Runs sessions until a fault takes the agent out; reconnects like the real
+    /// agent after a stream it did not end.
+    async fn run(self, channel: Channel) {
+        let mut backoff =
+            secbeat::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30), 0.5)
+                .expect("valid backoff");
+        let mut lost_at: Option<Instant> = None;
+        loop {
+            match self.session(&channel, &mut lost_at).await {
+                SessionEnd::Faulted => return,
+                SessionEnd::Lost => {
+                    backoff.reset();
+                    let now = Instant::now();
+                    lost_at = Some(now);
+                    self.counters.lost.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .storm
+                        .lock()
+                        .expect("lock")
+                        .first_loss
+                        .get_or_insert(now);
+                }
+                // Not welcomed: before the first Welcome a refusal is final (the
+                // orchestrator is at max_nodes, or not there); during a storm, retry.
+                SessionEnd::Refused if lost_at.is_none() => {
+                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                SessionEnd::Refused => {}
+            }
+            let delay = backoff.next_delay(&mut rand::rng());
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn session(&self, channel: &Channel, lost_at: &mut Option<Instant>) -> SessionEnd {
         let (outbound, requests) = mpsc::channel(8);
         let hello = pb::Hello {
             node_id: self.id.to_string(),
@@ -286,23 +412,32 @@ impl VirtualAgent {
         let _ = outbound.send(message(Kind::Hello(hello))).await;
         let opened = {
             let _permit = self.gate.acquire().await.expect("never closed");
-            AgentServiceClient::new(channel)
+            AgentServiceClient::new(channel.clone())
                 .connect(ReceiverStream::new(requests))
                 .await
         };
         let Ok(response) = opened else {
-            self.counters.refused.fetch_add(1, Ordering::Relaxed);
-            return;
+            return SessionEnd::Refused;
         };
         let mut inbound = response.into_inner();
         let Ok(Some(pb::ControlMessage {
             kind: Some(control_message::Kind::Welcome(welcome)),
         })) = inbound.message().await
         else {
-            self.counters.refused.fetch_add(1, Ordering::Relaxed);
-            return;
+            return SessionEnd::Refused;
         };
-        self.counters.connected.fetch_add(1, Ordering::Relaxed);
+        match lost_at.take() {
+            None => {
+                self.counters.connected.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(lost) => {
+                let now = Instant::now();
+                self.counters.back.fetch_add(1, Ordering::Relaxed);
+                let mut storm = self.counters.storm.lock().expect("lock");
+                storm.downtimes.push(now - lost);
+                storm.last_back = Some(storm.last_back.map_or(now, |last| last.max(now)));
+            }
+        }
         let given = welcome
             .heartbeat_interval
             .and_then(|d| Duration::try_from(d).ok())
@@ -319,28 +454,94 @@ impl VirtualAgent {
                     if outbound.send(samples).await.is_err()
                         || outbound.send(message(Kind::Heartbeat(pb::Heartbeat { sequence }))).await.is_err()
                     {
-                        return;
+                        return SessionEnd::Lost;
                     }
                     self.counters.messages.fetch_add(2, Ordering::Relaxed);
                 }
-                _ = fault.recv(), if self.fate != Fate::Healthy => match self.fate {
+                () = tokio::time::sleep_until(self.fault_at.into()), if self.fate != Fate::Healthy => match self.fate {
                     // Dropping the stream and its sender resets it without a
                     // goodbye: to the orchestrator, a crash.
-                    Fate::Kill => return,
+                    Fate::Kill => return SessionEnd::Faulted,
                     // Silent but open: keep the stream, send nothing, read nothing.
                     Fate::Stall => {
                         let _keep = (outbound, inbound);
                         std::future::pending::<()>().await;
-                        return;
+                        return SessionEnd::Faulted;
                     }
                     Fate::Healthy => unreachable!("guarded"),
                 },
                 command = inbound.message() => if !matches!(command, Ok(Some(_))) {
-                    return;
+                    return SessionEnd::Lost;
                 },
             }
         }
     }
+}
+
+/// One scrape of the orchestrator's /metrics, as `(series, value)` pairs.
+async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<Vec<(String, f64)>> {
+    let response = secbeat_integration::http_request(addr, "/metrics", &[]).await?;
+    anyhow::ensure!(response.status == 200, "GET /metrics: HTTP {}", response.status);
+    Ok(response
+        .body
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect())
+}
+
+fn gauge(scrape: &[(String, f64)], name: &str) -> Option<f64> {
+    scrape
+        .iter()
+        .find(|(series, _)| series == name)
+        .map(|(_, value)| *value)
+}
+
+/// A histogram's cumulative buckets `(upper bound, count)` over the time between
+/// two scrapes, `+Inf` last.
+fn histogram_delta(before: &[(String, f64)], after: &[(String, f64)], name: &str) -> Vec<(f64, f64)> {
+    let buckets = |scrape: &[(String, f64)]| -> Vec<(f64, f64)> {
+        let prefix = format!("{name}_bucket{{le=\"");
+        let mut buckets: Vec<(f64, f64)> = scrape
+            .iter()
+            .filter_map(|(series, value)| {
+                let bound = series.strip_prefix(&prefix)?.strip_suffix("\"}")?;
+                let bound = if bound == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    bound.parse().ok()?
+                };
+                Some((bound, *value))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        buckets
+    };
+    let before = buckets(before);
+    buckets(after)
+        .into_iter()
+        .map(|(bound, count)| {
+            let earlier = before.iter().find(|(b, _)| *b == bound).map_or(0.0, |(_, c)| *c);
+            (bound, count - earlier)
+        })
+        .collect()
+}
+
+/// The upper bound of the bucket the `q` quantile falls in: the quantile is at
+/// most this.
+fn quantile_bound(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    buckets
+        .iter()
+        .find(|(_, count)| *count >= q * total)
+        .map(|(bound, _)| *bound)
+        .filter(|bound| bound.is_finite())
 }
 
 fn message(kind: Kind) -> pb::AgentMessage {
