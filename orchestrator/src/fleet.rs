@@ -339,7 +339,7 @@ impl FleetActor {
                 () = shutdown.cancelled() => break,
                 _ = checks.tick() => {
                     self.registry.check(clock::now());
-                    self.outputs.metrics.detector_nodes_checked.set(self.registry.last_check_visits() as i64);
+                    self.outputs.metrics.detector_nodes_checked.inc_by(self.registry.last_check_visits() as u64);
                 }
                 received = inbox.recv_many(&mut batch, COMMAND_BATCH) => {
                     if received == 0 {

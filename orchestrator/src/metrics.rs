@@ -94,8 +94,8 @@ pub struct Metrics {
     pub heartbeat_handling_seconds: Histogram,
     /// Agent streams open now.
     pub agent_streams: Gauge,
-    /// Nodes the latest dead-node check looked at (only those due are).
-    pub detector_nodes_checked: Gauge,
+    /// Nodes dead-node checks have looked at (only those due are).
+    pub detector_nodes_checked: Counter,
     /// Agent sessions accepted.
     pub agent_sessions: Counter,
     /// Always 1, labelled with the version.
@@ -168,7 +168,7 @@ impl Metrics {
             heartbeat_lateness_seconds: Histogram::new(LATENESS_BUCKETS),
             heartbeat_handling_seconds: Histogram::new(HANDLING_BUCKETS),
             agent_streams: Gauge::default(),
-            detector_nodes_checked: Gauge::default(),
+            detector_nodes_checked: Counter::default(),
             agent_sessions: Counter::default(),
             build_info: Family::default(),
             accept_errors: Counter::default(),
@@ -312,7 +312,7 @@ impl Metrics {
         );
         registry.register(
             "orchestrator_detector_nodes_checked",
-            "Nodes the latest dead-node check looked at; only nodes whose deadline has come are",
+            "Nodes the dead-node checks looked at; a check looks only at nodes whose deadline has come",
             metrics.detector_nodes_checked.clone(),
         );
         registry.register(

@@ -54,7 +54,8 @@ struct Args {
     /// Virtual agents
     #[arg(long, default_value_t = 100)]
     agents: usize,
-    /// How long to run, seconds (faults are injected halfway)
+    /// How long to run, seconds: CPU, memory, message rate and handling latency
+    /// are measured from a quarter to half of it; faults start halfway
     #[arg(long, default_value_t = 30.0, value_parser = parse_secs)]
     duration: f64,
     /// Agents multiplexed per HTTP/2 connection (1: each its own connection)
@@ -101,6 +102,8 @@ struct Counters {
     lost: AtomicU64,
     /// Of those, welcomed again.
     back: AtomicU64,
+    /// Attempts to reconnect that were not welcomed (and backed off again).
+    failed_reconnects: AtomicU64,
     /// The first loss, and each agent's time from its loss to its next Welcome.
     storm: Mutex<Storm>,
 }
@@ -171,29 +174,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let watch_channel = Endpoint::from_shared(args.orchestrator.clone())?
         .connect()
         .await?;
-    let mut events = FleetServiceClient::new(watch_channel)
+    let events = FleetServiceClient::new(watch_channel)
         .watch_events(pb::WatchEventsRequest {})
         .await?
         .into_inner();
     let failures: Arc<Mutex<Vec<(String, SystemTime)>>> = Arc::default();
-    let sink = failures.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(event)) = events.message().await {
-            if event.r#type() == FleetEventType::NodeFailed
-                && let Some(time) = event.time
-            {
-                let at = SystemTime::UNIX_EPOCH + Duration::new(time.seconds as u64, time.nanos as u32);
-                sink.lock().expect("lock").push((event.node_id, at));
-            }
-        }
-    });
+    tokio::spawn(watch_failures(
+        args.orchestrator.clone(),
+        events,
+        failures.clone(),
+    ));
 
-    let cpu_before = args.orchestrator_pid.map(process_cpu_time);
-    let metrics_at_start = match args.orchestrator_http {
-        Some(addr) => Some(scrape(addr).await?),
-        None => None,
-    };
     let started = Instant::now();
+    let quarter = Duration::from_secs_f64(args.duration / 4.0);
     let half = Duration::from_secs_f64(args.duration / 2.0);
     let faults_from = started + half;
     let faults_from_wall = SystemTime::now() + half;
@@ -225,18 +218,40 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(agent.run(channel)));
     }
 
+    // The steady window, from a quarter to half of the run: every agent has
+    // connected (the ramp-up is over) and no fault has been injected yet.
+    tokio::time::sleep(quarter.saturating_sub(started.elapsed())).await;
+    let steady_from = Snapshot::take(&args, &counters).await?;
     tokio::time::sleep(half.saturating_sub(started.elapsed())).await;
+    let steady_to = Snapshot::take(&args, &counters).await?;
     let connected_before_faults = counters.connected.load(Ordering::Relaxed);
-    let messages_at_half = counters.messages.load(Ordering::Relaxed);
-    // The steady half: every agent has connected (ramp-up is over).
-    let metrics_at_half = match args.orchestrator_http {
-        Some(addr) => Some(scrape(addr).await?),
-        None => None,
+    let window = steady_to
+        .at
+        .saturating_duration_since(steady_from.at)
+        .as_secs_f64()
+        .max(1e-9);
+    let rate = (steady_to.messages - steady_from.messages) as f64 / window;
+    let handling = match (&steady_from.metrics, &steady_to.metrics) {
+        (Some(before), Some(after)) => {
+            let buckets = histogram_delta(before, after, "orchestrator_heartbeat_handling_seconds");
+            json!({
+                "heartbeats": buckets.last().map(|(_, count)| *count),
+                "p50_s_at_most": quantile_bound(&buckets, 0.5),
+                "p99_s_at_most": quantile_bound(&buckets, 0.99),
+                "detector_nodes_checked_per_second": counter_delta(before, after, "orchestrator_detector_nodes_checked_total")
+                    .map(|checked| (checked / window).round()),
+            })
+        }
+        _ => serde_json::Value::Null,
     };
-    let half_at = Instant::now();
+    let (cpu, rss) = match (steady_from.cpu, steady_to.cpu) {
+        (Some(before), Some(after)) => (
+            Some(after.saturating_sub(before).as_secs_f64() / window),
+            steady_to.rss,
+        ),
+        _ => (None, None),
+    };
     tokio::time::sleep(Duration::from_secs_f64(args.duration).saturating_sub(started.elapsed())).await;
-    let rate = (counters.messages.load(Ordering::Relaxed) - messages_at_half) as f64
-        / half_at.elapsed().as_secs_f64().max(1e-9);
 
     let failures = failures.lock().expect("lock").clone();
     let mut false_failures = 0;
@@ -258,32 +273,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Fate::Stall => hang.push(latency),
         }
     }
-    let (cpu, rss) = match (args.orchestrator_pid, cpu_before) {
-        (Some(pid), Some(before)) => {
-            let used = process_cpu_time(pid).saturating_sub(before).as_secs_f64();
-            (Some(used / started.elapsed().as_secs_f64()), process_rss(pid))
-        }
-        _ => (None, None),
-    };
-    let handling = match (args.orchestrator_http, metrics_at_half.or(metrics_at_start)) {
-        (Some(addr), Some(before)) => {
-            let after = scrape(addr).await?;
-            let buckets = histogram_delta(&before, &after, "orchestrator_heartbeat_handling_seconds");
-            json!({
-                "heartbeats": buckets.last().map(|(_, count)| *count),
-                "p50_s_at_most": quantile_bound(&buckets, 0.5),
-                "p99_s_at_most": quantile_bound(&buckets, 0.99),
-                "detector_nodes_checked_last": gauge(&after, "orchestrator_detector_nodes_checked"),
-            })
-        }
-        _ => serde_json::Value::Null,
-    };
     let storm = {
         let storm = counters.storm.lock().expect("lock");
         let mut downtimes = storm.downtimes.clone();
         json!({
             "lost": counters.lost.load(Ordering::Relaxed),
             "back": counters.back.load(Ordering::Relaxed),
+            "failed_attempts": counters.failed_reconnects.load(Ordering::Relaxed),
             "all_back_s": match (storm.first_loss, storm.last_back) {
                 (Some(first), Some(last)) if counters.back.load(Ordering::Relaxed) == counters.lost.load(Ordering::Relaxed) =>
                     Some(last.saturating_duration_since(first).as_secs_f64()),
@@ -301,6 +297,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "connections": channels.len(),
         "connected": connected_before_faults,
         "refused": counters.refused.load(Ordering::Relaxed),
+        "steady_window_s": window,
         "messages_per_second": rate.round(),
         "false_failures": false_failures,
         "crash_detection": latency_summary(&mut crash, args.kill),
@@ -393,7 +390,9 @@ impl VirtualAgent {
                     self.counters.refused.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
-                SessionEnd::Refused => {}
+                SessionEnd::Refused => {
+                    self.counters.failed_reconnects.fetch_add(1, Ordering::Relaxed);
+                }
             }
             let delay = backoff.next_delay(&mut rand::rng());
             tokio::time::sleep(delay).await;
@@ -478,6 +477,66 @@ impl VirtualAgent {
     }
 }
 
+/// The orchestrator and the simulated fleet at one instant.
+struct Snapshot {
+    at: Instant,
+    messages: u64,
+    cpu: Option<Duration>,
+    rss: Option<u64>,
+    metrics: Option<Vec<(String, f64)>>,
+}
+
+impl Snapshot {
+    async fn take(args: &Args, counters: &Counters) -> anyhow::Result<Self> {
+        let metrics = match args.orchestrator_http {
+            Some(addr) => Some(scrape(addr).await?),
+            None => None,
+        };
+        Ok(Self {
+            at: Instant::now(),
+            messages: counters.messages.load(Ordering::Relaxed),
+            cpu: args.orchestrator_pid.map(process_cpu_time),
+            rss: args.orchestrator_pid.and_then(process_rss),
+            metrics,
+        })
+    }
+}
+
+/// Records every NodeFailed event; follows the orchestrator across restarts.
+async fn watch_failures(
+    url: String,
+    mut events: tonic::Streaming<pb::FleetEvent>,
+    sink: Arc<Mutex<Vec<(String, SystemTime)>>>,
+) {
+    loop {
+        while let Ok(Some(event)) = events.message().await {
+            if event.r#type() == FleetEventType::NodeFailed
+                && let Some(time) = event.time
+            {
+                let at = SystemTime::UNIX_EPOCH + Duration::new(time.seconds as u64, time.nanos as u32);
+                sink.lock().expect("lock").push((event.node_id, at));
+            }
+        }
+        // The orchestrator went away (a restart): watch again once it is back.
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let Ok(endpoint) = Endpoint::from_shared(url.clone()) else {
+                return;
+            };
+            let Ok(channel) = endpoint.connect().await else {
+                continue;
+            };
+            if let Ok(response) = FleetServiceClient::new(channel)
+                .watch_events(pb::WatchEventsRequest {})
+                .await
+            {
+                events = response.into_inner();
+                break;
+            }
+        }
+    }
+}
+
 /// One scrape of the orchestrator's /metrics, as `(series, value)` pairs.
 async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<Vec<(String, f64)>> {
     let response = secbeat_integration::http_request(addr, "/metrics", &[]).await?;
@@ -493,11 +552,14 @@ async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<Vec<(String, f64)>
         .collect())
 }
 
-fn gauge(scrape: &[(String, f64)], name: &str) -> Option<f64> {
-    scrape
-        .iter()
-        .find(|(series, _)| series == name)
-        .map(|(_, value)| *value)
+fn counter_delta(before: &[(String, f64)], after: &[(String, f64)], name: &str) -> Option<f64> {
+    let value = |scrape: &[(String, f64)]| {
+        scrape
+            .iter()
+            .find(|(series, _)| series == name)
+            .map(|(_, value)| *value)
+    };
+    Some(value(after)? - value(before)?)
 }
 
 /// A histogram's cumulative buckets `(upper bound, count)` over the time between
