@@ -319,11 +319,10 @@ mod tests {
         let start = Instant::now();
         let mut registry = Registry::new(config(), start, SystemTime::UNIX_EPOCH);
         let sessions: Vec<SessionId> = (0..100).map(|n| registry.connect(info(n), start)).collect();
-        let mut now = start;
         // Heartbeats every second, checks every half second, for a minute.
         let mut visits = Vec::new();
         for step in 1..=120u32 {
-            now = start + Duration::from_millis(500) * step;
+            let now = start + Duration::from_millis(500) * step;
             if step % 2 == 0 {
                 for (n, session) in sessions.iter().enumerate() {
                     registry.heartbeat(info(n as u8).id, *session, now).unwrap();
@@ -340,7 +339,7 @@ mod tests {
         // One node goes silent: it is found without anyone else being looked at more.
         let silent = info(0).id;
         for step in 121..=130u32 {
-            now = start + Duration::from_millis(500) * step;
+            let now = start + Duration::from_millis(500) * step;
             if step % 2 == 0 {
                 for (n, session) in sessions.iter().enumerate().skip(1) {
                     registry.heartbeat(info(n as u8).id, *session, now).unwrap();

@@ -1,11 +1,12 @@
 //! Descriptor exhaustion handled like a production server: with more connections
 //! than its open-files limit allows, the orchestrator backs off instead of spinning
-//! in its accept loop, and keeps serving the agents it already has.
+//! in its accept loop, and keeps serving the agents it already has. And the fleet
+//! simulator, which issue 7's scale measurements rest on, measures what it says.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use secbeat::pb::NodeState;
-use secbeat_integration::{FAST_CONFIG, Orchestrator, STARTUP, eventually, wait_for_state};
+use secbeat_integration::{FAST_CONFIG, Orchestrator, STARTUP, Sig, eventually, wait_for_state};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_connections_than_descriptors_neither_spin_nor_drop_existing_agents() {
@@ -125,4 +126,63 @@ async fn the_fleet_simulator_reports_detection_and_no_false_failures() {
         "{report}"
     );
     assert!(report["orchestrator_rss_bytes"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_simulator_times_the_reconnect_storm_after_an_orchestrator_restart() {
+    const AGENTS: u64 = 40;
+    let mut first = Orchestrator::start(FAST_CONFIG).await.unwrap();
+    let mut sim = tokio::process::Command::new(secbeat_integration::binary("secbeat-fleetsim"))
+        .args(["--orchestrator", &first.url(), "--duration", "12", "--json"])
+        .args(["--agents", &AGENTS.to_string(), "--streams-per-connection", "4"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    eventually(STARTUP, "every simulated agent connected", || {
+        let first = &first;
+        async move {
+            let streams = first.metric("orchestrator_agent_streams").await;
+            (streams == AGENTS as f64).then_some(())
+        }
+    })
+    .await;
+
+    first.process.signal(Sig::SIGKILL);
+    first.process.wait_exit(STARTUP).await.unwrap();
+    let second = first.restart().await.unwrap();
+    // The restarted orchestrator has them all live again, while the run goes on.
+    eventually(STARTUP, "every simulated agent back", || {
+        let second = &second;
+        async move {
+            let streams = second.metric("orchestrator_agent_streams").await;
+            (streams == AGENTS as f64).then_some(())
+        }
+    })
+    .await;
+
+    let output = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        let (mut out, mut err) = (sim.stdout.take().unwrap(), sim.stderr.take().unwrap());
+        let (_, _, status) = tokio::join!(
+            tokio::io::AsyncReadExt::read_to_end(&mut out, &mut stdout),
+            tokio::io::AsyncReadExt::read_to_end(&mut err, &mut stderr),
+            sim.wait()
+        );
+        (status.unwrap(), stdout, stderr)
+    })
+    .await
+    .expect("fleetsim ends after its duration");
+    let (status, stdout, stderr) = output;
+    assert!(status.success(), "{}", String::from_utf8_lossy(&stderr));
+    let report: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
+    let storm = &report["reconnect"];
+    assert_eq!(storm["lost"], AGENTS, "{report}");
+    assert_eq!(storm["back"], AGENTS, "every agent came back: {report}");
+    let all_back = storm["all_back_s"].as_f64().expect("timed");
+    let slowest = storm["per_agent_downtime"]["max_s"].as_f64().unwrap();
+    assert!(all_back >= slowest, "{report}");
+    assert_eq!(report["false_failures"], 0, "{report}");
 }
