@@ -140,27 +140,13 @@ async fn the_fleet_simulator_times_the_reconnect_storm_after_an_orchestrator_res
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    eventually(STARTUP, "every simulated agent connected", || {
-        let first = &first;
-        async move {
-            let streams = first.metric("orchestrator_agent_streams").await;
-            (streams == AGENTS as f64).then_some(())
-        }
-    })
-    .await;
+    wait_for_streams(&first, AGENTS).await;
 
     first.process.signal(Sig::SIGKILL);
     first.process.wait_exit(STARTUP).await.unwrap();
     let second = first.restart().await.unwrap();
     // The restarted orchestrator has them all live again, while the run goes on.
-    eventually(STARTUP, "every simulated agent back", || {
-        let second = &second;
-        async move {
-            let streams = second.metric("orchestrator_agent_streams").await;
-            (streams == AGENTS as f64).then_some(())
-        }
-    })
-    .await;
+    wait_for_streams(&second, AGENTS).await;
 
     let output = tokio::time::timeout(Duration::from_secs(30), async {
         let mut stdout = Vec::new();
@@ -185,4 +171,13 @@ async fn the_fleet_simulator_times_the_reconnect_storm_after_an_orchestrator_res
     let slowest = storm["per_agent_downtime"]["max_s"].as_f64().unwrap();
     assert!(all_back >= slowest, "{report}");
     assert_eq!(report["false_failures"], 0, "{report}");
+}
+
+/// Waits until `orchestrator` has `count` agent streams open.
+async fn wait_for_streams(orchestrator: &Orchestrator, count: u64) {
+    eventually(STARTUP, &format!("{count} agent streams"), || async move {
+        let streams = orchestrator.metric("orchestrator_agent_streams").await;
+        (streams == count as f64).then_some(())
+    })
+    .await;
 }
