@@ -46,10 +46,11 @@ use crate::{
 const TICK: Duration = Duration::from_nanos(1);
 
 impl Registry {
-    /// Runs one dead-node check at `now`; results are queued as effects.
-    pub fn check(&mut self, now: Instant) {
+    /// Runs one dead-node check at `now`; results are queued as effects. Returns
+    /// how many nodes it looked at (only those due).
+    pub fn check(&mut self, now: Instant) -> usize {
         if self.stalled(now) {
-            return;
+            return 0;
         }
         // Due entries in (time, node id) order: event order is reproducible.
         let mut visits = 0;
@@ -76,7 +77,7 @@ impl Registry {
             }
         }
         self.schedule.extend(next_check);
-        self.last_check_visits = visits;
+        visits
     }
 
     /// Makes sure the detector looks at `id` by the time it next needs judging.
@@ -116,11 +117,6 @@ impl Registry {
         }
         self.queue(Effect::DetectorStalled { gap });
         true
-    }
-
-    /// Nodes the latest check looked at (the rest were not due).
-    pub fn last_check_visits(&self) -> usize {
-        self.last_check_visits
     }
 
     /// A gap between checks beyond which the orchestrator itself must have stalled.
@@ -329,8 +325,7 @@ mod tests {
                     registry.heartbeat(info(n as u8).id, *session, now).unwrap();
                 }
             }
-            registry.check(now);
-            visits.push(registry.last_check_visits());
+            visits.push(registry.check(now));
         }
         assert!(registry.nodes.values().all(|r| r.state == NodeState::Connected));
         // Each node is looked at once per heartbeat timeout at most, not every check.
@@ -415,7 +410,9 @@ mod tests {
                     let _ = registry.terminate_ack(id(n), session, now);
                 }
             }
-            Op::Check => registry.check(now),
+            Op::Check => {
+                registry.check(now);
+            }
             Op::Advance(_) | Op::Restart(_) => {}
         }
     }

@@ -338,8 +338,8 @@ impl FleetActor {
                 biased;
                 () = shutdown.cancelled() => break,
                 _ = checks.tick() => {
-                    self.registry.check(clock::now());
-                    self.outputs.metrics.detector_nodes_checked.inc_by(self.registry.last_check_visits() as u64);
+                    let visits = self.registry.check(clock::now());
+                    self.outputs.metrics.detector_nodes_checked.inc_by(visits as u64);
                 }
                 received = inbox.recv_many(&mut batch, COMMAND_BATCH) => {
                     if received == 0 {

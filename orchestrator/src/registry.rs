@@ -198,8 +198,6 @@ pub struct Registry {
     /// node costs one entry per heartbeat timeout, not one per heartbeat. An entry
     /// whose time no longer matches its node's `due` is stale and skipped.
     pub(crate) schedule: BinaryHeap<Reverse<(Instant, NodeId)>>,
-    /// Nodes the latest dead-node check looked at.
-    pub(crate) last_check_visits: usize,
     next_session: u64,
     /// When the previous dead-node check ran.
     pub(crate) last_check: Option<Instant>,
@@ -216,7 +214,6 @@ impl Registry {
             config,
             nodes: HashMap::new(),
             schedule: BinaryHeap::new(),
-            last_check_visits: 0,
             next_session: 1,
             last_check: None,
             anchor: TimeAnchor {

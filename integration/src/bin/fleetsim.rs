@@ -20,7 +20,8 @@
 //! and `reconnect` says how long it took until every agent that lost its stream
 //! was welcomed again (the reconnect storm). With `--orchestrator-http`, the run
 //! also reads the orchestrator's heartbeat handling latency (receipt on the stream
-//! to the registry applying it) from `/metrics` over its second half.
+//! to the registry applying it) and detector work from `/metrics` over the same
+//! steady window as CPU and memory.
 
 use std::{
     collections::HashMap,
@@ -33,6 +34,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use secbeat::backoff::Backoff;
 use secbeat::pb::{
     self, FleetEventType, agent_message::Kind, agent_service_client::AgentServiceClient, control_message,
     fleet_service_client::FleetServiceClient,
@@ -174,16 +176,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let watch_channel = Endpoint::from_shared(args.orchestrator.clone())?
         .connect()
         .await?;
-    let events = FleetServiceClient::new(watch_channel)
+    let mut watcher = FleetServiceClient::new(watch_channel);
+    let events = watcher
         .watch_events(pb::WatchEventsRequest {})
         .await?
         .into_inner();
     let failures: Arc<Mutex<Vec<(String, SystemTime)>>> = Arc::default();
-    tokio::spawn(watch_failures(
-        args.orchestrator.clone(),
-        events,
-        failures.clone(),
-    ));
+    tokio::spawn(watch_failures(watcher, events, failures.clone()));
 
     let started = Instant::now();
     let quarter = Duration::from_secs_f64(args.duration / 4.0);
@@ -220,9 +219,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // The steady window, from a quarter to half of the run: every agent has
     // connected (the ramp-up is over) and no fault has been injected yet.
-    tokio::time::sleep(quarter.saturating_sub(started.elapsed())).await;
+    tokio::time::sleep_until((started + quarter).into()).await;
     let steady_from = Snapshot::take(&args, &counters).await?;
-    tokio::time::sleep(half.saturating_sub(started.elapsed())).await;
+    tokio::time::sleep_until((started + half).into()).await;
     let steady_to = Snapshot::take(&args, &counters).await?;
     let connected_before_faults = counters.connected.load(Ordering::Relaxed);
     let window = steady_to
@@ -251,7 +250,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ),
         _ => (None, None),
     };
-    tokio::time::sleep(Duration::from_secs_f64(args.duration).saturating_sub(started.elapsed())).await;
+    tokio::time::sleep_until((started + Duration::from_secs_f64(args.duration)).into()).await;
 
     let failures = failures.lock().expect("lock").clone();
     let mut false_failures = 0;
@@ -366,8 +365,7 @@ impl VirtualAgent {
     /// agent after a stream it did not end.
     async fn run(self, channel: Channel) {
         let mut backoff =
-            secbeat::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30), 0.5)
-                .expect("valid backoff");
+            Backoff::new(Duration::from_millis(500), Duration::from_secs(30), 0.5).expect("valid backoff");
         let mut lost_at: Option<Instant> = None;
         loop {
             match self.session(&channel, &mut lost_at).await {
@@ -504,12 +502,17 @@ impl Snapshot {
 
 /// Records every NodeFailed event; follows the orchestrator across restarts.
 async fn watch_failures(
-    url: String,
+    mut client: FleetServiceClient<Channel>,
     mut events: tonic::Streaming<pb::FleetEvent>,
     sink: Arc<Mutex<Vec<(String, SystemTime)>>>,
 ) {
+    // The channel reconnects by itself; the watch is asked for again, backing off
+    // while the orchestrator is away (a restart).
+    let mut backoff =
+        Backoff::new(Duration::from_millis(100), Duration::from_secs(1), 0.5).expect("valid backoff");
     loop {
         while let Ok(Some(event)) = events.message().await {
+            backoff.reset();
             if event.r#type() == FleetEventType::NodeFailed
                 && let Some(time) = event.time
             {
@@ -517,22 +520,10 @@ async fn watch_failures(
                 sink.lock().expect("lock").push((event.node_id, at));
             }
         }
-        // The orchestrator went away (a restart): watch again once it is back.
-        loop {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let Ok(endpoint) = Endpoint::from_shared(url.clone()) else {
-                return;
-            };
-            let Ok(channel) = endpoint.connect().await else {
-                continue;
-            };
-            if let Ok(response) = FleetServiceClient::new(channel)
-                .watch_events(pb::WatchEventsRequest {})
-                .await
-            {
-                events = response.into_inner();
-                break;
-            }
+        let delay = backoff.next_delay(&mut rand::rng());
+        tokio::time::sleep(delay).await;
+        if let Ok(response) = client.watch_events(pb::WatchEventsRequest {}).await {
+            events = response.into_inner();
         }
     }
 }

@@ -103,6 +103,8 @@ async fn the_fleet_simulator_reports_detection_and_no_false_failures() {
         ])
         .arg("--orchestrator-pid")
         .arg(orchestrator.process.pid().to_string())
+        .arg("--orchestrator-http")
+        .arg(orchestrator.http_addr.to_string())
         .output()
         .await
         .unwrap();
@@ -126,6 +128,14 @@ async fn the_fleet_simulator_reports_detection_and_no_false_failures() {
         "{report}"
     );
     assert!(report["orchestrator_rss_bytes"].as_u64().unwrap() > 0);
+    // Read from the orchestrator's /metrics over the steady window.
+    let handling = &report["heartbeat_handling"];
+    assert!(handling["heartbeats"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(handling["p99_s_at_most"].as_f64().unwrap() <= 1.0, "{report}");
+    // 60 nodes, checks every 0.2 s: a scan would look at 300 a second; the
+    // schedule looks at each about once per 1 s timeout.
+    let checked = handling["detector_nodes_checked_per_second"].as_f64().unwrap();
+    assert!(checked > 0.0 && checked < 150.0, "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -114,27 +114,13 @@ async fn mtls_admits_an_agent_only_for_the_node_id_in_its_certificate() {
     assert_ne!(refused.code(), tonic::Code::Ok);
 
     // No client certificate: refused, and the agent stops (it would not help to retry).
-    let mut anonymous = Agent::start(&url, pki.node, &strs(&pki.agent_flags(None))).unwrap();
-    let status = anonymous.process.wait_exit(STARTUP).await.unwrap();
-    assert_eq!(status.code(), Some(1));
-    anonymous
-        .process
-        .logs
-        .wait_for("Unauthenticated", STARTUP)
-        .await
-        .unwrap();
+    let anonymous = Agent::start(&url, pki.node, &strs(&pki.agent_flags(None))).unwrap();
+    exits_refused(anonymous, "Unauthenticated").await;
 
     // A certificate for node A claiming node B: PERMISSION_DENIED.
     let other = Uuid::new_v4();
-    let mut impostor = Agent::start(&url, other, &strs(&pki.agent_flags(Some(pki.node)))).unwrap();
-    let status = impostor.process.wait_exit(STARTUP).await.unwrap();
-    assert_eq!(status.code(), Some(1));
-    impostor
-        .process
-        .logs
-        .wait_for("PermissionDenied", STARTUP)
-        .await
-        .unwrap();
+    let impostor = Agent::start(&url, other, &strs(&pki.agent_flags(Some(pki.node)))).unwrap();
+    exits_refused(impostor, "PermissionDenied").await;
     orchestrator
         .process
         .logs
@@ -413,4 +399,11 @@ async fn secrets_and_tokens_never_appear_in_logs_or_help() {
             "{binary_name} --help shows a secret"
         );
     }
+}
+
+/// The agent was refused with `code` and exited 1 (retrying would not help).
+async fn exits_refused(mut agent: Agent, code: &str) {
+    let status = agent.process.wait_exit(STARTUP).await.unwrap();
+    assert_eq!(status.code(), Some(1));
+    agent.process.logs.wait_for(code, STARTUP).await.unwrap();
 }
