@@ -4,7 +4,7 @@
 //!   never the average since boot, SecBeat weakness 2).
 //! - `const:0.85`: a fixed value, to drive a chosen load in demos and tests.
 //! - `trace:FILE.csv`: replays a `timestamp,value` trace with values in percent
-//!   (like `../shared/data/nab`), on its own timestamps, sped up by a factor and
+//!   (like `data/nab`), on its own timestamps, sped up by a factor and
 //!   looped at the end.
 
 use std::{
@@ -351,7 +351,7 @@ mod tests {
 
     #[test]
     fn the_shipped_nab_traces_load() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/nab");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/nab");
         let entries = fs::read_dir(&dir).unwrap_or_else(|error| panic!("{}: {error}", dir.display()));
         let now = Instant::now();
         for entry in entries.flatten() {

@@ -351,7 +351,7 @@ impl Orchestrator {
         Ok(self
             .fleet()
             .await?
-            .watch_events(pb::WatchEventsRequest {})
+            .watch_events(pb::WatchEventsRequest::default())
             .await?
             .into_inner())
     }

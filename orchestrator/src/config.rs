@@ -184,6 +184,8 @@ pub struct Config {
     pub node_retention: Seconds,
     /// How long a graceful shutdown may take before the process exits anyway.
     pub shutdown_timeout: Seconds,
+    /// Latest events kept in memory for `WatchEvents { since_sequence }` resumes.
+    pub event_history_size: u32,
 
     /// The seed's scaling check interval (used by predictive scaling).
     pub scaling_check_interval_seconds: Seconds,
@@ -274,6 +276,7 @@ impl Default for Config {
             hello_timeout: Seconds::secs(5.0),
             node_retention: Seconds::secs(3600.0),
             shutdown_timeout: Seconds::secs(10.0),
+            event_history_size: 10_000,
             scaling_check_interval_seconds: Seconds::secs(60.0),
             scale_up_cpu_threshold: 0.80,
             scale_down_cpu_threshold: 0.30,
@@ -360,6 +363,10 @@ pub struct ConfigOverrides {
     #[arg(long, env = "SECBEAT_SHUTDOWN_TIMEOUT", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_timeout: Option<f64>,
+    /// Latest events kept for WatchEvents resumes (since_sequence); older ones get OUT_OF_RANGE [default: 10000]
+    #[arg(long, env = "SECBEAT_EVENT_HISTORY_SIZE", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_history_size: Option<i64>,
     /// Interval of scaling checks (fleet CPU history, prediction), seconds [default: 60]
     #[arg(long, env = "SECBEAT_SCALING_CHECK_INTERVAL_SECONDS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -689,6 +696,12 @@ impl Config {
                     "grpc_listen {} is not loopback and TLS is off: set [tls] cert and key, or allow_insecure = true to accept plain text (anyone who reaches the port can pose as a node or an operator)",
                     self.grpc_listen
                 ),
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.event_history_size) {
+            return Err(ConfigError::new(
+                "event_history_size",
+                "must be between 1 and 1000000",
             ));
         }
         if self.max_message_bytes < 1024 {

@@ -422,7 +422,7 @@ mod tests {
             .take_effects()
             .into_iter()
             .filter_map(|effect| match effect {
-                Effect::Publish(event) => Some((event.node_id, event.kind, event.state)),
+                Effect::Publish(event) => event.node.as_ref().map(|node| (node.id, event.kind, node.state)),
                 _ => None,
             })
             .collect();

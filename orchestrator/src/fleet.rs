@@ -5,7 +5,7 @@
 //! Stream handlers and operator RPCs talk to it through a cloneable [`FleetHandle`]
 //! (commands over a bounded channel). It applies each input to the registry, runs
 //! the dead-node check on its own timer, and then carries out the registry's
-//! effects: it publishes events (numbered, logged, broadcast to every subscriber),
+//! effects: it publishes events (logged, then numbered and kept by the [`EventBus`]),
 //! signals sessions (Welcome, Terminate, close), hands unexpected failures to the
 //! healer, and sends what must survive a restart (changed nodes, heal decisions,
 //! webhooks) to the store writer as one batch, so a node's FAILED state and its
@@ -18,13 +18,14 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    bus::EventBus,
     clock,
-    event::{EventKind, FleetEvent},
+    event::{EventKind, EventNode, FleetEvent},
     healer::{Decision, FailedNode, HealRecord, Healer, HealingPolicy, HoldCause},
     metrics::{CauseLabel, Metrics},
     node::{FleetStats, NodeId, NodeInfo, NodeSnapshot, NodeState, PersistedNode, SessionId},
@@ -36,9 +37,6 @@ use crate::{
     webhook::{self, WebhookEvent},
 };
 
-/// How many events a slow `WatchEvents` subscriber may fall behind before it is
-/// dropped (it gets RESOURCE_EXHAUSTED and can resubscribe).
-pub const EVENT_BUFFER: usize = 1024;
 /// Capacity of the command channel into the actor.
 const COMMAND_BUFFER: usize = 4096;
 /// Most commands the actor takes from its inbox per wake-up. Under load (tens of
@@ -127,11 +125,10 @@ enum Command {
         traceparent: Option<String>,
         reply: oneshot::Sender<Result<TerminateAccepted, TerminateError>>,
     },
-    List(oneshot::Sender<Vec<NodeSnapshot>>),
+    List(oneshot::Sender<(Vec<NodeSnapshot>, u64)>),
     Get(NodeId, oneshot::Sender<Option<NodeSnapshot>>),
     Stats(oneshot::Sender<FleetStats>),
     ScalingView(oneshot::Sender<(FleetStats, Option<Candidate>)>),
-    Subscribe(oneshot::Sender<broadcast::Receiver<FleetEvent>>),
 }
 
 /// A cloneable handle to the fleet actor.
@@ -198,8 +195,9 @@ impl FleetHandle {
         .await
     }
 
-    /// Every known node.
-    pub async fn list(&self) -> Result<Vec<NodeSnapshot>, FleetStopped> {
+    /// Every known node, and the sequence of the last event the list reflects:
+    /// watching the bus from that sequence misses no later change.
+    pub async fn list(&self) -> Result<(Vec<NodeSnapshot>, u64), FleetStopped> {
         self.ask(Command::List).await
     }
 
@@ -216,11 +214,6 @@ impl FleetHandle {
     /// Fleet-wide figures and the least loaded connected node, for a scaling check.
     pub async fn scaling_view(&self) -> Result<(FleetStats, Option<Candidate>), FleetStopped> {
         self.ask(Command::ScalingView).await
-    }
-
-    /// A receiver of every event published from now on.
-    pub async fn subscribe(&self) -> Result<broadcast::Receiver<FleetEvent>, FleetStopped> {
-        self.ask(Command::Subscribe).await
     }
 
     async fn ask<T>(&self, command: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, FleetStopped> {
@@ -257,13 +250,15 @@ pub struct Restored {
     pub heals: Vec<HealRecord>,
 }
 
-/// Where the actor's results go besides its own event bus.
+/// Where the actor's results go.
 #[derive(Debug, Clone)]
 pub struct Outputs {
     /// Durable state.
     pub store: StoreWriter,
     /// Counters.
     pub metrics: Metrics,
+    /// Events (node lifecycle and healing decisions).
+    pub bus: EventBus,
 }
 
 /// Starts the fleet actor; it runs until `shutdown` is cancelled, then ends every
@@ -275,7 +270,6 @@ pub fn spawn(
     shutdown: CancellationToken,
 ) -> (FleetHandle, tokio::task::JoinHandle<()>) {
     let (commands, inbox) = mpsc::channel(COMMAND_BUFFER);
-    let (events, _) = broadcast::channel(EVENT_BUFFER);
     let now = clock::now();
     let mut registry = Registry::new(settings.lifecycle.clone(), now, SystemTime::now());
     if !restored.nodes.is_empty() {
@@ -296,8 +290,6 @@ pub fn spawn(
         registry,
         healer: Healer::new(settings.healing.clone(), restored.heals),
         sessions: HashMap::new(),
-        events,
-        next_sequence: 1,
         heartbeat_interval: settings.heartbeat_interval,
         outputs,
         terminate_traces: HashMap::new(),
@@ -311,8 +303,6 @@ struct FleetActor {
     registry: Registry,
     healer: Healer,
     sessions: HashMap<SessionId, mpsc::UnboundedSender<SessionSignal>>,
-    events: broadcast::Sender<FleetEvent>,
-    next_sequence: u64,
     heartbeat_interval: Duration,
     outputs: Outputs,
     /// Trace context of pending terminates, so a re-sent one joins the same trace.
@@ -415,7 +405,11 @@ impl FleetActor {
                 let _ = reply.send(outcome);
             }
             Command::List(reply) => {
-                let _ = reply.send(self.registry.list());
+                // Publish what earlier commands of this batch changed first, so the
+                // snapshot reflects exactly the events up to the sequence it names.
+                self.apply_effects();
+                let sequence = self.outputs.bus.last_sequence();
+                let _ = reply.send((self.registry.list(), sequence));
             }
             Command::Get(node, reply) => {
                 let _ = reply.send(self.registry.snapshot(node));
@@ -425,9 +419,6 @@ impl FleetActor {
             }
             Command::ScalingView(reply) => {
                 let _ = reply.send((self.registry.stats(), self.registry.least_loaded()));
-            }
-            Command::Subscribe(reply) => {
-                let _ = reply.send(self.events.subscribe());
             }
         }
     }
@@ -466,17 +457,21 @@ impl FleetActor {
         for effect in effects {
             match effect {
                 Effect::Publish(event) => {
-                    changed.insert(event.node_id);
-                    if event.state.is_final() || event.kind == EventKind::TerminateCancelled {
-                        self.terminate_traces.remove(&event.node_id);
+                    let Some(node) = &event.node else {
+                        self.publish(event);
+                        continue;
+                    };
+                    changed.insert(node.id);
+                    if node.state.is_final() || event.kind == EventKind::TerminateCancelled {
+                        self.terminate_traces.remove(&node.id);
                     }
                     match event.kind {
                         EventKind::NodeFailed => {
                             self.outputs.metrics.unexpected_node_failures.inc();
                             failed.push(FailedNode {
-                                id: event.node_id,
-                                ip: event.ip,
-                                hostname: event.hostname.clone(),
+                                id: node.id,
+                                ip: node.ip,
+                                hostname: node.hostname.clone(),
                             });
                         }
                         EventKind::NodeTerminated => {
@@ -595,16 +590,13 @@ impl FleetActor {
     }
 
     fn publish_healing(&mut self, node: &FailedNode, kind: EventKind, reason: String, now: SystemTime) {
-        self.publish(FleetEvent {
-            sequence: 0,
-            time: now,
-            kind,
-            node_id: node.id,
+        let about = EventNode {
+            id: node.id,
             ip: node.ip,
             hostname: node.hostname.clone(),
             state: NodeState::Failed,
-            reason,
-        });
+        };
+        self.publish(FleetEvent::about_node(kind, about, reason, now));
     }
 
     fn signal(&mut self, session: SessionId, signal: SessionSignal) {
@@ -617,18 +609,18 @@ impl FleetActor {
         }
     }
 
-    fn publish(&mut self, mut event: FleetEvent) {
-        event.sequence = self.next_sequence;
-        self.next_sequence += 1;
+    fn publish(&mut self, event: FleetEvent) {
         log_event(&event);
-        // No subscriber is fine: events are also logged.
-        let _ = self.events.send(event);
+        self.outputs.bus.publish(event);
     }
 }
 
-/// Logs an event; the operator-facing lines keep the seed's wording.
+/// Logs a node event; the operator-facing lines keep the seed's wording.
 fn log_event(event: &FleetEvent) {
-    let (id, ip, reason) = (&event.node_id, &event.ip, &event.reason);
+    let Some(node) = &event.node else {
+        return;
+    };
+    let (id, ip, reason) = (&node.id, &node.ip, &event.reason);
     match event.kind {
         EventKind::NodeFailed => error!(
             node.id = %id, node.ip = %ip, %reason,
@@ -639,7 +631,7 @@ fn log_event(event: &FleetEvent) {
             "Node gracefully terminated as commanded - expected shutdown"
         ),
         EventKind::NodeJoined => {
-            info!(node.id = %id, node.ip = %ip, hostname = %event.hostname, "node joined")
+            info!(node.id = %id, node.ip = %ip, hostname = %node.hostname, "node joined")
         }
         EventKind::NodeReconnected => info!(node.id = %id, node.ip = %ip, %reason, "node reconnected"),
         EventKind::NodeSuspected => warn!(node.id = %id, node.ip = %ip, %reason, "node suspected"),
@@ -650,8 +642,13 @@ fn log_event(event: &FleetEvent) {
         EventKind::NodeLeft => info!(node.id = %id, node.ip = %ip, %reason, "node left on its own"),
         EventKind::SessionFenced => warn!(node.id = %id, %reason, "older session fenced"),
         EventKind::NodeForgotten => debug!(node.id = %id, %reason, "node forgotten"),
-        // The healer's own log lines say more.
-        EventKind::SelfHealingRequested | EventKind::SelfHealingHeld => {}
+        // The healer's own log lines say more; the others are not node events.
+        EventKind::SelfHealingRequested
+        | EventKind::SelfHealingHeld
+        | EventKind::ScaleDecided
+        | EventKind::WebhookDelivered
+        | EventKind::WebhookFailed
+        | EventKind::WebhookDeadLettered => {}
     }
 }
 
@@ -714,6 +711,7 @@ pub(crate) mod tests {
         pub(crate) actor: tokio::task::JoinHandle<()>,
         pub(crate) store: MemoryStore,
         pub(crate) metrics: Metrics,
+        pub(crate) bus: EventBus,
     }
 
     pub(crate) fn start(
@@ -725,9 +723,11 @@ pub(crate) mod tests {
         let (committed, _) = mpsc::unbounded_channel();
         let (writer, _thread) = crate::store::writer::spawn(Box::new(store.clone()), committed);
         let metrics = Metrics::new();
+        let bus = EventBus::new(crate::bus::first_sequence(1), 1024);
         let outputs = Outputs {
             store: writer,
             metrics: metrics.clone(),
+            bus: bus.clone(),
         };
         let (handle, actor) = spawn(settings, restored, outputs, shutdown.clone());
         TestFleet {
@@ -735,6 +735,7 @@ pub(crate) mod tests {
             actor,
             store,
             metrics,
+            bus,
         }
     }
 
@@ -752,9 +753,12 @@ pub(crate) mod tests {
     async fn welcome_first_then_a_silent_node_is_failed_by_the_actors_timer() {
         let shutdown = CancellationToken::new();
         let TestFleet {
-            handle: fleet, actor, ..
+            handle: fleet,
+            actor,
+            bus,
+            ..
         } = start(settings(), Restored::default(), &shutdown);
-        let mut events = fleet.subscribe().await.unwrap();
+        let mut events = bus.subscribe(None).unwrap().live;
         let (tx, mut signals) = mpsc::unbounded_channel();
         let node = NodeId(Uuid::new_v4());
         let started = tokio::time::Instant::now();
@@ -764,14 +768,15 @@ pub(crate) mod tests {
             heartbeat_interval: Duration::from_secs(1),
         };
         assert_eq!(signals.recv().await, Some(welcome));
-        assert_eq!(events.recv().await.unwrap().kind, EventKind::NodeJoined);
+        let joined = events.recv().await.unwrap();
+        assert_eq!(joined.kind, EventKind::NodeJoined);
 
         let suspected = events.recv().await.unwrap();
         assert_eq!(suspected.kind, EventKind::NodeSuspected);
         let failed = events.recv().await.unwrap();
         assert_eq!(
-            (failed.kind, failed.node_id, failed.sequence),
-            (EventKind::NodeFailed, node, 3)
+            (failed.kind, failed.node_id(), failed.sequence),
+            (EventKind::NodeFailed, Some(node), joined.sequence + 2)
         );
         let elapsed = started.elapsed();
         // Silent for more than 3s, then one more check: at 4s and 5s on a 1s timer.
@@ -792,9 +797,12 @@ pub(crate) mod tests {
     async fn heartbeats_keep_a_node_alive_for_as_long_as_they_come() {
         let shutdown = CancellationToken::new();
         let TestFleet {
-            handle: fleet, actor, ..
+            handle: fleet,
+            actor,
+            bus,
+            ..
         } = start(settings(), Restored::default(), &shutdown);
-        let mut events = fleet.subscribe().await.unwrap();
+        let mut events = bus.subscribe(None).unwrap().live;
         let (tx, _signals) = mpsc::unbounded_channel();
         let node = NodeId(Uuid::new_v4());
         let session = fleet.connect(info(node), tx, clock::now()).await.unwrap();
@@ -855,12 +863,11 @@ pub(crate) mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn shutdown_ends_every_session_and_every_subscription() {
+    async fn shutdown_ends_every_session() {
         let shutdown = CancellationToken::new();
         let TestFleet {
             handle: fleet, actor, ..
         } = start(settings(), Restored::default(), &shutdown);
-        let mut events = fleet.subscribe().await.unwrap();
         let (tx, mut signals) = mpsc::unbounded_channel();
         fleet
             .connect(info(NodeId(Uuid::new_v4())), tx, clock::now())
@@ -870,12 +877,30 @@ pub(crate) mod tests {
         shutdown.cancel();
         actor.await.unwrap();
         assert_eq!(signals.recv().await, Some(SessionSignal::ShuttingDown));
-        events.recv().await.unwrap(); // the join
-        assert!(matches!(
-            events.recv().await,
-            Err(broadcast::error::RecvError::Closed)
-        ));
         assert_eq!(fleet.stats().await, Err(FleetStopped));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_list_names_the_sequence_of_the_last_event_it_reflects() {
+        let shutdown = CancellationToken::new();
+        let TestFleet {
+            handle: fleet, bus, ..
+        } = start(settings(), Restored::default(), &shutdown);
+        let (before, empty) = fleet.list().await.unwrap();
+        assert!(before.is_empty());
+        assert_eq!(empty, bus.last_sequence());
+        let node = NodeId(Uuid::new_v4());
+        let (tx, _signals) = mpsc::unbounded_channel();
+        fleet.connect(info(node), tx, clock::now()).await.unwrap();
+        let (nodes, sequence) = fleet.list().await.unwrap();
+        assert_eq!(nodes.len(), 1);
+        // The join is reflected and numbered; watching from here starts after it.
+        assert_eq!(sequence, empty + 1);
+        let resumed = bus.subscribe(Some(empty)).unwrap();
+        assert_eq!(resumed.backlog.len(), 1);
+        assert_eq!(resumed.backlog[0].kind, EventKind::NodeJoined);
+        assert!(bus.subscribe(Some(sequence)).unwrap().backlog.is_empty());
+        shutdown.cancel();
     }
 
     fn restored_node(n: u8, state: NodeState, terminating: bool) -> PersistedNode {
@@ -912,7 +937,10 @@ pub(crate) mod tests {
         serde_json::from_slice(&entry.body).unwrap()
     }
 
-    async fn next_of(events: &mut broadcast::Receiver<FleetEvent>, kind: EventKind) -> FleetEvent {
+    async fn next_of(
+        events: &mut tokio::sync::broadcast::Receiver<FleetEvent>,
+        kind: EventKind,
+    ) -> FleetEvent {
         loop {
             let event = events.recv().await.unwrap();
             if event.kind == kind {
@@ -925,7 +953,7 @@ pub(crate) mod tests {
     async fn a_failed_node_and_its_self_healing_webhook_are_persisted_together() {
         let shutdown = CancellationToken::new();
         let test = start(settings(), Restored::default(), &shutdown);
-        let mut events = test.handle.subscribe().await.unwrap();
+        let mut events = test.bus.subscribe(None).unwrap().live;
         let (tx, _signals) = mpsc::unbounded_channel();
         let node = NodeId(Uuid::new_v4());
         test.handle.connect(info(node), tx, clock::now()).await.unwrap();
@@ -933,8 +961,8 @@ pub(crate) mod tests {
         let failed = next_of(&mut events, EventKind::NodeFailed).await;
         let requested = events.recv().await.unwrap();
         assert_eq!(
-            (requested.kind, requested.node_id),
-            (EventKind::SelfHealingRequested, node)
+            (requested.kind, requested.node_id()),
+            (EventKind::SelfHealingRequested, Some(node))
         );
 
         let state = test.store.wait_for(|state| !state.outbox.is_empty());
@@ -944,7 +972,7 @@ pub(crate) mod tests {
         let payload = body(&state.outbox[0]);
         assert_eq!(payload["reason"], "UNEXPECTED_NODE_FAILURE");
         assert_eq!(payload["failed_node_id"], node.to_string());
-        assert_eq!(payload["failed_node_ip"], failed.ip.to_string());
+        assert_eq!(payload["failed_node_ip"], failed.node.unwrap().ip.to_string());
         assert!(
             requested.reason.contains(&state.outbox[0].id),
             "{}",
@@ -961,7 +989,7 @@ pub(crate) mod tests {
     async fn most_of_the_fleet_going_silent_at_once_raises_one_alert_and_heals_nobody() {
         let shutdown = CancellationToken::new();
         let test = start(settings(), Restored::default(), &shutdown);
-        let mut events = test.handle.subscribe().await.unwrap();
+        let mut events = test.bus.subscribe(None).unwrap().live;
         let mut nodes = Vec::new();
         let mut keep = Vec::new();
         for _ in 0..5 {
@@ -1008,9 +1036,9 @@ pub(crate) mod tests {
             heals: Vec::new(),
         };
         let test = start(settings(), restored, &shutdown);
-        let mut events = test.handle.subscribe().await.unwrap();
+        let mut events = test.bus.subscribe(None).unwrap().live;
         let started = tokio::time::Instant::now();
-        let listed = test.handle.list().await.unwrap();
+        let (listed, _) = test.handle.list().await.unwrap();
         assert_eq!(listed.len(), 4, "restored nodes are listed at once");
         assert_eq!(listed[0].state, NodeState::Suspect);
         assert!(listed[0].state_reason.contains("orchestrator restarted"));
@@ -1026,7 +1054,7 @@ pub(crate) mod tests {
         let mut judged = Vec::new();
         while judged.len() < 3 {
             let event = events.recv().await.unwrap();
-            judged.push((event.kind, event.node_id));
+            judged.push((event.kind, event.node_id().unwrap()));
         }
         assert!(
             started.elapsed() >= Duration::from_secs(10),

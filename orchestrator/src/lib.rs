@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod bus;
 pub mod certs;
 pub mod clock;
 pub mod config;

@@ -43,7 +43,7 @@ enum Command {
     /// Replay a CPU trace through the live forecaster and compare models
     ///
     /// The trace is CSV `timestamp,value` (timestamps YYYY-MM-DD HH:MM:SS, values in
-    /// percent, as ../shared/data/nab). Each row is one scaling check on the trace's
+    /// percent, as data/nab). Each row is one scaling check on the trace's
     /// own clock: 60-minute window, 10-minute horizon, gaps handled by time. Prints
     /// the model against the baselines (current value, window mean, the design
     /// card's linear regression): share within +-10 points, MAE and bias in points;

@@ -16,7 +16,7 @@ use std::{
 };
 
 use crate::{
-    event::{EventKind, FleetEvent},
+    event::{EventKind, EventNode, FleetEvent},
     node::{
         FleetStats, NodeId, NodeInfo, NodeSnapshot, NodeState, PersistedNode, PersistedTermination,
         SessionId, TerminationSnapshot,
@@ -660,16 +660,13 @@ impl Registry {
         let Some(record) = self.nodes.get(&node) else {
             return;
         };
-        let event = FleetEvent {
-            sequence: 0,
-            time: self.anchor.wall(now),
-            kind,
-            node_id: node,
+        let about = EventNode {
+            id: node,
             ip: record.info.ip,
             hostname: record.info.hostname.clone(),
             state: record.state,
-            reason,
         };
+        let event = FleetEvent::about_node(kind, about, reason, self.anchor.wall(now));
         self.effects.push(Effect::Publish(event));
     }
 
@@ -828,7 +825,7 @@ mod tests {
             reason: CloseReason::DeclaredFailed
         }));
         assert!(effects.iter().any(
-            |e| matches!(e, Effect::Publish(ev) if ev.kind == EventKind::NodeFailed && ev.node_id == n)
+            |e| matches!(e, Effect::Publish(ev) if ev.kind == EventKind::NodeFailed && ev.node_id() == Some(n))
         ));
         assert_eq!(f.registry.stats().unexpected_failures_total, 1);
         assert_eq!(

@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{forecast::Forecast, node::NodeId};
+use crate::{event::ScaleDecision, forecast::Forecast, node::NodeId};
 
 /// Fewer history points than this: the prediction is not used for decisions (the
 /// seed's HIGH_CONFIDENCE_THRESHOLD).
@@ -133,13 +133,29 @@ impl Decision {
         }
     }
 
+    /// What kind of decision this is.
+    pub fn kind(&self) -> ScaleDecision {
+        match self {
+            Decision::Hold(_) => ScaleDecision::Hold,
+            Decision::ScaleUp { .. } => ScaleDecision::ScaleUp,
+            Decision::ScaleDown(_) => ScaleDecision::ScaleDown,
+        }
+    }
+
+    /// Why, in words.
+    pub fn reason(&self) -> String {
+        match self {
+            Decision::Hold(why) => why.clone(),
+            Decision::ScaleUp { reason, cpu } => format!("{} ({cpu:.2})", reason.as_str()),
+            Decision::ScaleDown(node) => {
+                format!("LOW_FLEET_CPU_LOAD: terminate {} ({:.2})", node.id, node.cpu)
+            }
+        }
+    }
+
     /// The decision in words.
     pub fn describe(&self) -> String {
-        match self {
-            Decision::Hold(why) => format!("hold: {why}"),
-            Decision::ScaleUp { reason, cpu } => format!("scale up: {} ({cpu:.2})", reason.as_str()),
-            Decision::ScaleDown(node) => format!("scale down: terminate {} ({:.2})", node.id, node.cpu),
-        }
+        format!("{}: {}", self.kind().as_str().replace('_', " "), self.reason())
     }
 }
 

@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::{
+    bus::EventBus,
     clock,
+    event::{EventKind, FleetEvent, ScaleDecision},
     fleet::{FleetHandle, FleetStopped},
     forecast::{
         AccuracySummary, Forecast, ForecastConfig, Forecaster, Model, Point, history::LONG_HISTORY_SECONDS,
@@ -52,8 +54,21 @@ pub struct Prediction {
     pub accuracy: AccuracySummary,
     /// Live nodes.
     pub active_nodes: u32,
-    /// The scaler's decision, in words.
-    pub decision: String,
+    /// What the scaler decided.
+    pub decision: ScaleDecision,
+    /// Why, in words.
+    pub decision_reason: String,
+    /// Whether the decision was carried out (false for a hold, under
+    /// forecast_only, or when the scale-down target could not be terminated).
+    pub acted: bool,
+}
+
+/// What a check did about its decision.
+#[derive(Debug, Clone, PartialEq)]
+struct Outcome {
+    decision: ScaleDecision,
+    reason: String,
+    acted: bool,
 }
 
 /// Reads predictions.
@@ -77,6 +92,17 @@ impl PredictionHandle {
     }
 }
 
+/// Where the loop's results go.
+#[derive(Debug, Clone)]
+pub struct ScalingOutputs {
+    /// Durable state (history, scaling webhooks).
+    pub store: StoreWriter,
+    /// Gauges and counters.
+    pub metrics: Metrics,
+    /// SCALE_DECIDED events.
+    pub bus: EventBus,
+}
+
 /// The loop's settings.
 #[derive(Debug, Clone)]
 pub struct ScalingSettings {
@@ -93,10 +119,10 @@ pub fn spawn(
     settings: ScalingSettings,
     history: Vec<Point>,
     fleet: FleetHandle,
-    store: StoreWriter,
-    metrics: Metrics,
+    outputs: ScalingOutputs,
     shutdown: CancellationToken,
 ) -> (PredictionHandle, tokio::task::JoinHandle<()>) {
+    let ScalingOutputs { store, metrics, bus } = outputs;
     let mut forecaster = Forecaster::new(settings.forecast.clone());
     let restored = history.len();
     for point in history {
@@ -122,6 +148,7 @@ pub fn spawn(
         fleet,
         store,
         metrics,
+        bus,
         latest: latest_tx,
         updates,
         anchor: (clock::now(), SystemTime::now()),
@@ -137,6 +164,7 @@ struct ScalingLoop {
     fleet: FleetHandle,
     store: StoreWriter,
     metrics: Metrics,
+    bus: EventBus,
     latest: watch::Sender<Option<Arc<Prediction>>>,
     updates: broadcast::Sender<Arc<Prediction>>,
     /// Maps the (pausable, in tests) monotonic clock to wall time.
@@ -208,7 +236,7 @@ impl ScalingLoop {
                 decision: decision.label().to_owned(),
             })
             .inc();
-        let described = self
+        let outcome = self
             .act(&decision, &stats, forecast.as_ref(), at, &mut writes)
             .await?;
 
@@ -219,6 +247,13 @@ impl ScalingLoop {
             });
         }
         self.store.write(writes);
+        // After the write is queued: whoever hears of the decision can find its webhook.
+        if outcome.decision != ScaleDecision::Hold {
+            self.bus.publish(FleetEvent {
+                decision: Some(outcome.decision),
+                ..FleetEvent::new(EventKind::ScaleDecided, outcome.reason.clone(), at)
+            });
+        }
 
         let prediction = Arc::new(Prediction {
             at,
@@ -228,7 +263,9 @@ impl ScalingLoop {
             configured_model: self.forecaster.config().model,
             accuracy: self.forecaster.accuracy(),
             active_nodes: stats.active_nodes,
-            decision: described,
+            decision: outcome.decision,
+            decision_reason: outcome.reason,
+            acted: outcome.acted,
         });
         self.latest.send_replace(Some(prediction.clone()));
         // No watcher is fine.
@@ -277,7 +314,7 @@ impl ScalingLoop {
         }
     }
 
-    /// Carries out a decision (unless forecast-only) and describes it.
+    /// Carries out a decision (unless forecast-only) and says what was done.
     async fn act(
         &mut self,
         decision: &Decision,
@@ -285,15 +322,21 @@ impl ScalingLoop {
         forecast: Option<&Forecast>,
         at: SystemTime,
         writes: &mut Vec<Write>,
-    ) -> Result<String, FleetStopped> {
+    ) -> Result<Outcome, FleetStopped> {
         let described = decision.describe();
+        let mut outcome = Outcome {
+            decision: decision.kind(),
+            reason: decision.reason(),
+            acted: false,
+        };
         if matches!(decision, Decision::Hold(_)) {
             debug!(decision = %described, "scaling check");
-            return Ok(described);
+            return Ok(outcome);
         }
         if self.scaler.policy().mode == ScalingMode::ForecastOnly {
             info!(decision = %described, "forecast_only: would act on this decision; nothing sent");
-            return Ok(format!("{described} (forecast_only: not acted on)"));
+            outcome.reason = format!("{} (forecast_only: not acted on)", outcome.reason);
+            return Ok(outcome);
         }
         let event = match decision {
             Decision::Hold(_) => unreachable!("handled above"),
@@ -329,7 +372,11 @@ impl ScalingLoop {
                     }
                     Err(error) => {
                         warn!(node.id = %node.id, %error, "scale-down skipped: the node cannot be terminated");
-                        return Ok(format!("hold: scale-down target unavailable ({error})"));
+                        outcome.reason = format!(
+                            "{} (not acted on: the target is unavailable: {error})",
+                            outcome.reason
+                        );
+                        return Ok(outcome);
                     }
                 }
                 WebhookEvent::ScaleDown { node: node.clone() }
@@ -338,6 +385,7 @@ impl ScalingLoop {
         let entry = webhook::outbox_entry(&event, stats, at);
         info!(webhook.id = %entry.id, webhook.reason = %entry.reason, "scaling webhook queued");
         writes.push(Write::PutOutbox(entry));
-        Ok(described)
+        outcome.acted = true;
+        Ok(outcome)
     }
 }

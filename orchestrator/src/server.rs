@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use crate::{
     auth::Authority,
+    bus::{self, EventBus},
     config::{Config, Token},
     fleet::{self, FleetSettings, Outputs, Restored},
     grpc::{
@@ -22,9 +23,9 @@ use crate::{
     },
     http, listener,
     metrics::Metrics,
-    scaling::{self, ScalingSettings},
-    store::{Store, StoreError, StoredState, redb::RedbStore, writer},
-    webhook::sender::{self, SenderError, SenderSettings},
+    scaling::{self, ScalingOutputs, ScalingSettings},
+    store::{Store, StoreError, StoredState, Write, redb::RedbStore, writer},
+    webhook::sender::{self, SenderError, SenderOutputs, SenderSettings},
 };
 
 /// Why the orchestrator could not start or serve.
@@ -93,8 +94,11 @@ impl Orchestrator {
             path: config.state_dir.clone(),
             source,
         })?;
-        let store = RedbStore::open(&config.state_dir)?;
-        let stored = store.load()?;
+        let mut store = RedbStore::open(&config.state_dir)?;
+        let mut stored = store.load()?;
+        // A new event epoch for this run, durable before any event is numbered.
+        stored.event_epoch += 1;
+        store.apply(&[Write::PutEventEpoch(stored.event_epoch)])?;
         let grpc = bind("grpc_listen", config.grpc_listen).await?;
         let http = bind("http_listen", config.http_listen).await?;
         Ok(Self {
@@ -142,6 +146,12 @@ impl Orchestrator {
         }
 
         let metrics = Metrics::new();
+        // The one event bus: the fleet actor, the scaling loop and the webhook
+        // sender publish on it; WatchEvents reads it.
+        let events = EventBus::new(
+            bus::first_sequence(stored.event_epoch),
+            config.event_history_size as usize,
+        );
         listener::raise_open_files_limit(config.max_nodes);
         let (committed_tx, committed) = tokio::sync::mpsc::unbounded_channel();
         let (store, store_thread) = writer::spawn(Box::new(store), committed_tx);
@@ -168,8 +178,11 @@ impl Orchestrator {
             sender_settings,
             stored.outbox,
             committed,
-            store.clone(),
-            metrics.clone(),
+            SenderOutputs {
+                store: store.clone(),
+                metrics: metrics.clone(),
+                bus: events.clone(),
+            },
             shutdown.clone(),
         )?;
         let settings = FleetSettings {
@@ -186,6 +199,7 @@ impl Orchestrator {
         let outputs = Outputs {
             store: store.clone(),
             metrics: metrics.clone(),
+            bus: events.clone(),
         };
         let (fleet, actor) = fleet::spawn(settings, restored, outputs, shutdown.clone());
         let scaling_settings = ScalingSettings {
@@ -197,8 +211,11 @@ impl Orchestrator {
             scaling_settings,
             stored.history,
             fleet.clone(),
-            store,
-            metrics.clone(),
+            ScalingOutputs {
+                store,
+                metrics: metrics.clone(),
+                bus: events.clone(),
+            },
             shutdown.clone(),
         );
 
@@ -257,6 +274,7 @@ impl Orchestrator {
             )
             .add_service(FleetServiceServer::new(FleetApi::new(
                 fleet.clone(),
+                events.clone(),
                 authority.clone(),
             )))
             .add_service(PredictionServiceServer::new(PredictionApi::new(
@@ -302,6 +320,8 @@ impl Orchestrator {
             let _ = actor.await;
             let _ = scaling_loop.await;
             let _ = sender.await;
+            // Every publisher has stopped: end the event watchers.
+            events.close();
             let grpc = grpc_task.await;
             let http = http_task.await;
             // Every writer handle is gone now: the writer finishes what is queued.

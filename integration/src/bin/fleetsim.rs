@@ -178,7 +178,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await?;
     let mut watcher = FleetServiceClient::new(watch_channel);
     let events = watcher
-        .watch_events(pb::WatchEventsRequest {})
+        .watch_events(pb::WatchEventsRequest::default())
         .await?
         .into_inner();
     let failures: Arc<Mutex<Vec<(String, SystemTime)>>> = Arc::default();
@@ -522,7 +522,7 @@ async fn watch_failures(
         }
         let delay = backoff.next_delay(&mut rand::rng());
         tokio::time::sleep(delay).await;
-        if let Ok(response) = client.watch_events(pb::WatchEventsRequest {}).await {
+        if let Ok(response) = client.watch_events(pb::WatchEventsRequest::default()).await {
             events = response.into_inner();
         }
     }

@@ -4,9 +4,10 @@
 
 use std::time::Duration;
 
-use secbeat::pb::{self, NodeState};
+use secbeat::pb::{self, FleetEventType, NodeState};
 use secbeat_integration::{
-    Orchestrator, STARTUP, WebhookReceiver, eventually, run_grpcurl, wait_for_state, webhook_config,
+    Orchestrator, STARTUP, WebhookReceiver, eventually, next_event_matching, run_grpcurl, wait_for_state,
+    webhook_config,
 };
 
 const DELIVERY: Duration = Duration::from_secs(20);
@@ -43,7 +44,7 @@ async fn a_hot_fleet_gets_one_predicted_high_fleet_cpu_load_webhook() {
             .await
             .ok()?;
         let value: serde_json::Value = serde_json::from_str(&out).ok()?;
-        (value["dataPoints"].as_u64()? >= 20).then_some(())
+        (value["prediction"]["dataPoints"].as_u64()? >= 20).then_some(())
     })
     .await;
     let mut hot = Vec::new();
@@ -109,17 +110,25 @@ async fn forecast_only_predicts_and_decides_but_sends_nothing() {
     let orchestrator = Orchestrator::start(&scaling_config(&receiver.url(), "forecast_only"))
         .await
         .unwrap();
+    let mut events = orchestrator.watch_events().await.unwrap();
     let _agent = orchestrator
         .connected_agent(&["--cpu-source", "const:0.95"])
         .await
         .unwrap();
 
-    orchestrator
-        .process
-        .logs
-        .wait_for("forecast_only: would act on this decision", DELIVERY)
-        .await
-        .unwrap();
+    let decided = next_event_matching(&mut events, DELIVERY, |event| {
+        event.r#type() == FleetEventType::ScaleDecided
+    })
+    .await
+    .unwrap();
+    assert_eq!(decided.decision(), pb::ScaleDecision::ScaleUp);
+    assert!(
+        decided.reason.contains("HIGH_FLEET_CPU_LOAD")
+            && decided.reason.contains("forecast_only: not acted on"),
+        "{}",
+        decided.reason
+    );
+    assert!(decided.node_id.is_empty(), "a scale decision concerns no node");
     // The decision was made and counted, and nothing was queued: the outbox is
     // written in the same check as the decision, so it would show by now.
     // Fewer than 20 points at first: the decision is on current CPU.
@@ -191,7 +200,8 @@ async fn grpcurl_reads_and_watches_predictions_as_json() {
             .await
             .ok()?;
         let value: serde_json::Value = serde_json::from_str(&out).ok()?;
-        (ok && value.get("predictedCpuUsage").is_some()).then_some(value)
+        let prediction = value.get("prediction")?.clone();
+        (ok && prediction.get("predictedCpuUsage").is_some()).then_some(prediction)
     })
     .await;
     assert_eq!(latest["currentCpuUsage"], 0.42);

@@ -3,7 +3,7 @@
 //! have done against the baselines.
 //!
 //! Input: CSV `timestamp,value`, timestamps `YYYY-MM-DD HH:MM:SS` (UTC), values in
-//! percent (the format of `../shared/data/nab`). Every row is one scaling check:
+//! percent (the format of `data/nab`). Every row is one scaling check:
 //! observe, score what is due, predict. The window and horizon are by time, so gaps
 //! in the trace stay gaps.
 
@@ -319,7 +319,7 @@ mod tests {
     /// on mean absolute error on every file and pooled.
     #[test]
     fn the_default_beats_current_value_on_every_nab_trace() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/nab");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/nab");
         let entries = std::fs::read_dir(&dir).unwrap_or_else(|error| panic!("{}: {error}", dir.display()));
         let (mut auto_sum, mut naive_sum, mut n) = (0.0, 0.0, 0usize);
         let mut files = 0;

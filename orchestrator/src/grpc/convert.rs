@@ -11,7 +11,7 @@ use secbeat::{
 };
 
 use crate::{
-    event::{EventKind, FleetEvent},
+    event::{EventKind, FleetEvent, ScaleDecision},
     node::{FleetStats, NodeId, NodeInfo, NodeSnapshot, NodeState},
     scaling::Prediction,
 };
@@ -147,16 +147,42 @@ pub fn fleet_event(event: &FleetEvent) -> pb::FleetEvent {
         EventKind::NodeForgotten => pb::FleetEventType::NodeForgotten,
         EventKind::SelfHealingRequested => pb::FleetEventType::SelfHealingRequested,
         EventKind::SelfHealingHeld => pb::FleetEventType::SelfHealingHeld,
+        EventKind::ScaleDecided => pb::FleetEventType::ScaleDecided,
+        EventKind::WebhookDelivered => pb::FleetEventType::WebhookDelivered,
+        EventKind::WebhookFailed => pb::FleetEventType::WebhookFailed,
+        EventKind::WebhookDeadLettered => pb::FleetEventType::WebhookDeadLettered,
     };
+    let node = event.node.as_ref();
     pb::FleetEvent {
         sequence: event.sequence,
         time: Some(wire::timestamp_to_proto(event.time)),
         r#type: kind.into(),
-        node_id: event.node_id.to_string(),
-        ip: event.ip.to_string(),
-        hostname: event.hostname.clone(),
-        state: node_state(event.state).into(),
+        node_id: node.map(|n| n.id.to_string()).unwrap_or_default(),
+        ip: node.map(|n| n.ip.to_string()).unwrap_or_default(),
+        hostname: node.map(|n| n.hostname.clone()).unwrap_or_default(),
+        state: node
+            .map_or(pb::NodeState::Unspecified, |n| node_state(n.state))
+            .into(),
         reason: event.reason.clone(),
+        webhook: event.webhook.as_ref().map(|webhook| pb::WebhookRef {
+            webhook_id: webhook.id.clone(),
+            reason: webhook.reason.clone(),
+            attempt: webhook.attempt,
+            http_status: webhook.http_status.map(u32::from),
+        }),
+        decision: event
+            .decision
+            .map_or(pb::ScaleDecision::Unspecified, scale_decision)
+            .into(),
+    }
+}
+
+/// The wire form of a scale decision.
+pub fn scale_decision(decision: ScaleDecision) -> pb::ScaleDecision {
+    match decision {
+        ScaleDecision::Hold => pb::ScaleDecision::Hold,
+        ScaleDecision::ScaleUp => pb::ScaleDecision::ScaleUp,
+        ScaleDecision::ScaleDown => pb::ScaleDecision::ScaleDown,
     }
 }
 
@@ -166,7 +192,7 @@ pub fn prediction(prediction: &Prediction) -> pb::Prediction {
     let accuracy = &prediction.accuracy;
     pb::Prediction {
         timestamp: Some(wire::timestamp_to_proto(prediction.at)),
-        current_cpu_usage: prediction.current_cpu_usage.unwrap_or_default(),
+        current_cpu_usage: prediction.current_cpu_usage,
         predicted_cpu_usage: forecast.and_then(|f| f.predicted),
         horizon: Some(wire::duration_to_proto(prediction.horizon)),
         confidence: forecast
@@ -188,7 +214,9 @@ pub fn prediction(prediction: &Prediction) -> pb::Prediction {
             baseline_bias: accuracy.baseline.bias,
         }),
         active_nodes: prediction.active_nodes,
-        decision: prediction.decision.clone(),
+        decision: scale_decision(prediction.decision).into(),
+        decision_reason: prediction.decision_reason.clone(),
+        acted: prediction.acted,
     }
 }
 

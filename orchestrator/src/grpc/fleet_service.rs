@@ -8,6 +8,7 @@ use tracing::{Instrument, info, info_span};
 use super::{convert, status, watch};
 use crate::{
     auth::{Authority, Need},
+    bus::EventBus,
     fleet::FleetHandle,
 };
 
@@ -15,13 +16,18 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct FleetApi {
     fleet: FleetHandle,
+    bus: EventBus,
     authority: Authority,
 }
 
 impl FleetApi {
-    /// A service answering from `fleet` to callers `authority` admits.
-    pub fn new(fleet: FleetHandle, authority: Authority) -> Self {
-        Self { fleet, authority }
+    /// A service answering from `fleet` and `bus` to callers `authority` admits.
+    pub fn new(fleet: FleetHandle, bus: EventBus, authority: Authority) -> Self {
+        Self {
+            fleet,
+            bus,
+            authority,
+        }
     }
 
     fn allow<T>(&self, request: &Request<T>, need: Need) -> Result<(), Status> {
@@ -39,9 +45,10 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         self.allow(&request, Need::Read)?;
-        let nodes = self.fleet.list().await?;
+        let (nodes, sequence) = self.fleet.list().await?;
         Ok(Response::new(pb::ListNodesResponse {
             nodes: nodes.iter().map(convert::node).collect(),
+            sequence,
         }))
     }
 
@@ -108,8 +115,12 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         self.allow(&request, Need::Read)?;
-        let events = self.fleet.subscribe().await?;
-        let stream = watch::forward(events, None, "events", |event| Some(convert::fleet_event(event)));
+        let since = request.into_inner().since_sequence;
+        let subscription = self.bus.subscribe(since)?;
+        let backlog = subscription.backlog.iter().map(convert::fleet_event).collect();
+        let stream = watch::forward(subscription.live, backlog, "events", |event| {
+            Some(convert::fleet_event(event))
+        });
         Ok(Response::new(stream))
     }
 }
@@ -121,11 +132,7 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::{
-        clock,
-        fleet::{self, EVENT_BUFFER},
-        node::NodeId,
-    };
+    use crate::{bus::LIVE_BUFFER, clock, fleet, node::NodeId};
 
     fn fleet_settings() -> fleet::FleetSettings {
         let lifecycle = crate::registry::LifecycleConfig {
@@ -159,17 +166,19 @@ mod tests {
         let fleet::tests::TestFleet {
             handle,
             actor: _actor,
+            bus,
             ..
         } = fleet::tests::start(fleet_settings(), fleet::Restored::default(), &shutdown);
-        let api = FleetApi::new(handle.clone(), Default::default());
+        let first = bus.last_sequence() + 1;
+        let api = FleetApi::new(handle.clone(), bus, Default::default());
         let mut stream = api
-            .watch_events(Request::new(pb::WatchEventsRequest {}))
+            .watch_events(Request::new(pb::WatchEventsRequest::default()))
             .await
             .unwrap()
             .into_inner();
 
         // Far more events than the shared buffer plus this watcher's own buffer hold.
-        let published = EVENT_BUFFER + watch::STREAM_BUFFER + 200;
+        let published = LIVE_BUFFER + watch::STREAM_BUFFER + 200;
         for _ in 0..published {
             let (tx, _) = tokio::sync::mpsc::unbounded_channel();
             handle.connect(node_info(), tx, clock::now()).await.unwrap();
@@ -178,15 +187,15 @@ mod tests {
         let ended = loop {
             match stream.next().await {
                 Some(Ok(event)) => {
+                    assert_eq!(event.sequence, first + delivered, "events in order until the cut");
                     delivered += 1;
-                    assert_eq!(event.sequence, delivered as u64, "events in order until the cut");
                 }
                 Some(Err(status)) => break status,
                 None => panic!("stream ended without a status"),
             }
         };
         assert_eq!(ended.code(), tonic::Code::ResourceExhausted, "{ended:?}");
-        assert!(delivered < published, "{delivered} of {published}");
+        assert!((delivered as usize) < published, "{delivered} of {published}");
         assert!(stream.next().await.is_none(), "nothing after the status");
         // The orchestrator itself was never slowed: it still answers.
         assert_eq!(handle.stats().await.unwrap().active_nodes as usize, published);
@@ -196,17 +205,71 @@ mod tests {
     #[tokio::test]
     async fn watchers_are_told_when_the_orchestrator_shuts_down() {
         let shutdown = CancellationToken::new();
-        let fleet::tests::TestFleet { handle, actor, .. } =
-            fleet::tests::start(fleet_settings(), fleet::Restored::default(), &shutdown);
-        let api = FleetApi::new(handle, Default::default());
+        let fleet::tests::TestFleet {
+            handle, actor, bus, ..
+        } = fleet::tests::start(fleet_settings(), fleet::Restored::default(), &shutdown);
+        let api = FleetApi::new(handle, bus.clone(), Default::default());
         let mut stream = api
-            .watch_events(Request::new(pb::WatchEventsRequest {}))
+            .watch_events(Request::new(pb::WatchEventsRequest::default()))
             .await
             .unwrap()
             .into_inner();
         shutdown.cancel();
         actor.await.unwrap();
+        // The server closes the bus once the publishers have stopped.
+        bus.close();
         let status = stream.next().await.unwrap().unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn list_then_watch_from_its_sequence_replays_what_came_after() {
+        let shutdown = CancellationToken::new();
+        let fleet::tests::TestFleet {
+            handle,
+            actor: _actor,
+            bus,
+            ..
+        } = fleet::tests::start(fleet_settings(), fleet::Restored::default(), &shutdown);
+        let api = FleetApi::new(handle.clone(), bus.clone(), Default::default());
+        let (tx, _) = tokio::sync::mpsc::unbounded_channel();
+        let early = node_info();
+        handle.connect(early.clone(), tx, clock::now()).await.unwrap();
+        let listed = api
+            .list_nodes(Request::new(pb::ListNodesRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(listed.nodes.len(), 1);
+        // A node joins between the list and the watch.
+        let (tx, _) = tokio::sync::mpsc::unbounded_channel();
+        let late = node_info();
+        handle.connect(late.clone(), tx, clock::now()).await.unwrap();
+        let mut stream = api
+            .watch_events(Request::new(pb::WatchEventsRequest {
+                since_sequence: Some(listed.sequence),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let replayed = stream.next().await.unwrap().unwrap();
+        assert_eq!(replayed.sequence, listed.sequence + 1);
+        assert_eq!(
+            replayed.node_id,
+            late.id.to_string(),
+            "only what the list did not reflect"
+        );
+        assert_eq!(replayed.r#type(), pb::FleetEventType::NodeJoined);
+
+        // A sequence from before what is kept (here: from an earlier run).
+        let gone = api
+            .watch_events(Request::new(pb::WatchEventsRequest {
+                since_sequence: Some(7),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(gone.code(), tonic::Code::OutOfRange);
+        assert!(gone.message().contains("oldest kept"), "{}", gone.message());
+        shutdown.cancel();
     }
 }

@@ -39,12 +39,14 @@ impl pb::prediction_service_server::PredictionService for PredictionApi {
     async fn get_prediction(
         &self,
         request: Request<pb::GetPredictionRequest>,
-    ) -> Result<Response<pb::Prediction>, Status> {
+    ) -> Result<Response<pb::GetPredictionResponse>, Status> {
         self.allow(&request)?;
         let latest = self.predictions.latest().ok_or_else(|| {
             Status::not_found("no scaling check has run yet (see scaling_check_interval_seconds)")
         })?;
-        Ok(Response::new(convert::prediction(&latest)))
+        Ok(Response::new(pb::GetPredictionResponse {
+            prediction: Some(convert::prediction(&latest)),
+        }))
     }
 
     async fn watch_predictions(
@@ -54,7 +56,7 @@ impl pb::prediction_service_server::PredictionService for PredictionApi {
         self.allow(&request)?;
         let (latest, updates) = self.predictions.subscribe();
         let sent_up_to = latest.as_ref().map(|p| p.at);
-        let first = latest.as_deref().map(convert::prediction);
+        let first = latest.as_deref().map(convert::prediction).into_iter().collect();
         // The receiver was subscribed before `latest` was read: skip what `first`
         // already covered.
         let stream = watch::forward(updates, first, "predictions", move |prediction| {

@@ -4,6 +4,7 @@ use tonic::Status;
 
 use crate::{
     auth::Denied,
+    bus::SubscribeError,
     fleet::{ConnectError, FleetStopped},
     node::NodeState,
     registry::{CloseReason, TerminateError},
@@ -28,6 +29,17 @@ impl From<TerminateError> for Status {
                 };
                 Status::failed_precondition(format!("{error}{hint}"))
             }
+        }
+    }
+}
+
+impl From<SubscribeError> for Status {
+    fn from(error: SubscribeError) -> Self {
+        match error {
+            SubscribeError::Gone { .. } | SubscribeError::Ahead { .. } => {
+                Status::out_of_range(error.to_string())
+            }
+            SubscribeError::Closed => shutting_down(),
         }
     }
 }

@@ -13,10 +13,11 @@ use super::status;
 /// Items buffered per stream on top of the shared broadcast buffer.
 pub const STREAM_BUFFER: usize = 64;
 
-/// Streams `first` (if any), then every update `convert` keeps (None skips one).
+/// Streams `first` (a backlog, oldest first), then every update `convert` keeps
+/// (None skips one).
 pub fn forward<T, U>(
     mut updates: broadcast::Receiver<T>,
-    first: Option<U>,
+    first: Vec<U>,
     what: &'static str,
     convert: impl Fn(&T) -> Option<U> + Send + 'static,
 ) -> ReceiverStream<Result<U, Status>>
@@ -26,10 +27,10 @@ where
 {
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     tokio::spawn(async move {
-        if let Some(first) = first
-            && tx.send(Ok(first)).await.is_err()
-        {
-            return;
+        for item in first {
+            if tx.send(Ok(item)).await.is_err() {
+                return;
+            }
         }
         loop {
             let received = tokio::select! {
@@ -45,7 +46,12 @@ where
                     None => continue,
                 },
                 Err(broadcast::error::RecvError::Lagged(missed)) => Err(Status::resource_exhausted(format!(
-                    "subscriber fell {missed} {what} behind; resubscribe"
+                    "subscriber fell {missed} {what} behind; resubscribe{}",
+                    if what == "events" {
+                        " with since_sequence set to the last sequence received"
+                    } else {
+                        ""
+                    }
                 ))),
                 Err(broadcast::error::RecvError::Closed) => Err(status::shutting_down()),
             };

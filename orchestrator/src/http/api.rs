@@ -101,7 +101,9 @@ fn prediction_json(prediction: &Prediction) -> Value {
         "data_points": forecast.map_or(0, |f| f.data_points),
         "model": forecast.filter(|f| f.predicted.is_some()).map(|f| f.model.name()),
         "configured_model": prediction.configured_model.name(),
-        "decision": prediction.decision,
+        "decision": prediction.decision.as_str(),
+        "decision_reason": prediction.decision_reason,
+        "acted": prediction.acted,
     })
 }
 
@@ -164,8 +166,9 @@ fn node_json(node: &NodeSnapshot) -> NodeJson {
 
 /// `GET /api/v1/nodes`.
 pub async fn nodes(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let nodes: Vec<NodeJson> = state.fleet.list().await?.iter().map(node_json).collect();
-    Ok(Json(json!({ "nodes": nodes })))
+    let (nodes, sequence) = state.fleet.list().await?;
+    let nodes: Vec<NodeJson> = nodes.iter().map(node_json).collect();
+    Ok(Json(json!({ "nodes": nodes, "sequence": sequence })))
 }
 
 /// `GET /api/v1/nodes/{id}`.

@@ -45,6 +45,8 @@ pub enum Write {
         /// The cut-off.
         before: f64,
     },
+    /// This run's event epoch (see [`crate::bus`]): one more than the last run's.
+    PutEventEpoch(u64),
 }
 
 /// Everything loaded at start-up.
@@ -60,6 +62,8 @@ pub struct StoredState {
     pub dead_letters: u64,
     /// Fleet CPU history, oldest first.
     pub history: Vec<Point>,
+    /// The event epoch of the last run (0: none yet).
+    pub event_epoch: u64,
 }
 
 /// A store failure, in words (the backend's error types stay inside the backend).
@@ -101,6 +105,7 @@ pub(crate) mod memory {
         outbox: Vec<OutboxEntry>,
         dead_letters: u64,
         history: Vec<Point>,
+        event_epoch: u64,
         /// Outbox ids deleted (delivered), in order.
         deleted: Vec<String>,
     }
@@ -147,6 +152,7 @@ pub(crate) mod memory {
                 outbox: self.outbox.clone(),
                 dead_letters: self.dead_letters,
                 history: self.history.clone(),
+                event_epoch: self.event_epoch,
             }
         }
     }
@@ -181,6 +187,7 @@ pub(crate) mod memory {
                     }
                     Write::PutHistory(point) => inner.history.push(point),
                     Write::PruneHistory { before } => inner.history.retain(|point| point.t >= before),
+                    Write::PutEventEpoch(epoch) => inner.event_epoch = epoch,
                 }
             }
             Ok(())

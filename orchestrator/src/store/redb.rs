@@ -17,6 +17,9 @@ const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("outbox_v1");
 const DEAD_LETTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("dead_letters_v1");
 /// Keyed by Unix milliseconds, 20 digits, so key order is time order.
 const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("history_v1");
+/// Single values by name (`event_epoch`).
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta_v1");
+const EVENT_EPOCH: &str = "event_epoch";
 
 /// The file name inside `state_dir`.
 pub const FILE_NAME: &str = "orchestrator.redb";
@@ -44,7 +47,7 @@ impl RedbStore {
             other => err(&format!("cannot open {}", path.display()), other),
         })?;
         let txn = db.begin_write().map_err(|e| err("begin", e))?;
-        for table in [NODES, HEALS, OUTBOX, DEAD_LETTERS, HISTORY] {
+        for table in [NODES, HEALS, OUTBOX, DEAD_LETTERS, HISTORY, META] {
             txn.open_table(table).map_err(|e| err("create table", e))?;
         }
         txn.commit().map_err(|e| err("commit", e))?;
@@ -102,12 +105,18 @@ impl Store for RedbStore {
             .and_then(|table| Ok(redb::ReadableTableMetadata::len(&table)?))
             .map_err(|e| err("read", e))?;
         let history: Vec<Point> = read_all(&txn, HISTORY)?;
+        let meta = txn.open_table(META).map_err(|e| err("open table", e))?;
+        let event_epoch = match meta.get(EVENT_EPOCH).map_err(|e| err("read", e))? {
+            Some(value) => decode(META.name(), EVENT_EPOCH, value.value())?,
+            None => 0,
+        };
         Ok(StoredState {
             nodes,
             heals,
             outbox,
             dead_letters,
             history,
+            event_epoch,
         })
     }
 
@@ -122,6 +131,7 @@ impl Store for RedbStore {
             let mut outbox = txn.open_table(OUTBOX).map_err(|e| err("open table", e))?;
             let mut dead = txn.open_table(DEAD_LETTERS).map_err(|e| err("open table", e))?;
             let mut history = txn.open_table(HISTORY).map_err(|e| err("open table", e))?;
+            let mut meta = txn.open_table(META).map_err(|e| err("open table", e))?;
             let io = |e: redb::StorageError| err("write", e);
             for write in writes {
                 match write {
@@ -167,6 +177,9 @@ impl Store for RedbStore {
                     Write::PruneHistory { before } => {
                         let cut = history_key(*before);
                         history.retain_in(..cut.as_str(), |_, _| false).map_err(io)?;
+                    }
+                    Write::PutEventEpoch(epoch) => {
+                        meta.insert(EVENT_EPOCH, encode(epoch)?.as_slice()).map_err(io)?;
                     }
                 }
             }
@@ -234,6 +247,7 @@ mod tests {
                     Write::PutOutbox(entry("msg_b", 20)),
                     Write::PutOutbox(entry("msg_a", 10)),
                     Write::PutHeal(heal),
+                    Write::PutEventEpoch(6),
                 ])
                 .unwrap();
             store
@@ -253,6 +267,7 @@ mod tests {
         assert_eq!(ids, ["msg_a", "msg_b"], "oldest first");
         assert_eq!(state.outbox[0], entry("msg_a", 10));
         assert_eq!(state.heals, vec![heal]);
+        assert_eq!(state.event_epoch, 6);
     }
 
     #[test]

@@ -30,6 +30,8 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use super::{OutboxEntry, UNEXPECTED_NODE_FAILURE};
 use crate::{
+    bus::EventBus,
+    event::{EventKind, FleetEvent, WebhookRef},
     metrics::Metrics,
     store::{Write, writer::StoreWriter},
 };
@@ -65,6 +67,31 @@ struct Delivery {
     in_flight: Semaphore,
     store: StoreWriter,
     metrics: Metrics,
+    bus: EventBus,
+}
+
+/// A failed attempt: the problem in words, and the status if the receiver answered.
+#[derive(Debug)]
+struct Failure {
+    problem: String,
+    http_status: Option<u16>,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.problem)
+    }
+}
+
+/// Where the sender's results go besides the receiver.
+#[derive(Debug, Clone)]
+pub struct SenderOutputs {
+    /// Delivered and dead-lettered entries leave the outbox here.
+    pub store: StoreWriter,
+    /// Delivery counters and outbox gauges.
+    pub metrics: Metrics,
+    /// WEBHOOK_DELIVERED / _FAILED / _DEAD_LETTERED events.
+    pub bus: EventBus,
 }
 
 /// Starts the sender with the entries already in the outbox (`backlog`, oldest
@@ -74,10 +101,10 @@ pub fn spawn(
     settings: SenderSettings,
     backlog: Vec<OutboxEntry>,
     committed: mpsc::UnboundedReceiver<OutboxEntry>,
-    store: StoreWriter,
-    metrics: Metrics,
+    outputs: SenderOutputs,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, SenderError> {
+    let SenderOutputs { store, metrics, bus } = outputs;
     // reqwest is built without a default crypto provider: ring is the one provider
     // in this tree. Installing it twice is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -94,6 +121,7 @@ pub fn spawn(
         in_flight: Semaphore::new(MAX_IN_FLIGHT),
         store,
         metrics,
+        bus,
     });
     Ok(tokio::spawn(run(delivery, backlog, committed, shutdown)))
 }
@@ -195,6 +223,13 @@ async fn deliver(delivery: Arc<Delivery>, entry: OutboxEntry) -> String {
                     delivery.metrics.self_healing_webhooks_sent.inc();
                 }
                 delivery.store.write(vec![Write::DeleteOutbox(entry.id.clone())]);
+                delivery.publish(
+                    &entry,
+                    EventKind::WebhookDelivered,
+                    attempt,
+                    Some(status),
+                    format!("delivered on attempt {attempt} (HTTP {status})"),
+                );
                 if self_healing {
                     info!(webhook.id = %entry.id, attempt, status, "Self-healing webhook sent successfully");
                 } else if entry.reason == super::PREDICTED_HIGH_FLEET_CPU_LOAD {
@@ -216,6 +251,16 @@ async fn deliver(delivery: Arc<Delivery>, entry: OutboxEntry) -> String {
                     // Counted before the store write: whoever sees the store sees the count.
                     delivery.metrics.webhook_dead_letters.inc();
                     delivery.store.write(vec![Write::DeadLetter(entry.id.clone())]);
+                    delivery.publish(
+                        &entry,
+                        EventKind::WebhookDeadLettered,
+                        attempt,
+                        problem.http_status,
+                        format!(
+                            "given up after {attempt} attempts and {}s (webhook_max_age): {problem}",
+                            age.as_secs()
+                        ),
+                    );
                     error!(
                         webhook.id = %entry.id, webhook.reason = %entry.reason, attempt, %problem,
                         age_s = age.as_secs(),
@@ -224,6 +269,13 @@ async fn deliver(delivery: Arc<Delivery>, entry: OutboxEntry) -> String {
                     return entry.id;
                 }
                 let delay = backoff.next_delay(&mut rng);
+                delivery.publish(
+                    &entry,
+                    EventKind::WebhookFailed,
+                    attempt,
+                    problem.http_status,
+                    format!("{problem}; retry in {} ms", delay.as_millis()),
+                );
                 warn!(
                     webhook.id = %entry.id, webhook.reason = %entry.reason, attempt, %problem,
                     retry_in_ms = delay.as_millis() as u64,
@@ -237,8 +289,27 @@ async fn deliver(delivery: Arc<Delivery>, entry: OutboxEntry) -> String {
 }
 
 impl Delivery {
-    /// One POST. Ok with the status on a 2xx; the problem in words otherwise.
-    async fn attempt(&self, entry: &OutboxEntry, traceparent: &str) -> Result<u16, String> {
+    fn publish(
+        &self,
+        entry: &OutboxEntry,
+        kind: EventKind,
+        attempt: u32,
+        http_status: Option<u16>,
+        reason: String,
+    ) {
+        self.bus.publish(FleetEvent {
+            webhook: Some(WebhookRef {
+                id: entry.id.clone(),
+                reason: entry.reason.clone(),
+                attempt,
+                http_status,
+            }),
+            ..FleetEvent::new(kind, reason, SystemTime::now())
+        });
+    }
+
+    /// One POST. Ok with the status on a 2xx; the problem otherwise.
+    async fn attempt(&self, entry: &OutboxEntry, traceparent: &str) -> Result<u16, Failure> {
         let timestamp = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
@@ -257,12 +328,23 @@ impl Delivery {
                 secret.sign(&entry.id, timestamp, &entry.body),
             );
         }
+        let failed = |problem: String| Failure {
+            problem,
+            http_status: None,
+        };
         match request.send().await {
             Ok(response) if response.status().is_success() => Ok(response.status().as_u16()),
-            Ok(response) => Err(format!("HTTP {}", response.status())),
-            Err(error) if error.is_timeout() => Err(format!("timed out after {:?}", self.settings.timeout)),
-            Err(error) if error.is_connect() => Err(format!("cannot connect: {}", root_cause(&error))),
-            Err(error) => Err(root_cause(&error)),
+            Ok(response) => Err(Failure {
+                problem: format!("HTTP {}", response.status()),
+                http_status: Some(response.status().as_u16()),
+            }),
+            Err(error) if error.is_timeout() => {
+                Err(failed(format!("timed out after {:?}", self.settings.timeout)))
+            }
+            Err(error) if error.is_connect() => {
+                Err(failed(format!("cannot connect: {}", root_cause(&error))))
+            }
+            Err(error) => Err(failed(root_cause(&error))),
         }
     }
 }
@@ -368,7 +450,23 @@ mod tests {
     struct Running {
         store: MemoryStore,
         metrics: Metrics,
+        events: tokio::sync::broadcast::Receiver<FleetEvent>,
         shutdown: CancellationToken,
+    }
+
+    impl Running {
+        /// The next `n` delivery events, as (kind, attempt, status, webhook id).
+        async fn next_events(&mut self, n: usize) -> Vec<(EventKind, u32, Option<u16>, String)> {
+            let mut seen = Vec::new();
+            while seen.len() < n {
+                let event = self.events.recv().await.unwrap();
+                let webhook = event.webhook.expect("delivery events name their webhook");
+                assert_eq!(webhook.reason, UNEXPECTED_NODE_FAILURE);
+                assert!(event.node.is_none());
+                seen.push((event.kind, webhook.attempt, webhook.http_status, webhook.id));
+            }
+            seen
+        }
     }
 
     /// The writer and sender wired as in the server; `entry` goes through the
@@ -379,19 +477,19 @@ mod tests {
         let (writer, _thread) = writer::spawn(Box::new(store.clone()), committed_tx);
         let metrics = Metrics::new();
         let shutdown = CancellationToken::new();
-        spawn(
-            settings,
-            Vec::new(),
-            committed,
-            writer.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        )
-        .unwrap();
+        let bus = EventBus::new(1, 64);
+        let events = bus.subscribe(None).unwrap().live;
+        let outputs = SenderOutputs {
+            store: writer.clone(),
+            metrics: metrics.clone(),
+            bus,
+        };
+        spawn(settings, Vec::new(), committed, outputs, shutdown.clone()).unwrap();
         writer.write(vec![Write::PutOutbox(entry)]);
         Running {
             store,
             metrics,
+            events,
             shutdown,
         }
     }
@@ -399,7 +497,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn failed_attempts_are_retried_with_the_same_id_until_a_2xx_removes_the_entry() {
         let (url, attempts) = serve(3).await;
-        let running = run_sender(settings(url, Duration::from_secs(3600)), entry());
+        let mut running = run_sender(settings(url, Duration::from_secs(3600)), entry());
         // The entry was put before it was sent; the delete follows the 2xx.
         let store = running.store.clone();
         tokio::task::spawn_blocking(move || store.wait_for_deleted("msg_test"))
@@ -431,6 +529,16 @@ mod tests {
             );
         }
         assert_eq!(running.metrics.self_healing_webhook_errors.get(), 3);
+        let id = || "msg_test".to_owned();
+        assert_eq!(
+            running.next_events(4).await,
+            vec![
+                (EventKind::WebhookFailed, 1, Some(500), id()),
+                (EventKind::WebhookFailed, 2, Some(500), id()),
+                (EventKind::WebhookFailed, 3, Some(500), id()),
+                (EventKind::WebhookDelivered, 4, Some(204), id()),
+            ]
+        );
         assert_eq!(
             running
                 .metrics
@@ -445,7 +553,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_entry_past_its_maximum_age_becomes_a_dead_letter() {
         let (url, attempts) = serve(usize::MAX).await;
-        let running = run_sender(settings(url, Duration::ZERO), entry());
+        let mut running = run_sender(settings(url, Duration::ZERO), entry());
         let store = running.store.clone();
         let state = tokio::task::spawn_blocking(move || store.wait_for(|state| state.dead_letters == 1))
             .await
@@ -453,6 +561,15 @@ mod tests {
         assert!(state.outbox.is_empty());
         assert_eq!(attempts.lock().unwrap().len(), 1);
         assert_eq!(running.metrics.webhook_dead_letters.get(), 1);
+        assert_eq!(
+            running.next_events(1).await,
+            vec![(
+                EventKind::WebhookDeadLettered,
+                1,
+                Some(500),
+                "msg_test".to_owned()
+            )]
+        );
         running.shutdown.cancel();
     }
 }
