@@ -4,7 +4,7 @@ FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p secbeat-orchestrator -p secbeat-agent \
-    && cargo build --release --locked -p secbeat-integration --bin secbeat-webhook-receiver
+    && cargo build --release --locked -p secbeat-tools --bin secbeat-webhook-receiver
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \

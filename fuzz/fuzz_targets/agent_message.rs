@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = secbeat_orchestrator::grpc::agent_service::decode_and_validate(data);
+    let _ = secbeat_orchestrator::edge::grpc::agent_service::decode_and_validate(data);
 });

@@ -7,7 +7,7 @@
 use std::{hint::black_box, time::Duration};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use secbeat_orchestrator::forecast::{ForecastConfig, Forecaster, Model, Point};
+use secbeat_orchestrator::domain::forecast::{ForecastConfig, Forecaster, Model, Point};
 
 const T0: f64 = 1_700_000_000.0;
 

@@ -10,7 +10,7 @@
 use std::error::Error;
 
 use plotters::prelude::*;
-use secbeat_orchestrator::forecast::{Model, backtest};
+use secbeat_orchestrator::domain::forecast::{Model, backtest};
 
 fn main() -> Result<(), Box<dyn Error>> {
     let args: Vec<String> = std::env::args().collect();

@@ -15,10 +15,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 use secbeat::signing::WebhookSecret;
 
 use crate::{
-    forecast::{ForecastConfig, Model},
-    healer::HealingPolicy,
-    registry::LifecycleConfig,
-    scaler::{ScalingMode, ScalingPolicy},
+    domain::forecast::{ForecastConfig, Model},
+    domain::healer::HealingPolicy,
+    domain::registry::LifecycleConfig,
+    domain::scaler::{ScalingMode, ScalingPolicy},
 };
 
 /// A configuration problem, naming the key it is about.

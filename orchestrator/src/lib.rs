@@ -1,34 +1,25 @@
 //! `secbeat-orchestrator`: the SecBeat fleet control plane as a library.
 //!
-//! Core (pure, no IO, time passed in): [`node`] and [`event`] (domain types),
-//! [`registry`] (node lifecycle state machine) and [`detector`] (the periodic
-//! dead-node check). Glue: [`fleet`] (the actor that owns the registry and the
-//! sessions). Edges: [`grpc`] (AgentService, FleetService), [`http`] (health),
-//! [`server`] (wiring and graceful shutdown), [`config`], and [`clock`] (the one
-//! source of "now").
+//! Three layers, one folder each:
+//! - [`domain`], the pure core that decides: node and event types, the registry
+//!   (node lifecycle), the detector, the healer, the forecaster and the scaler. No
+//!   IO, no wire types, time passed in.
+//! - [`runtime`], the glue: the event bus, the fleet actor that owns the registry
+//!   and the healer, the scaling loop that owns the forecaster and the scaler, and
+//!   the server that wires everything and shuts it down.
+//! - [`edge`], what talks: gRPC, HTTP, the store, the webhook sender, the listener,
+//!   auth and metrics.
 //!
-//! Data flows one way: agent stream -> registry/detector -> events -> consumers.
+//! Beside them: [`config`] (every key once), [`error`] (every fault's gRPC and HTTP
+//! status, once) and [`clock`] (the one source of "now").
+//!
+//! Data flows one way: agent stream -> registry/detector -> events -> healer/scaler
+//! -> store writer -> webhook sender; queries and watches read snapshots and the bus.
 
 #![warn(missing_docs)]
 
-pub mod auth;
-pub mod bus;
-pub mod certs;
 pub mod clock;
 pub mod config;
-pub mod detector;
-pub mod event;
-pub mod fleet;
-pub mod forecast;
-pub mod grpc;
-pub mod healer;
-pub mod http;
-pub mod listener;
-pub mod metrics;
-pub mod node;
-pub mod registry;
-pub mod scaler;
-pub mod scaling;
-pub mod server;
-pub mod store;
-pub mod webhook;
+pub mod domain;
+pub mod edge;
+pub mod runtime;

@@ -5,8 +5,8 @@ use std::{path::PathBuf, process::ExitCode};
 use secbeat::telemetry::{self, LogArgs};
 use secbeat_orchestrator::{
     config::{Config, ConfigOverrides},
-    forecast::{Model, backtest},
-    server::Orchestrator,
+    domain::forecast::{Model, backtest},
+    runtime::server::Orchestrator,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::error;
@@ -215,7 +215,7 @@ fn run_backtest(args: &BacktestArgs) -> ExitCode {
 }
 
 fn run_certs(command: &CertsCommand) -> ExitCode {
-    use secbeat_orchestrator::certs;
+    use secbeat_orchestrator::edge::certs;
     let result = match command {
         CertsCommand::Init { dir, hosts } => certs::init(dir, hosts),
         CertsCommand::IssueAgent { dir, node_id } => {

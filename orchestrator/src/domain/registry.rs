@@ -1,0 +1,1176 @@
+//! The node registry: the single owner of every node's lifecycle state.
+//!
+//! It is sans-IO. Every input (a stream event, an operator request, a detector
+//! tick) comes with the orchestrator's own monotonic `now`, taken at receipt, and
+//! every output is queued as an [`Effect`] that the caller drains with
+//! [`Registry::take_effects`] and carries out (publish an event, send a command to
+//! a session, close a session). That makes the whole lifecycle testable with
+//! fabricated instants and no runtime.
+//!
+//! The periodic dead-node check lives in [`crate::domain::detector`].
+
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap},
+    time::{Duration, Instant, SystemTime},
+};
+
+use crate::{
+    domain::event::{EventKind, EventNode, FleetEvent},
+    domain::node::{
+        FleetStats, NodeId, NodeInfo, NodeSnapshot, NodeState, PersistedNode, PersistedTermination,
+        SessionId, TerminationSnapshot,
+    },
+};
+
+/// The lifecycle parameters the registry and detector apply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LifecycleConfig {
+    /// Silence after which a live node becomes suspect.
+    pub heartbeat_timeout: Duration,
+    /// Period of the dead-node check (a check much later than this means the
+    /// orchestrator itself stalled).
+    pub dead_node_check_interval: Duration,
+    /// Consecutive checks a node must stay suspect before it is declared failed.
+    pub required_consecutive_failures: u32,
+    /// How long a terminate may stay unacknowledged before it is cancelled.
+    pub termination_deadline: Duration,
+    /// The graceful-shutdown budget given to agents in Terminate.
+    pub termination_grace_period: Duration,
+    /// How long nodes in a final state stay listed before they are forgotten.
+    pub node_retention: Duration,
+}
+
+/// Something the caller must do on the registry's behalf, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Publish this event (its `sequence` is still 0; the publisher numbers it).
+    Publish(FleetEvent),
+    /// Send Terminate down this session.
+    SendTerminate {
+        /// The node.
+        node: NodeId,
+        /// Its live session.
+        session: SessionId,
+        /// Why.
+        reason: String,
+        /// The graceful-shutdown budget.
+        grace_period: Duration,
+    },
+    /// A dead-node check ran so late that the orchestrator itself must have stalled;
+    /// that round judged nobody and live nodes got a fresh heartbeat window.
+    DetectorStalled {
+        /// Time since the previous check.
+        gap: Duration,
+    },
+    /// End this session from the orchestrator's side.
+    CloseSession {
+        /// The node.
+        node: NodeId,
+        /// The session to end.
+        session: SessionId,
+        /// Why.
+        reason: CloseReason,
+    },
+}
+
+/// Why the orchestrator ends a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// A newer session for the same node id arrived.
+    Fenced {
+        /// The session that replaced it.
+        by: SessionId,
+    },
+    /// The node was declared failed while its stream was still open (silent).
+    DeclaredFailed,
+    /// The node acknowledged a terminate and then went silent.
+    TerminatedSilently,
+}
+
+/// An input that refers to a session that is no longer the node's live one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    /// The node id is not registered.
+    #[error("unknown node")]
+    UnknownNode,
+    /// The session was replaced or ended.
+    #[error("session is no longer live")]
+    Stale,
+    /// A TerminateAck arrived although no terminate was ever sent.
+    #[error("no terminate is pending")]
+    NoTerminatePending,
+}
+
+/// Why a terminate request cannot be carried out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TerminateError {
+    /// The node id is not registered.
+    #[error("node {0} is unknown")]
+    NotFound(NodeId),
+    /// The node has no live stream to send the terminate on.
+    #[error("node {node} has no live stream (state {state})")]
+    NotConnected {
+        /// The node.
+        node: NodeId,
+        /// Its state.
+        state: NodeState,
+    },
+}
+
+/// The outcome of a successful terminate request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TerminateAccepted {
+    /// The node after marking.
+    pub node: NodeSnapshot,
+    /// True when a terminate was already pending (nothing new was sent).
+    pub already_terminating: bool,
+    /// The grace period given to the agent.
+    pub grace_period: Duration,
+}
+
+/// Maps the monotonic clock to wall-clock time for display.
+#[derive(Debug, Clone, Copy)]
+struct TimeAnchor {
+    instant: Instant,
+    wall: SystemTime,
+}
+
+impl TimeAnchor {
+    fn wall(&self, at: Instant) -> SystemTime {
+        match at.checked_duration_since(self.instant) {
+            Some(after) => self.wall + after,
+            None => self.wall - self.instant.duration_since(at),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Termination {
+    pub(crate) reason: String,
+    pub(crate) requested_at: Instant,
+    pub(crate) deadline: Instant,
+    pub(crate) acknowledged: bool,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct NodeRecord {
+    pub(crate) info: NodeInfo,
+    pub(crate) state: NodeState,
+    pub(crate) state_reason: String,
+    pub(crate) session: Option<SessionId>,
+    pub(crate) connected_since: Instant,
+    pub(crate) last_seen: Instant,
+    pub(crate) last_cpu: Option<f64>,
+    /// Detector checks this node has been suspect on, in a row.
+    pub(crate) suspect_checks: u32,
+    pub(crate) termination: Option<Termination>,
+    /// The reason of a terminate cancelled at its deadline, so a late ack can revive it.
+    pub(crate) cancelled_termination: Option<String>,
+    /// When the node entered a final state.
+    pub(crate) ended_at: Option<Instant>,
+    /// Restored after an orchestrator restart and not yet reconnected: it is not
+    /// judged before this instant.
+    pub(crate) restart_grace_until: Option<Instant>,
+    /// When this node's entry in the detector's schedule comes due, if it has one.
+    pub(crate) due: Option<Instant>,
+}
+
+impl NodeRecord {
+    /// The state a node with a live, healthy stream is in.
+    pub(crate) fn live_state(&self) -> NodeState {
+        if self.termination.is_some() {
+            NodeState::Terminating
+        } else {
+            NodeState::Connected
+        }
+    }
+}
+
+/// The registry of every node the orchestrator knows.
+#[derive(Debug)]
+pub struct Registry {
+    pub(crate) config: LifecycleConfig,
+    pub(crate) nodes: HashMap<NodeId, NodeRecord>,
+    /// The detector's schedule: when each node next needs looking at, earliest
+    /// first. Entries are lazy: a heartbeat does not move its node's entry; the
+    /// entry comes due, finds the node fresh and is pushed again further out, so a
+    /// node costs one entry per heartbeat timeout, not one per heartbeat. An entry
+    /// whose time no longer matches its node's `due` is stale and skipped.
+    pub(crate) schedule: BinaryHeap<Reverse<(Instant, NodeId)>>,
+    next_session: u64,
+    /// When the previous dead-node check ran.
+    pub(crate) last_check: Option<Instant>,
+    anchor: TimeAnchor,
+    effects: Vec<Effect>,
+    pub(crate) unexpected_failures_total: u64,
+    pub(crate) graceful_terminations_total: u64,
+}
+
+impl Registry {
+    /// An empty registry; `now` and `wall_now` anchor monotonic to wall time.
+    pub fn new(config: LifecycleConfig, now: Instant, wall_now: SystemTime) -> Self {
+        Self {
+            config,
+            nodes: HashMap::new(),
+            schedule: BinaryHeap::new(),
+            next_session: 1,
+            last_check: None,
+            anchor: TimeAnchor {
+                instant: now,
+                wall: wall_now,
+            },
+            effects: Vec::new(),
+            unexpected_failures_total: 0,
+            graceful_terminations_total: 0,
+        }
+    }
+
+    /// The lifecycle parameters in force.
+    pub fn config(&self) -> &LifecycleConfig {
+        &self.config
+    }
+
+    /// Whether the node is known (in any state).
+    pub fn knows(&self, node: NodeId) -> bool {
+        self.nodes.contains_key(&node)
+    }
+
+    /// Known nodes, in any state.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Drains the effects queued since the last call, oldest first.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// Accepts a validated Hello as a new session, fencing any older session of the
+    /// same node. A terminate still pending (unacknowledged, within its deadline) is
+    /// sent again on the new session.
+    pub fn connect(&mut self, info: NodeInfo, now: Instant) -> SessionId {
+        let session = SessionId(self.next_session);
+        self.next_session += 1;
+        let id = info.id;
+        let Some(record) = self.nodes.get_mut(&id) else {
+            let record = NodeRecord {
+                info,
+                state: NodeState::Connected,
+                state_reason: String::new(),
+                session: Some(session),
+                connected_since: now,
+                last_seen: now,
+                last_cpu: None,
+                suspect_checks: 0,
+                termination: None,
+                cancelled_termination: None,
+                ended_at: None,
+                restart_grace_until: None,
+                due: None,
+            };
+            self.nodes.insert(id, record);
+            self.schedule(id, now);
+            self.publish(id, EventKind::NodeJoined, String::new(), now);
+            return session;
+        };
+
+        let previous_state = record.state;
+        let fenced = record.session.replace(session);
+        record.info = info;
+        // An acknowledged terminate ended that life; a new session is a new one. An
+        // unacknowledged one still stands until its deadline, so it is sent again.
+        if record
+            .termination
+            .as_ref()
+            .is_some_and(|t| t.acknowledged || now >= t.deadline)
+        {
+            record.termination = None;
+        }
+        let resend = record.termination.as_ref().map(|t| t.reason.clone());
+        record.cancelled_termination = None;
+        record.connected_since = now;
+        record.last_seen = now;
+        record.last_cpu = None;
+        record.suspect_checks = 0;
+        record.ended_at = None;
+        record.restart_grace_until = None;
+        record.state = record.live_state();
+        record.state_reason.clear();
+        self.schedule(id, now);
+
+        if let Some(old) = fenced {
+            self.effects.push(Effect::CloseSession {
+                node: id,
+                session: old,
+                reason: CloseReason::Fenced { by: session },
+            });
+            self.publish(
+                id,
+                EventKind::SessionFenced,
+                format!("session {old} replaced by session {session}"),
+                now,
+            );
+        }
+        self.publish(
+            id,
+            EventKind::NodeReconnected,
+            format!("was {previous_state}"),
+            now,
+        );
+        if let Some(reason) = resend {
+            let grace_period = self.config.termination_grace_period;
+            self.effects.push(Effect::SendTerminate {
+                node: id,
+                session,
+                reason,
+                grace_period,
+            });
+        }
+        session
+    }
+
+    /// Loads the nodes a previous run persisted. Nodes that were live get
+    /// `grace` to reconnect before they are judged: one that returns reconnects as
+    /// usual; one that does not is FAILED (or TERMINATED if it had been told to
+    /// go). Nodes in a final state are listed again until the retention passes.
+    /// No events are published: nothing happened to the nodes.
+    pub fn restore(&mut self, nodes: Vec<PersistedNode>, now: Instant, grace: Duration) {
+        let deadline = now + self.config.termination_deadline;
+        for node in nodes {
+            let final_state = node.state.is_final();
+            let record = NodeRecord {
+                info: NodeInfo {
+                    id: node.id,
+                    hostname: node.hostname,
+                    ip: node.ip,
+                    agent_version: node.agent_version,
+                    labels: node.labels,
+                },
+                state: if final_state {
+                    node.state
+                } else {
+                    NodeState::Suspect
+                },
+                state_reason: if final_state {
+                    node.state_reason
+                } else {
+                    format!(
+                        "orchestrator restarted; waiting up to {:.1}s for the node to reconnect (was {})",
+                        grace.as_secs_f64(),
+                        node.state
+                    )
+                },
+                session: None,
+                connected_since: now,
+                last_seen: now,
+                last_cpu: None,
+                suspect_checks: 0,
+                termination: node.termination.filter(|_| !final_state).map(|t| Termination {
+                    reason: t.reason,
+                    requested_at: now,
+                    deadline,
+                    acknowledged: t.acknowledged,
+                }),
+                cancelled_termination: None,
+                ended_at: final_state.then_some(now),
+                restart_grace_until: (!final_state).then_some(now + grace),
+                due: None,
+            };
+            let id = node.id;
+            self.nodes.insert(id, record);
+            self.schedule(id, now);
+        }
+    }
+
+    /// What of the node must survive a restart (None once it is forgotten).
+    pub fn persisted(&self, node: NodeId) -> Option<PersistedNode> {
+        let record = self.nodes.get(&node)?;
+        Some(PersistedNode {
+            id: node,
+            hostname: record.info.hostname.clone(),
+            ip: record.info.ip,
+            agent_version: record.info.agent_version.clone(),
+            labels: record.info.labels.clone(),
+            state: record.state,
+            state_reason: record.state_reason.clone(),
+            termination: record.termination.as_ref().map(|t| PersistedTermination {
+                reason: t.reason.clone(),
+                acknowledged: t.acknowledged,
+            }),
+        })
+    }
+
+    /// Records a heartbeat on `session`. A suspect node that speaks again recovers.
+    pub fn heartbeat(&mut self, node: NodeId, session: SessionId, now: Instant) -> Result<(), SessionError> {
+        self.touch(node, session, now)
+    }
+
+    /// Records the latest CPU fraction of `session` (already validated at the edge).
+    pub fn cpu_sample(
+        &mut self,
+        node: NodeId,
+        session: SessionId,
+        usage: f64,
+        now: Instant,
+    ) -> Result<(), SessionError> {
+        debug_assert!(
+            (0.0..=1.0).contains(&usage),
+            "cpu usage must be validated at the edge"
+        );
+        self.touch(node, session, now)?;
+        if let Some(record) = self.nodes.get_mut(&node) {
+            record.last_cpu = Some(usage);
+        }
+        Ok(())
+    }
+
+    /// The node acknowledged its terminate: its exit is expected from now on.
+    pub fn terminate_ack(
+        &mut self,
+        node: NodeId,
+        session: SessionId,
+        now: Instant,
+    ) -> Result<(), SessionError> {
+        self.touch(node, session, now)?;
+        let record = self.nodes.get_mut(&node).ok_or(SessionError::UnknownNode)?;
+        match (&mut record.termination, record.cancelled_termination.take()) {
+            (Some(termination), _) => termination.acknowledged = true,
+            // A late ack after the deadline: the node is going, and says so; believe it.
+            (None, Some(reason)) => {
+                record.termination = Some(Termination {
+                    reason,
+                    requested_at: now,
+                    deadline: now,
+                    acknowledged: true,
+                });
+            }
+            (None, None) => return Err(SessionError::NoTerminatePending),
+        }
+        record.state = record.live_state();
+        self.publish(node, EventKind::TerminateAcknowledged, String::new(), now);
+        Ok(())
+    }
+
+    /// The agent said goodbye: TERMINATED if it had been told to go, else LEFT.
+    pub fn goodbye(
+        &mut self,
+        node: NodeId,
+        session: SessionId,
+        reason: &str,
+        now: Instant,
+    ) -> Result<(), SessionError> {
+        self.touch(node, session, now)?;
+        let record = self.nodes.get_mut(&node).ok_or(SessionError::UnknownNode)?;
+        record.session = None;
+        if record.termination.is_some() {
+            self.finish_terminated(node, format!("goodbye: {reason}"), now);
+        } else {
+            self.finish(
+                node,
+                NodeState::Left,
+                EventKind::NodeLeft,
+                format!("goodbye: {reason}"),
+                now,
+            );
+        }
+        Ok(())
+    }
+
+    /// The session's stream ended (or broke) without a goodbye. An acknowledged
+    /// terminate makes that the expected exit; anything else makes the node suspect.
+    /// Ends of sessions that are no longer live (fenced, already closed) are ignored.
+    pub fn stream_closed(&mut self, node: NodeId, session: SessionId, cause: &str, now: Instant) {
+        let Some(record) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        if record.session != Some(session) {
+            return;
+        }
+        record.session = None;
+        if record.termination.as_ref().is_some_and(|t| t.acknowledged) {
+            self.finish_terminated(node, format!("stream ended after terminate ack ({cause})"), now);
+            return;
+        }
+        record.state = NodeState::Suspect;
+        record.suspect_checks = 0;
+        record.state_reason = format!("stream ended without goodbye ({cause})");
+        let reason = record.state_reason.clone();
+        self.schedule(node, now);
+        self.publish(node, EventKind::NodeSuspected, reason, now);
+    }
+
+    /// Marks the node terminating and queues Terminate on its live session.
+    pub fn request_terminate(
+        &mut self,
+        node: NodeId,
+        reason: &str,
+        now: Instant,
+    ) -> Result<TerminateAccepted, TerminateError> {
+        let grace_period = self.config.termination_grace_period;
+        let deadline = now + self.config.termination_deadline;
+        let record = self.nodes.get_mut(&node).ok_or(TerminateError::NotFound(node))?;
+        let Some(session) = record.session else {
+            return Err(TerminateError::NotConnected {
+                node,
+                state: record.state,
+            });
+        };
+        if record.termination.is_some() {
+            return Ok(TerminateAccepted {
+                node: self.snapshot(node).expect("record exists"),
+                already_terminating: true,
+                grace_period,
+            });
+        }
+        record.termination = Some(Termination {
+            reason: reason.to_owned(),
+            requested_at: now,
+            deadline,
+            acknowledged: false,
+        });
+        record.cancelled_termination = None;
+        if record.state == NodeState::Connected {
+            record.state = NodeState::Terminating;
+        }
+        self.schedule(node, now);
+        self.effects.push(Effect::SendTerminate {
+            node,
+            session,
+            reason: reason.to_owned(),
+            grace_period,
+        });
+        self.publish(node, EventKind::TerminateRequested, reason.to_owned(), now);
+        Ok(TerminateAccepted {
+            node: self.snapshot(node).expect("record exists"),
+            already_terminating: false,
+            grace_period,
+        })
+    }
+
+    /// A copy of one node's record.
+    pub fn snapshot(&self, node: NodeId) -> Option<NodeSnapshot> {
+        self.nodes.get(&node).map(|record| self.to_snapshot(record))
+    }
+
+    /// Copies of every node's record, ordered by node id.
+    pub fn list(&self) -> Vec<NodeSnapshot> {
+        let mut nodes: Vec<_> = self
+            .nodes
+            .values()
+            .map(|record| self.to_snapshot(record))
+            .collect();
+        nodes.sort_by_key(|node| node.info.id);
+        nodes
+    }
+
+    /// Fleet-wide figures.
+    pub fn stats(&self) -> FleetStats {
+        let mut stats = FleetStats {
+            unexpected_failures_total: self.unexpected_failures_total,
+            graceful_terminations_total: self.graceful_terminations_total,
+            ..FleetStats::default()
+        };
+        let (mut cpu_sum, mut cpu_count) = (0.0, 0u32);
+        for record in self.nodes.values() {
+            *stats.nodes_by_state.entry(record.state).or_default() += 1;
+            if matches!(record.state, NodeState::Connected | NodeState::Terminating) {
+                stats.active_nodes += 1;
+                if let Some(cpu) = record.last_cpu {
+                    cpu_sum += cpu;
+                    cpu_count += 1;
+                }
+            }
+        }
+        if cpu_count > 0 {
+            stats.avg_cpu_usage = Some(cpu_sum / f64::from(cpu_count));
+        }
+        stats
+    }
+
+    /// The connected (not terminating) node with the lowest latest CPU: the one a
+    /// scale-down removes. Ties go to the lowest node id.
+    pub fn least_loaded(&self) -> Option<crate::domain::scaler::Candidate> {
+        self.nodes
+            .iter()
+            .filter(|(_, record)| record.state == NodeState::Connected && record.session.is_some())
+            .filter_map(|(id, record)| record.last_cpu.map(|cpu| (*id, record.info.ip, cpu)))
+            .min_by(|a, b| a.2.total_cmp(&b.2).then(a.0.cmp(&b.0)))
+            .map(|(id, ip, cpu)| crate::domain::scaler::Candidate { id, ip, cpu })
+    }
+
+    /// Marks the node as alive at `now` if `session` is its live session.
+    fn touch(&mut self, node: NodeId, session: SessionId, now: Instant) -> Result<(), SessionError> {
+        let record = self.nodes.get_mut(&node).ok_or(SessionError::UnknownNode)?;
+        if record.session != Some(session) {
+            return Err(SessionError::Stale);
+        }
+        record.last_seen = now;
+        if record.state == NodeState::Suspect {
+            record.state = record.live_state();
+            record.suspect_checks = 0;
+            record.state_reason.clear();
+            self.publish(
+                node,
+                EventKind::NodeRecovered,
+                "spoke again on its live stream".into(),
+                now,
+            );
+        }
+        Ok(())
+    }
+
+    pub(crate) fn finish_terminated(&mut self, node: NodeId, reason: String, now: Instant) {
+        self.graceful_terminations_total += 1;
+        self.finish(
+            node,
+            NodeState::Terminated,
+            EventKind::NodeTerminated,
+            reason,
+            now,
+        );
+    }
+
+    /// Puts the node into a final state and publishes `kind`.
+    pub(crate) fn finish(
+        &mut self,
+        node: NodeId,
+        state: NodeState,
+        kind: EventKind,
+        reason: String,
+        now: Instant,
+    ) {
+        debug_assert!(state.is_final());
+        let Some(record) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        record.state = state;
+        record.state_reason = reason.clone();
+        record.session = None;
+        record.suspect_checks = 0;
+        record.termination = None;
+        record.cancelled_termination = None;
+        record.ended_at = Some(now);
+        record.restart_grace_until = None;
+        self.schedule(node, now);
+        self.publish(node, kind, reason, now);
+    }
+
+    pub(crate) fn publish(&mut self, node: NodeId, kind: EventKind, reason: String, now: Instant) {
+        let Some(record) = self.nodes.get(&node) else {
+            return;
+        };
+        let about = EventNode {
+            id: node,
+            ip: record.info.ip,
+            hostname: record.info.hostname.clone(),
+            state: record.state,
+        };
+        let event = FleetEvent::about_node(kind, about, reason, self.anchor.wall(now));
+        self.effects.push(Effect::Publish(event));
+    }
+
+    pub(crate) fn queue(&mut self, effect: Effect) {
+        self.effects.push(effect);
+    }
+
+    fn to_snapshot(&self, record: &NodeRecord) -> NodeSnapshot {
+        NodeSnapshot {
+            info: record.info.clone(),
+            state: record.state,
+            state_reason: record.state_reason.clone(),
+            session: record.session,
+            last_cpu_usage: record.last_cpu,
+            connected_since: self.anchor.wall(record.connected_since),
+            last_heartbeat: self.anchor.wall(record.last_seen),
+            termination: record.termination.as_ref().map(|t| TerminationSnapshot {
+                reason: t.reason.clone(),
+                requested_at: self.anchor.wall(t.requested_at),
+                acknowledged: t.acknowledged,
+                deadline: self.anchor.wall(t.deadline),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Lifecycle tests on fabricated instants: no runtime, no sleeping.
+
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use uuid::Uuid;
+
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(30);
+    const DEADLINE: Duration = Duration::from_secs(20);
+
+    struct Fixture {
+        registry: Registry,
+        now: Instant,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let config = LifecycleConfig {
+                heartbeat_timeout: TIMEOUT,
+                dead_node_check_interval: Duration::from_secs(10),
+                required_consecutive_failures: 2,
+                termination_deadline: DEADLINE,
+                termination_grace_period: Duration::from_secs(5),
+                node_retention: Duration::from_secs(600),
+            };
+            let now = Instant::now();
+            Self {
+                registry: Registry::new(config, now, SystemTime::UNIX_EPOCH),
+                now,
+            }
+        }
+
+        fn advance(&mut self, secs: u64) {
+            self.now += Duration::from_secs(secs);
+        }
+
+        fn connect(&mut self, node: NodeId) -> SessionId {
+            let info = NodeInfo {
+                id: node,
+                hostname: "edge".into(),
+                ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9)),
+                agent_version: "test".into(),
+                labels: Default::default(),
+            };
+            self.registry.connect(info, self.now)
+        }
+
+        fn check(&mut self) {
+            self.registry.check(self.now);
+        }
+
+        fn state(&self, node: NodeId) -> NodeState {
+            self.registry.snapshot(node).expect("known node").state
+        }
+
+        /// The kinds of the events published since the last call.
+        fn events(&mut self) -> Vec<EventKind> {
+            self.take()
+                .into_iter()
+                .filter_map(|e| {
+                    if let Effect::Publish(ev) = e {
+                        Some(ev.kind)
+                    } else {
+                        None
+                    }
+                })
+                .collect()
+        }
+
+        fn take(&mut self) -> Vec<Effect> {
+            self.registry.take_effects()
+        }
+    }
+
+    fn node() -> NodeId {
+        NodeId(Uuid::new_v4())
+    }
+
+    #[test]
+    fn a_new_node_joins_connected() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        assert_eq!(f.state(n), NodeState::Connected);
+        assert_eq!(f.registry.snapshot(n).unwrap().session, Some(s));
+        assert_eq!(f.events(), [EventKind::NodeJoined]);
+    }
+
+    #[test]
+    fn heartbeats_keep_a_node_connected_indefinitely() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        for _ in 0..100 {
+            f.advance(10);
+            f.registry.heartbeat(n, s, f.now).unwrap();
+            f.check();
+        }
+        assert_eq!(f.state(n), NodeState::Connected);
+        assert_eq!(f.registry.stats().unexpected_failures_total, 0);
+    }
+
+    #[test]
+    fn silence_makes_a_node_suspect_then_failed_after_consecutive_checks() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        f.take();
+        f.advance(30);
+        f.check();
+        assert_eq!(
+            f.state(n),
+            NodeState::Connected,
+            "exactly the timeout is not yet silence"
+        );
+        f.advance(1);
+        f.check();
+        assert_eq!(f.state(n), NodeState::Suspect);
+        assert_eq!(f.events(), [EventKind::NodeSuspected]);
+        f.advance(10);
+        f.check();
+        assert_eq!(f.state(n), NodeState::Failed);
+        let effects = f.take();
+        assert!(effects.contains(&Effect::CloseSession {
+            node: n,
+            session: s,
+            reason: CloseReason::DeclaredFailed
+        }));
+        assert!(effects.iter().any(
+            |e| matches!(e, Effect::Publish(ev) if ev.kind == EventKind::NodeFailed && ev.node_id() == Some(n))
+        ));
+        assert_eq!(f.registry.stats().unexpected_failures_total, 1);
+        assert_eq!(
+            f.registry.heartbeat(n, s, f.now),
+            Err(SessionError::Stale),
+            "a failed session is closed"
+        );
+    }
+
+    #[test]
+    fn a_broken_stream_fails_after_the_required_checks_not_before() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        f.registry.stream_closed(n, s, "reset", f.now);
+        assert_eq!(f.state(n), NodeState::Suspect);
+        f.check();
+        assert_eq!(f.state(n), NodeState::Suspect, "one check is not enough");
+        f.check();
+        assert_eq!(f.state(n), NodeState::Failed);
+        f.check();
+        assert_eq!(
+            f.registry.stats().unexpected_failures_total,
+            1,
+            "failed exactly once"
+        );
+    }
+
+    #[test]
+    fn reconnecting_while_suspect_returns_to_connected() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s1 = f.connect(n);
+        f.registry.stream_closed(n, s1, "reset", f.now);
+        f.check();
+        f.take();
+        let s2 = f.connect(n);
+        assert_ne!(s1, s2);
+        assert_eq!(f.state(n), NodeState::Connected);
+        assert_eq!(f.events(), [EventKind::NodeReconnected]);
+        f.check();
+        f.check();
+        assert_eq!(f.state(n), NodeState::Connected);
+    }
+
+    #[test]
+    fn a_heartbeat_after_silence_recovers_a_suspect_node() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        f.advance(31);
+        f.check();
+        f.take();
+        f.registry.heartbeat(n, s, f.now).unwrap();
+        assert_eq!(f.state(n), NodeState::Connected);
+        assert_eq!(f.events(), [EventKind::NodeRecovered]);
+    }
+
+    #[test]
+    fn a_second_session_fences_the_first() {
+        let mut f = Fixture::new();
+        let n = node();
+        let old = f.connect(n);
+        f.take();
+        let new = f.connect(n);
+        let effects = f.take();
+        assert_eq!(
+            effects[0],
+            Effect::CloseSession {
+                node: n,
+                session: old,
+                reason: CloseReason::Fenced { by: new }
+            }
+        );
+        assert_eq!(f.registry.heartbeat(n, old, f.now), Err(SessionError::Stale));
+        f.registry.stream_closed(n, old, "aborted", f.now);
+        assert_eq!(
+            f.state(n),
+            NodeState::Connected,
+            "the fenced stream's end is not a failure"
+        );
+        f.registry.heartbeat(n, new, f.now).unwrap();
+    }
+
+    #[test]
+    fn an_acknowledged_terminate_makes_the_exit_expected() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        f.take();
+        let accepted = f.registry.request_terminate(n, "scale-down", f.now).unwrap();
+        assert!(!accepted.already_terminating);
+        assert_eq!(f.state(n), NodeState::Terminating);
+        let effects = f.take();
+        assert!(effects.contains(&Effect::SendTerminate {
+            node: n,
+            session: s,
+            reason: "scale-down".into(),
+            grace_period: Duration::from_secs(5)
+        }));
+        f.registry.terminate_ack(n, s, f.now).unwrap();
+        f.registry.stream_closed(n, s, "ended", f.now);
+        assert_eq!(f.state(n), NodeState::Terminated);
+        f.check();
+        f.check();
+        let stats = f.registry.stats();
+        assert_eq!(
+            (stats.graceful_terminations_total, stats.unexpected_failures_total),
+            (1, 0)
+        );
+        assert!(!f.events().contains(&EventKind::NodeFailed));
+    }
+
+    #[test]
+    fn goodbye_after_terminate_is_terminated_and_goodbye_alone_is_left() {
+        let mut f = Fixture::new();
+        let (a, b) = (node(), node());
+        let sa = f.connect(a);
+        let sb = f.connect(b);
+        f.registry.request_terminate(a, "operator", f.now).unwrap();
+        f.registry.goodbye(a, sa, "terminated", f.now).unwrap();
+        f.registry.goodbye(b, sb, "shutdown", f.now).unwrap();
+        f.registry.stream_closed(a, sa, "ended", f.now);
+        f.registry.stream_closed(b, sb, "ended", f.now);
+        f.check();
+        f.check();
+        assert_eq!(f.state(a), NodeState::Terminated);
+        assert_eq!(f.state(b), NodeState::Left);
+        assert_eq!(f.registry.stats().unexpected_failures_total, 0);
+    }
+
+    #[test]
+    fn an_unacknowledged_terminate_is_cancelled_and_a_later_crash_is_a_failure() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        f.registry.request_terminate(n, "operator", f.now).unwrap();
+        f.take();
+        f.advance(10);
+        f.registry.heartbeat(n, s, f.now).unwrap();
+        f.check();
+        assert_eq!(f.state(n), NodeState::Terminating, "still within the deadline");
+        f.advance(10);
+        f.registry.heartbeat(n, s, f.now).unwrap();
+        f.check();
+        assert_eq!(f.state(n), NodeState::Connected);
+        assert_eq!(f.events(), [EventKind::TerminateCancelled]);
+        assert!(f.registry.snapshot(n).unwrap().termination.is_none());
+        f.registry.stream_closed(n, s, "killed", f.now);
+        f.check();
+        f.check();
+        assert_eq!(f.state(n), NodeState::Failed, "a real crash is never swallowed");
+    }
+
+    #[test]
+    fn a_late_ack_after_cancellation_still_makes_the_exit_expected() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        f.registry.request_terminate(n, "operator", f.now).unwrap();
+        f.advance(21);
+        f.registry.heartbeat(n, s, f.now).unwrap();
+        f.check();
+        assert_eq!(f.state(n), NodeState::Connected);
+        f.registry.terminate_ack(n, s, f.now).unwrap();
+        assert_eq!(f.state(n), NodeState::Terminating);
+        f.registry.stream_closed(n, s, "ended", f.now);
+        assert_eq!(f.state(n), NodeState::Terminated);
+    }
+
+    #[test]
+    fn an_ack_with_no_terminate_is_rejected() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        assert_eq!(
+            f.registry.terminate_ack(n, s, f.now),
+            Err(SessionError::NoTerminatePending)
+        );
+        assert_eq!(f.state(n), NodeState::Connected);
+    }
+
+    #[test]
+    fn a_pending_terminate_is_resent_on_reconnect() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s1 = f.connect(n);
+        f.registry.request_terminate(n, "operator", f.now).unwrap();
+        f.registry.stream_closed(n, s1, "network blip", f.now);
+        f.take();
+        let s2 = f.connect(n);
+        assert_eq!(f.state(n), NodeState::Terminating);
+        let effects = f.take();
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::SendTerminate { session, .. } if *session == s2))
+        );
+    }
+
+    #[test]
+    fn terminate_errors_and_idempotence() {
+        let mut f = Fixture::new();
+        let n = node();
+        assert_eq!(
+            f.registry.request_terminate(n, "x", f.now).unwrap_err(),
+            TerminateError::NotFound(n)
+        );
+        let s = f.connect(n);
+        assert!(
+            !f.registry
+                .request_terminate(n, "x", f.now)
+                .unwrap()
+                .already_terminating
+        );
+        f.take();
+        assert!(
+            f.registry
+                .request_terminate(n, "x", f.now)
+                .unwrap()
+                .already_terminating
+        );
+        assert!(f.take().is_empty(), "nothing is sent twice");
+        f.registry.goodbye(n, s, "terminated", f.now).unwrap();
+        let error = f.registry.request_terminate(n, "x", f.now).unwrap_err();
+        assert_eq!(
+            error,
+            TerminateError::NotConnected {
+                node: n,
+                state: NodeState::Terminated
+            }
+        );
+    }
+
+    #[test]
+    fn an_acknowledged_node_that_goes_silent_is_terminated_not_failed() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        f.registry.request_terminate(n, "x", f.now).unwrap();
+        f.registry.terminate_ack(n, s, f.now).unwrap();
+        f.advance(31);
+        f.check();
+        assert_eq!(f.state(n), NodeState::Terminated);
+        assert_eq!(f.registry.stats().unexpected_failures_total, 0);
+    }
+
+    #[test]
+    fn a_failed_node_that_reconnects_is_connected_again() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        f.registry.stream_closed(n, s, "killed", f.now);
+        f.check();
+        f.check();
+        assert_eq!(f.state(n), NodeState::Failed);
+        f.take();
+        f.connect(n);
+        assert_eq!(f.state(n), NodeState::Connected);
+        assert_eq!(f.events(), [EventKind::NodeReconnected]);
+    }
+
+    #[test]
+    fn final_nodes_are_forgotten_after_the_retention() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.connect(n);
+        f.registry.goodbye(n, s, "shutdown", f.now).unwrap();
+        f.advance(599);
+        f.check();
+        assert!(f.registry.snapshot(n).is_some());
+        f.take();
+        f.advance(1);
+        f.check();
+        assert!(f.registry.snapshot(n).is_none());
+        assert_eq!(f.events(), [EventKind::NodeForgotten]);
+    }
+
+    #[test]
+    fn stats_average_the_latest_cpu_of_active_nodes() {
+        let mut f = Fixture::new();
+        let (a, b, c) = (node(), node(), node());
+        let sa = f.connect(a);
+        let sb = f.connect(b);
+        let sc = f.connect(c);
+        f.registry.cpu_sample(a, sa, 0.9, f.now).unwrap();
+        f.registry.cpu_sample(a, sa, 0.2, f.now).unwrap();
+        f.registry.cpu_sample(b, sb, 0.6, f.now).unwrap();
+        f.registry.cpu_sample(c, sc, 1.0, f.now).unwrap();
+        f.registry.stream_closed(c, sc, "killed", f.now);
+        let stats = f.registry.stats();
+        assert_eq!(stats.active_nodes, 2);
+        assert!((stats.avg_cpu_usage.unwrap() - 0.4).abs() < 1e-12);
+        assert_eq!(stats.nodes_by_state[&NodeState::Suspect], 1);
+    }
+
+    #[test]
+    fn event_times_follow_the_monotonic_clock() {
+        let mut f = Fixture::new();
+        f.advance(7);
+        f.connect(node());
+        let Effect::Publish(event) = &f.take()[0] else {
+            panic!("expected an event")
+        };
+        assert_eq!(event.time, SystemTime::UNIX_EPOCH + Duration::from_secs(7));
+    }
+
+    #[test]
+    fn a_late_check_after_the_orchestrators_own_stall_judges_nobody() {
+        let mut f = Fixture::new();
+        let (live, broken) = (node(), node());
+        f.connect(live);
+        let sb = f.connect(broken);
+        f.registry.stream_closed(broken, sb, "reset", f.now);
+        f.check();
+        f.take();
+        // The orchestrator was frozen for 100s: its own silence is not the nodes'.
+        f.advance(100);
+        f.check();
+        let effects = f.take();
+        assert_eq!(
+            effects,
+            [Effect::DetectorStalled {
+                gap: Duration::from_secs(100)
+            }]
+        );
+        assert_eq!(f.state(live), NodeState::Connected);
+        assert_eq!(
+            f.state(broken),
+            NodeState::Suspect,
+            "the stall round does not count"
+        );
+        // From the resume on, judgement is normal again.
+        f.advance(10);
+        f.check();
+        assert_eq!(f.state(broken), NodeState::Failed);
+        f.advance(20);
+        f.check();
+        assert_eq!(
+            f.state(live),
+            NodeState::Connected,
+            "30s after the resume is not yet silence"
+        );
+        f.advance(1);
+        f.check();
+        assert_eq!(f.state(live), NodeState::Suspect);
+    }
+}

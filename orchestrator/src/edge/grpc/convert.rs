@@ -1,0 +1,302 @@
+//! Wire <-> domain conversions for the orchestrator's gRPC edge, with typed errors.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
+
+use secbeat::{
+    pb,
+    wire::{self, WireError},
+};
+
+use crate::{
+    domain::event::{EventKind, FleetEvent, ScaleDecision},
+    domain::node::{FleetStats, NodeId, NodeInfo, NodeSnapshot, NodeState},
+    runtime::scaling::Prediction,
+};
+
+/// Longest accepted host name (DNS limit).
+const MAX_HOSTNAME: usize = 253;
+/// Longest accepted agent version string.
+const MAX_VERSION: usize = 64;
+/// Most labels a node may carry.
+const MAX_LABELS: usize = 32;
+/// Longest label key or value.
+const MAX_LABEL_LEN: usize = 128;
+
+/// Parses a node id field.
+pub fn node_id(field: &'static str, raw: &str) -> Result<NodeId, WireError> {
+    wire::parse_node_id(field, raw).map(NodeId)
+}
+
+/// Validates a Hello into the node's self-description. An empty `ip` falls back to
+/// the connection's peer address.
+pub fn node_info(hello: pb::Hello, peer: Option<SocketAddr>) -> Result<NodeInfo, WireError> {
+    let id = node_id("hello.node_id", &hello.node_id)?;
+    if hello.hostname.len() > MAX_HOSTNAME {
+        return Err(WireError::new(
+            "hello.hostname",
+            format!("longer than {MAX_HOSTNAME} bytes"),
+        ));
+    }
+    if hello.agent_version.len() > MAX_VERSION {
+        return Err(WireError::new(
+            "hello.agent_version",
+            format!("longer than {MAX_VERSION} bytes"),
+        ));
+    }
+    let ip = if hello.ip.is_empty() {
+        peer.map(|addr| addr.ip())
+            .ok_or_else(|| WireError::new("hello.ip", "missing, and the peer address is unknown"))?
+    } else {
+        hello
+            .ip
+            .parse::<IpAddr>()
+            .map_err(|_| WireError::new("hello.ip", format!("{:?} is not an IP address", hello.ip)))?
+    };
+    if hello.labels.len() > MAX_LABELS {
+        return Err(WireError::new(
+            "hello.labels",
+            format!("more than {MAX_LABELS} labels"),
+        ));
+    }
+    if hello
+        .labels
+        .iter()
+        .any(|(k, v)| k.is_empty() || k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN)
+    {
+        return Err(WireError::new(
+            "hello.labels",
+            format!("keys must be 1..={MAX_LABEL_LEN} bytes, values at most {MAX_LABEL_LEN}"),
+        ));
+    }
+    Ok(NodeInfo {
+        id,
+        hostname: hello.hostname,
+        ip,
+        agent_version: hello.agent_version,
+        labels: hello.labels.into_iter().collect::<BTreeMap<_, _>>(),
+    })
+}
+
+/// The wire form of a node state.
+pub fn node_state(state: NodeState) -> pb::NodeState {
+    match state {
+        NodeState::Connected => pb::NodeState::Connected,
+        NodeState::Suspect => pb::NodeState::Suspect,
+        NodeState::Failed => pb::NodeState::Failed,
+        NodeState::Terminating => pb::NodeState::Terminating,
+        NodeState::Terminated => pb::NodeState::Terminated,
+        NodeState::Left => pb::NodeState::Left,
+    }
+}
+
+/// The wire form of a node snapshot.
+pub fn node(snapshot: &NodeSnapshot) -> pb::Node {
+    pb::Node {
+        node_id: snapshot.info.id.to_string(),
+        hostname: snapshot.info.hostname.clone(),
+        ip: snapshot.info.ip.to_string(),
+        state: node_state(snapshot.state).into(),
+        last_cpu_usage: snapshot.last_cpu_usage,
+        connected_since: Some(wire::timestamp_to_proto(snapshot.connected_since)),
+        last_heartbeat: Some(wire::timestamp_to_proto(snapshot.last_heartbeat)),
+        agent_version: snapshot.info.agent_version.clone(),
+        labels: snapshot.info.labels.clone().into_iter().collect(),
+        session_id: snapshot.session.map_or(0, |session| session.0),
+        state_reason: snapshot.state_reason.clone(),
+        termination: snapshot.termination.as_ref().map(|t| pb::TerminationInfo {
+            reason: t.reason.clone(),
+            requested_at: Some(wire::timestamp_to_proto(t.requested_at)),
+            acknowledged: t.acknowledged,
+            deadline: Some(wire::timestamp_to_proto(t.deadline)),
+        }),
+    }
+}
+
+/// The wire form of the fleet stats.
+pub fn fleet_stats(stats: &FleetStats) -> pb::GetFleetStatsResponse {
+    pb::GetFleetStatsResponse {
+        active_nodes: stats.active_nodes,
+        avg_cpu_usage: stats.avg_cpu_usage,
+        nodes_by_state: stats
+            .nodes_by_state
+            .iter()
+            .map(|(state, count)| (node_state(*state).as_str_name().to_owned(), *count))
+            .collect(),
+        unexpected_failures_total: stats.unexpected_failures_total,
+        graceful_terminations_total: stats.graceful_terminations_total,
+    }
+}
+
+/// The wire form of an event.
+pub fn fleet_event(event: &FleetEvent) -> pb::FleetEvent {
+    let kind = match event.kind {
+        EventKind::NodeJoined => pb::FleetEventType::NodeJoined,
+        EventKind::NodeReconnected => pb::FleetEventType::NodeReconnected,
+        EventKind::NodeSuspected => pb::FleetEventType::NodeSuspected,
+        EventKind::NodeRecovered => pb::FleetEventType::NodeRecovered,
+        EventKind::NodeFailed => pb::FleetEventType::NodeFailed,
+        EventKind::TerminateRequested => pb::FleetEventType::TerminateRequested,
+        EventKind::TerminateAcknowledged => pb::FleetEventType::TerminateAcknowledged,
+        EventKind::TerminateCancelled => pb::FleetEventType::TerminateCancelled,
+        EventKind::NodeTerminated => pb::FleetEventType::NodeTerminated,
+        EventKind::NodeLeft => pb::FleetEventType::NodeLeft,
+        EventKind::SessionFenced => pb::FleetEventType::SessionFenced,
+        EventKind::NodeForgotten => pb::FleetEventType::NodeForgotten,
+        EventKind::SelfHealingRequested => pb::FleetEventType::SelfHealingRequested,
+        EventKind::SelfHealingHeld => pb::FleetEventType::SelfHealingHeld,
+        EventKind::ScaleDecided => pb::FleetEventType::ScaleDecided,
+        EventKind::WebhookDelivered => pb::FleetEventType::WebhookDelivered,
+        EventKind::WebhookFailed => pb::FleetEventType::WebhookFailed,
+        EventKind::WebhookDeadLettered => pb::FleetEventType::WebhookDeadLettered,
+    };
+    let node = event.node.as_ref();
+    pb::FleetEvent {
+        sequence: event.sequence,
+        time: Some(wire::timestamp_to_proto(event.time)),
+        r#type: kind.into(),
+        node_id: node.map(|n| n.id.to_string()).unwrap_or_default(),
+        ip: node.map(|n| n.ip.to_string()).unwrap_or_default(),
+        hostname: node.map(|n| n.hostname.clone()).unwrap_or_default(),
+        state: node
+            .map_or(pb::NodeState::Unspecified, |n| node_state(n.state))
+            .into(),
+        reason: event.reason.clone(),
+        webhook: event.webhook.as_ref().map(|webhook| pb::WebhookRef {
+            webhook_id: webhook.id.clone(),
+            reason: webhook.reason.clone(),
+            attempt: webhook.attempt,
+            http_status: webhook.http_status.map(u32::from),
+        }),
+        decision: event
+            .decision
+            .map_or(pb::ScaleDecision::Unspecified, scale_decision)
+            .into(),
+    }
+}
+
+/// The wire form of a scale decision.
+pub fn scale_decision(decision: ScaleDecision) -> pb::ScaleDecision {
+    match decision {
+        ScaleDecision::Hold => pb::ScaleDecision::Hold,
+        ScaleDecision::ScaleUp => pb::ScaleDecision::ScaleUp,
+        ScaleDecision::ScaleDown => pb::ScaleDecision::ScaleDown,
+    }
+}
+
+/// A scaling check's prediction as the API shows it.
+pub fn prediction(prediction: &Prediction) -> pb::Prediction {
+    let forecast = prediction.forecast.as_ref();
+    let accuracy = &prediction.accuracy;
+    pb::Prediction {
+        timestamp: Some(wire::timestamp_to_proto(prediction.at)),
+        current_cpu_usage: prediction.current_cpu_usage,
+        predicted_cpu_usage: forecast.and_then(|f| f.predicted),
+        horizon: Some(wire::duration_to_proto(prediction.horizon)),
+        confidence: forecast
+            .filter(|f| f.predicted.is_some())
+            .map_or(0.0, |f| f.confidence),
+        data_points: forecast.map_or(0, |f| u32::try_from(f.data_points).unwrap_or(u32::MAX)),
+        model: forecast
+            .filter(|f| f.predicted.is_some())
+            .map_or_else(String::new, |f| f.model.name().to_owned()),
+        configured_model: prediction.configured_model.name().to_owned(),
+        accuracy: Some(pb::PredictionAccuracy {
+            scored: accuracy.scored,
+            window: u32::try_from(accuracy.window).unwrap_or(u32::MAX),
+            within_10_ratio: accuracy.model.within_ratio,
+            mean_absolute_error: accuracy.model.mean_absolute_error,
+            bias: accuracy.model.bias,
+            baseline_within_10_ratio: accuracy.baseline.within_ratio,
+            baseline_mean_absolute_error: accuracy.baseline.mean_absolute_error,
+            baseline_bias: accuracy.baseline.bias,
+        }),
+        active_nodes: prediction.active_nodes,
+        decision: scale_decision(prediction.decision).into(),
+        decision_reason: prediction.decision_reason.clone(),
+        acted: prediction.acted,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> pb::Hello {
+        pb::Hello {
+            node_id: uuid::Uuid::new_v4().to_string(),
+            hostname: "edge-1".into(),
+            ip: String::new(),
+            agent_version: "0.1.0".into(),
+            labels: [("region".to_owned(), "eu".to_owned())].into(),
+        }
+    }
+
+    #[test]
+    fn no_ip_and_no_peer_is_an_error() {
+        assert_eq!(node_info(hello(), None).unwrap_err().field, "hello.ip");
+    }
+
+    #[test]
+    fn empty_ip_falls_back_to_the_peer_address() {
+        let peer: SocketAddr = "10.0.0.7:4000".parse().unwrap();
+        let info = node_info(hello(), Some(peer)).unwrap();
+        assert_eq!(info.ip, peer.ip());
+        let reported = node_info(
+            pb::Hello {
+                ip: "192.0.2.1".into(),
+                ..hello()
+            },
+            Some(peer),
+        )
+        .unwrap();
+        assert_eq!(reported.ip.to_string(), "192.0.2.1");
+    }
+
+    #[test]
+    fn bad_hellos_name_the_field() {
+        let cases = [
+            (
+                pb::Hello {
+                    node_id: "nope".into(),
+                    ..hello()
+                },
+                "hello.node_id",
+            ),
+            (
+                pb::Hello {
+                    node_id: String::new(),
+                    ..hello()
+                },
+                "hello.node_id",
+            ),
+            (
+                pb::Hello {
+                    ip: "999.1.1.1".into(),
+                    ..hello()
+                },
+                "hello.ip",
+            ),
+            (
+                pb::Hello {
+                    hostname: "x".repeat(300),
+                    ..hello()
+                },
+                "hello.hostname",
+            ),
+            (
+                pb::Hello {
+                    labels: (0..40).map(|i| (i.to_string(), String::new())).collect(),
+                    ..hello()
+                },
+                "hello.labels",
+            ),
+        ];
+        let peer: SocketAddr = "10.0.0.7:4000".parse().unwrap();
+        for (bad, field) in cases {
+            assert_eq!(node_info(bad, Some(peer)).unwrap_err().field, field);
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! `FleetService`: the operator API over the fleet actor.
+
+use secbeat::pb;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, info, info_span};
+
+use super::{convert, status, watch};
+use crate::{
+    edge::auth::{Authority, Need},
+    runtime::bus::EventBus,
+    runtime::fleet::FleetHandle,
+};
+
+/// The `FleetService` implementation.
+#[derive(Debug, Clone)]
+pub struct FleetApi {
+    fleet: FleetHandle,
+    bus: EventBus,
+    authority: Authority,
+}
+
+impl FleetApi {
+    /// A service answering from `fleet` and `bus` to callers `authority` admits.
+    pub fn new(fleet: FleetHandle, bus: EventBus, authority: Authority) -> Self {
+        Self {
+            fleet,
+            bus,
+            authority,
+        }
+    }
+
+    fn allow<T>(&self, request: &Request<T>, need: Need) -> Result<(), Status> {
+        let caller = super::caller(&self.authority, request);
+        self.authority.allow(&caller, need).map_err(Status::from)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::fleet_service_server::FleetService for FleetApi {
+    type WatchEventsStream = ReceiverStream<Result<pb::FleetEvent, Status>>;
+
+    async fn list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.allow(&request, Need::Read)?;
+        let (nodes, sequence) = self.fleet.list().await?;
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes: nodes.iter().map(convert::node).collect(),
+            sequence,
+        }))
+    }
+
+    async fn get_node(
+        &self,
+        request: Request<pb::GetNodeRequest>,
+    ) -> Result<Response<pb::GetNodeResponse>, Status> {
+        self.allow(&request, Need::Read)?;
+        let id = convert::node_id("node_id", &request.into_inner().node_id).map_err(status::invalid)?;
+        let node = self
+            .fleet
+            .get(id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("node {id} is unknown")))?;
+        Ok(Response::new(pb::GetNodeResponse {
+            node: Some(convert::node(&node)),
+        }))
+    }
+
+    async fn terminate_node(
+        &self,
+        request: Request<pb::TerminateNodeRequest>,
+    ) -> Result<Response<pb::TerminateNodeResponse>, Status> {
+        self.allow(&request, Need::Operate)?;
+        let parent = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        let request = request.into_inner();
+        let id = convert::node_id("node_id", &request.node_id).map_err(status::invalid)?;
+        let reason = if request.reason.trim().is_empty() {
+            "operator request".to_owned()
+        } else {
+            request.reason
+        };
+        if reason.len() > 256 {
+            return Err(Status::invalid_argument("reason: longer than 256 bytes"));
+        }
+        let span = info_span!("terminate_node", node.id = %id, reason = %reason);
+        if let Some(parent) = &parent {
+            secbeat::telemetry::set_parent(&span, parent);
+        }
+        span.in_scope(|| info!(node.id = %id, %reason, "terminate node requested"));
+        let accepted = self.fleet.terminate(id, reason).instrument(span).await??;
+        Ok(Response::new(pb::TerminateNodeResponse {
+            node: Some(convert::node(&accepted.node)),
+            already_terminating: accepted.already_terminating,
+            grace_period: Some(secbeat::wire::duration_to_proto(accepted.grace_period)),
+        }))
+    }
+
+    async fn get_fleet_stats(
+        &self,
+        request: Request<pb::GetFleetStatsRequest>,
+    ) -> Result<Response<pb::GetFleetStatsResponse>, Status> {
+        self.allow(&request, Need::Read)?;
+        let stats = self.fleet.stats().await?;
+        Ok(Response::new(convert::fleet_stats(&stats)))
+    }
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        self.allow(&request, Need::Read)?;
+        let since = request.into_inner().since_sequence;
+        let subscription = self.bus.subscribe(since)?;
+        let backlog = subscription.backlog.iter().map(convert::fleet_event).collect();
+        let stream = watch::forward(subscription.live, backlog, "events", |event| {
+            Some(convert::fleet_event(event))
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use secbeat::pb::fleet_service_server::FleetService;
+    use tokio_stream::StreamExt;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::{clock, domain::node::NodeId, runtime::bus::LIVE_BUFFER, runtime::fleet};
+
+    fn fleet_settings() -> fleet::FleetSettings {
+        let lifecycle = crate::domain::registry::LifecycleConfig {
+            heartbeat_timeout: std::time::Duration::from_secs(30),
+            dead_node_check_interval: std::time::Duration::from_secs(10),
+            required_consecutive_failures: 2,
+            termination_deadline: std::time::Duration::from_secs(30),
+            termination_grace_period: std::time::Duration::from_secs(30),
+            node_retention: std::time::Duration::from_secs(3600),
+        };
+        fleet::FleetSettings {
+            lifecycle,
+            heartbeat_interval: std::time::Duration::from_secs(10),
+            ..fleet::tests::settings()
+        }
+    }
+
+    fn node_info() -> crate::domain::node::NodeInfo {
+        crate::domain::node::NodeInfo {
+            id: NodeId(uuid::Uuid::new_v4()),
+            hostname: "edge".into(),
+            ip: "10.0.0.1".parse().unwrap(),
+            agent_version: "test".into(),
+            labels: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_cannot_keep_up_is_dropped_with_resource_exhausted() {
+        let shutdown = CancellationToken::new();
+        let fleet::tests::TestFleet {
+            handle,
+            actor: _actor,
+            bus,
+            ..
+        } = fleet::tests::start(fleet_settings(), fleet::Restored::default(), &shutdown);
+        let first = bus.last_sequence() + 1;
+        let api = FleetApi::new(handle.clone(), bus, Default::default());
+        let mut stream = api
+            .watch_events(Request::new(pb::WatchEventsRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+
+        // Far more events than the shared buffer plus this watcher's own buffer hold.
+        let published = LIVE_BUFFER + watch::STREAM_BUFFER + 200;
+        for _ in 0..published {
+            let (tx, _) = tokio::sync::mpsc::unbounded_channel();
+            handle.connect(node_info(), tx, clock::now()).await.unwrap();
+        }
+        let mut delivered = 0;
+        let ended = loop {
+            match stream.next().await {
+                Some(Ok(event)) => {
+                    assert_eq!(event.sequence, first + delivered, "events in order until the cut");
+                    delivered += 1;
+                }
+                Some(Err(status)) => break status,
+                None => panic!("stream ended without a status"),
+            }
+        };
+        assert_eq!(ended.code(), tonic::Code::ResourceExhausted, "{ended:?}");
+        assert!((delivered as usize) < published, "{delivered} of {published}");
+        assert!(stream.next().await.is_none(), "nothing after the status");
+        // The orchestrator itself was never slowed: it still answers.
+        assert_eq!(handle.stats().await.unwrap().active_nodes as usize, published);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn watchers_are_told_when_the_orchestrator_shuts_down() {
+        let shutdown = CancellationToken::new();
+        let fleet::tests::TestFleet {
+            handle, actor, bus, ..
+        } = fleet::tests::start(fleet_settings(), fleet::Restored::default(), &shutdown);
+        let api = FleetApi::new(handle, bus.clone(), Default::default());
+        let mut stream = api
+            .watch_events(Request::new(pb::WatchEventsRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        shutdown.cancel();
+        actor.await.unwrap();
+        // The server closes the bus once the publishers have stopped.
+        bus.close();
+        let status = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn list_then_watch_from_its_sequence_replays_what_came_after() {
+        let shutdown = CancellationToken::new();
+        let fleet::tests::TestFleet {
+            handle,
+            actor: _actor,
+            bus,
+            ..
+        } = fleet::tests::start(fleet_settings(), fleet::Restored::default(), &shutdown);
+        let api = FleetApi::new(handle.clone(), bus.clone(), Default::default());
+        let (tx, _) = tokio::sync::mpsc::unbounded_channel();
+        let early = node_info();
+        handle.connect(early.clone(), tx, clock::now()).await.unwrap();
+        let listed = api
+            .list_nodes(Request::new(pb::ListNodesRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(listed.nodes.len(), 1);
+        // A node joins between the list and the watch.
+        let (tx, _) = tokio::sync::mpsc::unbounded_channel();
+        let late = node_info();
+        handle.connect(late.clone(), tx, clock::now()).await.unwrap();
+        let mut stream = api
+            .watch_events(Request::new(pb::WatchEventsRequest {
+                since_sequence: Some(listed.sequence),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let replayed = stream.next().await.unwrap().unwrap();
+        assert_eq!(replayed.sequence, listed.sequence + 1);
+        assert_eq!(
+            replayed.node_id,
+            late.id.to_string(),
+            "only what the list did not reflect"
+        );
+        assert_eq!(replayed.r#type(), pb::FleetEventType::NodeJoined);
+
+        // A sequence from before what is kept (here: from an earlier run).
+        let gone = api
+            .watch_events(Request::new(pb::WatchEventsRequest {
+                since_sequence: Some(7),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(gone.code(), tonic::Code::OutOfRange);
+        assert!(gone.message().contains("oldest kept"), "{}", gone.message());
+        shutdown.cancel();
+    }
+}

@@ -1,0 +1,192 @@
+//! The HTTP/JSON API (`/api/v1/...`): the fleet's figures, the latest prediction
+//! and its accuracy, and the nodes, with the seed's field names. Errors are JSON
+//! `{"error": "..."}` with the status code that fits (400, 404, 503).
+
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use crate::{
+    domain::node::{NodeSnapshot, NodeState},
+    edge::grpc::convert,
+    edge::webhook::rfc3339,
+    runtime::fleet::FleetStopped,
+    runtime::scaling::Prediction,
+};
+
+/// An API error: a status and a message, sent as `{"error": message}`.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<FleetStopped> for ApiError {
+    fn from(_: FleetStopped) -> Self {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the orchestrator is shutting down".into(),
+        )
+    }
+}
+
+/// `/api/*` needs the operator or viewer token when tokens are configured (HTTP
+/// has no client certificates); health and metrics stay open.
+pub async fn require_token(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if request.uri().path().starts_with("/api/") {
+        let authorization = request
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok());
+        // Client certificates do not apply here: only tokens can open the API.
+        let authority = &state.authority;
+        let caller = authority.identify(&[], authorization);
+        if authority.tokens_configured()
+            && let Err(denied) = authority.allow(&caller, crate::edge::auth::Need::Read)
+        {
+            let status = match denied {
+                crate::edge::auth::Denied::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+                crate::edge::auth::Denied::PermissionDenied(_) => StatusCode::FORBIDDEN,
+            };
+            return ApiError(status, denied.to_string()).into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// `GET /api/v1/fleet/stats`.
+pub async fn fleet_stats(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let stats = state.fleet.stats().await?;
+    let latest = state.predictions.latest();
+    let nodes_by_state: serde_json::Map<String, Value> = stats
+        .nodes_by_state
+        .iter()
+        .map(|(state, count)| (state.as_str().to_owned(), json!(count)))
+        .collect();
+    let total: u32 = stats.nodes_by_state.values().sum();
+    Ok(Json(json!({
+        "active_nodes": stats.active_nodes,
+        "total_nodes": total,
+        "avg_cpu_usage": stats.avg_cpu_usage,
+        "nodes_by_state": nodes_by_state,
+        "unexpected_failures_total": stats.unexpected_failures_total,
+        "graceful_terminations_total": stats.graceful_terminations_total,
+        "cpu_history_points": latest.as_ref().and_then(|p| p.forecast.as_ref()).map_or(0, |f| f.data_points),
+        "prediction": latest.as_deref().map(prediction_json),
+        "accuracy": latest.as_deref().map(accuracy_json),
+    })))
+}
+
+fn prediction_json(prediction: &Prediction) -> Value {
+    let forecast = prediction.forecast.as_ref();
+    json!({
+        "timestamp": rfc3339(prediction.at),
+        "current_cpu_usage": prediction.current_cpu_usage,
+        "predicted_cpu_usage": forecast.and_then(|f| f.predicted),
+        "prediction_horizon_minutes": prediction.horizon.as_secs_f64() / 60.0,
+        "confidence": forecast.filter(|f| f.predicted.is_some()).map(|f| f.confidence),
+        "data_points": forecast.map_or(0, |f| f.data_points),
+        "model": forecast.filter(|f| f.predicted.is_some()).map(|f| f.model.name()),
+        "configured_model": prediction.configured_model.name(),
+        "decision": prediction.decision.as_str(),
+        "decision_reason": prediction.decision_reason,
+        "acted": prediction.acted,
+    })
+}
+
+fn accuracy_json(prediction: &Prediction) -> Value {
+    let accuracy = &prediction.accuracy;
+    json!({
+        "scored": accuracy.scored,
+        "window": accuracy.window,
+        "within_10_ratio": accuracy.model.within_ratio,
+        "mean_absolute_error": accuracy.model.mean_absolute_error,
+        "bias": accuracy.model.bias,
+        "baseline": {
+            "within_10_ratio": accuracy.baseline.within_ratio,
+            "mean_absolute_error": accuracy.baseline.mean_absolute_error,
+            "bias": accuracy.baseline.bias,
+        },
+    })
+}
+
+/// A node as the JSON API shows it.
+#[derive(Debug, Serialize)]
+struct NodeJson {
+    node_id: String,
+    hostname: String,
+    ip: String,
+    state: NodeState,
+    state_reason: String,
+    last_cpu_usage: Option<f64>,
+    connected_since: String,
+    last_heartbeat: String,
+    agent_version: String,
+    labels: std::collections::BTreeMap<String, String>,
+    session_id: Option<u64>,
+    termination: Option<Value>,
+}
+
+fn node_json(node: &NodeSnapshot) -> NodeJson {
+    NodeJson {
+        node_id: node.info.id.to_string(),
+        hostname: node.info.hostname.clone(),
+        ip: node.info.ip.to_string(),
+        state: node.state,
+        state_reason: node.state_reason.clone(),
+        last_cpu_usage: node.last_cpu_usage,
+        connected_since: rfc3339(node.connected_since),
+        last_heartbeat: rfc3339(node.last_heartbeat),
+        agent_version: node.info.agent_version.clone(),
+        labels: node.info.labels.clone(),
+        session_id: node.session.map(|s| s.0),
+        termination: node.termination.as_ref().map(|t| {
+            json!({
+                "reason": t.reason,
+                "requested_at": rfc3339(t.requested_at),
+                "acknowledged": t.acknowledged,
+                "deadline": rfc3339(t.deadline),
+            })
+        }),
+    }
+}
+
+/// `GET /api/v1/nodes`.
+pub async fn nodes(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let (nodes, sequence) = state.fleet.list().await?;
+    let nodes: Vec<NodeJson> = nodes.iter().map(node_json).collect();
+    Ok(Json(json!({ "nodes": nodes, "sequence": sequence })))
+}
+
+/// `GET /api/v1/nodes/{id}`.
+pub async fn node(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let id = convert::node_id("node_id", &id)
+        .map_err(|error| ApiError(StatusCode::BAD_REQUEST, error.to_string()))?;
+    let node = state
+        .fleet
+        .get(id)
+        .await?
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("node {id} is unknown")))?;
+    Ok(Json(json!(node_json(&node))))
+}
+
+/// Anything else under `/api/`.
+pub async fn not_found() -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "no such endpoint: see /api/v1/fleet/stats, /api/v1/nodes, /api/v1/nodes/{id}".into(),
+    )
+}

@@ -1,0 +1,87 @@
+//! The HTTP edge: liveness and readiness for load balancers and orchestration,
+//! Prometheus metrics, and the JSON API ([`api`]).
+
+pub mod api;
+
+use axum::{
+    Router,
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+
+use crate::{
+    edge::auth::Authority, edge::metrics::Metrics, runtime::fleet::FleetHandle,
+    runtime::scaling::PredictionHandle,
+};
+
+/// What the handlers read.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The fleet actor.
+    pub fleet: FleetHandle,
+    /// The metrics registry.
+    pub metrics: Metrics,
+    /// The scaling loop's predictions.
+    pub predictions: PredictionHandle,
+    /// Who may read the JSON API (the operator and viewer tokens).
+    pub authority: Authority,
+}
+
+/// The HTTP routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/api/v1/fleet/stats", get(api::fleet_stats))
+        .route("/api/v1/nodes", get(api::nodes))
+        .route("/api/v1/nodes/{id}", get(api::node))
+        .route("/api/{*rest}", get(api::not_found))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            api::require_token,
+        ))
+        .with_state(state)
+}
+
+/// The process is up.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// The fleet actor answers, so agent streams and operator calls are served.
+async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
+    match state.fleet.stats().await {
+        Ok(_) => (StatusCode::OK, "ready\n"),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+    }
+}
+
+/// Metrics: OpenMetrics when the scraper asks for it (Prometheus does), the
+/// classic text format otherwise (promtool, curl). Fleet-state gauges are
+/// refreshed from a snapshot first.
+async fn metrics_text(State(state): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
+    if let Ok(stats) = state.fleet.stats().await {
+        state.metrics.observe_fleet(&stats);
+    }
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|accept| accept.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+    if openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            state.metrics.encode(),
+        )
+    } else {
+        (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            state.metrics.encode_text(),
+        )
+    }
+}

@@ -1,0 +1,198 @@
+//! Durable state: what must survive a crash or restart of the orchestrator.
+//!
+//! - known nodes (identity, address, last state, terminating marks), so that after a
+//!   restart they get a reconnect grace and those that do not return are judged once;
+//! - the webhook outbox, so that no decided webhook is lost;
+//! - the self-healing ledger, so that a restart does not reset the limits;
+//! - the fleet CPU history, so that the forecaster does not start from nothing.
+//!
+//! [`Store`] is the small seam a distributed backend (etcd, say) would implement;
+//! [`redb::RedbStore`] is the embedded one. [`writer`] runs the store on its own
+//! thread: callers hand it batches and never wait for the disk.
+
+pub mod redb;
+pub mod writer;
+
+use std::time::SystemTime;
+
+pub use crate::domain::node::{PersistedNode, PersistedTermination};
+use crate::{
+    domain::forecast::Point, domain::healer::HealRecord, domain::node::NodeId, edge::webhook::OutboxEntry,
+};
+
+/// One change to durable state. A batch of them is applied atomically.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    /// Insert or replace a node.
+    PutNode(PersistedNode),
+    /// Forget a node.
+    DeleteNode(NodeId),
+    /// Record a heal in the ledger.
+    PutHeal(HealRecord),
+    /// Drop ledger entries older than this.
+    PruneHeals {
+        /// The cut-off.
+        before: SystemTime,
+    },
+    /// Queue a webhook.
+    PutOutbox(OutboxEntry),
+    /// A webhook was delivered (2xx).
+    DeleteOutbox(String),
+    /// A webhook outlived its maximum age: move it aside, keep it for the operator.
+    DeadLetter(String),
+    /// Append a fleet CPU history point.
+    PutHistory(Point),
+    /// Drop history points older than this (Unix seconds).
+    PruneHistory {
+        /// The cut-off.
+        before: f64,
+    },
+    /// This run's event epoch (see [`crate::runtime::bus`]): one more than the last run's.
+    PutEventEpoch(u64),
+}
+
+/// Everything loaded at start-up.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoredState {
+    /// Known nodes.
+    pub nodes: Vec<PersistedNode>,
+    /// The self-healing ledger.
+    pub heals: Vec<HealRecord>,
+    /// Undelivered webhooks, oldest first.
+    pub outbox: Vec<OutboxEntry>,
+    /// How many webhooks were given up on (kept aside).
+    pub dead_letters: u64,
+    /// Fleet CPU history, oldest first.
+    pub history: Vec<Point>,
+    /// The event epoch of the last run (0: none yet).
+    pub event_epoch: u64,
+}
+
+/// A store failure, in words (the backend's error types stay inside the backend).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("state store: {0}")]
+pub struct StoreError(pub String);
+
+/// Durable state behind a small interface.
+pub trait Store: Send + 'static {
+    /// Loads everything.
+    fn load(&self) -> Result<StoredState, StoreError>;
+    /// Applies a batch atomically and durably: all of it or none of it.
+    fn apply(&mut self, writes: &[Write]) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+pub(crate) mod memory {
+    //! An in-memory [`Store`] for tests of the parts that write to it.
+
+    use std::{
+        collections::BTreeMap,
+        sync::{Arc, Condvar, Mutex},
+        time::Duration,
+    };
+
+    use super::*;
+    use crate::domain::node::PersistedNode;
+
+    /// Shared, so a test keeps a handle while the writer thread owns a clone.
+    #[derive(Debug, Clone, Default)]
+    pub(crate) struct MemoryStore {
+        inner: Arc<(Mutex<Inner>, Condvar)>,
+    }
+
+    #[derive(Debug, Default)]
+    struct Inner {
+        nodes: BTreeMap<NodeId, PersistedNode>,
+        heals: Vec<HealRecord>,
+        outbox: Vec<OutboxEntry>,
+        dead_letters: u64,
+        history: Vec<Point>,
+        event_epoch: u64,
+        /// Outbox ids deleted (delivered), in order.
+        deleted: Vec<String>,
+    }
+
+    impl MemoryStore {
+        /// Waits (real time, 10 s at most) until the outbox entry `id` was deleted.
+        pub(crate) fn wait_for_deleted(&self, id: &str) {
+            let (lock, changed) = &*self.inner;
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let mut inner = lock.lock().unwrap();
+            while !inner.deleted.iter().any(|deleted| deleted == id) {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                assert!(!left.is_zero(), "outbox entry {id} was never deleted");
+                inner = changed.wait_timeout(inner, left).unwrap().0;
+            }
+        }
+
+        /// Waits (in real time, the writer is a thread) until the stored state
+        /// satisfies `done`, and returns it; panics after 10 s with what is there.
+        pub(crate) fn wait_for(&self, done: impl Fn(&StoredState) -> bool) -> StoredState {
+            let (lock, changed) = &*self.inner;
+            let mut inner = lock.lock().unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let state = inner.state();
+                if done(&state) {
+                    return state;
+                }
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                assert!(
+                    !left.is_zero(),
+                    "the store never reached the expected state: {state:#?}"
+                );
+                inner = changed.wait_timeout(inner, left).unwrap().0;
+            }
+        }
+    }
+
+    impl Inner {
+        fn state(&self) -> StoredState {
+            StoredState {
+                nodes: self.nodes.values().cloned().collect(),
+                heals: self.heals.clone(),
+                outbox: self.outbox.clone(),
+                dead_letters: self.dead_letters,
+                history: self.history.clone(),
+                event_epoch: self.event_epoch,
+            }
+        }
+    }
+
+    impl Store for MemoryStore {
+        fn load(&self) -> Result<StoredState, StoreError> {
+            Ok(self.inner.0.lock().unwrap().state())
+        }
+
+        fn apply(&mut self, writes: &[Write]) -> Result<(), StoreError> {
+            let (lock, changed) = &*self.inner;
+            let mut inner = lock.lock().unwrap();
+            changed.notify_all();
+            for write in writes.iter().cloned() {
+                match write {
+                    Write::PutNode(node) => {
+                        inner.nodes.insert(node.id, node);
+                    }
+                    Write::DeleteNode(id) => {
+                        inner.nodes.remove(&id);
+                    }
+                    Write::PutHeal(record) => inner.heals.push(record),
+                    Write::PruneHeals { before } => inner.heals.retain(|record| record.at >= before),
+                    Write::PutOutbox(entry) => inner.outbox.push(entry),
+                    Write::DeleteOutbox(id) => {
+                        inner.outbox.retain(|entry| entry.id != id);
+                        inner.deleted.push(id);
+                    }
+                    Write::DeadLetter(id) => {
+                        inner.outbox.retain(|entry| entry.id != id);
+                        inner.dead_letters += 1;
+                    }
+                    Write::PutHistory(point) => inner.history.push(point),
+                    Write::PruneHistory { before } => inner.history.retain(|point| point.t >= before),
+                    Write::PutEventEpoch(epoch) => inner.event_epoch = epoch,
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,1083 @@
+//! The fleet actor: one task that owns the [`Registry`], the [`Healer`], the live
+//! sessions' signal channels and the event bus, in the style of tokio-console's
+//! aggregator.
+//!
+//! Stream handlers and operator RPCs talk to it through a cloneable [`FleetHandle`]
+//! (commands over a bounded channel). It applies each input to the registry, runs
+//! the dead-node check on its own timer, and then carries out the registry's
+//! effects: it publishes events (logged, then numbered and kept by the [`EventBus`]),
+//! signals sessions (Welcome, Terminate, close), hands unexpected failures to the
+//! healer, and sends what must survive a restart (changed nodes, heal decisions,
+//! webhooks) to the store writer as one batch, so a node's FAILED state and its
+//! self-healing webhook are persisted together or not at all. Nothing else mutates
+//! fleet state, so there is no lock on the heartbeat path, and nothing here waits
+//! for a disk or the network.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    clock,
+    domain::event::{EventKind, EventNode, FleetEvent},
+    domain::healer::{Decision, FailedNode, HealRecord, Healer, HealingPolicy, HoldCause},
+    domain::node::{FleetStats, NodeId, NodeInfo, NodeSnapshot, NodeState, PersistedNode, SessionId},
+    domain::registry::{
+        CloseReason, Effect, LifecycleConfig, Registry, SessionError, TerminateAccepted, TerminateError,
+    },
+    domain::scaler::Candidate,
+    edge::metrics::{CauseLabel, Metrics},
+    edge::store::{Write, writer::StoreWriter},
+    edge::webhook::{self, WebhookEvent},
+    runtime::bus::EventBus,
+};
+
+/// Capacity of the command channel into the actor.
+const COMMAND_BUFFER: usize = 4096;
+/// Most commands the actor takes from its inbox per wake-up. Under load (tens of
+/// thousands of heartbeats a second) this turns one wake-up, one `select!` and one
+/// effects pass per message into one per batch.
+const COMMAND_BATCH: usize = 256;
+
+/// What the actor tells one session's stream handler.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionSignal {
+    /// Accepted: send Welcome.
+    Welcome {
+        /// The new session.
+        session: SessionId,
+        /// Heartbeat interval the agent must use.
+        heartbeat_interval: Duration,
+    },
+    /// Send Terminate.
+    Terminate {
+        /// Why.
+        reason: String,
+        /// Graceful-shutdown budget.
+        grace_period: Duration,
+        /// W3C trace context of the request, if tracing is on.
+        traceparent: Option<String>,
+    },
+    /// End the stream for this reason.
+    Close(CloseReason),
+    /// End the stream: the orchestrator is shutting down.
+    ShuttingDown,
+}
+
+/// What a session's stream handler reports, stamped with the receipt time.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionReport {
+    /// A heartbeat.
+    Heartbeat,
+    /// The latest CPU fraction from a validated CpuSamples.
+    Cpu(f64),
+    /// The agent acknowledged a terminate.
+    TerminateAck,
+    /// The agent said goodbye.
+    Goodbye(String),
+    /// The stream ended or broke (reason in words), or was ended by a protocol error.
+    Closed(String),
+}
+
+/// Why a new session was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    /// The orchestrator is shutting down.
+    #[error("the fleet actor has stopped")]
+    Stopped,
+    /// A node the orchestrator does not know, with `max_nodes` known already.
+    #[error("the orchestrator is at max_nodes ({0}); not accepting new nodes")]
+    AtCapacity(u32),
+}
+
+impl From<FleetStopped> for ConnectError {
+    fn from(_: FleetStopped) -> Self {
+        ConnectError::Stopped
+    }
+}
+
+/// The actor has stopped (the orchestrator is shutting down).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the fleet actor has stopped")]
+pub struct FleetStopped;
+
+enum Command {
+    Connect {
+        info: NodeInfo,
+        signals: mpsc::UnboundedSender<SessionSignal>,
+        at: Instant,
+        reply: oneshot::Sender<Result<SessionId, ConnectError>>,
+    },
+    Report {
+        node: NodeId,
+        session: SessionId,
+        report: SessionReport,
+        at: Instant,
+    },
+    Terminate {
+        node: NodeId,
+        reason: String,
+        traceparent: Option<String>,
+        reply: oneshot::Sender<Result<TerminateAccepted, TerminateError>>,
+    },
+    List(oneshot::Sender<(Vec<NodeSnapshot>, u64)>),
+    Get(NodeId, oneshot::Sender<Option<NodeSnapshot>>),
+    Stats(oneshot::Sender<FleetStats>),
+    ScalingView(oneshot::Sender<(FleetStats, Option<Candidate>)>),
+}
+
+/// A cloneable handle to the fleet actor.
+#[derive(Debug, Clone)]
+pub struct FleetHandle {
+    commands: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Command")
+    }
+}
+
+impl FleetHandle {
+    /// Registers a validated Hello as a new session; the actor sends the Welcome
+    /// (and any pending Terminate) through `signals`.
+    pub async fn connect(
+        &self,
+        info: NodeInfo,
+        signals: mpsc::UnboundedSender<SessionSignal>,
+        at: Instant,
+    ) -> Result<SessionId, ConnectError> {
+        self.ask(|reply| Command::Connect {
+            info,
+            signals,
+            at,
+            reply,
+        })
+        .await?
+    }
+
+    /// Reports something that happened on a session.
+    pub async fn report(
+        &self,
+        node: NodeId,
+        session: SessionId,
+        report: SessionReport,
+        at: Instant,
+    ) -> Result<(), FleetStopped> {
+        let command = Command::Report {
+            node,
+            session,
+            report,
+            at,
+        };
+        self.commands.send(command).await.map_err(|_| FleetStopped)
+    }
+
+    /// Marks a node terminating and sends it Terminate.
+    pub async fn terminate(
+        &self,
+        node: NodeId,
+        reason: String,
+    ) -> Result<Result<TerminateAccepted, TerminateError>, FleetStopped> {
+        // The actor runs on its own task: carry the caller's trace context along.
+        let traceparent = secbeat::telemetry::current_traceparent();
+        self.ask(|reply| Command::Terminate {
+            node,
+            reason,
+            traceparent,
+            reply,
+        })
+        .await
+    }
+
+    /// Every known node, and the sequence of the last event the list reflects:
+    /// watching the bus from that sequence misses no later change.
+    pub async fn list(&self) -> Result<(Vec<NodeSnapshot>, u64), FleetStopped> {
+        self.ask(Command::List).await
+    }
+
+    /// One node.
+    pub async fn get(&self, node: NodeId) -> Result<Option<NodeSnapshot>, FleetStopped> {
+        self.ask(|reply| Command::Get(node, reply)).await
+    }
+
+    /// Fleet-wide figures.
+    pub async fn stats(&self) -> Result<FleetStats, FleetStopped> {
+        self.ask(Command::Stats).await
+    }
+
+    /// Fleet-wide figures and the least loaded connected node, for a scaling check.
+    pub async fn scaling_view(&self) -> Result<(FleetStats, Option<Candidate>), FleetStopped> {
+        self.ask(Command::ScalingView).await
+    }
+
+    async fn ask<T>(&self, command: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, FleetStopped> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .await
+            .map_err(|_| FleetStopped)?;
+        answer.await.map_err(|_| FleetStopped)
+    }
+}
+
+/// The actor's settings.
+#[derive(Debug, Clone)]
+pub struct FleetSettings {
+    /// Lifecycle parameters for the registry and detector.
+    pub lifecycle: LifecycleConfig,
+    /// Heartbeat interval handed to agents.
+    pub heartbeat_interval: Duration,
+    /// The self-healing limits.
+    pub healing: HealingPolicy,
+    /// After a restart, how long restored nodes have to reconnect.
+    pub restart_reconnect_grace: Duration,
+    /// Known nodes at most; a new node beyond it is refused.
+    pub max_nodes: u32,
+}
+
+/// What a previous run left in the store.
+#[derive(Debug, Clone, Default)]
+pub struct Restored {
+    /// Known nodes.
+    pub nodes: Vec<PersistedNode>,
+    /// The self-healing ledger.
+    pub heals: Vec<HealRecord>,
+}
+
+/// Where the actor's results go.
+#[derive(Debug, Clone)]
+pub struct Outputs {
+    /// Durable state.
+    pub store: StoreWriter,
+    /// Counters.
+    pub metrics: Metrics,
+    /// Events (node lifecycle and healing decisions).
+    pub bus: EventBus,
+}
+
+/// Starts the fleet actor; it runs until `shutdown` is cancelled, then ends every
+/// session with "shutting down" and stops.
+pub fn spawn(
+    settings: FleetSettings,
+    restored: Restored,
+    outputs: Outputs,
+    shutdown: CancellationToken,
+) -> (FleetHandle, tokio::task::JoinHandle<()>) {
+    let (commands, inbox) = mpsc::channel(COMMAND_BUFFER);
+    let now = clock::now();
+    let mut registry = Registry::new(settings.lifecycle.clone(), now, SystemTime::now());
+    if !restored.nodes.is_empty() {
+        let live = restored
+            .nodes
+            .iter()
+            .filter(|node| !node.state.is_final())
+            .count();
+        info!(
+            nodes = restored.nodes.len(),
+            awaiting_reconnect = live,
+            grace_s = settings.restart_reconnect_grace.as_secs_f64(),
+            "restored known nodes from the state store; live ones get a reconnect grace"
+        );
+        registry.restore(restored.nodes, now, settings.restart_reconnect_grace);
+    }
+    let actor = FleetActor {
+        registry,
+        healer: Healer::new(settings.healing.clone(), restored.heals),
+        sessions: HashMap::new(),
+        heartbeat_interval: settings.heartbeat_interval,
+        outputs,
+        terminate_traces: HashMap::new(),
+        max_nodes: settings.max_nodes,
+    };
+    let task = tokio::spawn(actor.run(inbox, settings.lifecycle.dead_node_check_interval, shutdown));
+    (FleetHandle { commands }, task)
+}
+
+struct FleetActor {
+    registry: Registry,
+    healer: Healer,
+    sessions: HashMap<SessionId, mpsc::UnboundedSender<SessionSignal>>,
+    heartbeat_interval: Duration,
+    outputs: Outputs,
+    /// Trace context of pending terminates, so a re-sent one joins the same trace.
+    terminate_traces: HashMap<NodeId, String>,
+    max_nodes: u32,
+}
+
+impl FleetActor {
+    async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<Command>,
+        check_every: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut checks = tokio::time::interval(check_every);
+        checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch = Vec::with_capacity(COMMAND_BATCH);
+        loop {
+            tokio::select! {
+                // The check goes before commands: under a flood of heartbeats the
+                // inbox is always ready, and detection must not starve. The tick is
+                // ready once per interval, so commands cannot starve either.
+                biased;
+                () = shutdown.cancelled() => break,
+                _ = checks.tick() => {
+                    let visits = self.registry.check(clock::now());
+                    self.outputs.metrics.detector_nodes_checked.inc_by(visits as u64);
+                }
+                received = inbox.recv_many(&mut batch, COMMAND_BATCH) => {
+                    if received == 0 {
+                        break;
+                    }
+                    let now = clock::now();
+                    for command in batch.drain(..) {
+                        self.handle(command, now);
+                    }
+                }
+            }
+            self.apply_effects();
+        }
+        info!(
+            sessions = self.sessions.len(),
+            "fleet actor stopping: closing agent streams"
+        );
+        for (_, signals) in self.sessions.drain() {
+            let _ = signals.send(SessionSignal::ShuttingDown);
+        }
+    }
+
+    /// Applies one command; `now` is when its batch was taken from the inbox.
+    fn handle(&mut self, command: Command, now: Instant) {
+        match command {
+            Command::Connect {
+                info,
+                signals,
+                at,
+                reply,
+            } => {
+                if !self.registry.knows(info.id) && self.registry.node_count() >= self.max_nodes as usize {
+                    warn!(node.id = %info.id, max_nodes = self.max_nodes, "new node refused: the fleet is at max_nodes");
+                    let _ = reply.send(Err(ConnectError::AtCapacity(self.max_nodes)));
+                    return;
+                }
+                let session = self.registry.connect(info, at);
+                // The Welcome goes first, before any effect (a re-sent Terminate) for it.
+                let welcome = SessionSignal::Welcome {
+                    session,
+                    heartbeat_interval: self.heartbeat_interval,
+                };
+                if signals.send(welcome).is_ok() {
+                    self.sessions.insert(session, signals);
+                }
+                let _ = reply.send(Ok(session));
+            }
+            Command::Report {
+                node,
+                session,
+                report,
+                at,
+            } => {
+                if report == SessionReport::Heartbeat {
+                    let waited = now.saturating_duration_since(at);
+                    self.outputs
+                        .metrics
+                        .heartbeat_handling_seconds
+                        .observe(waited.as_secs_f64());
+                }
+                self.handle_report(node, session, report, at);
+            }
+            Command::Terminate {
+                node,
+                reason,
+                traceparent,
+                reply,
+            } => {
+                if let Some(traceparent) = traceparent {
+                    self.terminate_traces.insert(node, traceparent);
+                }
+                let outcome = self.registry.request_terminate(node, &reason, clock::now());
+                let _ = reply.send(outcome);
+            }
+            Command::List(reply) => {
+                // Publish what earlier commands of this batch changed first, so the
+                // snapshot reflects exactly the events up to the sequence it names.
+                self.apply_effects();
+                let sequence = self.outputs.bus.last_sequence();
+                let _ = reply.send((self.registry.list(), sequence));
+            }
+            Command::Get(node, reply) => {
+                let _ = reply.send(self.registry.snapshot(node));
+            }
+            Command::Stats(reply) => {
+                let _ = reply.send(self.registry.stats());
+            }
+            Command::ScalingView(reply) => {
+                let _ = reply.send((self.registry.stats(), self.registry.least_loaded()));
+            }
+        }
+    }
+
+    fn handle_report(&mut self, node: NodeId, session: SessionId, report: SessionReport, at: Instant) {
+        let outcome = match &report {
+            SessionReport::Heartbeat => self.registry.heartbeat(node, session, at),
+            SessionReport::Cpu(usage) => self.registry.cpu_sample(node, session, *usage, at),
+            SessionReport::TerminateAck => self.registry.terminate_ack(node, session, at),
+            SessionReport::Goodbye(reason) => self.registry.goodbye(node, session, reason, at),
+            SessionReport::Closed(cause) => {
+                self.sessions.remove(&session);
+                self.registry.stream_closed(node, session, cause, at);
+                Ok(())
+            }
+        };
+        match outcome {
+            Ok(()) => {}
+            // A fenced or closed session's last messages can still be in flight.
+            Err(SessionError::Stale | SessionError::UnknownNode) => {
+                debug!(node.id = %node, session = %session, ?report, "message from a session that is no longer live");
+            }
+            Err(error @ SessionError::NoTerminatePending) => {
+                warn!(node.id = %node, session = %session, %error, "terminate ack ignored");
+            }
+        }
+    }
+
+    fn apply_effects(&mut self) {
+        let effects = self.registry.take_effects();
+        if effects.is_empty() {
+            return;
+        }
+        let mut changed = BTreeSet::new();
+        let mut failed = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::Publish(event) => {
+                    let Some(node) = &event.node else {
+                        self.publish(event);
+                        continue;
+                    };
+                    changed.insert(node.id);
+                    if node.state.is_final() || event.kind == EventKind::TerminateCancelled {
+                        self.terminate_traces.remove(&node.id);
+                    }
+                    match event.kind {
+                        EventKind::NodeFailed => {
+                            self.outputs.metrics.unexpected_node_failures.inc();
+                            failed.push(FailedNode {
+                                id: node.id,
+                                ip: node.ip,
+                                hostname: node.hostname.clone(),
+                            });
+                        }
+                        EventKind::NodeTerminated => {
+                            self.outputs.metrics.nodes_gracefully_terminated.inc();
+                        }
+                        _ => {}
+                    }
+                    self.publish(event);
+                }
+                Effect::SendTerminate {
+                    node,
+                    session,
+                    reason,
+                    grace_period,
+                } => {
+                    info!(node.id = %node, session = %session, %reason, grace_s = grace_period.as_secs_f64(), "sending terminate");
+                    let traceparent = self.terminate_traces.get(&node).cloned();
+                    self.signal(
+                        session,
+                        SessionSignal::Terminate {
+                            reason,
+                            grace_period,
+                            traceparent,
+                        },
+                    );
+                }
+                Effect::DetectorStalled { gap } => warn!(
+                    gap_s = gap.as_secs_f64(),
+                    "dead-node check ran late: the orchestrator itself stalled, so nobody was judged this round and live nodes get a fresh heartbeat window"
+                ),
+                Effect::CloseSession {
+                    node,
+                    session,
+                    reason,
+                } => {
+                    debug!(node.id = %node, session = %session, ?reason, "closing session");
+                    self.signal(session, SessionSignal::Close(reason));
+                    self.sessions.remove(&session);
+                }
+            }
+        }
+        let mut writes: Vec<Write> = changed
+            .into_iter()
+            .map(|id| match self.registry.persisted(id) {
+                Some(node) => Write::PutNode(node),
+                None => Write::DeleteNode(id),
+            })
+            .collect();
+        if !failed.is_empty() {
+            self.heal(failed, &mut writes);
+        }
+        self.outputs.store.write(writes);
+    }
+
+    /// Hands failures declared together to the healer and carries out its decisions.
+    /// Runs in a `failure_detection` span, the root of each self-healing trace.
+    fn heal(&mut self, failed: Vec<FailedNode>, writes: &mut Vec<Write>) {
+        let ids: Vec<String> = failed.iter().map(|node| node.id.to_string()).collect();
+        let span = tracing::info_span!("failure_detection", node.id = %ids.join(","), failed = failed.len());
+        let _entered = span.enter();
+        let now = SystemTime::now();
+        let stats = self.registry.stats();
+        let live = stats.active_nodes
+            + stats
+                .nodes_by_state
+                .get(&NodeState::Suspect)
+                .copied()
+                .unwrap_or(0);
+        for decision in self.healer.on_failures(failed, live, now) {
+            match decision {
+                Decision::Heal { node, record } => {
+                    let entry = webhook::outbox_entry(
+                        &WebhookEvent::UnexpectedNodeFailure(node.clone()),
+                        &stats,
+                        now,
+                    );
+                    info!(node.id = %node.id, node.ip = %node.ip, webhook.id = %entry.id, "self-healing requested: UNEXPECTED_NODE_FAILURE webhook queued");
+                    let reason = format!("UNEXPECTED_NODE_FAILURE webhook {} queued", entry.id);
+                    self.publish_healing(&node, EventKind::SelfHealingRequested, reason, now);
+                    writes.push(Write::PutHeal(record));
+                    writes.push(Write::PutOutbox(entry));
+                }
+                Decision::Hold { node, cause } => {
+                    let reason = held_reason(&cause);
+                    warn!(node.id = %node.id, node.ip = %node.ip, cause = cause.label(), "self-healing held back: {reason}");
+                    self.outputs
+                        .metrics
+                        .self_healing_held
+                        .get_or_create(&CauseLabel {
+                            cause: cause.label().to_owned(),
+                        })
+                        .inc();
+                    self.publish_healing(&node, EventKind::SelfHealingHeld, reason, now);
+                }
+                Decision::MassFailure { failed, fleet_size } => {
+                    let event = WebhookEvent::MassNodeFailure {
+                        failed: failed.clone(),
+                        fleet_size,
+                        window_seconds: self.healer.policy().mass_failure_window.as_secs_f64(),
+                    };
+                    let entry = webhook::outbox_entry(&event, &stats, now);
+                    error!(
+                        failed = failed.len(), fleet_size, webhook.id = %entry.id,
+                        "MASS NODE FAILURE: {} of {fleet_size} nodes failed within the window; the orchestrator suspects itself or the network, so self-healing is held and one MASS_NODE_FAILURE alert is sent",
+                        failed.len()
+                    );
+                    self.outputs.metrics.mass_failure_alerts.inc();
+                    writes.push(Write::PutOutbox(entry));
+                }
+            }
+        }
+        let horizon = self.healer.ledger_horizon();
+        if let Some(before) = now.checked_sub(horizon) {
+            writes.push(Write::PruneHeals { before });
+        }
+    }
+
+    fn publish_healing(&mut self, node: &FailedNode, kind: EventKind, reason: String, now: SystemTime) {
+        let about = EventNode {
+            id: node.id,
+            ip: node.ip,
+            hostname: node.hostname.clone(),
+            state: NodeState::Failed,
+        };
+        self.publish(FleetEvent::about_node(kind, about, reason, now));
+    }
+
+    fn signal(&mut self, session: SessionId, signal: SessionSignal) {
+        let Some(signals) = self.sessions.get(&session) else {
+            return;
+        };
+        if signals.send(signal).is_err() {
+            // The handler is gone; its Closed report is on the way.
+            self.sessions.remove(&session);
+        }
+    }
+
+    fn publish(&mut self, event: FleetEvent) {
+        log_event(&event);
+        self.outputs.bus.publish(event);
+    }
+}
+
+/// Logs a node event; the operator-facing lines keep the seed's wording.
+fn log_event(event: &FleetEvent) {
+    let Some(node) = &event.node else {
+        return;
+    };
+    let (id, ip, reason) = (&node.id, &node.ip, &event.reason);
+    match event.kind {
+        EventKind::NodeFailed => error!(
+            node.id = %id, node.ip = %ip, %reason,
+            "CRITICAL UNEXPECTED NODE FAILURE DETECTED for Node {id} at IP {ip}. Initiating self-healing."
+        ),
+        EventKind::NodeTerminated => info!(
+            node.id = %id, node.ip = %ip, %reason,
+            "Node gracefully terminated as commanded - expected shutdown"
+        ),
+        EventKind::NodeJoined => {
+            info!(node.id = %id, node.ip = %ip, hostname = %node.hostname, "node joined")
+        }
+        EventKind::NodeReconnected => info!(node.id = %id, node.ip = %ip, %reason, "node reconnected"),
+        EventKind::NodeSuspected => warn!(node.id = %id, node.ip = %ip, %reason, "node suspected"),
+        EventKind::NodeRecovered => info!(node.id = %id, node.ip = %ip, "suspect node recovered"),
+        EventKind::TerminateRequested => info!(node.id = %id, node.ip = %ip, %reason, "terminate requested"),
+        EventKind::TerminateAcknowledged => info!(node.id = %id, "terminate acknowledged"),
+        EventKind::TerminateCancelled => warn!(node.id = %id, node.ip = %ip, %reason, "terminate cancelled"),
+        EventKind::NodeLeft => info!(node.id = %id, node.ip = %ip, %reason, "node left on its own"),
+        EventKind::SessionFenced => warn!(node.id = %id, %reason, "older session fenced"),
+        EventKind::NodeForgotten => debug!(node.id = %id, %reason, "node forgotten"),
+        // The healer's own log lines say more; the others are not node events.
+        EventKind::SelfHealingRequested
+        | EventKind::SelfHealingHeld
+        | EventKind::ScaleDecided
+        | EventKind::WebhookDelivered
+        | EventKind::WebhookFailed
+        | EventKind::WebhookDeadLettered => {}
+    }
+}
+
+/// A held heal, in words.
+fn held_reason(cause: &HoldCause) -> String {
+    match cause {
+        HoldCause::HourlyBudget { used } => {
+            format!(
+                "hourly self-healing budget used up ({used} heals in the last hour; max_self_healing_per_hour)"
+            )
+        }
+        HoldCause::Cooldown { last_healed } => format!(
+            "this node identity was healed at {} (self_healing_cooldown_minutes)",
+            webhook::rfc3339(*last_healed)
+        ),
+        HoldCause::MassFailure { failed, fleet_size } => format!(
+            "mass failure: {failed} of {fleet_size} nodes failed within the window (mass_failure_fraction)"
+        ),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! The actor on paused tokio time: its own timer drives detection, in virtual
+    //! seconds that take microseconds.
+
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::edge::store::memory::MemoryStore;
+
+    pub(crate) fn settings() -> FleetSettings {
+        FleetSettings {
+            lifecycle: LifecycleConfig {
+                heartbeat_timeout: Duration::from_secs(3),
+                dead_node_check_interval: Duration::from_secs(1),
+                required_consecutive_failures: 2,
+                termination_deadline: Duration::from_secs(5),
+                termination_grace_period: Duration::from_secs(2),
+                node_retention: Duration::from_secs(3600),
+            },
+            heartbeat_interval: Duration::from_secs(1),
+            healing: HealingPolicy {
+                max_per_hour: 5,
+                cooldown: Duration::from_secs(900),
+                mass_failure_fraction: 0.5,
+                mass_failure_window: Duration::from_secs(60),
+                mass_failure_min_nodes: 3,
+            },
+            restart_reconnect_grace: Duration::from_secs(10),
+            max_nodes: 10_000,
+        }
+    }
+
+    /// A running actor whose durable writes land in a [`MemoryStore`].
+    pub(crate) struct TestFleet {
+        pub(crate) handle: FleetHandle,
+        pub(crate) actor: tokio::task::JoinHandle<()>,
+        pub(crate) store: MemoryStore,
+        pub(crate) metrics: Metrics,
+        pub(crate) bus: EventBus,
+    }
+
+    pub(crate) fn start(
+        settings: FleetSettings,
+        restored: Restored,
+        shutdown: &CancellationToken,
+    ) -> TestFleet {
+        let store = MemoryStore::default();
+        let (committed, _) = mpsc::unbounded_channel();
+        let (writer, _thread) = crate::edge::store::writer::spawn(Box::new(store.clone()), committed);
+        let metrics = Metrics::new();
+        let bus = EventBus::new(crate::runtime::bus::first_sequence(1), 1024);
+        let outputs = Outputs {
+            store: writer,
+            metrics: metrics.clone(),
+            bus: bus.clone(),
+        };
+        let (handle, actor) = spawn(settings, restored, outputs, shutdown.clone());
+        TestFleet {
+            handle,
+            actor,
+            store,
+            metrics,
+            bus,
+        }
+    }
+
+    pub(crate) fn info(node: NodeId) -> NodeInfo {
+        NodeInfo {
+            id: node,
+            hostname: "edge".into(),
+            ip: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
+            agent_version: "test".into(),
+            labels: Default::default(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn welcome_first_then_a_silent_node_is_failed_by_the_actors_timer() {
+        let shutdown = CancellationToken::new();
+        let TestFleet {
+            handle: fleet,
+            actor,
+            bus,
+            ..
+        } = start(settings(), Restored::default(), &shutdown);
+        let mut events = bus.subscribe(None).unwrap().live;
+        let (tx, mut signals) = mpsc::unbounded_channel();
+        let node = NodeId(Uuid::new_v4());
+        let started = tokio::time::Instant::now();
+        let session = fleet.connect(info(node), tx, clock::now()).await.unwrap();
+        let welcome = SessionSignal::Welcome {
+            session,
+            heartbeat_interval: Duration::from_secs(1),
+        };
+        assert_eq!(signals.recv().await, Some(welcome));
+        let joined = events.recv().await.unwrap();
+        assert_eq!(joined.kind, EventKind::NodeJoined);
+
+        let suspected = events.recv().await.unwrap();
+        assert_eq!(suspected.kind, EventKind::NodeSuspected);
+        let failed = events.recv().await.unwrap();
+        assert_eq!(
+            (failed.kind, failed.node_id(), failed.sequence),
+            (EventKind::NodeFailed, Some(node), joined.sequence + 2)
+        );
+        let elapsed = started.elapsed();
+        // Silent for more than 3s, then one more check: at 4s and 5s on a 1s timer.
+        assert!(
+            elapsed > Duration::from_secs(3) && elapsed <= Duration::from_secs(5),
+            "{elapsed:?}"
+        );
+        assert_eq!(
+            signals.recv().await,
+            Some(SessionSignal::Close(CloseReason::DeclaredFailed))
+        );
+
+        shutdown.cancel();
+        actor.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_keep_a_node_alive_for_as_long_as_they_come() {
+        let shutdown = CancellationToken::new();
+        let TestFleet {
+            handle: fleet,
+            actor,
+            bus,
+            ..
+        } = start(settings(), Restored::default(), &shutdown);
+        let mut events = bus.subscribe(None).unwrap().live;
+        let (tx, _signals) = mpsc::unbounded_channel();
+        let node = NodeId(Uuid::new_v4());
+        let session = fleet.connect(info(node), tx, clock::now()).await.unwrap();
+        assert_eq!(events.recv().await.unwrap().kind, EventKind::NodeJoined);
+        let beating = fleet.clone();
+        let beats = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                ticks.tick().await;
+                beating
+                    .report(node, session, SessionReport::Heartbeat, clock::now())
+                    .await
+                    .unwrap();
+            }
+        });
+        let quiet = tokio::time::timeout(Duration::from_secs(120), events.recv()).await;
+        assert!(quiet.is_err(), "a heartbeating node produced an event: {quiet:?}");
+        assert_eq!(
+            fleet.get(node).await.unwrap().unwrap().state,
+            crate::domain::node::NodeState::Connected
+        );
+        beats.abort();
+        shutdown.cancel();
+        actor.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pending_terminate_follows_the_welcome_on_the_new_session() {
+        let shutdown = CancellationToken::new();
+        let TestFleet {
+            handle: fleet,
+            actor: _actor,
+            ..
+        } = start(settings(), Restored::default(), &shutdown);
+        let node = NodeId(Uuid::new_v4());
+        let (tx1, mut first) = mpsc::unbounded_channel();
+        let s1 = fleet.connect(info(node), tx1, clock::now()).await.unwrap();
+        fleet.terminate(node, "drain".into()).await.unwrap().unwrap();
+        first.recv().await.unwrap(); // welcome
+        assert!(matches!(
+            first.recv().await,
+            Some(SessionSignal::Terminate { .. })
+        ));
+        fleet
+            .report(node, s1, SessionReport::Closed("blip".into()), clock::now())
+            .await
+            .unwrap();
+
+        let (tx2, mut second) = mpsc::unbounded_channel();
+        let s2 = fleet.connect(info(node), tx2, clock::now()).await.unwrap();
+        assert!(matches!(second.recv().await, Some(SessionSignal::Welcome { session, .. }) if session == s2));
+        let resent = second.recv().await;
+        assert!(
+            matches!(resent, Some(SessionSignal::Terminate { ref reason, .. }) if reason == "drain"),
+            "{resent:?}"
+        );
+        shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_every_session() {
+        let shutdown = CancellationToken::new();
+        let TestFleet {
+            handle: fleet, actor, ..
+        } = start(settings(), Restored::default(), &shutdown);
+        let (tx, mut signals) = mpsc::unbounded_channel();
+        fleet
+            .connect(info(NodeId(Uuid::new_v4())), tx, clock::now())
+            .await
+            .unwrap();
+        signals.recv().await.unwrap();
+        shutdown.cancel();
+        actor.await.unwrap();
+        assert_eq!(signals.recv().await, Some(SessionSignal::ShuttingDown));
+        assert_eq!(fleet.stats().await, Err(FleetStopped));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_list_names_the_sequence_of_the_last_event_it_reflects() {
+        let shutdown = CancellationToken::new();
+        let TestFleet {
+            handle: fleet, bus, ..
+        } = start(settings(), Restored::default(), &shutdown);
+        let (before, empty) = fleet.list().await.unwrap();
+        assert!(before.is_empty());
+        assert_eq!(empty, bus.last_sequence());
+        let node = NodeId(Uuid::new_v4());
+        let (tx, _signals) = mpsc::unbounded_channel();
+        fleet.connect(info(node), tx, clock::now()).await.unwrap();
+        let (nodes, sequence) = fleet.list().await.unwrap();
+        assert_eq!(nodes.len(), 1);
+        // The join is reflected and numbered; watching from here starts after it.
+        assert_eq!(sequence, empty + 1);
+        let resumed = bus.subscribe(Some(empty)).unwrap();
+        assert_eq!(resumed.backlog.len(), 1);
+        assert_eq!(resumed.backlog[0].kind, EventKind::NodeJoined);
+        assert!(bus.subscribe(Some(sequence)).unwrap().backlog.is_empty());
+        shutdown.cancel();
+    }
+
+    fn restored_node(n: u8, state: NodeState, terminating: bool) -> PersistedNode {
+        PersistedNode {
+            id: NodeId(Uuid::from_bytes([n; 16])),
+            hostname: format!("edge-{n}"),
+            ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, n)),
+            agent_version: "test".into(),
+            labels: Default::default(),
+            state,
+            state_reason: String::new(),
+            termination: terminating.then(|| crate::domain::node::PersistedTermination {
+                reason: "scale down".into(),
+                acknowledged: true,
+            }),
+        }
+    }
+
+    /// Heartbeats every 500 ms (virtual) until aborted.
+    fn keep_beating(handle: &FleetHandle, node: NodeId, session: SessionId) -> tokio::task::JoinHandle<()> {
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                ticks.tick().await;
+                let _ = handle
+                    .report(node, session, SessionReport::Heartbeat, clock::now())
+                    .await;
+            }
+        })
+    }
+
+    fn body(entry: &webhook::OutboxEntry) -> serde_json::Value {
+        serde_json::from_slice(&entry.body).unwrap()
+    }
+
+    async fn next_of(
+        events: &mut tokio::sync::broadcast::Receiver<FleetEvent>,
+        kind: EventKind,
+    ) -> FleetEvent {
+        loop {
+            let event = events.recv().await.unwrap();
+            if event.kind == kind {
+                return event;
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_node_and_its_self_healing_webhook_are_persisted_together() {
+        let shutdown = CancellationToken::new();
+        let test = start(settings(), Restored::default(), &shutdown);
+        let mut events = test.bus.subscribe(None).unwrap().live;
+        let (tx, _signals) = mpsc::unbounded_channel();
+        let node = NodeId(Uuid::new_v4());
+        test.handle.connect(info(node), tx, clock::now()).await.unwrap();
+
+        let failed = next_of(&mut events, EventKind::NodeFailed).await;
+        let requested = events.recv().await.unwrap();
+        assert_eq!(
+            (requested.kind, requested.node_id()),
+            (EventKind::SelfHealingRequested, Some(node))
+        );
+
+        let state = test.store.wait_for(|state| !state.outbox.is_empty());
+        assert_eq!(state.nodes.len(), 1);
+        assert_eq!(state.nodes[0].state, NodeState::Failed);
+        assert_eq!(state.outbox.len(), 1, "exactly one webhook");
+        let payload = body(&state.outbox[0]);
+        assert_eq!(payload["reason"], "UNEXPECTED_NODE_FAILURE");
+        assert_eq!(payload["failed_node_id"], node.to_string());
+        assert_eq!(payload["failed_node_ip"], failed.node.unwrap().ip.to_string());
+        assert!(
+            requested.reason.contains(&state.outbox[0].id),
+            "{}",
+            requested.reason
+        );
+        assert_eq!(state.heals.len(), 1);
+        assert_eq!(test.metrics.unexpected_node_failures.get(), 1);
+
+        shutdown.cancel();
+        test.actor.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn most_of_the_fleet_going_silent_at_once_raises_one_alert_and_heals_nobody() {
+        let shutdown = CancellationToken::new();
+        let test = start(settings(), Restored::default(), &shutdown);
+        let mut events = test.bus.subscribe(None).unwrap().live;
+        let mut nodes = Vec::new();
+        let mut keep = Vec::new();
+        for _ in 0..5 {
+            let (tx, signals) = mpsc::unbounded_channel();
+            let node = NodeId(Uuid::new_v4());
+            let session = test.handle.connect(info(node), tx, clock::now()).await.unwrap();
+            nodes.push((node, session));
+            keep.push(signals);
+        }
+        // One keeps beating; four go silent together.
+        let (alive, session) = nodes[0];
+        let beats = keep_beating(&test.handle, alive, session);
+        let mut held = 0;
+        while held < 4 {
+            let event = events.recv().await.unwrap();
+            assert_ne!(event.kind, EventKind::SelfHealingRequested, "{event:?}");
+            if event.kind == EventKind::SelfHealingHeld {
+                assert!(event.reason.contains("mass failure: 4 of 5"), "{}", event.reason);
+                held += 1;
+            }
+        }
+        let state = test.store.wait_for(|state| !state.outbox.is_empty());
+        assert_eq!(state.outbox.len(), 1);
+        let alert = body(&state.outbox[0]);
+        assert_eq!(alert["reason"], "MASS_NODE_FAILURE");
+        assert_eq!(alert["failed_nodes"].as_array().unwrap().len(), 4);
+        assert!(state.heals.is_empty());
+        assert_eq!(test.metrics.mass_failure_alerts.get(), 1);
+        beats.abort();
+        shutdown.cancel();
+        test.actor.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_restart_known_nodes_get_a_grace_then_are_judged_once() {
+        let shutdown = CancellationToken::new();
+        let restored = Restored {
+            nodes: vec![
+                restored_node(1, NodeState::Connected, false),
+                restored_node(2, NodeState::Terminating, true),
+                restored_node(3, NodeState::Connected, false),
+                restored_node(4, NodeState::Failed, false),
+            ],
+            heals: Vec::new(),
+        };
+        let test = start(settings(), restored, &shutdown);
+        let mut events = test.bus.subscribe(None).unwrap().live;
+        let started = tokio::time::Instant::now();
+        let (listed, _) = test.handle.list().await.unwrap();
+        assert_eq!(listed.len(), 4, "restored nodes are listed at once");
+        assert_eq!(listed[0].state, NodeState::Suspect);
+        assert!(listed[0].state_reason.contains("orchestrator restarted"));
+        assert_eq!(listed[3].state, NodeState::Failed);
+
+        // Node 3 comes back within the grace.
+        let (tx, _signals) = mpsc::unbounded_channel();
+        let back = restored_node(3, NodeState::Connected, false).id;
+        let session = test.handle.connect(info(back), tx, clock::now()).await.unwrap();
+        assert_eq!(events.recv().await.unwrap().kind, EventKind::NodeReconnected);
+        let beats = keep_beating(&test.handle, back, session);
+
+        let mut judged = Vec::new();
+        while judged.len() < 3 {
+            let event = events.recv().await.unwrap();
+            judged.push((event.kind, event.node_id().unwrap()));
+        }
+        assert!(
+            started.elapsed() >= Duration::from_secs(10),
+            "not before the grace"
+        );
+        let one = restored_node(1, NodeState::Connected, false).id;
+        let two = restored_node(2, NodeState::Connected, false).id;
+        assert_eq!(
+            judged,
+            vec![
+                (EventKind::NodeFailed, one),
+                (EventKind::NodeTerminated, two),
+                (EventKind::SelfHealingRequested, one),
+            ]
+        );
+        let state = test.store.wait_for(|state| !state.outbox.is_empty());
+        assert_eq!(state.outbox.len(), 1, "the terminating node is not healed");
+        assert_eq!(body(&state.outbox[0])["failed_node_id"], one.to_string());
+        // Nothing more happens to anyone (the failed node 4 is not judged again).
+        let quiet = tokio::time::timeout(Duration::from_secs(60), events.recv()).await;
+        assert!(quiet.is_err(), "unexpected event {quiet:?}");
+        beats.abort();
+        shutdown.cancel();
+        test.actor.await.unwrap();
+    }
+}

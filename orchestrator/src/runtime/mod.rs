@@ -1,0 +1,11 @@
+//! The glue: tasks that own the core's state and connect it to the edges.
+//!
+//! - [`bus`]: the one event bus (numbered, kept in a ring for resuming readers).
+//! - [`fleet`]: the actor that owns the registry, the healer and the sessions.
+//! - [`scaling`]: the loop that owns the forecaster and the scaler.
+//! - [`server`]: wiring, listeners and graceful shutdown.
+
+pub mod bus;
+pub mod fleet;
+pub mod scaling;
+pub mod server;

@@ -1,0 +1,391 @@
+//! The scaling loop: every `scaling_check_interval_seconds` it reads the fleet
+//! (one snapshot from the fleet actor), feeds the fleet CPU to the [`Forecaster`],
+//! lets the [`Scaler`] decide, acts (webhook through the outbox; scale-down through
+//! the fleet actor's Terminate path), and publishes the check's [`Prediction`].
+//!
+//! It owns the forecaster and the scaler; nothing else touches them. Operators
+//! read the latest prediction and subscribe to new ones through a
+//! [`PredictionHandle`] (bounded broadcast: a slow watcher is dropped, never
+//! waited for).
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, warn};
+
+use crate::{
+    clock,
+    domain::event::{EventKind, FleetEvent, ScaleDecision},
+    domain::forecast::{
+        AccuracySummary, Forecast, ForecastConfig, Forecaster, Model, Point, history::LONG_HISTORY_SECONDS,
+    },
+    domain::node::FleetStats,
+    domain::scaler::{Decision, FleetView, Scaler, ScalingMode, ScalingPolicy, UpReason},
+    edge::metrics::{DecisionLabel, Metrics},
+    edge::store::{Write, writer::StoreWriter},
+    edge::webhook::{self, PredictionInfo, WebhookEvent},
+    runtime::bus::EventBus,
+    runtime::fleet::{FleetHandle, FleetStopped},
+};
+
+/// Predictions buffered for watchers before a slow one is dropped.
+pub const PREDICTION_BUFFER: usize = 64;
+/// Prune the persisted history once per this many checks.
+const PRUNE_EVERY: u64 = 60;
+
+/// One scaling check's outcome, as operators see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    /// When the check ran.
+    pub at: SystemTime,
+    /// Fleet CPU at the check (None: no live node reported CPU).
+    pub current_cpu_usage: Option<f64>,
+    /// The forecast (None without a CPU figure).
+    pub forecast: Option<Forecast>,
+    /// The horizon.
+    pub horizon: Duration,
+    /// The configured model.
+    pub configured_model: Model,
+    /// Scores of recent predictions.
+    pub accuracy: AccuracySummary,
+    /// Live nodes.
+    pub active_nodes: u32,
+    /// What the scaler decided.
+    pub decision: ScaleDecision,
+    /// Why, in words.
+    pub decision_reason: String,
+    /// Whether the decision was carried out (false for a hold, under
+    /// forecast_only, or when the scale-down target could not be terminated).
+    pub acted: bool,
+}
+
+/// What a check did about its decision.
+#[derive(Debug, Clone, PartialEq)]
+struct Outcome {
+    decision: ScaleDecision,
+    reason: String,
+    acted: bool,
+}
+
+/// Reads predictions.
+#[derive(Debug, Clone)]
+pub struct PredictionHandle {
+    latest: watch::Receiver<Option<Arc<Prediction>>>,
+    updates: broadcast::Sender<Arc<Prediction>>,
+}
+
+impl PredictionHandle {
+    /// The latest prediction, if a check has run.
+    pub fn latest(&self) -> Option<Arc<Prediction>> {
+        self.latest.borrow().clone()
+    }
+
+    /// The latest prediction and a receiver of every later one (subscribed first,
+    /// so nothing falls between; the receiver may repeat the latest).
+    pub fn subscribe(&self) -> (Option<Arc<Prediction>>, broadcast::Receiver<Arc<Prediction>>) {
+        let updates = self.updates.subscribe();
+        (self.latest(), updates)
+    }
+}
+
+/// Where the loop's results go.
+#[derive(Debug, Clone)]
+pub struct ScalingOutputs {
+    /// Durable state (history, scaling webhooks).
+    pub store: StoreWriter,
+    /// Gauges and counters.
+    pub metrics: Metrics,
+    /// SCALE_DECIDED events.
+    pub bus: EventBus,
+}
+
+/// The loop's settings.
+#[derive(Debug, Clone)]
+pub struct ScalingSettings {
+    /// Time between checks.
+    pub interval: Duration,
+    /// The forecaster's parameters.
+    pub forecast: ForecastConfig,
+    /// The scaler's parameters.
+    pub policy: ScalingPolicy,
+}
+
+/// Starts the loop. `history` is what the store kept from earlier runs.
+pub fn spawn(
+    settings: ScalingSettings,
+    history: Vec<Point>,
+    fleet: FleetHandle,
+    outputs: ScalingOutputs,
+    shutdown: CancellationToken,
+) -> (PredictionHandle, tokio::task::JoinHandle<()>) {
+    let ScalingOutputs { store, metrics, bus } = outputs;
+    let mut forecaster = Forecaster::new(settings.forecast.clone());
+    let restored = history.len();
+    for point in history {
+        forecaster.observe(point);
+    }
+    if restored > 0 {
+        info!(
+            points = restored,
+            window_points = forecaster.history().len(),
+            "restored fleet CPU history from the state store"
+        );
+    }
+    let (latest_tx, latest) = watch::channel(None);
+    let (updates, _) = broadcast::channel(PREDICTION_BUFFER);
+    let handle = PredictionHandle {
+        latest,
+        updates: updates.clone(),
+    };
+    let run = ScalingLoop {
+        interval: settings.interval,
+        forecaster,
+        scaler: Scaler::new(settings.policy),
+        fleet,
+        store,
+        metrics,
+        bus,
+        latest: latest_tx,
+        updates,
+        anchor: (clock::now(), SystemTime::now()),
+        checks: 0,
+    };
+    (handle, tokio::spawn(run.run(shutdown)))
+}
+
+struct ScalingLoop {
+    interval: Duration,
+    forecaster: Forecaster,
+    scaler: Scaler,
+    fleet: FleetHandle,
+    store: StoreWriter,
+    metrics: Metrics,
+    bus: EventBus,
+    latest: watch::Sender<Option<Arc<Prediction>>>,
+    updates: broadcast::Sender<Arc<Prediction>>,
+    /// Maps the (pausable, in tests) monotonic clock to wall time.
+    anchor: (std::time::Instant, SystemTime),
+    checks: u64,
+}
+
+impl ScalingLoop {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let start = tokio::time::Instant::now() + self.interval;
+        let mut ticks = tokio::time::interval_at(start, self.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                _ = ticks.tick() => {
+                    let span = tracing::info_span!("scaling_check");
+                    if self.check().instrument(span).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        debug!("scaling loop stopped");
+    }
+
+    fn wall_now(&self) -> SystemTime {
+        let (instant, wall) = self.anchor;
+        wall + clock::now().saturating_duration_since(instant)
+    }
+
+    async fn check(&mut self) -> Result<(), FleetStopped> {
+        let (stats, least_loaded) = self.fleet.scaling_view().await?;
+        let at = self.wall_now();
+        let t = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        let mut writes = Vec::new();
+        let forecast = match stats.avg_cpu_usage {
+            Some(cpu) => {
+                let point = Point {
+                    t,
+                    value: cpu.clamp(0.0, 1.0),
+                };
+                info!(cpu, active_nodes = stats.active_nodes, "CPU data point recorded");
+                self.forecaster.observe(point);
+                writes.push(Write::PutHistory(point));
+                let span = tracing::info_span!("prediction", model = %self.forecaster.config().model);
+                span.in_scope(|| self.forecaster.predict(t))
+            }
+            None => {
+                debug!("no live node reported CPU; no data point this check");
+                None
+            }
+        };
+        self.report(forecast.as_ref());
+
+        let view = FleetView {
+            active_nodes: stats.active_nodes,
+            avg_cpu: stats.avg_cpu_usage,
+            least_loaded,
+        };
+        let decision = self.scaler.decide(clock::now(), &view, forecast.as_ref());
+        self.metrics
+            .scaling_decisions
+            .get_or_create(&DecisionLabel {
+                decision: decision.label().to_owned(),
+            })
+            .inc();
+        let outcome = self
+            .act(&decision, &stats, forecast.as_ref(), at, &mut writes)
+            .await?;
+
+        self.checks += 1;
+        if self.checks.is_multiple_of(PRUNE_EVERY) {
+            writes.push(Write::PruneHistory {
+                before: t - LONG_HISTORY_SECONDS,
+            });
+        }
+        self.store.write(writes);
+        // After the write is queued: whoever hears of the decision can find its webhook.
+        if outcome.decision != ScaleDecision::Hold {
+            self.bus.publish(FleetEvent {
+                decision: Some(outcome.decision),
+                ..FleetEvent::new(EventKind::ScaleDecided, outcome.reason.clone(), at)
+            });
+        }
+
+        let prediction = Arc::new(Prediction {
+            at,
+            current_cpu_usage: stats.avg_cpu_usage,
+            forecast,
+            horizon: self.forecaster.config().horizon,
+            configured_model: self.forecaster.config().model,
+            accuracy: self.forecaster.accuracy(),
+            active_nodes: stats.active_nodes,
+            decision: outcome.decision,
+            decision_reason: outcome.reason,
+            acted: outcome.acted,
+        });
+        self.latest.send_replace(Some(prediction.clone()));
+        // No watcher is fine.
+        let _ = self.updates.send(prediction);
+        Ok(())
+    }
+
+    /// Logs and exports the check's forecast and the running accuracy.
+    fn report(&self, forecast: Option<&Forecast>) {
+        let horizon_min = self.forecaster.config().horizon.as_secs_f64() / 60.0;
+        if let Some(forecast) = forecast {
+            self.metrics.fleet_cpu_usage.set(forecast.current);
+            match forecast.predicted {
+                Some(predicted) => {
+                    self.metrics.ml_predictions_made.inc();
+                    self.metrics.ml_predicted_cpu_usage.set(predicted);
+                    self.metrics.ml_prediction_confidence.set(forecast.confidence);
+                    info!(
+                        model = %forecast.model, data_points = forecast.data_points, current = forecast.current,
+                        "CPU usage predicted for +{horizon_min:.0} minutes: {predicted:.2} (confidence: {:.2})",
+                        forecast.confidence
+                    );
+                }
+                None => info!(
+                    data_points = forecast.data_points,
+                    min_points = self.forecaster.config().min_points,
+                    "not enough CPU history for a prediction yet; decisions use the current CPU"
+                ),
+            }
+        }
+        let accuracy = self.forecaster.accuracy();
+        if accuracy.window > 0 {
+            self.metrics
+                .ml_prediction_accuracy_ratio
+                .set(accuracy.model.within_ratio);
+            self.metrics
+                .ml_baseline_accuracy_ratio
+                .set(accuracy.baseline.within_ratio);
+            self.metrics
+                .ml_prediction_mean_absolute_error
+                .set(accuracy.model.mean_absolute_error);
+            self.metrics
+                .ml_baseline_mean_absolute_error
+                .set(accuracy.baseline.mean_absolute_error);
+            self.metrics.ml_prediction_bias.set(accuracy.model.bias);
+        }
+    }
+
+    /// Carries out a decision (unless forecast-only) and says what was done.
+    async fn act(
+        &mut self,
+        decision: &Decision,
+        stats: &FleetStats,
+        forecast: Option<&Forecast>,
+        at: SystemTime,
+        writes: &mut Vec<Write>,
+    ) -> Result<Outcome, FleetStopped> {
+        let described = decision.describe();
+        let mut outcome = Outcome {
+            decision: decision.kind(),
+            reason: decision.reason(),
+            acted: false,
+        };
+        if matches!(decision, Decision::Hold(_)) {
+            debug!(decision = %described, "scaling check");
+            return Ok(outcome);
+        }
+        if self.scaler.policy().mode == ScalingMode::ForecastOnly {
+            info!(decision = %described, "forecast_only: would act on this decision; nothing sent");
+            outcome.reason = format!("{} (forecast_only: not acted on)", outcome.reason);
+            return Ok(outcome);
+        }
+        let event = match decision {
+            Decision::Hold(_) => unreachable!("handled above"),
+            Decision::ScaleUp { reason, cpu } => {
+                let prediction = match reason {
+                    UpReason::PredictedHighFleetCpuLoad => {
+                        info!(predicted = cpu, "Triggering predictive scale-up action");
+                        self.metrics.predictive_scale_ups.inc();
+                        forecast.map(|f| PredictionInfo {
+                            predicted_cpu_usage: *cpu,
+                            prediction_horizon_minutes: self.forecaster.config().horizon.as_secs_f64() / 60.0,
+                            confidence: f.confidence,
+                        })
+                    }
+                    UpReason::HighFleetCpuLoad => {
+                        info!(
+                            current = cpu,
+                            "Triggering scale-up action on current CPU (no trusted prediction)"
+                        );
+                        None
+                    }
+                };
+                WebhookEvent::ScaleUp {
+                    reason: *reason,
+                    prediction,
+                }
+            }
+            Decision::ScaleDown(node) => {
+                let reason = "scale down: fleet CPU below scale_down_cpu_threshold".to_owned();
+                match self.fleet.terminate(node.id, reason).await? {
+                    Ok(_) => {
+                        info!(node.id = %node.id, node.ip = %node.ip, cpu = node.cpu, "scale-down: least loaded node told to terminate")
+                    }
+                    Err(error) => {
+                        warn!(node.id = %node.id, %error, "scale-down skipped: the node cannot be terminated");
+                        outcome.reason = format!(
+                            "{} (not acted on: the target is unavailable: {error})",
+                            outcome.reason
+                        );
+                        return Ok(outcome);
+                    }
+                }
+                WebhookEvent::ScaleDown { node: node.clone() }
+            }
+        };
+        let entry = webhook::outbox_entry(&event, stats, at);
+        info!(webhook.id = %entry.id, webhook.reason = %entry.reason, "scaling webhook queued");
+        writes.push(Write::PutOutbox(entry));
+        outcome.acted = true;
+        Ok(outcome)
+    }
+}

@@ -1,0 +1,605 @@
+//! `secbeat-fleetsim`: many virtual agents speaking the real AgentService
+//! protocol against a real orchestrator, with fault injection, reporting what an
+//! operator would want to know about the orchestrator at that scale.
+//!
+//! Each virtual agent sends Hello, waits for Welcome, then a CPU sample and a
+//! heartbeat every heartbeat interval (the orchestrator's, from Welcome, unless
+//! `--heartbeat-interval` overrides it). Agents get their own HTTP/2 connection
+//! by default, spread over 127.0.0.x source addresses so ephemeral ports do not
+//! run out; `--streams-per-connection K` multiplexes K agents per connection.
+//!
+//! Faults, injected from halfway through `--duration`, one every 97 ms so that
+//! they fall at every phase of the orchestrator's check timer: `--kill K` drops K
+//! agents' streams abruptly (a crash), `--stall K` keeps K streams open but silent
+//! (a hang). The run watches the orchestrator's events and reports detection
+//! latency per fault, and every failure of an agent that was healthy
+//! (`false_failures`).
+//!
+//! Healthy agents whose stream ends reconnect like the real agent (jittered
+//! exponential backoff from 0.5 s to 30 s). Restart the orchestrator during a run
+//! and `reconnect` says how long it took until every agent that lost its stream
+//! was welcomed again (the reconnect storm). With `--orchestrator-http`, the run
+//! also reads the orchestrator's heartbeat handling latency (receipt on the stream
+//! to the registry applying it) and detector work from `/metrics` over the same
+//! steady window as CPU and memory.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+    process::ExitCode,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use secbeat::backoff::Backoff;
+use secbeat::pb::{
+    self, FleetEventType, agent_message::Kind, agent_service_client::AgentServiceClient, control_message,
+    fleet_service_client::FleetServiceClient,
+};
+use secbeat_tools::{
+    http::http_request,
+    proc::{process_cpu_time, process_rss},
+};
+use serde_json::json;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use uuid::Uuid;
+
+/// Simulates a fleet of agents against a real orchestrator.
+#[derive(Debug, clap::Parser)]
+#[command(name = "secbeat-fleetsim", version)]
+struct Args {
+    /// Orchestrator gRPC URL
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    orchestrator: String,
+    /// Virtual agents
+    #[arg(long, default_value_t = 100)]
+    agents: usize,
+    /// How long to run, seconds: CPU, memory, message rate and handling latency
+    /// are measured from a quarter to half of it; faults start halfway
+    #[arg(long, default_value_t = 30.0, value_parser = parse_secs)]
+    duration: f64,
+    /// Agents multiplexed per HTTP/2 connection (1: each its own connection)
+    #[arg(long, default_value_t = 1)]
+    streams_per_connection: usize,
+    /// Heartbeat interval, seconds (default: the orchestrator's, from Welcome)
+    #[arg(long)]
+    heartbeat_interval: Option<f64>,
+    /// Constant CPU fraction every agent reports
+    #[arg(long, default_value_t = 0.3)]
+    cpu: f64,
+    /// Agents whose connections are dropped abruptly halfway (crash)
+    #[arg(long, default_value_t = 0)]
+    kill: usize,
+    /// Agents that go silent halfway, their streams left open (hang)
+    #[arg(long, default_value_t = 0)]
+    stall: usize,
+    /// Connections opened at once while ramping up
+    #[arg(long, default_value_t = 256)]
+    connect_concurrency: usize,
+    /// The orchestrator's pid, to report its CPU and RSS from /proc
+    #[arg(long)]
+    orchestrator_pid: Option<u32>,
+    /// The orchestrator's HTTP address (host:port), to read heartbeat handling
+    /// latency and detector work from its /metrics
+    #[arg(long)]
+    orchestrator_http: Option<std::net::SocketAddr>,
+    /// Print one JSON object instead of text
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_secs(text: &str) -> Result<f64, String> {
+    let trimmed = text.trim_end_matches('s');
+    trimmed.parse::<f64>().map_err(|e| format!("{text}: {e}"))
+}
+
+#[derive(Default)]
+struct Counters {
+    connected: AtomicU64,
+    messages: AtomicU64,
+    refused: AtomicU64,
+    /// Streams of healthy agents that ended under them.
+    lost: AtomicU64,
+    /// Of those, welcomed again.
+    back: AtomicU64,
+    /// Attempts to reconnect that were not welcomed (and backed off again).
+    failed_reconnects: AtomicU64,
+    /// The first loss, and each agent's time from its loss to its next Welcome.
+    storm: Mutex<Storm>,
+}
+
+#[derive(Default)]
+struct Storm {
+    first_loss: Option<Instant>,
+    last_back: Option<Instant>,
+    downtimes: Vec<Duration>,
+}
+
+/// What a virtual agent is told halfway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Healthy,
+    Kill,
+    Stall,
+}
+
+fn main() -> ExitCode {
+    let args = match secbeat::process::parse_args::<Args>() {
+        Ok(args) => args,
+        Err(exit) => return exit,
+    };
+    let runtime = match secbeat::process::runtime(2) {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("secbeat-fleetsim: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("secbeat-fleetsim: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.kill + args.stall <= args.agents,
+        "--kill + --stall exceed --agents"
+    );
+    anyhow::ensure!(
+        args.streams_per_connection >= 1,
+        "--streams-per-connection must be at least 1"
+    );
+    let counters = Arc::new(Counters::default());
+    let ids: Vec<Uuid> = (0..args.agents).map(|_| Uuid::new_v4()).collect();
+    let fates: HashMap<Uuid, Fate> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let fate = if i < args.kill {
+                Fate::Kill
+            } else if i < args.kill + args.stall {
+                Fate::Stall
+            } else {
+                Fate::Healthy
+            };
+            (*id, fate)
+        })
+        .collect();
+
+    // Watch failures from the start.
+    let watch_channel = Endpoint::from_shared(args.orchestrator.clone())?
+        .connect()
+        .await?;
+    let mut watcher = FleetServiceClient::new(watch_channel);
+    let events = watcher
+        .watch_events(pb::WatchEventsRequest::default())
+        .await?
+        .into_inner();
+    let failures: Arc<Mutex<Vec<(String, SystemTime)>>> = Arc::default();
+    tokio::spawn(watch_failures(watcher, events, failures.clone()));
+
+    let started = Instant::now();
+    let quarter = Duration::from_secs_f64(args.duration / 4.0);
+    let half = Duration::from_secs_f64(args.duration / 2.0);
+    let faults_from = started + half;
+    let faults_from_wall = SystemTime::now() + half;
+    let gate = Arc::new(Semaphore::new(args.connect_concurrency));
+    let mut channels: Vec<Channel> = Vec::new();
+    let mut tasks = Vec::with_capacity(args.agents);
+    for (index, id) in ids.iter().enumerate() {
+        let connection = index / args.streams_per_connection;
+        if connection == channels.len() {
+            // 127.0.0.1 .. 127.0.0.250 as source addresses: ~28k ports each.
+            let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, (connection % 250 + 1) as u8));
+            let endpoint = Endpoint::from_shared(args.orchestrator.clone())?
+                .local_address(Some(source))
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(10));
+            channels.push(endpoint.connect_lazy());
+        }
+        let channel = channels[connection].clone();
+        let fate = fates[id];
+        let agent = VirtualAgent {
+            id: *id,
+            fate,
+            fault_at: faults_from + FAULT_STEP * index as u32,
+            cpu: args.cpu,
+            interval: args.heartbeat_interval.map(Duration::from_secs_f64),
+            counters: counters.clone(),
+            gate: gate.clone(),
+        };
+        tasks.push(tokio::spawn(agent.run(channel)));
+    }
+
+    // The steady window, from a quarter to half of the run: every agent has
+    // connected (the ramp-up is over) and no fault has been injected yet.
+    tokio::time::sleep_until((started + quarter).into()).await;
+    let steady_from = Snapshot::take(&args, &counters).await?;
+    tokio::time::sleep_until((started + half).into()).await;
+    let steady_to = Snapshot::take(&args, &counters).await?;
+    let connected_before_faults = counters.connected.load(Ordering::Relaxed);
+    let window = steady_to
+        .at
+        .saturating_duration_since(steady_from.at)
+        .as_secs_f64()
+        .max(1e-9);
+    let rate = (steady_to.messages - steady_from.messages) as f64 / window;
+    let handling = match (&steady_from.metrics, &steady_to.metrics) {
+        (Some(before), Some(after)) => {
+            let buckets = histogram_delta(before, after, "orchestrator_heartbeat_handling_seconds");
+            json!({
+                "heartbeats": buckets.last().map(|(_, count)| *count),
+                "p50_s_at_most": quantile_bound(&buckets, 0.5),
+                "p99_s_at_most": quantile_bound(&buckets, 0.99),
+                "detector_nodes_checked_per_second": counter_delta(before, after, "orchestrator_detector_nodes_checked_total")
+                    .map(|checked| (checked / window).round()),
+            })
+        }
+        _ => serde_json::Value::Null,
+    };
+    let (cpu, rss) = match (steady_from.cpu, steady_to.cpu) {
+        (Some(before), Some(after)) => (
+            Some(after.saturating_sub(before).as_secs_f64() / window),
+            steady_to.rss,
+        ),
+        _ => (None, None),
+    };
+    tokio::time::sleep_until((started + Duration::from_secs_f64(args.duration)).into()).await;
+
+    let failures = failures.lock().expect("lock").clone();
+    let mut false_failures = 0;
+    let mut crash = Vec::new();
+    let mut hang = Vec::new();
+    let index: HashMap<Uuid, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    for (node, at) in &failures {
+        let Some(id) = Uuid::parse_str(node).ok() else {
+            continue;
+        };
+        let (Some(fate), Some(i)) = (fates.get(&id), index.get(&id)) else {
+            continue;
+        };
+        let fault_time = faults_from_wall + FAULT_STEP * *i as u32;
+        let latency = at.duration_since(fault_time).unwrap_or_default();
+        match fate {
+            Fate::Healthy => false_failures += 1,
+            Fate::Kill => crash.push(latency),
+            Fate::Stall => hang.push(latency),
+        }
+    }
+    let storm = {
+        let storm = counters.storm.lock().expect("lock");
+        let mut downtimes = storm.downtimes.clone();
+        json!({
+            "lost": counters.lost.load(Ordering::Relaxed),
+            "back": counters.back.load(Ordering::Relaxed),
+            "failed_attempts": counters.failed_reconnects.load(Ordering::Relaxed),
+            "all_back_s": match (storm.first_loss, storm.last_back) {
+                (Some(first), Some(last)) if counters.back.load(Ordering::Relaxed) == counters.lost.load(Ordering::Relaxed) =>
+                    Some(last.saturating_duration_since(first).as_secs_f64()),
+                _ => None,
+            },
+            "per_agent_downtime": spread(&mut downtimes),
+        })
+    };
+    for task in tasks {
+        task.abort();
+    }
+    let report = json!({
+        "agents": args.agents,
+        "streams_per_connection": args.streams_per_connection,
+        "connections": channels.len(),
+        "connected": connected_before_faults,
+        "refused": counters.refused.load(Ordering::Relaxed),
+        "steady_window_s": window,
+        "messages_per_second": rate.round(),
+        "false_failures": false_failures,
+        "crash_detection": latency_summary(&mut crash, args.kill),
+        "hang_detection": latency_summary(&mut hang, args.stall),
+        "orchestrator_cpu_share_of_one_core": cpu,
+        "orchestrator_rss_bytes": rss,
+        "orchestrator_rss_bytes_per_agent": rss.map(|rss| rss / args.agents.max(1) as u64),
+        "heartbeat_handling": handling,
+        "reconnect": storm,
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
+
+fn latency_summary(samples: &mut [Duration], injected: usize) -> serde_json::Value {
+    let mut summary = spread(samples);
+    summary["injected"] = json!(injected);
+    summary["detected"] = json!(samples.len());
+    summary
+}
+
+/// Median, 99th percentile and maximum of `samples`, seconds.
+fn spread(samples: &mut [Duration]) -> serde_json::Value {
+    if samples.is_empty() {
+        return json!({});
+    }
+    samples.sort();
+    let at = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize].as_secs_f64();
+    json!({
+        "p50_s": at(0.5),
+        "p99_s": at(0.99),
+        "max_s": samples[samples.len() - 1].as_secs_f64(),
+    })
+}
+
+/// Faults are injected this far apart.
+const FAULT_STEP: Duration = Duration::from_millis(97);
+
+struct VirtualAgent {
+    id: Uuid,
+    fate: Fate,
+    /// When a faulty agent's fault strikes.
+    fault_at: Instant,
+    cpu: f64,
+    interval: Option<Duration>,
+    counters: Arc<Counters>,
+    gate: Arc<Semaphore>,
+}
+
+/// How one session of a virtual agent ended.
+enum SessionEnd {
+    /// The orchestrator refused it or the connection failed before Welcome.
+    Refused,
+    /// Welcomed, then the stream ended under a healthy agent.
+    Lost,
+    /// The agent's fault was injected: it is gone for good.
+    Faulted,
+}
+
+impl VirtualAgent {
+    /// Runs sessions until a fault takes the agent out; reconnects like the real
+    /// agent after a stream it did not end.
+    async fn run(self, channel: Channel) {
+        let mut backoff =
+            Backoff::new(Duration::from_millis(500), Duration::from_secs(30), 0.5).expect("valid backoff");
+        let mut lost_at: Option<Instant> = None;
+        loop {
+            match self.session(&channel, &mut lost_at).await {
+                SessionEnd::Faulted => return,
+                SessionEnd::Lost => {
+                    backoff.reset();
+                    let now = Instant::now();
+                    lost_at = Some(now);
+                    self.counters.lost.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .storm
+                        .lock()
+                        .expect("lock")
+                        .first_loss
+                        .get_or_insert(now);
+                }
+                // Not welcomed: before the first Welcome a refusal is final (the
+                // orchestrator is at max_nodes, or not there); during a storm, retry.
+                SessionEnd::Refused if lost_at.is_none() => {
+                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                SessionEnd::Refused => {
+                    self.counters.failed_reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            let delay = backoff.next_delay(&mut rand::rng());
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn session(&self, channel: &Channel, lost_at: &mut Option<Instant>) -> SessionEnd {
+        let (outbound, requests) = mpsc::channel(8);
+        let hello = pb::Hello {
+            node_id: self.id.to_string(),
+            hostname: format!("sim-{}", &self.id.to_string()[..8]),
+            ip: String::new(),
+            agent_version: "fleetsim".into(),
+            labels: Default::default(),
+        };
+        let _ = outbound.send(message(Kind::Hello(hello))).await;
+        let opened = {
+            let _permit = self.gate.acquire().await.expect("never closed");
+            AgentServiceClient::new(channel.clone())
+                .connect(ReceiverStream::new(requests))
+                .await
+        };
+        let Ok(response) = opened else {
+            return SessionEnd::Refused;
+        };
+        let mut inbound = response.into_inner();
+        let Ok(Some(pb::ControlMessage {
+            kind: Some(control_message::Kind::Welcome(welcome)),
+        })) = inbound.message().await
+        else {
+            return SessionEnd::Refused;
+        };
+        match lost_at.take() {
+            None => {
+                self.counters.connected.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(lost) => {
+                let now = Instant::now();
+                self.counters.back.fetch_add(1, Ordering::Relaxed);
+                let mut storm = self.counters.storm.lock().expect("lock");
+                storm.downtimes.push(now - lost);
+                storm.last_back = Some(storm.last_back.map_or(now, |last| last.max(now)));
+            }
+        }
+        let given = welcome
+            .heartbeat_interval
+            .and_then(|d| Duration::try_from(d).ok())
+            .unwrap_or(Duration::from_secs(10));
+        let mut ticks = tokio::time::interval(self.interval.unwrap_or(given));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sequence = 0;
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {
+                    sequence += 1;
+                    let sample = pb::CpuSample { time: None, usage: self.cpu };
+                    let samples = message(Kind::CpuSamples(pb::CpuSamples { samples: vec![sample] }));
+                    if outbound.send(samples).await.is_err()
+                        || outbound.send(message(Kind::Heartbeat(pb::Heartbeat { sequence }))).await.is_err()
+                    {
+                        return SessionEnd::Lost;
+                    }
+                    self.counters.messages.fetch_add(2, Ordering::Relaxed);
+                }
+                () = tokio::time::sleep_until(self.fault_at.into()), if self.fate != Fate::Healthy => match self.fate {
+                    // Dropping the stream and its sender resets it without a
+                    // goodbye: to the orchestrator, a crash.
+                    Fate::Kill => return SessionEnd::Faulted,
+                    // Silent but open: keep the stream, send nothing, read nothing.
+                    Fate::Stall => {
+                        let _keep = (outbound, inbound);
+                        std::future::pending::<()>().await;
+                        return SessionEnd::Faulted;
+                    }
+                    Fate::Healthy => unreachable!("guarded"),
+                },
+                command = inbound.message() => if !matches!(command, Ok(Some(_))) {
+                    return SessionEnd::Lost;
+                },
+            }
+        }
+    }
+}
+
+/// The orchestrator and the simulated fleet at one instant.
+struct Snapshot {
+    at: Instant,
+    messages: u64,
+    cpu: Option<Duration>,
+    rss: Option<u64>,
+    metrics: Option<Vec<(String, f64)>>,
+}
+
+impl Snapshot {
+    async fn take(args: &Args, counters: &Counters) -> anyhow::Result<Self> {
+        let metrics = match args.orchestrator_http {
+            Some(addr) => Some(scrape(addr).await?),
+            None => None,
+        };
+        Ok(Self {
+            at: Instant::now(),
+            messages: counters.messages.load(Ordering::Relaxed),
+            cpu: args.orchestrator_pid.map(process_cpu_time),
+            rss: args.orchestrator_pid.and_then(process_rss),
+            metrics,
+        })
+    }
+}
+
+/// Records every NodeFailed event; follows the orchestrator across restarts.
+async fn watch_failures(
+    mut client: FleetServiceClient<Channel>,
+    mut events: tonic::Streaming<pb::FleetEvent>,
+    sink: Arc<Mutex<Vec<(String, SystemTime)>>>,
+) {
+    // The channel reconnects by itself; the watch is asked for again, backing off
+    // while the orchestrator is away (a restart).
+    let mut backoff =
+        Backoff::new(Duration::from_millis(100), Duration::from_secs(1), 0.5).expect("valid backoff");
+    loop {
+        while let Ok(Some(event)) = events.message().await {
+            backoff.reset();
+            if event.r#type() == FleetEventType::NodeFailed
+                && let Some(time) = event.time
+            {
+                let at = SystemTime::UNIX_EPOCH + Duration::new(time.seconds as u64, time.nanos as u32);
+                sink.lock().expect("lock").push((event.node_id, at));
+            }
+        }
+        let delay = backoff.next_delay(&mut rand::rng());
+        tokio::time::sleep(delay).await;
+        if let Ok(response) = client.watch_events(pb::WatchEventsRequest::default()).await {
+            events = response.into_inner();
+        }
+    }
+}
+
+/// One scrape of the orchestrator's /metrics, as `(series, value)` pairs.
+async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<Vec<(String, f64)>> {
+    let response = http_request(addr, "/metrics", &[]).await?;
+    anyhow::ensure!(response.status == 200, "GET /metrics: HTTP {}", response.status);
+    Ok(response
+        .body
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect())
+}
+
+fn counter_delta(before: &[(String, f64)], after: &[(String, f64)], name: &str) -> Option<f64> {
+    let value = |scrape: &[(String, f64)]| {
+        scrape
+            .iter()
+            .find(|(series, _)| series == name)
+            .map(|(_, value)| *value)
+    };
+    Some(value(after)? - value(before)?)
+}
+
+/// A histogram's cumulative buckets `(upper bound, count)` over the time between
+/// two scrapes, `+Inf` last.
+fn histogram_delta(before: &[(String, f64)], after: &[(String, f64)], name: &str) -> Vec<(f64, f64)> {
+    let buckets = |scrape: &[(String, f64)]| -> Vec<(f64, f64)> {
+        let prefix = format!("{name}_bucket{{le=\"");
+        let mut buckets: Vec<(f64, f64)> = scrape
+            .iter()
+            .filter_map(|(series, value)| {
+                let bound = series.strip_prefix(&prefix)?.strip_suffix("\"}")?;
+                let bound = if bound == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    bound.parse().ok()?
+                };
+                Some((bound, *value))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        buckets
+    };
+    let before = buckets(before);
+    buckets(after)
+        .into_iter()
+        .map(|(bound, count)| {
+            let earlier = before.iter().find(|(b, _)| *b == bound).map_or(0.0, |(_, c)| *c);
+            (bound, count - earlier)
+        })
+        .collect()
+}
+
+/// The upper bound of the bucket the `q` quantile falls in: the quantile is at
+/// most this.
+fn quantile_bound(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    buckets
+        .iter()
+        .find(|(_, count)| *count >= q * total)
+        .map(|(bound, _)| *bound)
+        .filter(|bound| bound.is_finite())
+}
+
+fn message(kind: Kind) -> pb::AgentMessage {
+    pb::AgentMessage { kind: Some(kind) }
+}
