@@ -24,8 +24,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     clock,
-    domain::event::{EventKind, EventNode, FleetEvent},
-    domain::healer::{Decision, FailedNode, HealRecord, Healer, HealingPolicy, HoldCause},
+    domain::event::{EventKind, FleetEvent},
+    domain::healer::{FailedNode, HealRecord, Healer, HealingPolicy},
     domain::node::{FleetStats, NodeId, NodeInfo, NodeSnapshot, NodeState, PersistedNode, SessionId},
     domain::registry::{
         CloseReason, Effect, LifecycleConfig, Registry, SessionError, TerminateAccepted, TerminateError,
@@ -33,8 +33,7 @@ use crate::{
     domain::scaler::Candidate,
     edge::metrics::{CauseLabel, Metrics},
     edge::store::{Write, writer::StoreWriter},
-    edge::webhook::{self, WebhookEvent},
-    runtime::bus::EventBus,
+    runtime::{bus::EventBus, healing},
 };
 
 /// Capacity of the command channel into the actor.
@@ -526,13 +525,13 @@ impl FleetActor {
         self.outputs.store.write(writes);
     }
 
-    /// Hands failures declared together to the healer and carries out its decisions.
-    /// Runs in a `failure_detection` span, the root of each self-healing trace.
+    /// Hands failures declared together to the healer (through the pure
+    /// [`healing::on_failures`]) and applies what it says. Runs in a
+    /// `failure_detection` span, the root of each self-healing trace.
     fn heal(&mut self, failed: Vec<FailedNode>, writes: &mut Vec<Write>) {
         let ids: Vec<String> = failed.iter().map(|node| node.id.to_string()).collect();
         let span = tracing::info_span!("failure_detection", node.id = %ids.join(","), failed = failed.len());
         let _entered = span.enter();
-        let now = SystemTime::now();
         let stats = self.registry.stats();
         let live = stats.active_nodes
             + stats
@@ -540,63 +539,21 @@ impl FleetActor {
                 .get(&NodeState::Suspect)
                 .copied()
                 .unwrap_or(0);
-        for decision in self.healer.on_failures(failed, live, now) {
-            match decision {
-                Decision::Heal { node, record } => {
-                    let entry = webhook::outbox_entry(
-                        &WebhookEvent::UnexpectedNodeFailure(node.clone()),
-                        &stats,
-                        now,
-                    );
-                    info!(node.id = %node.id, node.ip = %node.ip, webhook.id = %entry.id, "self-healing requested: UNEXPECTED_NODE_FAILURE webhook queued");
-                    let reason = format!("UNEXPECTED_NODE_FAILURE webhook {} queued", entry.id);
-                    self.publish_healing(&node, EventKind::SelfHealingRequested, reason, now);
-                    writes.push(Write::PutHeal(record));
-                    writes.push(Write::PutOutbox(entry));
-                }
-                Decision::Hold { node, cause } => {
-                    let reason = held_reason(&cause);
-                    warn!(node.id = %node.id, node.ip = %node.ip, cause = cause.label(), "self-healing held back: {reason}");
-                    self.outputs
-                        .metrics
-                        .self_healing_held
-                        .get_or_create(&CauseLabel {
-                            cause: cause.label().to_owned(),
-                        })
-                        .inc();
-                    self.publish_healing(&node, EventKind::SelfHealingHeld, reason, now);
-                }
-                Decision::MassFailure { failed, fleet_size } => {
-                    let event = WebhookEvent::MassNodeFailure {
-                        failed: failed.clone(),
-                        fleet_size,
-                        window_seconds: self.healer.policy().mass_failure_window.as_secs_f64(),
-                    };
-                    let entry = webhook::outbox_entry(&event, &stats, now);
-                    error!(
-                        failed = failed.len(), fleet_size, webhook.id = %entry.id,
-                        "MASS NODE FAILURE: {} of {fleet_size} nodes failed within the window; the orchestrator suspects itself or the network, so self-healing is held and one MASS_NODE_FAILURE alert is sent",
-                        failed.len()
-                    );
-                    self.outputs.metrics.mass_failure_alerts.inc();
-                    writes.push(Write::PutOutbox(entry));
-                }
-            }
+        let outcome = healing::on_failures(&mut self.healer, failed, live, &stats, SystemTime::now());
+        let metrics = &self.outputs.metrics;
+        for cause in outcome.held {
+            metrics
+                .self_healing_held
+                .get_or_create(&CauseLabel {
+                    cause: cause.to_owned(),
+                })
+                .inc();
         }
-        let horizon = self.healer.ledger_horizon();
-        if let Some(before) = now.checked_sub(horizon) {
-            writes.push(Write::PruneHeals { before });
+        metrics.mass_failure_alerts.inc_by(u64::from(outcome.mass_alerts));
+        for event in outcome.events {
+            self.publish(event);
         }
-    }
-
-    fn publish_healing(&mut self, node: &FailedNode, kind: EventKind, reason: String, now: SystemTime) {
-        let about = EventNode {
-            id: node.id,
-            ip: node.ip,
-            hostname: node.hostname.clone(),
-            state: NodeState::Failed,
-        };
-        self.publish(FleetEvent::about_node(kind, about, reason, now));
+        writes.extend(outcome.writes);
     }
 
     fn signal(&mut self, session: SessionId, signal: SessionSignal) {
@@ -649,24 +606,6 @@ fn log_event(event: &FleetEvent) {
         | EventKind::WebhookDelivered
         | EventKind::WebhookFailed
         | EventKind::WebhookDeadLettered => {}
-    }
-}
-
-/// A held heal, in words.
-fn held_reason(cause: &HoldCause) -> String {
-    match cause {
-        HoldCause::HourlyBudget { used } => {
-            format!(
-                "hourly self-healing budget used up ({used} heals in the last hour; max_self_healing_per_hour)"
-            )
-        }
-        HoldCause::Cooldown { last_healed } => format!(
-            "this node identity was healed at {} (self_healing_cooldown_minutes)",
-            webhook::rfc3339(*last_healed)
-        ),
-        HoldCause::MassFailure { failed, fleet_size } => format!(
-            "mass failure: {failed} of {fleet_size} nodes failed within the window (mass_failure_fraction)"
-        ),
     }
 }
 
@@ -933,7 +872,7 @@ pub(crate) mod tests {
         })
     }
 
-    fn body(entry: &webhook::OutboxEntry) -> serde_json::Value {
+    fn body(entry: &crate::edge::webhook::OutboxEntry) -> serde_json::Value {
         serde_json::from_slice(&entry.body).unwrap()
     }
 

@@ -7,5 +7,6 @@
 
 pub mod bus;
 pub mod fleet;
+pub mod healing;
 pub mod scaling;
 pub mod server;
