@@ -11,14 +11,19 @@
 //!   OTLP traces with W3C trace-context propagation.
 //! - `signing` (feature `signing`): Standard Webhooks signing and verification.
 //! - [`codec`]: the gRPC codec with small per-stream buffers.
+//! - `cputrace` (feature `cputrace`): the CPU-trace CSV parser (NAB format) that
+//!   the agent's trace replay and the orchestrator's backtest share.
 //! - [`wire`]: the conversions between wire types and plain Rust values that every
-//!   edge needs (node ids, timestamps, durations, CPU fractions), with typed errors.
+//!   edge needs (node ids, timestamps, durations, CPU fractions, RFC 3339), with
+//!   typed errors.
 
 #![warn(missing_docs)]
 
 #[cfg(feature = "backoff")]
 pub mod backoff;
 pub mod codec;
+#[cfg(feature = "cputrace")]
+pub mod cputrace;
 #[cfg(feature = "process")]
 pub mod process;
 #[cfg(feature = "signing")]

@@ -169,6 +169,19 @@ pub fn set_parent(span: &tracing::Span, traceparent: &str) {
     }
 }
 
+/// A fresh, sampled W3C `traceparent`, for work that must carry one while tracing
+/// is off (a webhook's trace id is stable across its retries).
+pub fn generated_traceparent() -> String {
+    let trace = uuid::Uuid::new_v4().simple().to_string();
+    let span = format!("{:016x}", rand::random::<u64>() | 1);
+    format!("00-{trace}-{span}-01")
+}
+
+/// The trace id part of a `traceparent`, if it has one.
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    traceparent.split('-').nth(1).filter(|id| id.len() == 32)
+}
+
 /// Content type of the classic Prometheus text format.
 pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Content type of OpenMetrics text.

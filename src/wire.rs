@@ -84,6 +84,14 @@ pub fn timestamp_to_proto(time: SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp::from(time)
 }
 
+/// A wall-clock time as RFC 3339 in UTC, whole seconds, with a `Z`
+/// (`2026-11-28T06:00:45Z`): the seed's payload timestamps and the JSON API's.
+pub fn rfc3339(time: SystemTime) -> String {
+    let mut timestamp = prost_types::Timestamp::from(time);
+    timestamp.nanos = 0;
+    timestamp.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +118,13 @@ mod tests {
             let error = check_cpu_fraction("u", bad).unwrap_err();
             assert_eq!(error.field, "u", "{bad}");
         }
+    }
+
+    #[test]
+    fn rfc3339_is_utc_whole_seconds_with_a_z() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_845_645_750);
+        assert_eq!(rfc3339(at), "2026-11-28T06:00:45Z");
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
     }
 
     #[test]

@@ -194,35 +194,9 @@ impl TraceReplay {
         if !(speedup.is_finite() && speedup > 0.0) {
             return Err((0, format!("speed-up {speedup} must be a positive number")));
         }
-        let mut raw: Vec<(f64, f64)> = Vec::new();
-        for (index, line) in text.lines().enumerate() {
-            let number = index + 1;
-            let line = line.trim();
-            if line.is_empty() {
-                continue;
-            }
-            let Some((time, value)) = line.split_once(',') else {
-                return Err((number, "expected timestamp,value".to_owned()));
-            };
-            let Ok(percent) = value.trim().parse::<f64>() else {
-                if index == 0 {
-                    continue; // header
-                }
-                return Err((number, format!("value {value:?} is not a number")));
-            };
-            if !percent.is_finite() {
-                return Err((number, format!("value {percent} is not finite")));
-            }
-            let seconds =
-                parse_time(time.trim()).ok_or_else(|| (number, format!("bad timestamp {time:?}")))?;
-            raw.push((seconds, (percent / 100.0).clamp(0.0, 1.0)));
-        }
-        if raw.is_empty() {
-            return Err((0, "no data points".to_owned()));
-        }
-        raw.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let origin = raw[0].0;
-        let points: Vec<(f64, f64)> = raw.into_iter().map(|(t, v)| (t - origin, v)).collect();
+        let raw = secbeat::cputrace::parse(text).map_err(|error| (error.line, error.message))?;
+        let origin = raw[0].t;
+        let points: Vec<(f64, f64)> = raw.iter().map(|point| (point.t - origin, point.usage)).collect();
         let mut steps: Vec<f64> = points
             .windows(2)
             .map(|w| w[1].0 - w[0].0)
@@ -252,14 +226,6 @@ impl TraceReplay {
     pub fn loop_duration(&self) -> Duration {
         Duration::from_secs_f64(self.period / self.speedup)
     }
-}
-
-fn parse_time(text: &str) -> Option<f64> {
-    if let Ok(seconds) = text.parse::<f64>() {
-        return seconds.is_finite().then_some(seconds);
-    }
-    let time = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S").ok()?;
-    Some(time.and_utc().timestamp() as f64)
 }
 
 #[cfg(test)]

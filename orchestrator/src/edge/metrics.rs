@@ -390,12 +390,6 @@ impl Metrics {
         text
     }
 
-    /// The classic Prometheus text format (0.0.4), for scrapers and tools that do
-    /// not ask for OpenMetrics (`promtool check metrics`, older Prometheus).
-    pub fn encode_text(&self) -> String {
-        secbeat::telemetry::openmetrics_to_text(&self.encode())
-    }
-
     /// A reason label.
     pub fn reason(reason: &str) -> ReasonLabel {
         ReasonLabel {
@@ -438,7 +432,7 @@ mod tests {
     #[test]
     fn the_classic_text_format_names_counters_with_their_total() {
         let metrics = Metrics::new();
-        let text = metrics.encode_text();
+        let text = secbeat::telemetry::openmetrics_to_text(&metrics.encode());
         assert!(text.contains("# TYPE orchestrator_unexpected_node_failures_total counter\n"));
         assert!(text.contains("# HELP orchestrator_unexpected_node_failures_total Nodes declared"));
         assert!(text.contains("# TYPE orchestrator_webhook_outbox_depth gauge\n"));

@@ -107,7 +107,7 @@ fn held_reason(cause: &HoldCause) -> String {
         }
         HoldCause::Cooldown { last_healed } => format!(
             "this node identity was healed at {} (self_healing_cooldown_minutes)",
-            webhook::rfc3339(*last_healed)
+            secbeat::wire::rfc3339(*last_healed)
         ),
         HoldCause::MassFailure { failed, fleet_size } => format!(
             "mass failure: {failed} of {fleet_size} nodes failed within the window (mass_failure_fraction)"

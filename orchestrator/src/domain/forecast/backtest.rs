@@ -9,57 +9,26 @@
 
 use std::fmt::Write as _;
 
-use chrono::{DateTime, NaiveDateTime};
+use chrono::DateTime;
 
 use super::{BAND, ForecastConfig, Forecaster, Model, Point, accuracy::ErrorStats};
 
-const TIME_FORMAT: &str = "%Y-%m-%d %H:%M:%S";
+use secbeat::cputrace::{self, TIME_FORMAT};
 
-/// A malformed input line.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("line {line}: {message}")]
-pub struct InputError {
-    /// 1-based line number.
-    pub line: usize,
-    /// What is wrong.
-    pub message: String,
-}
+/// A malformed trace, naming the line.
+pub type InputError = cputrace::TraceError;
 
 /// Parses the CSV (header `timestamp,value`, value in percent) into points in
-/// fractions of one, in time order.
+/// fractions of one, in time order: the shared trace parser, plus the two rows a
+/// backtest needs at least.
 pub fn parse_csv(text: &str) -> Result<Vec<Point>, InputError> {
-    let mut points: Vec<Point> = Vec::new();
-    for (index, line) in text.lines().enumerate() {
-        let number = index + 1;
-        let line = line.trim();
-        if line.is_empty() || (number == 1 && line.starts_with("timestamp")) {
-            continue;
-        }
-        let error = |message: String| InputError {
-            line: number,
-            message,
-        };
-        let (stamp, value) = line
-            .split_once(',')
-            .ok_or_else(|| error("expected timestamp,value".into()))?;
-        let time = NaiveDateTime::parse_from_str(stamp.trim(), TIME_FORMAT)
-            .map_err(|e| error(format!("timestamp {stamp:?}: {e} (expected YYYY-MM-DD HH:MM:SS)")))?;
-        let percent: f64 = value
-            .trim()
-            .parse()
-            .map_err(|_| error(format!("value {value:?} is not a number")))?;
-        if !(0.0..=100.0).contains(&percent) {
-            return Err(error(format!("value {percent} is outside 0..100 percent")));
-        }
-        let t = time.and_utc().timestamp() as f64;
-        if points.last().is_some_and(|last| t <= last.t) {
-            return Err(error(format!("timestamp {stamp} is not after the previous row")));
-        }
-        points.push(Point {
-            t,
-            value: percent / 100.0,
-        });
-    }
+    let points: Vec<Point> = cputrace::parse(text)?
+        .into_iter()
+        .map(|point| Point {
+            t: point.t,
+            value: point.usage,
+        })
+        .collect();
     if points.len() < 2 {
         return Err(InputError {
             line: 0,

@@ -15,7 +15,6 @@ use super::AppState;
 use crate::{
     domain::node::{NodeSnapshot, NodeState},
     edge::grpc::convert,
-    edge::webhook::rfc3339,
     runtime::fleet::FleetStopped,
     runtime::scaling::Prediction,
 };
@@ -93,7 +92,7 @@ pub async fn fleet_stats(State(state): State<AppState>) -> Result<Json<Value>, A
 fn prediction_json(prediction: &Prediction) -> Value {
     let forecast = prediction.forecast.as_ref();
     json!({
-        "timestamp": rfc3339(prediction.at),
+        "timestamp": secbeat::wire::rfc3339(prediction.at),
         "current_cpu_usage": prediction.current_cpu_usage,
         "predicted_cpu_usage": forecast.and_then(|f| f.predicted),
         "prediction_horizon_minutes": prediction.horizon.as_secs_f64() / 60.0,
@@ -148,17 +147,17 @@ fn node_json(node: &NodeSnapshot) -> NodeJson {
         state: node.state,
         state_reason: node.state_reason.clone(),
         last_cpu_usage: node.last_cpu_usage,
-        connected_since: rfc3339(node.connected_since),
-        last_heartbeat: rfc3339(node.last_heartbeat),
+        connected_since: secbeat::wire::rfc3339(node.connected_since),
+        last_heartbeat: secbeat::wire::rfc3339(node.last_heartbeat),
         agent_version: node.info.agent_version.clone(),
         labels: node.info.labels.clone(),
         session_id: node.session.map(|s| s.0),
         termination: node.termination.as_ref().map(|t| {
             json!({
                 "reason": t.reason,
-                "requested_at": rfc3339(t.requested_at),
+                "requested_at": secbeat::wire::rfc3339(t.requested_at),
                 "acknowledged": t.acknowledged,
-                "deadline": rfc3339(t.deadline),
+                "deadline": secbeat::wire::rfc3339(t.deadline),
             })
         }),
     }

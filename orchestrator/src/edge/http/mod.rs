@@ -66,22 +66,9 @@ async fn metrics_text(State(state): State<AppState>, headers: HeaderMap) -> impl
     if let Ok(stats) = state.fleet.stats().await {
         state.metrics.observe_fleet(&stats);
     }
-    let openmetrics = headers
+    let accept = headers
         .get(header::ACCEPT)
-        .and_then(|accept| accept.to_str().ok())
-        .is_some_and(|accept| accept.contains("application/openmetrics-text"));
-    if openmetrics {
-        (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            state.metrics.encode(),
-        )
-    } else {
-        (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-            state.metrics.encode_text(),
-        )
-    }
+        .and_then(|accept| accept.to_str().ok());
+    let (content_type, body) = secbeat::telemetry::negotiate_metrics(accept, state.metrics.encode());
+    ([(header::CONTENT_TYPE, content_type)], body)
 }

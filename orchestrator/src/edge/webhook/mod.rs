@@ -8,7 +8,6 @@ pub mod sender;
 
 use std::{net::IpAddr, time::SystemTime};
 
-use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -128,32 +127,15 @@ impl From<&FleetStats> for FleetMetrics {
     }
 }
 
-/// RFC 3339 in UTC with a `Z`, as the seed's payloads show.
-pub fn rfc3339(at: SystemTime) -> String {
-    DateTime::<Utc>::from(at).to_rfc3339_opts(SecondsFormat::Secs, true)
-}
-
 fn node_json(id: NodeId, ip: IpAddr) -> serde_json::Value {
     json!({ "node_id": id.0, "ip": ip })
-}
-
-/// A fresh, sampled W3C `traceparent` (used when tracing is off).
-pub fn generated_traceparent() -> String {
-    let trace = uuid::Uuid::new_v4().simple().to_string();
-    let span = format!("{:016x}", rand::random::<u64>() | 1);
-    format!("00-{trace}-{span}-01")
-}
-
-/// The trace id part of a `traceparent`, if it has one.
-pub fn trace_id(traceparent: &str) -> Option<&str> {
-    traceparent.split('-').nth(1).filter(|id| id.len() == 32)
 }
 
 /// Builds the outbox entry for `event`, with a fresh id, in the current trace.
 pub fn outbox_entry(event: &WebhookEvent, stats: &FleetStats, now: SystemTime) -> OutboxEntry {
     let mut body = json!({
         "reason": event.reason(),
-        "timestamp": rfc3339(now),
+        "timestamp": secbeat::wire::rfc3339(now),
         "fleet_metrics": FleetMetrics::from(stats),
     });
     let extra = match event {
@@ -189,7 +171,8 @@ pub fn outbox_entry(event: &WebhookEvent, stats: &FleetStats, now: SystemTime) -
         id: format!("msg_{}", uuid::Uuid::new_v4().simple()),
         reason: event.reason().to_owned(),
         created_at: now,
-        traceparent: secbeat::telemetry::current_traceparent().unwrap_or_else(generated_traceparent),
+        traceparent: secbeat::telemetry::current_traceparent()
+            .unwrap_or_else(secbeat::telemetry::generated_traceparent),
         body: serde_json::to_vec(&body).expect("a json value serializes"),
     }
 }
@@ -247,7 +230,7 @@ mod tests {
             entry.id
         );
         assert_eq!(
-            trace_id(&entry.traceparent).map(str::len),
+            secbeat::telemetry::trace_id(&entry.traceparent).map(str::len),
             Some(32),
             "{}",
             entry.traceparent

@@ -210,7 +210,8 @@ async fn deliver(delivery: Arc<Delivery>, entry: OutboxEntry) -> String {
             let _permit = delivery.in_flight.acquire().await.expect("never closed");
             let traceparent = secbeat::telemetry::traceparent_of(&span).unwrap_or_else(|| {
                 // Tracing is off: same trace id on every attempt, a new span id each.
-                let trace = super::trace_id(&entry.traceparent).unwrap_or("00000000000000000000000000000001");
+                let trace = secbeat::telemetry::trace_id(&entry.traceparent)
+                    .unwrap_or("00000000000000000000000000000001");
                 format!("00-{trace}-{:016x}-01", rand::random::<u64>() | 1)
             });
             delivery.attempt(&entry, &traceparent).instrument(span).await
