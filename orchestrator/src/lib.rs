@@ -22,4 +22,5 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod edge;
+pub mod error;
 pub mod runtime;

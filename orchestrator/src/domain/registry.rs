@@ -74,17 +74,28 @@ pub enum Effect {
     },
 }
 
-/// Why the orchestrator ends a session.
-#[derive(Debug, Clone, PartialEq, Eq)]
+fn reconnect_hint(state: &NodeState) -> &'static str {
+    if *state == NodeState::Suspect {
+        "; it may reconnect"
+    } else {
+        ""
+    }
+}
+
+/// Why the orchestrator ends a session; the words are what the agent is told.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CloseReason {
     /// A newer session for the same node id arrived.
+    #[error("fenced: a newer session ({by}) for this node id took over")]
     Fenced {
         /// The session that replaced it.
         by: SessionId,
     },
     /// The node was declared failed while its stream was still open (silent).
+    #[error("node declared failed after missing heartbeats; reconnect to rejoin")]
     DeclaredFailed,
     /// The node acknowledged a terminate and then went silent.
+    #[error("node terminated: silent after acknowledging")]
     TerminatedSilently,
 }
 
@@ -109,7 +120,7 @@ pub enum TerminateError {
     #[error("node {0} is unknown")]
     NotFound(NodeId),
     /// The node has no live stream to send the terminate on.
-    #[error("node {node} has no live stream (state {state})")]
+    #[error("node {node} has no live stream (state {state}){}", reconnect_hint(.state))]
     NotConnected {
         /// The node.
         node: NodeId,

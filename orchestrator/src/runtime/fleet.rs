@@ -87,7 +87,7 @@ pub enum SessionReport {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ConnectError {
     /// The orchestrator is shutting down.
-    #[error("the fleet actor has stopped")]
+    #[error("the orchestrator is shutting down; reconnect with backoff")]
     Stopped,
     /// A node the orchestrator does not know, with `max_nodes` known already.
     #[error("the orchestrator is at max_nodes ({0}); not accepting new nodes")]
@@ -102,7 +102,7 @@ impl From<FleetStopped> for ConnectError {
 
 /// The actor has stopped (the orchestrator is shutting down).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the fleet actor has stopped")]
+#[error("the orchestrator is shutting down; reconnect with backoff")]
 pub struct FleetStopped;
 
 enum Command {

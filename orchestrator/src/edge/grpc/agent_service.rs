@@ -18,7 +18,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, Span, debug, info, info_span, warn};
 
-use super::{convert, rate::TokenBucket, status};
+use super::{
+    convert::{self, ProtocolError},
+    rate::TokenBucket,
+    status,
+};
 use crate::{
     clock,
     domain::node::{NodeId, SessionId},
@@ -27,13 +31,9 @@ use crate::{
     runtime::fleet::{FleetHandle, SessionReport, SessionSignal},
 };
 
-/// Most samples one CpuSamples message may carry.
-pub const MAX_SAMPLES_PER_MESSAGE: usize = 64;
 /// Outbound messages buffered per stream. Control messages are rare (one Welcome,
 /// a Terminate, a close), so a full buffer means the agent stopped reading.
 const OUTBOUND_BUFFER: usize = 16;
-/// Longest goodbye reason kept.
-const MAX_REASON: usize = 256;
 
 /// The `AgentService` implementation.
 #[derive(Debug, Clone)]
@@ -105,24 +105,12 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .map(str::to_owned);
         let mut inbound = request.into_inner();
         let first = match tokio::time::timeout(self.limits.hello_timeout, inbound.message()).await {
-            Err(_) => {
-                let secs = self.limits.hello_timeout.as_secs_f64();
-                return Err(Status::invalid_argument(format!("no hello within {secs}s")));
-            }
+            Err(_) => return Err(ProtocolError::NoHello(self.limits.hello_timeout).into()),
             Ok(Err(status)) => return Err(status),
-            Ok(Ok(None)) => return Err(Status::invalid_argument("stream ended before hello")),
+            Ok(Ok(None)) => return Err(ProtocolError::EndedBeforeHello.into()),
             Ok(Ok(Some(message))) => message,
         };
-        let hello = match first.kind {
-            Some(Kind::Hello(hello)) => hello,
-            other => {
-                let got = kind_name(other.as_ref());
-                return Err(Status::invalid_argument(format!(
-                    "first message must be hello, got {got}"
-                )));
-            }
-        };
-        let info = convert::node_info(hello, peer).map_err(status::invalid)?;
+        let info = convert::hello(first, peer)?;
         let node = info.id;
         if let Err(denied) = self.authority.allow_agent(&caller, node) {
             warn!(node.id = %node, peer = ?peer, %denied, "agent refused");
@@ -203,13 +191,10 @@ impl SessionRelay {
                         let at = clock::now();
                         if !self.bucket.take(at) {
                             warn!(parent: &self.span, "stream over its message rate: ending it");
-                            let status = Status::resource_exhausted(
-                                "more messages than max_messages_per_second allows; slow down and reconnect",
-                            );
-                            let _ = self.outbound.try_send(Err(status));
+                            let _ = self.outbound.try_send(Err(ProtocolError::Flooding.into()));
                             break "flooding: over max_messages_per_second".to_owned();
                         }
-                        match validate(message, SystemTime::now()) {
+                        match convert::session_report(message, SystemTime::now()) {
                             Ok(report) => {
                                 if report == SessionReport::Heartbeat {
                                     let gap = at.saturating_duration_since(last_heartbeat);
@@ -224,8 +209,8 @@ impl SessionRelay {
                             }
                             Err(rejection) => {
                                 warn!(parent: &self.span, %rejection, "protocol violation: ending stream");
-                                let cause = format!("protocol violation: {}", rejection.message());
-                                let _ = self.outbound.try_send(Err(rejection));
+                                let cause = format!("protocol violation: {rejection}");
+                                let _ = self.outbound.try_send(Err(rejection.into()));
                                 break cause;
                             }
                         }
@@ -288,226 +273,16 @@ impl SessionRelay {
     }
 }
 
-/// Validates one message after the Hello into what the actor needs to know.
 /// Decodes and validates one agent message exactly as a stream handler does
 /// (Hello included): the fuzzing entry point (`fuzz/`). Never panics.
-pub fn decode_and_validate(bytes: &[u8]) -> Result<(), Status> {
+pub fn decode_and_validate(bytes: &[u8]) -> Result<(), ProtocolError> {
     use prost::Message;
-    let message = pb::AgentMessage::decode(bytes).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let message =
+        pb::AgentMessage::decode(bytes).map_err(|error| ProtocolError::Undecodable(error.to_string()))?;
     if let Some(Kind::Hello(hello)) = message.kind {
         return convert::node_info(hello, None)
             .map(|_| ())
-            .map_err(status::invalid);
+            .map_err(ProtocolError::from);
     }
-    validate(message, SystemTime::now()).map(|_| ())
-}
-
-/// Agent timestamps further than this from the orchestrator's clock are garbage.
-pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(24 * 3600);
-
-fn validate(message: pb::AgentMessage, now: SystemTime) -> Result<SessionReport, Status> {
-    match message.kind {
-        Some(Kind::Heartbeat(_)) => Ok(SessionReport::Heartbeat),
-        Some(Kind::CpuSamples(batch)) => {
-            if batch.samples.is_empty() {
-                return Err(Status::invalid_argument("cpu_samples.samples: empty"));
-            }
-            if batch.samples.len() > MAX_SAMPLES_PER_MESSAGE {
-                return Err(Status::invalid_argument(format!(
-                    "cpu_samples.samples: {} samples, at most {MAX_SAMPLES_PER_MESSAGE} per message",
-                    batch.samples.len()
-                )));
-            }
-            let mut latest = 0.0;
-            for sample in &batch.samples {
-                latest = wire::check_cpu_fraction("cpu_samples.samples.usage", sample.usage)
-                    .map_err(status::invalid)?;
-                // Timing never uses agent clocks, but an absurd one means garbage.
-                if let Some(time) = sample.time {
-                    let time = wire::timestamp_from_proto("cpu_samples.samples.time", Some(time))
-                        .map_err(status::invalid)?;
-                    let skew = time
-                        .duration_since(now)
-                        .or_else(|e| Ok::<_, ()>(e.duration()))
-                        .unwrap_or_default();
-                    if skew > MAX_CLOCK_SKEW {
-                        return Err(Status::invalid_argument(format!(
-                            "cpu_samples.samples.time: {}s away from the orchestrator's clock (at most {}s)",
-                            skew.as_secs(),
-                            MAX_CLOCK_SKEW.as_secs()
-                        )));
-                    }
-                }
-            }
-            Ok(SessionReport::Cpu(latest))
-        }
-        Some(Kind::TerminateAck(_)) => Ok(SessionReport::TerminateAck),
-        Some(Kind::Goodbye(goodbye)) => {
-            let mut reason = goodbye.reason;
-            if reason.len() > MAX_REASON {
-                let cut = (0..=MAX_REASON)
-                    .rev()
-                    .find(|i| reason.is_char_boundary(*i))
-                    .unwrap_or(0);
-                reason.truncate(cut);
-            }
-            Ok(SessionReport::Goodbye(reason))
-        }
-        Some(Kind::Hello(_)) => Err(Status::invalid_argument("hello may only be the first message")),
-        None => Err(Status::invalid_argument("message has no kind set")),
-    }
-}
-
-fn kind_name(kind: Option<&Kind>) -> &'static str {
-    match kind {
-        Some(Kind::Hello(_)) => "hello",
-        Some(Kind::Heartbeat(_)) => "heartbeat",
-        Some(Kind::CpuSamples(_)) => "cpu_samples",
-        Some(Kind::TerminateAck(_)) => "terminate_ack",
-        Some(Kind::Goodbye(_)) => "goodbye",
-        None => "an empty message",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn samples(values: &[f64]) -> pb::AgentMessage {
-        let samples = values
-            .iter()
-            .map(|usage| pb::CpuSample {
-                time: None,
-                usage: *usage,
-            })
-            .collect();
-        pb::AgentMessage {
-            kind: Some(Kind::CpuSamples(pb::CpuSamples { samples })),
-        }
-    }
-
-    #[test]
-    fn cpu_batches_report_the_latest_valid_sample() {
-        assert_eq!(
-            validate(samples(&[0.2, 0.7]), SystemTime::now()).unwrap(),
-            SessionReport::Cpu(0.7)
-        );
-    }
-
-    #[test]
-    fn bad_cpu_batches_are_invalid_argument() {
-        let too_many = vec![0.5; MAX_SAMPLES_PER_MESSAGE + 1];
-        for bad in [
-            samples(&[]),
-            samples(&[0.5, f64::NAN]),
-            samples(&[85.0]),
-            samples(&[-0.1]),
-            samples(&too_many),
-        ] {
-            assert_eq!(
-                validate(bad, SystemTime::now()).unwrap_err().code(),
-                tonic::Code::InvalidArgument
-            );
-        }
-    }
-
-    #[test]
-    fn a_second_hello_or_an_empty_message_is_rejected() {
-        let hello = pb::AgentMessage {
-            kind: Some(Kind::Hello(pb::Hello::default())),
-        };
-        assert_eq!(
-            validate(hello, SystemTime::now()).unwrap_err().code(),
-            tonic::Code::InvalidArgument
-        );
-        assert_eq!(
-            validate(pb::AgentMessage { kind: None }, SystemTime::now())
-                .unwrap_err()
-                .code(),
-            tonic::Code::InvalidArgument
-        );
-    }
-
-    #[test]
-    fn long_goodbye_reasons_are_cut_on_a_char_boundary() {
-        let reason = "é".repeat(200);
-        let message = pb::AgentMessage {
-            kind: Some(Kind::Goodbye(pb::Goodbye { reason })),
-        };
-        let SessionReport::Goodbye(kept) = validate(message, SystemTime::now()).unwrap() else {
-            panic!()
-        };
-        assert!(kept.len() <= MAX_REASON);
-    }
-
-    #[test]
-    fn sample_times_far_from_now_are_invalid_argument() {
-        let now = SystemTime::now();
-        let at = |offset: Duration, later: bool| {
-            let time = if later { now + offset } else { now - offset };
-            pb::AgentMessage {
-                kind: Some(Kind::CpuSamples(pb::CpuSamples {
-                    samples: vec![pb::CpuSample {
-                        time: Some(wire::timestamp_to_proto(time)),
-                        usage: 0.5,
-                    }],
-                })),
-            }
-        };
-        assert!(
-            validate(at(Duration::from_secs(3600), true), now).is_ok(),
-            "an hour of skew is tolerated"
-        );
-        for later in [true, false] {
-            let error = validate(at(MAX_CLOCK_SKEW * 2, later), now).unwrap_err();
-            assert_eq!(error.code(), tonic::Code::InvalidArgument);
-        }
-    }
-
-    mod properties {
-        //! The wire -> domain validation never panics, and what it accepts is sane.
-
-        use proptest::prelude::*;
-        use prost::Message;
-
-        use super::*;
-
-        fn any_sample() -> impl Strategy<Value = pb::CpuSample> {
-            let usage = prop_oneof![any::<f64>(), 0.0..=1.0f64, Just(f64::NAN), Just(f64::INFINITY)];
-            let time = proptest::option::of((any::<i64>(), any::<i32>()));
-            (usage, time).prop_map(|(usage, time)| pb::CpuSample {
-                usage,
-                time: time.map(|(seconds, nanos)| prost_types::Timestamp { seconds, nanos }),
-            })
-        }
-
-        proptest! {
-            #[test]
-            fn accepted_cpu_batches_carry_a_fraction(samples in proptest::collection::vec(any_sample(), 0..80)) {
-                let message = pb::AgentMessage { kind: Some(Kind::CpuSamples(pb::CpuSamples { samples })) };
-                if let Ok(SessionReport::Cpu(usage)) = validate(message, SystemTime::now()) {
-                    prop_assert!((0.0..=1.0).contains(&usage));
-                }
-            }
-
-            #[test]
-            fn arbitrary_bytes_never_panic_the_decoder_or_the_validator(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-                if let Ok(message) = pb::AgentMessage::decode(bytes.as_slice()) {
-                    let _ = validate(message.clone(), SystemTime::now());
-                    if let Some(Kind::Hello(hello)) = message.kind {
-                        let _ = convert::node_info(hello, None);
-                    }
-                }
-            }
-
-            #[test]
-            fn hellos_are_accepted_only_with_a_real_node_id(node_id in ".{0,40}", ip in ".{0,20}") {
-                let hello = pb::Hello { node_id: node_id.clone(), ip, ..Default::default() };
-                if let Ok(info) = convert::node_info(hello, None) {
-                    prop_assert!(!info.id.0.is_nil());
-                    prop_assert_eq!(uuid::Uuid::parse_str(node_id.trim()).ok(), Some(info.id.0));
-                }
-            }
-        }
-    }
+    convert::session_report(message, SystemTime::now()).map(|_| ())
 }

@@ -3,18 +3,147 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
+    time::{Duration, SystemTime},
 };
 
 use secbeat::{
-    pb,
+    pb::{self, agent_message::Kind},
     wire::{self, WireError},
 };
 
 use crate::{
     domain::event::{EventKind, FleetEvent, ScaleDecision},
     domain::node::{FleetStats, NodeId, NodeInfo, NodeSnapshot, NodeState},
+    runtime::fleet::SessionReport,
     runtime::scaling::Prediction,
 };
+
+/// Most samples one CpuSamples message may carry.
+pub const MAX_SAMPLES_PER_MESSAGE: usize = 64;
+/// Longest goodbye reason kept.
+const MAX_REASON: usize = 256;
+/// Agent timestamps further than this from the orchestrator's clock are garbage.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(24 * 3600);
+
+/// An agent stream that broke the protocol; the stream ends with it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProtocolError {
+    /// No Hello within `hello_timeout`.
+    #[error("no hello within {}s", .0.as_secs_f64())]
+    NoHello(Duration),
+    /// The stream ended before its Hello.
+    #[error("stream ended before hello")]
+    EndedBeforeHello,
+    /// The first message was not a Hello.
+    #[error("first message must be hello, got {0}")]
+    FirstNotHello(&'static str),
+    /// A Hello after the first message.
+    #[error("hello may only be the first message")]
+    HelloAgain,
+    /// A message with no kind set.
+    #[error("message has no kind set")]
+    Empty,
+    /// Bytes that are not an AgentMessage.
+    #[error("undecodable message: {0}")]
+    Undecodable(String),
+    /// A field with an unacceptable value.
+    #[error(transparent)]
+    Field(#[from] WireError),
+    /// More messages than `max_messages_per_second` allows.
+    #[error("more messages than max_messages_per_second allows; slow down and reconnect")]
+    Flooding,
+}
+
+impl crate::error::Fault for ProtocolError {
+    fn code(&self) -> crate::error::ErrorCode {
+        match self {
+            ProtocolError::Flooding => crate::error::ErrorCode::ResourceExhausted,
+            _ => crate::error::ErrorCode::InvalidArgument,
+        }
+    }
+}
+
+/// Validates the first message of a stream: it must be a Hello.
+pub fn hello(first: pb::AgentMessage, peer: Option<SocketAddr>) -> Result<NodeInfo, ProtocolError> {
+    match first.kind {
+        Some(Kind::Hello(hello)) => Ok(node_info(hello, peer)?),
+        other => Err(ProtocolError::FirstNotHello(kind_name(other.as_ref()))),
+    }
+}
+
+/// Validates one message after the Hello into what the fleet actor needs to know.
+/// `now` is the orchestrator's wall clock, only to reject absurd agent timestamps.
+pub fn session_report(message: pb::AgentMessage, now: SystemTime) -> Result<SessionReport, ProtocolError> {
+    match message.kind {
+        Some(Kind::Heartbeat(_)) => Ok(SessionReport::Heartbeat),
+        Some(Kind::CpuSamples(batch)) => Ok(SessionReport::Cpu(cpu_samples(&batch, now)?)),
+        Some(Kind::TerminateAck(_)) => Ok(SessionReport::TerminateAck),
+        Some(Kind::Goodbye(goodbye)) => {
+            let mut reason = goodbye.reason;
+            if reason.len() > MAX_REASON {
+                let cut = (0..=MAX_REASON)
+                    .rev()
+                    .find(|i| reason.is_char_boundary(*i))
+                    .unwrap_or(0);
+                reason.truncate(cut);
+            }
+            Ok(SessionReport::Goodbye(reason))
+        }
+        Some(Kind::Hello(_)) => Err(ProtocolError::HelloAgain),
+        None => Err(ProtocolError::Empty),
+    }
+}
+
+/// The latest usage of a CpuSamples batch, every sample checked.
+fn cpu_samples(batch: &pb::CpuSamples, now: SystemTime) -> Result<f64, WireError> {
+    const FIELD: &str = "cpu_samples.samples";
+    if batch.samples.is_empty() {
+        return Err(WireError::new(FIELD, "empty"));
+    }
+    if batch.samples.len() > MAX_SAMPLES_PER_MESSAGE {
+        return Err(WireError::new(
+            FIELD,
+            format!(
+                "{} samples, at most {MAX_SAMPLES_PER_MESSAGE} per message",
+                batch.samples.len()
+            ),
+        ));
+    }
+    let mut latest = 0.0;
+    for sample in &batch.samples {
+        latest = wire::check_cpu_fraction("cpu_samples.samples.usage", sample.usage)?;
+        // Timing never uses agent clocks, but an absurd one means garbage.
+        if let Some(time) = sample.time {
+            let time = wire::timestamp_from_proto("cpu_samples.samples.time", Some(time))?;
+            let skew = time
+                .duration_since(now)
+                .or_else(|e| Ok::<_, ()>(e.duration()))
+                .unwrap_or_default();
+            if skew > MAX_CLOCK_SKEW {
+                return Err(WireError::new(
+                    "cpu_samples.samples.time",
+                    format!(
+                        "{}s away from the orchestrator's clock (at most {}s)",
+                        skew.as_secs(),
+                        MAX_CLOCK_SKEW.as_secs()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(latest)
+}
+
+fn kind_name(kind: Option<&Kind>) -> &'static str {
+    match kind {
+        Some(Kind::Hello(_)) => "hello",
+        Some(Kind::Heartbeat(_)) => "heartbeat",
+        Some(Kind::CpuSamples(_)) => "cpu_samples",
+        Some(Kind::TerminateAck(_)) => "terminate_ack",
+        Some(Kind::Goodbye(_)) => "goodbye",
+        None => "an empty message",
+    }
+}
 
 /// Longest accepted host name (DNS limit).
 const MAX_HOSTNAME: usize = 253;
@@ -297,6 +426,151 @@ mod tests {
         let peer: SocketAddr = "10.0.0.7:4000".parse().unwrap();
         for (bad, field) in cases {
             assert_eq!(node_info(bad, Some(peer)).unwrap_err().field, field);
+        }
+    }
+
+    mod session_reports {
+        //! Messages after the Hello: what the fleet actor is told, or why not.
+
+        use super::*;
+        use crate::error::{ErrorCode, Fault};
+
+        fn samples(values: &[f64]) -> pb::AgentMessage {
+            let samples = values
+                .iter()
+                .map(|usage| pb::CpuSample {
+                    time: None,
+                    usage: *usage,
+                })
+                .collect();
+            pb::AgentMessage {
+                kind: Some(Kind::CpuSamples(pb::CpuSamples { samples })),
+            }
+        }
+
+        #[test]
+        fn cpu_batches_report_the_latest_valid_sample() {
+            assert_eq!(
+                session_report(samples(&[0.2, 0.7]), SystemTime::now()).unwrap(),
+                SessionReport::Cpu(0.7)
+            );
+        }
+
+        #[test]
+        fn bad_cpu_batches_are_invalid_argument() {
+            let too_many = vec![0.5; MAX_SAMPLES_PER_MESSAGE + 1];
+            for bad in [
+                samples(&[]),
+                samples(&[0.5, f64::NAN]),
+                samples(&[85.0]),
+                samples(&[-0.1]),
+                samples(&too_many),
+            ] {
+                assert_eq!(
+                    session_report(bad, SystemTime::now()).unwrap_err().code(),
+                    ErrorCode::InvalidArgument
+                );
+            }
+        }
+
+        #[test]
+        fn a_second_hello_or_an_empty_message_is_rejected() {
+            let hello = pb::AgentMessage {
+                kind: Some(Kind::Hello(pb::Hello::default())),
+            };
+            assert_eq!(
+                session_report(hello, SystemTime::now()).unwrap_err().code(),
+                ErrorCode::InvalidArgument
+            );
+            assert_eq!(
+                session_report(pb::AgentMessage { kind: None }, SystemTime::now())
+                    .unwrap_err()
+                    .code(),
+                ErrorCode::InvalidArgument
+            );
+        }
+
+        #[test]
+        fn long_goodbye_reasons_are_cut_on_a_char_boundary() {
+            let reason = "é".repeat(200);
+            let message = pb::AgentMessage {
+                kind: Some(Kind::Goodbye(pb::Goodbye { reason })),
+            };
+            let SessionReport::Goodbye(kept) = session_report(message, SystemTime::now()).unwrap() else {
+                panic!()
+            };
+            assert!(kept.len() <= MAX_REASON);
+        }
+
+        #[test]
+        fn sample_times_far_from_now_are_invalid_argument() {
+            let now = SystemTime::now();
+            let at = |offset: Duration, later: bool| {
+                let time = if later { now + offset } else { now - offset };
+                pb::AgentMessage {
+                    kind: Some(Kind::CpuSamples(pb::CpuSamples {
+                        samples: vec![pb::CpuSample {
+                            time: Some(wire::timestamp_to_proto(time)),
+                            usage: 0.5,
+                        }],
+                    })),
+                }
+            };
+            assert!(
+                session_report(at(Duration::from_secs(3600), true), now).is_ok(),
+                "an hour of skew is tolerated"
+            );
+            for later in [true, false] {
+                let error = session_report(at(MAX_CLOCK_SKEW * 2, later), now).unwrap_err();
+                assert_eq!(error.code(), ErrorCode::InvalidArgument);
+            }
+        }
+
+        mod properties {
+            //! The wire -> domain validation never panics, and what it accepts is sane.
+
+            use proptest::prelude::*;
+            use prost::Message;
+
+            use super::*;
+
+            fn any_sample() -> impl Strategy<Value = pb::CpuSample> {
+                let usage = prop_oneof![any::<f64>(), 0.0..=1.0f64, Just(f64::NAN), Just(f64::INFINITY)];
+                let time = proptest::option::of((any::<i64>(), any::<i32>()));
+                (usage, time).prop_map(|(usage, time)| pb::CpuSample {
+                    usage,
+                    time: time.map(|(seconds, nanos)| prost_types::Timestamp { seconds, nanos }),
+                })
+            }
+
+            proptest! {
+                #[test]
+                fn accepted_cpu_batches_carry_a_fraction(samples in proptest::collection::vec(any_sample(), 0..80)) {
+                    let message = pb::AgentMessage { kind: Some(Kind::CpuSamples(pb::CpuSamples { samples })) };
+                    if let Ok(SessionReport::Cpu(usage)) = session_report(message, SystemTime::now()) {
+                        prop_assert!((0.0..=1.0).contains(&usage));
+                    }
+                }
+
+                #[test]
+                fn arbitrary_bytes_never_panic_the_decoder_or_the_validator(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                    if let Ok(message) = pb::AgentMessage::decode(bytes.as_slice()) {
+                        let _ = session_report(message.clone(), SystemTime::now());
+                        if let Some(Kind::Hello(hello)) = message.kind {
+                            let _ = node_info(hello, None);
+                        }
+                    }
+                }
+
+                #[test]
+                fn hellos_are_accepted_only_with_a_real_node_id(node_id in ".{0,40}", ip in ".{0,20}") {
+                    let hello = pb::Hello { node_id: node_id.clone(), ip, ..Default::default() };
+                    if let Ok(info) = node_info(hello, None) {
+                        prop_assert!(!info.id.0.is_nil());
+                        prop_assert_eq!(uuid::Uuid::parse_str(node_id.trim()).ok(), Some(info.id.0));
+                    }
+                }
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
 //! `FleetService`: the operator API over the fleet actor.
 
-use secbeat::pb;
+use secbeat::{pb, wire::WireError};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info, info_span};
@@ -8,6 +8,7 @@ use tracing::{Instrument, info, info_span};
 use super::{convert, status, watch};
 use crate::{
     edge::auth::{Authority, Need},
+    error::UnknownNode,
     runtime::bus::EventBus,
     runtime::fleet::FleetHandle,
 };
@@ -58,11 +59,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
     ) -> Result<Response<pb::GetNodeResponse>, Status> {
         self.allow(&request, Need::Read)?;
         let id = convert::node_id("node_id", &request.into_inner().node_id).map_err(status::invalid)?;
-        let node = self
-            .fleet
-            .get(id)
-            .await?
-            .ok_or_else(|| Status::not_found(format!("node {id} is unknown")))?;
+        let node = self.fleet.get(id).await?.ok_or(UnknownNode(id))?;
         Ok(Response::new(pb::GetNodeResponse {
             node: Some(convert::node(&node)),
         }))
@@ -86,7 +83,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             request.reason
         };
         if reason.len() > 256 {
-            return Err(Status::invalid_argument("reason: longer than 256 bytes"));
+            return Err(status::invalid(WireError::new("reason", "longer than 256 bytes")));
         }
         let span = info_span!("terminate_node", node.id = %id, reason = %reason);
         if let Some(parent) = &parent {

@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use super::{convert, watch};
 use crate::{
     edge::auth::{Authority, Need},
+    error::NoPrediction,
     runtime::scaling::PredictionHandle,
 };
 
@@ -41,9 +42,7 @@ impl pb::prediction_service_server::PredictionService for PredictionApi {
         request: Request<pb::GetPredictionRequest>,
     ) -> Result<Response<pb::GetPredictionResponse>, Status> {
         self.allow(&request)?;
-        let latest = self.predictions.latest().ok_or_else(|| {
-            Status::not_found("no scaling check has run yet (see scaling_check_interval_seconds)")
-        })?;
+        let latest = self.predictions.latest().ok_or(NoPrediction)?;
         Ok(Response::new(pb::GetPredictionResponse {
             prediction: Some(convert::prediction(&latest)),
         }))

@@ -1,86 +1,57 @@
-//! The one place where orchestrator errors become gRPC statuses.
+//! Orchestrator faults as gRPC statuses: the code from the one error table
+//! ([`crate::error`]), the message from the fault itself.
 
+use secbeat::wire::WireError;
 use tonic::Status;
 
 use crate::{
-    domain::node::NodeState,
     domain::registry::{CloseReason, TerminateError},
-    edge::auth::Denied,
-    runtime::bus::SubscribeError,
-    runtime::fleet::{ConnectError, FleetStopped},
+    edge::{auth::Denied, grpc::convert::ProtocolError},
+    error::{Fault, NoPrediction, UnknownNode},
+    runtime::{
+        bus::SubscribeError,
+        fleet::{ConnectError, FleetStopped},
+    },
 };
-use secbeat::wire::WireError;
 
-impl From<FleetStopped> for Status {
-    fn from(_: FleetStopped) -> Self {
-        Status::unavailable("orchestrator is shutting down")
-    }
+/// The status for `fault`.
+pub fn status(fault: &impl Fault) -> Status {
+    Status::new(fault.code().grpc(), fault.to_string())
 }
 
-impl From<TerminateError> for Status {
-    fn from(error: TerminateError) -> Self {
-        match error {
-            TerminateError::NotFound(_) => Status::not_found(error.to_string()),
-            TerminateError::NotConnected { state, .. } => {
-                let hint = if state == NodeState::Suspect {
-                    "; it may reconnect"
-                } else {
-                    ""
-                };
-                Status::failed_precondition(format!("{error}{hint}"))
+macro_rules! into_status {
+    ($($fault:ty),* $(,)?) => {
+        $(impl From<$fault> for Status {
+            fn from(fault: $fault) -> Self {
+                status(&fault)
             }
-        }
-    }
+        })*
+    };
 }
 
-impl From<SubscribeError> for Status {
-    fn from(error: SubscribeError) -> Self {
-        match error {
-            SubscribeError::Gone { .. } | SubscribeError::Ahead { .. } => {
-                Status::out_of_range(error.to_string())
-            }
-            SubscribeError::Closed => shutting_down(),
-        }
-    }
-}
+into_status!(
+    FleetStopped,
+    ConnectError,
+    TerminateError,
+    Denied,
+    SubscribeError,
+    UnknownNode,
+    NoPrediction,
+    ProtocolError,
+);
 
-/// A malformed field in a request or agent message.
+/// A malformed field of a request (`WireError` and `Status` are both foreign, so
+/// no `From`).
 pub fn invalid(error: WireError) -> Status {
-    Status::invalid_argument(error.to_string())
+    status(&error)
 }
 
 /// The status that ends a session the orchestrator closes.
 pub fn closed(reason: &CloseReason) -> Status {
-    match reason {
-        CloseReason::Fenced { by } => Status::aborted(format!(
-            "fenced: a newer session ({by}) for this node id took over"
-        )),
-        CloseReason::DeclaredFailed => {
-            Status::unavailable("node declared failed after missing heartbeats; reconnect to rejoin")
-        }
-        CloseReason::TerminatedSilently => Status::unavailable("node terminated: silent after acknowledging"),
-    }
+    status(reason)
 }
 
 /// The status that ends every session when the orchestrator shuts down.
 pub fn shutting_down() -> Status {
-    Status::unavailable("orchestrator shutting down; reconnect with backoff")
-}
-
-impl From<ConnectError> for Status {
-    fn from(error: ConnectError) -> Self {
-        match error {
-            ConnectError::Stopped => FleetStopped.into(),
-            ConnectError::AtCapacity(_) => Status::resource_exhausted(error.to_string()),
-        }
-    }
-}
-
-impl From<Denied> for Status {
-    fn from(denied: Denied) -> Self {
-        match denied {
-            Denied::Unauthenticated(message) => Status::unauthenticated(message),
-            Denied::PermissionDenied(message) => Status::permission_denied(message),
-        }
-    }
+    status(&FleetStopped)
 }

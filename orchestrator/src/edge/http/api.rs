@@ -1,6 +1,7 @@
 //! The HTTP/JSON API (`/api/v1/...`): the fleet's figures, the latest prediction
 //! and its accuracy, and the nodes, with the seed's field names. Errors are JSON
-//! `{"error": "..."}` with the status code that fits (400, 404, 503).
+//! `{"error": "..."}` with the status the one error table ([`crate::error`]) gives
+//! the fault, as the gRPC API gives its code.
 
 use axum::{
     Json,
@@ -13,9 +14,8 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use crate::{
-    domain::node::{NodeSnapshot, NodeState},
-    edge::grpc::convert,
-    runtime::fleet::FleetStopped,
+    domain::node::{NodeId, NodeSnapshot, NodeState},
+    error::{Fault, UnknownEndpoint, UnknownNode},
     runtime::scaling::Prediction,
 };
 
@@ -29,12 +29,12 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<FleetStopped> for ApiError {
-    fn from(_: FleetStopped) -> Self {
-        ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the orchestrator is shutting down".into(),
-        )
+/// Every fault maps to its HTTP status through the one error table, as it maps to
+/// its gRPC code.
+impl<F: Fault> From<F> for ApiError {
+    fn from(fault: F) -> Self {
+        let status = StatusCode::from_u16(fault.code().http()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        ApiError(status, fault.to_string())
     }
 }
 
@@ -56,11 +56,7 @@ pub async fn require_token(
         if authority.tokens_configured()
             && let Err(denied) = authority.allow(&caller, crate::edge::auth::Need::Read)
         {
-            let status = match denied {
-                crate::edge::auth::Denied::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-                crate::edge::auth::Denied::PermissionDenied(_) => StatusCode::FORBIDDEN,
-            };
-            return ApiError(status, denied.to_string()).into_response();
+            return ApiError::from(denied).into_response();
         }
     }
     next.run(request).await
@@ -172,20 +168,12 @@ pub async fn nodes(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
 
 /// `GET /api/v1/nodes/{id}`.
 pub async fn node(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let id = convert::node_id("node_id", &id)
-        .map_err(|error| ApiError(StatusCode::BAD_REQUEST, error.to_string()))?;
-    let node = state
-        .fleet
-        .get(id)
-        .await?
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("node {id} is unknown")))?;
+    let id = secbeat::wire::parse_node_id("node_id", &id).map(NodeId)?;
+    let node = state.fleet.get(id).await?.ok_or(UnknownNode(id))?;
     Ok(Json(json!(node_json(&node))))
 }
 
 /// Anything else under `/api/`.
-pub async fn not_found() -> ApiError {
-    ApiError(
-        StatusCode::NOT_FOUND,
-        "no such endpoint: see /api/v1/fleet/stats, /api/v1/nodes, /api/v1/nodes/{id}".into(),
-    )
+pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+    UnknownEndpoint(uri.path().to_owned()).into()
 }
