@@ -13,7 +13,7 @@
 //!   and heals none of them; the guard stays up until a window passes without a
 //!   failure. The operator (or the alert's receiver) decides what to replace.
 //!
-//! Nothing is dropped silently: every failure yields a [`Decision`], and a held one
+//! Nothing is dropped silently: every failure yields a [`HealDecision`], and a held one
 //! says which limit held it.
 
 use std::{
@@ -99,7 +99,7 @@ impl HoldCause {
 
 /// What to do about failures.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Decision {
+pub enum HealDecision {
     /// Request a replacement (UNEXPECTED_NODE_FAILURE); the heal is in the ledger.
     Heal {
         /// The failed node.
@@ -164,7 +164,7 @@ impl Healer {
         failed: Vec<FailedNode>,
         live_nodes: u32,
         now: SystemTime,
-    ) -> Vec<Decision> {
+    ) -> Vec<HealDecision> {
         if failed.is_empty() {
             return Vec::new();
         }
@@ -180,7 +180,7 @@ impl Healer {
             self.guard_until = Some(now + self.policy.mass_failure_window);
             let mut decisions = Vec::with_capacity(failed.len() + 1);
             if !guard_up {
-                decisions.push(Decision::MassFailure {
+                decisions.push(HealDecision::MassFailure {
                     failed: self.recent.iter().map(|(_, node)| node.clone()).collect(),
                     fleet_size,
                 });
@@ -189,7 +189,7 @@ impl Healer {
                 failed: in_window,
                 fleet_size,
             };
-            decisions.extend(failed.into_iter().map(|node| Decision::Hold {
+            decisions.extend(failed.into_iter().map(|node| HealDecision::Hold {
                 node,
                 cause: cause.clone(),
             }));
@@ -198,7 +198,7 @@ impl Healer {
         failed.into_iter().map(|node| self.decide(node, now)).collect()
     }
 
-    fn decide(&mut self, node: FailedNode, now: SystemTime) -> Decision {
+    fn decide(&mut self, node: FailedNode, now: SystemTime) -> HealDecision {
         let last_healed = self
             .ledger
             .iter()
@@ -208,7 +208,7 @@ impl Healer {
         if let Some(last_healed) = last_healed
             && age(last_healed, now) < self.policy.cooldown
         {
-            return Decision::Hold {
+            return HealDecision::Hold {
                 node,
                 cause: HoldCause::Cooldown { last_healed },
             };
@@ -220,7 +220,7 @@ impl Healer {
             .count();
         let used = u32::try_from(used).unwrap_or(u32::MAX);
         if used >= self.policy.max_per_hour {
-            return Decision::Hold {
+            return HealDecision::Hold {
                 node,
                 cause: HoldCause::HourlyBudget { used },
             };
@@ -230,7 +230,7 @@ impl Healer {
             node: node.id,
         };
         self.ledger.push_back(record);
-        Decision::Heal { node, record }
+        HealDecision::Heal { node, record }
     }
 
     fn prune(&mut self, now: SystemTime) {
@@ -284,21 +284,21 @@ mod tests {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + seconds)
     }
 
-    fn healed(decisions: &[Decision]) -> Vec<NodeId> {
+    fn healed(decisions: &[HealDecision]) -> Vec<NodeId> {
         decisions
             .iter()
             .filter_map(|decision| match decision {
-                Decision::Heal { node, .. } => Some(node.id),
+                HealDecision::Heal { node, .. } => Some(node.id),
                 _ => None,
             })
             .collect()
     }
 
-    fn held(decisions: &[Decision]) -> Vec<(NodeId, &'static str)> {
+    fn held(decisions: &[HealDecision]) -> Vec<(NodeId, &'static str)> {
         decisions
             .iter()
             .filter_map(|decision| match decision {
-                Decision::Hold { node, cause } => Some((node.id, cause.label())),
+                HealDecision::Hold { node, cause } => Some((node.id, cause.label())),
                 _ => None,
             })
             .collect()
@@ -310,7 +310,7 @@ mod tests {
         let decisions = healer.on_failures(vec![node(1)], 9, at(0));
         assert_eq!(
             decisions,
-            vec![Decision::Heal {
+            vec![HealDecision::Heal {
                 node: node(1),
                 record: HealRecord {
                     at: at(0),
@@ -354,7 +354,7 @@ mod tests {
         let records: Vec<HealRecord> = (1..=5)
             .flat_map(|n| before.on_failures(vec![node(n)], 100, at(u64::from(n) * 100)))
             .filter_map(|decision| match decision {
-                Decision::Heal { record, .. } => Some(record),
+                HealDecision::Heal { record, .. } => Some(record),
                 _ => None,
             })
             .collect();
@@ -373,7 +373,7 @@ mod tests {
         let decisions = healer.on_failures(all.clone(), 1, at(0));
         assert_eq!(
             decisions[0],
-            Decision::MassFailure {
+            HealDecision::MassFailure {
                 failed: all,
                 fleet_size: 5
             }
@@ -392,10 +392,12 @@ mod tests {
         let second = healer.on_failures(vec![node(3)], 2, at(10));
         let alerts: Vec<_> = second
             .iter()
-            .filter(|decision| matches!(decision, Decision::MassFailure { .. }))
+            .filter(|decision| matches!(decision, HealDecision::MassFailure { .. }))
             .collect();
         assert_eq!(alerts.len(), 1);
-        assert!(matches!(alerts[0], Decision::MassFailure { failed, fleet_size: 5 } if failed.len() == 3));
+        assert!(
+            matches!(alerts[0], HealDecision::MassFailure { failed, fleet_size: 5 } if failed.len() == 3)
+        );
         // The guard stays up: the fourth is held without another alert.
         let third = healer.on_failures(vec![node(4)], 1, at(20));
         assert_eq!(held(&third), vec![(node(4).id, "mass_failure")]);

@@ -3,14 +3,13 @@
 //!
 //! - [`node`] and [`event`]: the domain types.
 //! - [`registry`]: the node lifecycle state machine (sessions, states, marks); it
-//!   returns effects instead of acting.
-//! - [`detector`]: the periodic dead-node check over a schedule of due nodes.
-//! - [`healer`]: failures -> heal / hold / mass-failure alert within the limits;
-//!   [`healing`] turns its decisions into events and durable writes.
+//!   returns effects instead of acting. Its time-driven half, the periodic
+//!   dead-node check over a schedule of due nodes, is [`registry::detector`].
+//! - [`healer`]: failures -> heal / hold / mass-failure alert within the limits
+//!   (`runtime::healing` turns its decisions into events and durable writes).
 //! - [`forecast`]: fleet CPU history, models, scoring and confidence; backtests.
 //! - [`scaler`]: forecast + fleet view -> scale up / down / hold.
 
-pub mod detector;
 pub mod event;
 pub mod forecast;
 pub mod healer;

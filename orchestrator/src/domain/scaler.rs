@@ -105,7 +105,7 @@ impl UpReason {
 
 /// A check's decision.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Decision {
+pub enum ScaleAction {
     /// Do nothing, because...
     Hold(String),
     /// Ask for more capacity.
@@ -119,35 +119,35 @@ pub enum Decision {
     ScaleDown(Candidate),
 }
 
-impl Decision {
+impl ScaleAction {
     /// A label for metrics: hold, scale_up_predicted, scale_up_current, scale_down.
     pub fn label(&self) -> &'static str {
         match self {
-            Decision::Hold(_) => "hold",
-            Decision::ScaleUp {
+            ScaleAction::Hold(_) => "hold",
+            ScaleAction::ScaleUp {
                 reason: UpReason::PredictedHighFleetCpuLoad,
                 ..
             } => "scale_up_predicted",
-            Decision::ScaleUp { .. } => "scale_up_current",
-            Decision::ScaleDown(_) => "scale_down",
+            ScaleAction::ScaleUp { .. } => "scale_up_current",
+            ScaleAction::ScaleDown(_) => "scale_down",
         }
     }
 
     /// What kind of decision this is.
     pub fn kind(&self) -> ScaleDecision {
         match self {
-            Decision::Hold(_) => ScaleDecision::Hold,
-            Decision::ScaleUp { .. } => ScaleDecision::ScaleUp,
-            Decision::ScaleDown(_) => ScaleDecision::ScaleDown,
+            ScaleAction::Hold(_) => ScaleDecision::Hold,
+            ScaleAction::ScaleUp { .. } => ScaleDecision::ScaleUp,
+            ScaleAction::ScaleDown(_) => ScaleDecision::ScaleDown,
         }
     }
 
     /// Why, in words.
     pub fn reason(&self) -> String {
         match self {
-            Decision::Hold(why) => why.clone(),
-            Decision::ScaleUp { reason, cpu } => format!("{} ({cpu:.2})", reason.as_str()),
-            Decision::ScaleDown(node) => {
+            ScaleAction::Hold(why) => why.clone(),
+            ScaleAction::ScaleUp { reason, cpu } => format!("{} ({cpu:.2})", reason.as_str()),
+            ScaleAction::ScaleDown(node) => {
                 format!("LOW_FLEET_CPU_LOAD: terminate {} ({:.2})", node.id, node.cpu)
             }
         }
@@ -188,12 +188,12 @@ impl Scaler {
 
     /// Decides at `now`. A scale decision starts its cooldown whether or not the
     /// caller acts on it (`forecast_only` shows what would have happened).
-    pub fn decide(&mut self, now: Instant, view: &FleetView, forecast: Option<&Forecast>) -> Decision {
+    pub fn decide(&mut self, now: Instant, view: &FleetView, forecast: Option<&Forecast>) -> ScaleAction {
         let policy = &self.policy;
         let Some(current) = view.avg_cpu else {
             self.up_streak = 0;
             self.down_streak = 0;
-            return Decision::Hold("no CPU samples from live nodes".into());
+            return ScaleAction::Hold("no CPU samples from live nodes".into());
         };
         let trusted = forecast
             .filter(|f| f.data_points >= TRUSTED_POINTS && f.confidence >= policy.min_confidence)
@@ -213,14 +213,14 @@ impl Scaler {
         let since = |at: Option<Instant>| at.map(|at| now.saturating_duration_since(at));
         if self.up_streak >= policy.up_consecutive {
             if let Some(elapsed) = since(self.last_up).filter(|e| *e < policy.up_cooldown) {
-                return Decision::Hold(format!(
+                return ScaleAction::Hold(format!(
                     "above the scale-up threshold, cooling down ({:.0}s of {:.0}s)",
                     elapsed.as_secs_f64(),
                     policy.up_cooldown.as_secs_f64()
                 ));
             }
             if view.active_nodes >= policy.max_nodes {
-                return Decision::Hold(format!(
+                return ScaleAction::Hold(format!(
                     "above the scale-up threshold, at max_nodes ({})",
                     policy.max_nodes
                 ));
@@ -228,32 +228,32 @@ impl Scaler {
             self.up_streak = 0;
             self.last_up = Some(now);
             self.last_action = Some(now);
-            return Decision::ScaleUp { reason, cpu: basis };
+            return ScaleAction::ScaleUp { reason, cpu: basis };
         }
         if self.down_streak >= policy.down_consecutive {
             if let Some(elapsed) = since(self.last_action).filter(|e| *e < policy.down_cooldown) {
-                return Decision::Hold(format!(
+                return ScaleAction::Hold(format!(
                     "below the scale-down threshold, cooling down ({:.0}s of {:.0}s)",
                     elapsed.as_secs_f64(),
                     policy.down_cooldown.as_secs_f64()
                 ));
             }
             if view.active_nodes <= policy.min_nodes {
-                return Decision::Hold(format!(
+                return ScaleAction::Hold(format!(
                     "below the scale-down threshold, at min_nodes ({})",
                     policy.min_nodes
                 ));
             }
             let Some(node) = view.least_loaded.clone() else {
-                return Decision::Hold(
+                return ScaleAction::Hold(
                     "below the scale-down threshold, but no connected node to remove".into(),
                 );
             };
             self.down_streak = 0;
             self.last_action = Some(now);
-            return Decision::ScaleDown(node);
+            return ScaleAction::ScaleDown(node);
         }
-        Decision::Hold("within thresholds".into())
+        ScaleAction::Hold("within thresholds".into())
     }
 }
 
@@ -353,7 +353,7 @@ mod tests {
             let decision = scaler.decide(now + Duration::from_secs(60), &hot.0, hot.1.as_ref());
             assert_eq!(
                 decision,
-                Decision::ScaleUp {
+                ScaleAction::ScaleUp {
                     reason: UpReason::HighFleetCpuLoad,
                     cpu: 0.85
                 }
@@ -394,7 +394,10 @@ mod tests {
             scaler.decide(start + Duration::from_secs(60 * i), &low.0, low.1.as_ref());
         }
         let decision = scaler.decide(start + Duration::from_secs(240), &low.0, low.1.as_ref());
-        assert_eq!(decision, Decision::ScaleDown(low.0.least_loaded.clone().unwrap()));
+        assert_eq!(
+            decision,
+            ScaleAction::ScaleDown(low.0.least_loaded.clone().unwrap())
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tracing::{error, info, warn};
 use crate::{
     domain::{
         event::{EventKind, EventNode, FleetEvent},
-        healer::{Decision, FailedNode, Healer, HoldCause},
+        healer::{FailedNode, HealDecision, Healer, HoldCause},
         node::{FleetStats, NodeState},
     },
     edge::{
@@ -45,7 +45,7 @@ pub fn on_failures(
     let mut outcome = HealingOutcome::default();
     for decision in healer.on_failures(failed, live, now) {
         match decision {
-            Decision::Heal { node, record } => {
+            HealDecision::Heal { node, record } => {
                 let entry =
                     webhook::outbox_entry(&WebhookEvent::UnexpectedNodeFailure(node.clone()), stats, now);
                 info!(node.id = %node.id, node.ip = %node.ip, webhook.id = %entry.id, "self-healing requested: UNEXPECTED_NODE_FAILURE webhook queued");
@@ -56,7 +56,7 @@ pub fn on_failures(
                 outcome.writes.push(Write::PutHeal(record));
                 outcome.writes.push(Write::PutOutbox(entry));
             }
-            Decision::Hold { node, cause } => {
+            HealDecision::Hold { node, cause } => {
                 let reason = held_reason(&cause);
                 warn!(node.id = %node.id, node.ip = %node.ip, cause = cause.label(), "self-healing held back: {reason}");
                 outcome.held.push(cause.label());
@@ -64,7 +64,7 @@ pub fn on_failures(
                     .events
                     .push(failed_event(&node, EventKind::SelfHealingHeld, reason, now));
             }
-            Decision::MassFailure { failed, fleet_size } => {
+            HealDecision::MassFailure { failed, fleet_size } => {
                 let event = WebhookEvent::MassNodeFailure {
                     failed: failed.clone(),
                     fleet_size,

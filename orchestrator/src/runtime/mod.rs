@@ -2,11 +2,11 @@
 //!
 //! - [`bus`]: the one event bus (numbered, kept in a ring for resuming readers).
 //! - [`fleet`]: the actor that owns the registry, the healer and the sessions.
-//! - [`scaling`]: the loop that owns the forecaster and the scaler.
+//! - [`scaling_loop`]: the loop that owns the forecaster and the scaler.
 //! - [`server`]: wiring, listeners and graceful shutdown.
 
 pub mod bus;
 pub mod fleet;
 pub mod healing;
-pub mod scaling;
+pub mod scaling_loop;
 pub mod server;

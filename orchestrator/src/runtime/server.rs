@@ -26,7 +26,7 @@ use crate::{
     edge::webhook::sender::{self, SenderError, SenderOutputs, SenderSettings},
     runtime::bus::{self, EventBus},
     runtime::fleet::{self, FleetSettings, Outputs, Restored},
-    runtime::scaling::{self, ScalingOutputs, ScalingSettings},
+    runtime::scaling_loop::{self, ScalingOutputs, ScalingSettings},
 };
 
 /// Why the orchestrator could not start or serve.
@@ -208,7 +208,7 @@ impl Orchestrator {
             forecast: config.forecast(),
             policy: config.scaling(),
         };
-        let (predictions, scaling_loop) = scaling::spawn(
+        let (predictions, scaling_task) = scaling_loop::spawn(
             scaling_settings,
             stored.history,
             fleet.clone(),
@@ -319,7 +319,7 @@ impl Orchestrator {
         health.set_not_serving::<AgentServiceServer<AgentApi>>().await;
         let drained = tokio::time::timeout(config.shutdown_timeout.0, async {
             let _ = actor.await;
-            let _ = scaling_loop.await;
+            let _ = scaling_task.await;
             let _ = sender.await;
             // Every publisher has stopped: end the event watchers.
             events.close();

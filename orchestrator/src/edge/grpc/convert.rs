@@ -15,7 +15,7 @@ use crate::{
     domain::event::{EventKind, FleetEvent, ScaleDecision},
     domain::node::{FleetStats, NodeId, NodeInfo, NodeSnapshot, NodeState},
     runtime::fleet::SessionReport,
-    runtime::scaling::Prediction,
+    runtime::scaling_loop::Prediction,
 };
 
 /// Most samples one CpuSamples message may carry.

@@ -8,7 +8,7 @@ use super::{convert, watch};
 use crate::{
     edge::auth::{Authority, Need},
     error::NoPrediction,
-    runtime::scaling::PredictionHandle,
+    runtime::scaling_loop::PredictionHandle,
 };
 
 /// The `PredictionService` implementation.

@@ -16,7 +16,7 @@ use super::AppState;
 use crate::{
     domain::node::{NodeId, NodeSnapshot, NodeState},
     error::{Fault, UnknownEndpoint, UnknownNode},
-    runtime::scaling::Prediction,
+    runtime::scaling_loop::Prediction,
 };
 
 /// An API error: a status and a message, sent as `{"error": message}`.

@@ -13,7 +13,7 @@ use axum::{
 
 use crate::{
     edge::auth::Authority, edge::metrics::Metrics, runtime::fleet::FleetHandle,
-    runtime::scaling::PredictionHandle,
+    runtime::scaling_loop::PredictionHandle,
 };
 
 /// What the handlers read.

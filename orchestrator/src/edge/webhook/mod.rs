@@ -98,7 +98,7 @@ impl WebhookEvent {
 
 /// The `fleet_metrics` object every payload carries.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct FleetMetrics {
+pub struct PayloadFleetMetrics {
     /// Nodes with a live stream (connected or terminating).
     pub active_nodes: u32,
     /// Mean latest CPU fraction of active nodes, if any reported.
@@ -111,7 +111,7 @@ pub struct FleetMetrics {
     pub graceful_terminations_total: u64,
 }
 
-impl From<&FleetStats> for FleetMetrics {
+impl From<&FleetStats> for PayloadFleetMetrics {
     fn from(stats: &FleetStats) -> Self {
         Self {
             active_nodes: stats.active_nodes,
@@ -136,7 +136,7 @@ pub fn outbox_entry(event: &WebhookEvent, stats: &FleetStats, now: SystemTime) -
     let mut body = json!({
         "reason": event.reason(),
         "timestamp": secbeat::wire::rfc3339(now),
-        "fleet_metrics": FleetMetrics::from(stats),
+        "fleet_metrics": PayloadFleetMetrics::from(stats),
     });
     let extra = match event {
         WebhookEvent::UnexpectedNodeFailure(node) => json!({

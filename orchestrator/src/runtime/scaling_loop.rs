@@ -24,7 +24,7 @@ use crate::{
         AccuracySummary, Forecast, ForecastConfig, Forecaster, Model, Point, history::LONG_HISTORY_SECONDS,
     },
     domain::node::FleetStats,
-    domain::scaler::{Decision, FleetView, Scaler, ScalingMode, ScalingPolicy, UpReason},
+    domain::scaler::{FleetView, ScaleAction, Scaler, ScalingMode, ScalingPolicy, UpReason},
     edge::metrics::{DecisionLabel, Metrics},
     edge::store::{Write, writer::StoreWriter},
     edge::webhook::{self, PredictionInfo, WebhookEvent},
@@ -317,7 +317,7 @@ impl ScalingLoop {
     /// Carries out a decision (unless forecast-only) and says what was done.
     async fn act(
         &mut self,
-        decision: &Decision,
+        decision: &ScaleAction,
         stats: &FleetStats,
         forecast: Option<&Forecast>,
         at: SystemTime,
@@ -329,7 +329,7 @@ impl ScalingLoop {
             reason: decision.reason(),
             acted: false,
         };
-        if matches!(decision, Decision::Hold(_)) {
+        if matches!(decision, ScaleAction::Hold(_)) {
             debug!(decision = %described, "scaling check");
             return Ok(outcome);
         }
@@ -339,8 +339,8 @@ impl ScalingLoop {
             return Ok(outcome);
         }
         let event = match decision {
-            Decision::Hold(_) => unreachable!("handled above"),
-            Decision::ScaleUp { reason, cpu } => {
+            ScaleAction::Hold(_) => unreachable!("handled above"),
+            ScaleAction::ScaleUp { reason, cpu } => {
                 let prediction = match reason {
                     UpReason::PredictedHighFleetCpuLoad => {
                         info!(predicted = cpu, "Triggering predictive scale-up action");
@@ -364,7 +364,7 @@ impl ScalingLoop {
                     prediction,
                 }
             }
-            Decision::ScaleDown(node) => {
+            ScaleAction::ScaleDown(node) => {
                 let reason = "scale down: fleet CPU below scale_down_cpu_threshold".to_owned();
                 match self.fleet.terminate(node.id, reason).await? {
                     Ok(_) => {

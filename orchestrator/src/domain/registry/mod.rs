@@ -7,7 +7,11 @@
 //! a session, close a session). That makes the whole lifecycle testable with
 //! fabricated instants and no runtime.
 //!
-//! The periodic dead-node check lives in [`crate::domain::detector`].
+//! Two halves, one state machine: this file takes the inputs (connects,
+//! heartbeats, closes, goodbyes, terminates); [`detector`] holds the time-driven
+//! transitions (the periodic dead-node check over a schedule of due nodes).
+
+pub mod detector;
 
 use std::{
     cmp::Reverse,
