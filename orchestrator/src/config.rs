@@ -1,24 +1,36 @@
-//! Orchestrator configuration: embedded defaults < TOML file < `SECBEAT_*` env <
-//! command-line flags, merged into one table, deserialized once and validated once.
+//! Orchestrator configuration, every key written once.
 //!
-//! The seed's keys are accepted unchanged at top level. Every failure names the key
-//! it is about, so `main` can print one clear line and exit with code 64.
+//! The [`config_keys!`] table below is the one place a key is defined: its TOML
+//! name, type, default, value name and documentation. From it come the
+//! [`Config`] struct and its defaults, the command-line flag (`--heartbeat-timeout`)
+//! and environment variable (`SECBEAT_HEARTBEAT_TIMEOUT`) of every key with its
+//! `--help` text and real default, and the annotated example file
+//! ([`example_toml`], kept in `examples/orchestrator.toml`).
+//!
+//! Layers: embedded defaults < TOML file (`--config`) < `SECBEAT_*` environment <
+//! flags, merged into one TOML table, deserialized once (errors name the key, via
+//! `serde_path_to_error`) and validated once (errors name the key). `main` prints
+//! one line and exits 64 on any of them. The seed's keys are accepted unchanged at
+//! top level. Durations are seconds (or, for the seed's
+//! `self_healing_cooldown_minutes`, minutes) and may be fractions; they
+//! deserialize straight into [`Duration`].
 
 use std::{
+    fmt::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use secbeat::signing::WebhookSecret;
 
-use crate::{
-    domain::forecast::{ForecastConfig, Model},
-    domain::healer::HealingPolicy,
-    domain::registry::LifecycleConfig,
-    domain::scaler::{ScalingMode, ScalingPolicy},
+use crate::domain::{
+    forecast::{ForecastConfig, Model},
+    healer::HealingPolicy,
+    registry::LifecycleConfig,
+    scaler::{ScalingMode, ScalingPolicy},
 };
 
 /// A configuration problem, naming the key it is about.
@@ -40,69 +52,66 @@ impl ConfigError {
     }
 }
 
-/// A duration written as seconds (integer or fraction), e.g. `30` or `0.2`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-#[serde(into = "f64")]
-pub struct Seconds(pub Duration);
-
-impl From<Seconds> for f64 {
-    fn from(value: Seconds) -> f64 {
-        value.0.as_secs_f64()
-    }
+/// How a key's value is written on the command line and in the environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Text (addresses, paths, URLs, names).
+    Text,
+    /// A whole number.
+    Int,
+    /// A number.
+    Float,
+    /// `true` or `false`.
+    Bool,
+    /// Text that is never shown (`--help` hides the environment's value).
+    Secret,
+    /// A table of its own keys (`[tls]`).
+    Table,
 }
 
-impl<'de> Deserialize<'de> for Seconds {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+/// One configuration key, as the table defines it.
+#[derive(Debug, Clone, Copy)]
+pub struct Key {
+    /// The TOML key (and, dashed, the flag; upper-cased, the variable).
+    pub name: &'static str,
+    /// The example file's section heading this key opens, if any.
+    pub section: Option<&'static str>,
+    /// What it does: the first line is the `--help` text; all of it annotates the
+    /// example file.
+    pub doc: &'static str,
+    /// The value's name in `--help` (`SECS`, `ADDR`, ...).
+    pub value_name: &'static str,
+    /// How the value is written.
+    pub kind: Kind,
+}
+
+/// Durations in seconds, fractions allowed (`30`, `0.2`).
+mod seconds {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_f64(value.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         let seconds = f64::deserialize(deserializer)?;
         Duration::try_from_secs_f64(seconds)
-            .map(Seconds)
             .map_err(|_| serde::de::Error::custom(format!("{seconds} is not a valid number of seconds")))
     }
 }
 
-impl Seconds {
-    fn secs(seconds: f64) -> Self {
-        Seconds(Duration::from_secs_f64(seconds))
+/// Durations in minutes, fractions allowed (the seed's `self_healing_cooldown_minutes`).
+mod minutes {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_f64(value.as_secs_f64() / 60.0)
     }
-}
 
-/// A duration written as minutes (integer or fraction), for the seed's
-/// `self_healing_cooldown_minutes`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-#[serde(into = "f64")]
-pub struct Minutes(pub Duration);
-
-impl From<Minutes> for f64 {
-    fn from(value: Minutes) -> f64 {
-        value.0.as_secs_f64() / 60.0
-    }
-}
-
-impl<'de> Deserialize<'de> for Minutes {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         let minutes = f64::deserialize(deserializer)?;
         Duration::try_from_secs_f64(minutes * 60.0)
-            .map(Minutes)
             .map_err(|_| serde::de::Error::custom(format!("{minutes} is not a valid number of minutes")))
-    }
-}
-
-/// A secret given on the command line or in the environment. Its `Debug` never
-/// shows the value.
-#[derive(Clone, Default, PartialEq, Serialize)]
-#[serde(transparent)]
-pub struct SecretArg(String);
-
-impl std::str::FromStr for SecretArg {
-    type Err = std::convert::Infallible;
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        Ok(Self(text.to_owned()))
-    }
-}
-
-impl std::fmt::Debug for SecretArg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
     }
 }
 
@@ -131,23 +140,6 @@ fn token<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Token>, D:
     Ok(Some(Token(token)))
 }
 
-/// The `[tls]` table: server certificate and key (PEM), and the CA that client
-/// certificates must chain to (mTLS).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TlsConfig {
-    /// Server certificate chain (PEM).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cert: Option<PathBuf>,
-    /// Server private key (PEM).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub key: Option<PathBuf>,
-    /// CA of client certificates (PEM). Set: agents must present a certificate
-    /// for their node id, and operators may use certificates too.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub client_ca: Option<PathBuf>,
-}
-
 fn webhook_secret<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<WebhookSecret>, D::Error> {
     let text = String::deserialize(deserializer)?;
     WebhookSecret::parse(&text)
@@ -155,368 +147,340 @@ fn webhook_secret<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<W
         .map_err(|error| serde::de::Error::custom(error.to_string()))
 }
 
-/// The orchestrator's configuration. Field names are the TOML keys.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    /// gRPC listener (agents and operators).
-    pub grpc_listen: SocketAddr,
-    /// HTTP listener (health, and later metrics and the JSON API).
-    pub http_listen: SocketAddr,
-    /// Directory for the orchestrator's durable state.
-    pub state_dir: PathBuf,
-
-    /// Heartbeat interval the orchestrator tells agents to use (Welcome).
-    pub heartbeat_interval: Seconds,
-    /// Silence after which a node becomes suspect.
-    pub heartbeat_timeout: Seconds,
-    /// How often the dead-node check runs.
-    pub dead_node_check_interval: Seconds,
-    /// Consecutive checks a node must stay suspect before it is declared failed.
-    pub required_consecutive_failures: u32,
-    /// How long a terminate may stay unacknowledged before it is cancelled.
-    pub termination_deadline: Seconds,
-    /// Graceful-shutdown budget sent to agents with Terminate.
-    pub termination_grace_period: Seconds,
-    /// How long a new stream may take to send its Hello.
-    pub hello_timeout: Seconds,
-    /// How long failed, terminated and departed nodes stay listed.
-    pub node_retention: Seconds,
-    /// How long a graceful shutdown may take before the process exits anyway.
-    pub shutdown_timeout: Seconds,
-    /// Latest events kept in memory for `WatchEvents { since_sequence }` resumes.
-    pub event_history_size: u32,
-
-    /// The seed's scaling check interval (used by predictive scaling).
-    pub scaling_check_interval_seconds: Seconds,
-    /// Fleet CPU fraction above which to scale up.
-    pub scale_up_cpu_threshold: f64,
-    /// Fleet CPU fraction below which to scale down.
-    pub scale_down_cpu_threshold: f64,
-    /// Where provisioning webhooks are POSTed.
-    pub provisioning_webhook_url: String,
-    /// `forecast_and_scale` acts on decisions; `forecast_only` predicts, scores and
-    /// logs what it would do, and sends nothing.
-    pub scaling_mode: ScalingMode,
-    /// The forecasting model (`auto` picks by recent scored error).
-    pub forecast_model: Model,
-    /// Checks in a row above the scale-up threshold before scaling up.
-    pub scale_up_consecutive_checks: u32,
-    /// Checks in a row below the scale-down threshold before scaling down.
-    pub scale_down_consecutive_checks: u32,
-    /// Quiet time after a scale-up.
-    pub scale_up_cooldown: Seconds,
-    /// Quiet time after any scaling action before a scale-down.
-    pub scale_down_cooldown: Seconds,
-    /// Never scale down below this many nodes.
-    pub min_nodes: u32,
-    /// Never scale up beyond this many nodes, and accept no more known nodes than
-    /// this (a new node beyond it is refused with RESOURCE_EXHAUSTED).
-    pub max_nodes: u32,
-    /// Predictions less confident than this are not acted on (current CPU is).
-    pub min_prediction_confidence: f64,
-
-    /// TLS for the gRPC listener (`[tls]` table: cert, key, client_ca).
-    pub tls: TlsConfig,
-    /// Plain text off loopback: only with this explicit opt-in.
-    pub allow_insecure: bool,
-    /// Bearer token that grants the operator role (read and change the fleet).
-    /// Never logged or serialized.
-    #[serde(skip_serializing, deserialize_with = "token")]
-    pub admin_token: Option<Token>,
-    /// Bearer token that grants the viewer role (read and watch only).
-    #[serde(skip_serializing, deserialize_with = "token")]
-    pub viewer_token: Option<Token>,
-    /// Maximum agent message size, bytes (larger messages end the stream).
-    pub max_message_bytes: u32,
-    /// Messages per second one agent stream may send on average.
-    pub max_messages_per_second: f64,
-
-    /// Standard-Webhooks signing secret (`whsec_<base64>` or raw). Never logged or
-    /// serialized; without one, webhooks go unsigned (with a warning at start-up).
-    #[serde(skip_serializing, deserialize_with = "webhook_secret")]
-    pub webhook_secret: Option<WebhookSecret>,
-    /// Timeout of one webhook delivery attempt.
-    pub webhook_timeout: Seconds,
-    /// First retry delay after a failed attempt (doubles, jittered).
-    pub webhook_retry_initial: Seconds,
-    /// Longest retry delay.
-    pub webhook_retry_max: Seconds,
-    /// Undelivered webhooks older than this are given up (kept as dead letters).
-    pub webhook_max_age: Seconds,
-
-    /// Self-healing webhooks allowed per rolling hour (the seed's 5).
-    pub max_self_healing_per_hour: u32,
-    /// Minimum time between replacements of the same node identity (the seed's 15).
-    pub self_healing_cooldown_minutes: Minutes,
-    /// More than this share of the fleet failing within `mass_failure_window` is a
-    /// mass failure: one alert, no healing; 1.0 turns the guard off.
-    pub mass_failure_fraction: f64,
-    /// The window over which failures count together for the mass-failure guard.
-    pub mass_failure_window: Seconds,
-    /// Fewer failures than this are never a mass failure.
-    pub mass_failure_min_nodes: u32,
-    /// After a restart, how long known nodes have to reconnect before they are
-    /// judged.
-    pub restart_reconnect_grace: Seconds,
+fn addr(text: &str) -> SocketAddr {
+    text.parse().expect("a valid default address")
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
-            http_listen: SocketAddr::from(([127, 0, 0, 1], 3030)),
-            state_dir: PathBuf::from("secbeat-data"),
-            heartbeat_interval: Seconds::secs(10.0),
-            heartbeat_timeout: Seconds::secs(30.0),
-            dead_node_check_interval: Seconds::secs(10.0),
-            required_consecutive_failures: 2,
-            termination_deadline: Seconds::secs(30.0),
-            termination_grace_period: Seconds::secs(30.0),
-            hello_timeout: Seconds::secs(5.0),
-            node_retention: Seconds::secs(3600.0),
-            shutdown_timeout: Seconds::secs(10.0),
-            event_history_size: 10_000,
-            scaling_check_interval_seconds: Seconds::secs(60.0),
-            scale_up_cpu_threshold: 0.80,
-            scale_down_cpu_threshold: 0.30,
-            provisioning_webhook_url: "http://localhost:8000/provision".to_owned(),
-            scaling_mode: ScalingMode::ForecastAndScale,
-            forecast_model: Model::Auto,
-            scale_up_consecutive_checks: 2,
-            scale_down_consecutive_checks: 5,
-            scale_up_cooldown: Seconds::secs(300.0),
-            scale_down_cooldown: Seconds::secs(600.0),
-            min_nodes: 1,
-            max_nodes: 1000,
-            min_prediction_confidence: 0.5,
-            tls: TlsConfig::default(),
-            allow_insecure: false,
-            admin_token: None,
-            viewer_token: None,
-            max_message_bytes: 64 * 1024,
-            max_messages_per_second: 50.0,
-            webhook_secret: None,
-            webhook_timeout: Seconds::secs(10.0),
-            webhook_retry_initial: Seconds::secs(1.0),
-            webhook_retry_max: Seconds::secs(60.0),
-            webhook_max_age: Seconds::secs(86400.0),
-            max_self_healing_per_hour: 5,
-            self_healing_cooldown_minutes: Minutes(Duration::from_secs(15 * 60)),
-            mass_failure_fraction: 0.5,
-            mass_failure_window: Seconds::secs(60.0),
-            mass_failure_min_nodes: 3,
-            restart_reconnect_grace: Seconds::secs(60.0),
+/// Defines a configuration struct from its keys: the struct (serde, defaults
+/// filled in), its `Default`, and the key table flags, variables, `--help` and the
+/// example file are generated from. One line per key:
+/// `/// doc` then `name: Type = default, Kind "VALUE";`, optionally followed by
+/// `serde(...)` attributes.
+macro_rules! config_keys {
+    (
+        $(#[$meta:meta])*
+        struct $name:ident, table $table:ident;
+        $(
+            $(section $section:literal;)?
+            $(#[doc = $doc:literal])+
+            $field:ident : $ty:ty = $default:expr, $kind:ident $value_name:literal
+                $(, serde($($serde:tt)*))?;
+        )+
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct $name {
+            $(
+                $(#[doc = $doc])+
+                $(#[serde($($serde)*)])?
+                pub $field: $ty,
+            )+
         }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self {
+                    $($field: $default,)+
+                }
+            }
+        }
+
+        /// Every key of this table, in the order the example file lists them.
+        pub const $table: &[Key] = &[
+            $(Key {
+                name: stringify!($field),
+                section: config_keys!(@section $($section)?),
+                doc: concat!($($doc, "\n"),+),
+                value_name: $value_name,
+                kind: Kind::$kind,
+            },)+
+        ];
+    };
+    (@section $section:literal) => { Some($section) };
+    (@section) => { None };
+}
+
+config_keys! {
+    /// The `[tls]` table: server certificate and key (PEM), and the CA that client
+    /// certificates must chain to (mTLS).
+    #[derive(Debug)]
+    struct TlsConfig, table TLS_KEYS;
+
+    /// Server certificate chain (PEM) for TLS on the gRPC listener.
+    cert: Option<PathBuf> = None, Text "FILE", serde(skip_serializing_if = "Option::is_none");
+    /// Server private key (PEM).
+    key: Option<PathBuf> = None, Text "FILE", serde(skip_serializing_if = "Option::is_none");
+    /// CA that agent and operator client certificates must chain to (turns mTLS
+    /// on): agents must then present a certificate for their node id, and
+    /// operators may use certificates instead of tokens.
+    client_ca: Option<PathBuf> = None, Text "FILE", serde(skip_serializing_if = "Option::is_none");
+}
+
+config_keys! {
+    /// The orchestrator's configuration. Field names are the TOML keys.
+    #[derive(Debug)]
+    struct Config, table KEYS;
+
+    section "listeners and state";
+    /// gRPC listen address for agents (AgentService) and operators (FleetService,
+    /// health, reflection). Plain text: keep it on loopback unless TLS is on.
+    grpc_listen: SocketAddr = addr("127.0.0.1:50051"), Text "ADDR";
+    /// HTTP listen address for /healthz, /readyz, /metrics and the JSON API.
+    http_listen: SocketAddr = addr("127.0.0.1:3030"), Text "ADDR";
+    /// Directory for durable state (created if missing).
+    state_dir: PathBuf = PathBuf::from("secbeat-data"), Text "DIR";
+
+    section "failure detection (the seed's keys, plus the ones it left implicit)";
+    /// Heartbeat interval sent to agents in Welcome, seconds.
+    heartbeat_interval: Duration = Duration::from_secs(10), Float "SECS", serde(with = "seconds");
+    /// Silence after which a live node is SUSPECT, seconds; at least 2x the interval.
+    heartbeat_timeout: Duration = Duration::from_secs(30), Float "SECS", serde(with = "seconds");
+    /// How often the dead-node check runs, seconds.
+    dead_node_check_interval: Duration = Duration::from_secs(10), Float "SECS", serde(with = "seconds");
+    /// Consecutive checks a node stays SUSPECT before it is FAILED.
+    required_consecutive_failures: u32 = 2, Int "N";
+    /// How long a Terminate may stay unacknowledged before it is cancelled, seconds
+    /// (a later crash is then an unexpected failure, not an expected exit).
+    termination_deadline: Duration = Duration::from_secs(30), Float "SECS", serde(with = "seconds");
+    /// Graceful-shutdown budget sent to agents with Terminate, seconds.
+    termination_grace_period: Duration = Duration::from_secs(30), Float "SECS", serde(with = "seconds");
+    /// How long a new agent stream may take to send Hello, seconds.
+    hello_timeout: Duration = Duration::from_secs(5), Float "SECS", serde(with = "seconds");
+    /// How long FAILED, TERMINATED and LEFT nodes stay listed, seconds.
+    node_retention: Duration = Duration::from_secs(3600), Float "SECS", serde(with = "seconds");
+    /// Bound on graceful shutdown (open calls drain) before exiting anyway, seconds.
+    shutdown_timeout: Duration = Duration::from_secs(10), Float "SECS", serde(with = "seconds");
+    /// Latest events kept for WatchEvents resumes (since_sequence); an older
+    /// sequence gets OUT_OF_RANGE and the client lists again.
+    event_history_size: u32 = 10_000, Int "N";
+
+    section "predictive scaling (the seed's keys)";
+    /// Interval of scaling checks (fleet CPU history, prediction), seconds.
+    scaling_check_interval_seconds: Duration = Duration::from_secs(60), Float "SECS", serde(with = "seconds");
+    /// Fleet CPU fraction (0..1, not percent) above which to scale up.
+    scale_up_cpu_threshold: f64 = 0.80, Float "FRACTION";
+    /// Fleet CPU fraction (0..1, not percent) below which to scale down.
+    scale_down_cpu_threshold: f64 = 0.30, Float "FRACTION";
+    /// forecast_and_scale acts on scaling decisions (webhooks, scale-down
+    /// terminates); forecast_only predicts, scores and logs what it would do.
+    scaling_mode: ScalingMode = ScalingMode::ForecastAndScale, Text "MODE";
+    /// Forecasting model: auto (picks by recent scored error; see BENCHMARKS.md),
+    /// naive, mean, level, trend, seasonal_hour, seasonal_day, linear.
+    forecast_model: Model = Model::Auto, Text "NAME";
+    /// Checks in a row above scale_up_cpu_threshold before scaling up.
+    scale_up_consecutive_checks: u32 = 2, Int "N";
+    /// Checks in a row below scale_down_cpu_threshold before scaling down.
+    scale_down_consecutive_checks: u32 = 5, Int "N";
+    /// Quiet time after a scale-up, seconds.
+    scale_up_cooldown: Duration = Duration::from_secs(300), Float "SECS", serde(with = "seconds");
+    /// Quiet time after any scaling action before a scale-down, seconds.
+    scale_down_cooldown: Duration = Duration::from_secs(600), Float "SECS", serde(with = "seconds");
+    /// Never scale down below this many nodes.
+    min_nodes: u32 = 1, Int "N";
+    /// Fleet size cap: no scale-up beyond it, and a new node beyond it is refused
+    /// (RESOURCE_EXHAUSTED), so a flood of fake node ids cannot grow the registry.
+    max_nodes: u32 = 1000, Int "N";
+    /// Predictions less confident than this are not acted on; the current CPU is
+    /// (and the webhook says HIGH_FLEET_CPU_LOAD).
+    min_prediction_confidence: f64 = 0.5, Float "P";
+    /// URL that every webhook (self-healing, alerts, scaling) is POSTed to.
+    provisioning_webhook_url: String = "http://localhost:8000/provision".to_owned(), Text "URL";
+
+    section "webhook delivery (a durable outbox: a crash or an outage loses none)";
+    /// Webhook signing secret, `whsec_<base64>` or raw; prefer the environment
+    /// variable (flags show in `ps`). Unset: webhooks go unsigned, with a warning.
+    webhook_secret: Option<WebhookSecret> = None, Secret "SECRET",
+        serde(skip_serializing, deserialize_with = "webhook_secret");
+    /// Timeout of one webhook delivery attempt, seconds.
+    webhook_timeout: Duration = Duration::from_secs(10), Float "SECS", serde(with = "seconds");
+    /// First retry delay of a failed webhook (doubles, jittered), seconds.
+    webhook_retry_initial: Duration = Duration::from_secs(1), Float "SECS", serde(with = "seconds");
+    /// Longest webhook retry delay, seconds.
+    webhook_retry_max: Duration = Duration::from_secs(60), Float "SECS", serde(with = "seconds");
+    /// Give up on (dead-letter) webhooks undelivered for this long, seconds.
+    webhook_max_age: Duration = Duration::from_secs(86_400), Float "SECS", serde(with = "seconds");
+
+    section "self-healing (the seed's \"Self-Healing Tuning\")";
+    /// Self-healing (UNEXPECTED_NODE_FAILURE) webhooks allowed per rolling hour.
+    max_self_healing_per_hour: u32 = 5, Int "N";
+    /// Minimum time between replacements of one node identity, minutes.
+    self_healing_cooldown_minutes: Duration = Duration::from_secs(15 * 60), Float "MINS", serde(with = "minutes");
+    /// Share of the fleet failing within mass_failure_window that is a mass
+    /// failure: one MASS_NODE_FAILURE alert, and none of those nodes healed; 1
+    /// turns the guard off.
+    mass_failure_fraction: f64 = 0.5, Float "FRACTION";
+    /// Window over which failures count together for the mass-failure guard, seconds.
+    mass_failure_window: Duration = Duration::from_secs(60), Float "SECS", serde(with = "seconds");
+    /// Fewer failures than this in a window are never a mass failure.
+    mass_failure_min_nodes: u32 = 3, Int "N";
+    /// After a restart, time known nodes get to reconnect before they are judged,
+    /// seconds (those that do not are FAILED, or TERMINATED if told to terminate).
+    restart_reconnect_grace: Duration = Duration::from_secs(60), Float "SECS", serde(with = "seconds");
+
+    section "security (SECURITY.md)";
+    /// Allow plain text on a non-loopback gRPC address (anyone who reaches it can
+    /// pose as a node or an operator).
+    allow_insecure: bool = false, Bool "BOOL";
+    /// Bearer token of the operator role (read and change the fleet), at least 16
+    /// characters; prefer the environment variable. Never logged.
+    admin_token: Option<Token> = None, Secret "TOKEN", serde(skip_serializing, deserialize_with = "token");
+    /// Bearer token of the read-only viewer role, at least 16 characters.
+    viewer_token: Option<Token> = None, Secret "TOKEN", serde(skip_serializing, deserialize_with = "token");
+    /// Largest agent message accepted, bytes (a larger one ends that stream).
+    max_message_bytes: u32 = 64 * 1024, Int "BYTES";
+    /// Messages per second one agent stream may send on average (bursts of 4 s
+    /// allowed); beyond it, that stream alone ends with RESOURCE_EXHAUSTED.
+    max_messages_per_second: f64 = 50.0, Float "N";
+    /// TLS on the gRPC listener (`secbeat-orchestrator certs init` makes a
+    /// development set).
+    tls: TlsConfig = TlsConfig::default(), Table "";
+}
+
+impl std::fmt::Debug for ConfigFlags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Only which keys were given: a secret's value never reaches a log.
+        f.debug_list()
+            .entries(self.given.iter().map(|(path, _)| path.join(".")))
+            .finish()
     }
 }
 
-/// Per-key overrides from env and flags (clap fills these; see `main`). `None`
-/// means "not given". Serialized into a TOML table, so field names are TOML keys.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, clap::Args)]
-pub struct ConfigOverrides {
-    /// gRPC listen address for agents and operators [default: 127.0.0.1:50051]
-    #[arg(long, env = "SECBEAT_GRPC_LISTEN", value_name = "ADDR")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub grpc_listen: Option<String>,
-    /// HTTP listen address for /healthz and /readyz [default: 127.0.0.1:3030]
-    #[arg(long, env = "SECBEAT_HTTP_LISTEN", value_name = "ADDR")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub http_listen: Option<String>,
-    /// Directory for durable state, created if missing [default: ./secbeat-data]
-    #[arg(long, env = "SECBEAT_STATE_DIR", value_name = "DIR")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub state_dir: Option<String>,
-    /// Heartbeat interval sent to agents in Welcome, seconds [default: 10]
-    #[arg(long, env = "SECBEAT_HEARTBEAT_INTERVAL", value_name = "SECS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub heartbeat_interval: Option<f64>,
-    /// Silence after which a node is SUSPECT, seconds; at least 2x the interval [default: 30]
-    #[arg(long, env = "SECBEAT_HEARTBEAT_TIMEOUT", value_name = "SECS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub heartbeat_timeout: Option<f64>,
-    /// How often the dead-node check runs, seconds [default: 10]
-    #[arg(long, env = "SECBEAT_DEAD_NODE_CHECK_INTERVAL", value_name = "SECS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub dead_node_check_interval: Option<f64>,
-    /// Consecutive checks a node stays SUSPECT before it is FAILED [default: 2]
-    #[arg(long, env = "SECBEAT_REQUIRED_CONSECUTIVE_FAILURES", value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub required_consecutive_failures: Option<i64>,
-    /// How long a Terminate may stay unacknowledged before it is cancelled, seconds [default: 30]
-    #[arg(long, env = "SECBEAT_TERMINATION_DEADLINE", value_name = "SECS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub termination_deadline: Option<f64>,
-    /// Graceful-shutdown budget sent to agents with Terminate, seconds [default: 30]
-    #[arg(long, env = "SECBEAT_TERMINATION_GRACE_PERIOD", value_name = "SECS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub termination_grace_period: Option<f64>,
-    /// How long a new agent stream may take to send Hello, seconds [default: 5]
-    #[arg(long, env = "SECBEAT_HELLO_TIMEOUT", value_name = "SECS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub hello_timeout: Option<f64>,
-    /// How long FAILED/TERMINATED/LEFT nodes stay listed, seconds [default: 3600]
-    #[arg(long, env = "SECBEAT_NODE_RETENTION", value_name = "SECS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub node_retention: Option<f64>,
-    /// Bound on graceful shutdown before exiting anyway, seconds [default: 10]
-    #[arg(long, env = "SECBEAT_SHUTDOWN_TIMEOUT", value_name = "SECS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub shutdown_timeout: Option<f64>,
-    /// Latest events kept for WatchEvents resumes (since_sequence); older ones get OUT_OF_RANGE [default: 10000]
-    #[arg(long, env = "SECBEAT_EVENT_HISTORY_SIZE", value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub event_history_size: Option<i64>,
-    /// Interval of scaling checks (fleet CPU history, prediction), seconds [default: 60]
-    #[arg(long, env = "SECBEAT_SCALING_CHECK_INTERVAL_SECONDS", value_name = "SECS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub scaling_check_interval_seconds: Option<f64>,
-    /// Fleet CPU fraction (0..1) above which to scale up [default: 0.80]
-    #[arg(long, env = "SECBEAT_SCALE_UP_CPU_THRESHOLD", value_name = "FRACTION")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub scale_up_cpu_threshold: Option<f64>,
-    /// Fleet CPU fraction (0..1) below which to scale down [default: 0.30]
-    #[arg(long, env = "SECBEAT_SCALE_DOWN_CPU_THRESHOLD", value_name = "FRACTION")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub scale_down_cpu_threshold: Option<f64>,
-    /// URL that provisioning webhooks are POSTed to [default: http://localhost:8000/provision]
-    #[arg(long, env = "SECBEAT_PROVISIONING_WEBHOOK_URL", value_name = "URL")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub provisioning_webhook_url: Option<String>,
-    /// forecast_and_scale acts on scaling decisions; forecast_only only predicts and logs [default: forecast_and_scale]
-    #[arg(long, env = "SECBEAT_SCALING_MODE", value_name = "MODE")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub scaling_mode: Option<String>,
-    /// Forecasting model: auto, naive, mean, level, trend, seasonal_hour, seasonal_day, linear [default: auto]
-    #[arg(long, env = "SECBEAT_FORECAST_MODEL", value_name = "NAME")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub forecast_model: Option<String>,
-    /// Checks in a row above scale_up_cpu_threshold before scaling up [default: 2]
-    #[arg(long, env = "SECBEAT_SCALE_UP_CONSECUTIVE_CHECKS", value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub scale_up_consecutive_checks: Option<i64>,
-    /// Checks in a row below scale_down_cpu_threshold before scaling down [default: 5]
-    #[arg(long, env = "SECBEAT_SCALE_DOWN_CONSECUTIVE_CHECKS", value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub scale_down_consecutive_checks: Option<i64>,
-    /// Quiet time after a scale-up, seconds [default: 300]
-    #[arg(long, env = "SECBEAT_SCALE_UP_COOLDOWN", value_name = "SECS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub scale_up_cooldown: Option<f64>,
-    /// Quiet time after any scaling action before a scale-down, seconds [default: 600]
-    #[arg(long, env = "SECBEAT_SCALE_DOWN_COOLDOWN", value_name = "SECS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub scale_down_cooldown: Option<f64>,
-    /// Never scale down below this many nodes [default: 1]
-    #[arg(long, env = "SECBEAT_MIN_NODES", value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub min_nodes: Option<i64>,
-    /// Fleet size cap: no scale-up beyond it, and new nodes beyond it are refused [default: 1000]
-    #[arg(long, env = "SECBEAT_MAX_NODES", value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_nodes: Option<i64>,
-    /// Predictions less confident than this are not acted on; current CPU is [default: 0.5]
-    #[arg(long, env = "SECBEAT_MIN_PREDICTION_CONFIDENCE", value_name = "P")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub min_prediction_confidence: Option<f64>,
-    /// Server certificate (PEM) for TLS on the gRPC listener [default: none: plain text]
-    #[arg(long, env = "SECBEAT_TLS_CERT", value_name = "FILE")]
-    #[serde(skip)]
-    pub tls_cert: Option<String>,
-    /// Server private key (PEM) [default: none]
-    #[arg(long, env = "SECBEAT_TLS_KEY", value_name = "FILE")]
-    #[serde(skip)]
-    pub tls_key: Option<String>,
-    /// CA that agent and operator client certificates must chain to (turns mTLS on) [default: none]
-    #[arg(long, env = "SECBEAT_TLS_CLIENT_CA", value_name = "FILE")]
-    #[serde(skip)]
-    pub tls_client_ca: Option<String>,
-    /// Allow plain text on a non-loopback gRPC address (anyone who reaches it can act as a node) [default: false]
-    #[arg(long, env = "SECBEAT_ALLOW_INSECURE", value_name = "BOOL")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub allow_insecure: Option<bool>,
-    /// Bearer token of the operator role; prefer the environment variable [default: none]
-    #[arg(
-        long,
-        env = "SECBEAT_ADMIN_TOKEN",
-        value_name = "TOKEN",
-        hide_env_values = true
-    )]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub admin_token: Option<SecretArg>,
-    /// Bearer token of the read-only viewer role [default: none]
-    #[arg(
-        long,
-        env = "SECBEAT_VIEWER_TOKEN",
-        value_name = "TOKEN",
-        hide_env_values = true
-    )]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub viewer_token: Option<SecretArg>,
-    /// Largest agent message accepted, bytes [default: 65536]
-    #[arg(long, env = "SECBEAT_MAX_MESSAGE_BYTES", value_name = "BYTES")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_message_bytes: Option<i64>,
-    /// Messages per second one agent stream may send on average (bursts of 4 s allowed) [default: 50]
-    #[arg(long, env = "SECBEAT_MAX_MESSAGES_PER_SECOND", value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_messages_per_second: Option<f64>,
-    /// Webhook signing secret, `whsec_<base64>` or raw; prefer the environment
-    /// variable or the config file, flags show in `ps` [default: none: unsigned]
-    #[arg(
-        long,
-        env = "SECBEAT_WEBHOOK_SECRET",
-        value_name = "SECRET",
-        hide_env_values = true
-    )]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub webhook_secret: Option<SecretArg>,
-    /// Timeout of one webhook delivery attempt, seconds [default: 10]
-    #[arg(long, env = "SECBEAT_WEBHOOK_TIMEOUT", value_name = "SECS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub webhook_timeout: Option<f64>,
-    /// First retry delay of a failed webhook (doubles, jittered), seconds [default: 1]
-    #[arg(long, env = "SECBEAT_WEBHOOK_RETRY_INITIAL", value_name = "SECS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub webhook_retry_initial: Option<f64>,
-    /// Longest webhook retry delay, seconds [default: 60]
-    #[arg(long, env = "SECBEAT_WEBHOOK_RETRY_MAX", value_name = "SECS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub webhook_retry_max: Option<f64>,
-    /// Give up on (dead-letter) webhooks undelivered for this long, seconds [default: 86400]
-    #[arg(long, env = "SECBEAT_WEBHOOK_MAX_AGE", value_name = "SECS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub webhook_max_age: Option<f64>,
-    /// Self-healing webhooks allowed per rolling hour [default: 5]
-    #[arg(long, env = "SECBEAT_MAX_SELF_HEALING_PER_HOUR", value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_self_healing_per_hour: Option<i64>,
-    /// Minimum time between replacements of one node identity, minutes [default: 15]
-    #[arg(long, env = "SECBEAT_SELF_HEALING_COOLDOWN_MINUTES", value_name = "MINS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub self_healing_cooldown_minutes: Option<f64>,
-    /// Share of the fleet failing within the window that is a mass failure (alert, no healing); 1 turns it off [default: 0.5]
-    #[arg(long, env = "SECBEAT_MASS_FAILURE_FRACTION", value_name = "FRACTION")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mass_failure_fraction: Option<f64>,
-    /// Window over which failures count together for the mass-failure guard, seconds [default: 60]
-    #[arg(long, env = "SECBEAT_MASS_FAILURE_WINDOW", value_name = "SECS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mass_failure_window: Option<f64>,
-    /// Fewer failures than this in a window are never a mass failure [default: 3]
-    #[arg(long, env = "SECBEAT_MASS_FAILURE_MIN_NODES", value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mass_failure_min_nodes: Option<i64>,
-    /// After a restart, time known nodes get to reconnect before they are judged, seconds [default: 60]
-    #[arg(long, env = "SECBEAT_RESTART_RECONNECT_GRACE", value_name = "SECS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub restart_reconnect_grace: Option<f64>,
+/// The keys given as flags or `SECBEAT_*` variables: every key of the table is one
+/// flag and one variable, generated (so `--help` and the names can never drift from
+/// the table). Flags beat variables (clap), both beat the file.
+#[derive(Clone, Default)]
+pub struct ConfigFlags {
+    /// (TOML path, value) of each key given.
+    given: Vec<(Vec<&'static str>, toml::Value)>,
+}
+
+/// A flag of the table: its TOML path, its `--name` and its variable.
+struct Flag {
+    path: Vec<&'static str>,
+    key: &'static Key,
+    id: String,
+}
+
+fn flags() -> Vec<Flag> {
+    let mut flags = Vec::new();
+    for key in KEYS {
+        if key.kind == Kind::Table {
+            for inner in TLS_KEYS {
+                flags.push(Flag {
+                    path: vec![key.name, inner.name],
+                    key: inner,
+                    id: format!("{}_{}", key.name, inner.name),
+                });
+            }
+        } else {
+            flags.push(Flag {
+                path: vec![key.name],
+                key,
+                id: key.name.to_owned(),
+            });
+        }
+    }
+    flags
+}
+
+/// The default of `path` as `--help` shows it.
+fn default_text(defaults: &toml::Table, path: &[&str]) -> String {
+    match lookup(defaults, path) {
+        Some(toml::Value::String(text)) => text.clone(),
+        Some(toml::Value::Float(number)) => format!("{number}"),
+        Some(other) => other.to_string(),
+        None => "none".to_owned(),
+    }
+}
+
+/// The first paragraph of a key's doc, on one line.
+fn summary(doc: &str) -> String {
+    doc.lines().map(str::trim).collect::<Vec<_>>().join(" ")
+}
+
+impl clap::Args for ConfigFlags {
+    fn augment_args(command: clap::Command) -> clap::Command {
+        let defaults = toml::Table::try_from(Config::default()).expect("the defaults serialize");
+        let mut command = command;
+        for flag in flags() {
+            let help = format!(
+                "{} [default: {}]",
+                summary(flag.key.doc),
+                default_text(&defaults, &flag.path)
+            );
+            let mut arg = clap::Arg::new(flag.id.clone())
+                .long(flag.id.replace('_', "-"))
+                .env(format!("SECBEAT_{}", flag.id.to_uppercase()))
+                .value_name(flag.key.value_name)
+                .help(help)
+                .action(clap::ArgAction::Set);
+            arg = match flag.key.kind {
+                Kind::Int => arg.value_parser(clap::value_parser!(i64)),
+                Kind::Float => arg.value_parser(clap::value_parser!(f64)),
+                Kind::Bool => arg.value_parser(clap::value_parser!(bool)),
+                Kind::Secret => arg.hide_env_values(true),
+                Kind::Text | Kind::Table => arg,
+            };
+            command = command.arg(arg);
+        }
+        command
+    }
+
+    fn augment_args_for_update(command: clap::Command) -> clap::Command {
+        Self::augment_args(command)
+    }
+}
+
+impl clap::FromArgMatches for ConfigFlags {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut given = Vec::new();
+        for flag in flags() {
+            let value = match flag.key.kind {
+                Kind::Int => matches.get_one::<i64>(&flag.id).map(|v| toml::Value::Integer(*v)),
+                Kind::Float => matches.get_one::<f64>(&flag.id).map(|v| toml::Value::Float(*v)),
+                Kind::Bool => matches
+                    .get_one::<bool>(&flag.id)
+                    .map(|v| toml::Value::Boolean(*v)),
+                Kind::Text | Kind::Secret | Kind::Table => matches
+                    .get_one::<String>(&flag.id)
+                    .map(|v| toml::Value::String(v.clone())),
+            };
+            if let Some(value) = value {
+                given.push((flag.path, value));
+            }
+        }
+        Ok(Self { given })
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl ConfigFlags {
+    /// Flags as if given on the command line, for tests: `[("heartbeat_timeout", 45.0.into())]`.
+    pub fn from_pairs(pairs: &[(&str, toml::Value)]) -> Self {
+        let flags = flags();
+        let given = pairs
+            .iter()
+            .map(|(id, value)| {
+                let flag = flags
+                    .iter()
+                    .find(|flag| flag.id == *id)
+                    .unwrap_or_else(|| panic!("{id} is not a key"));
+                (flag.path.clone(), value.clone())
+            })
+            .collect();
+        Self { given }
+    }
 }
 
 impl Config {
     /// Loads the configuration: defaults, then the TOML text of `file` (if any),
-    /// then `overrides`; then validates.
-    pub fn load(file: Option<(&Path, &str)>, overrides: &ConfigOverrides) -> Result<Config, ConfigError> {
+    /// then `flags` (flags and variables); then validates.
+    pub fn load(file: Option<(&Path, &str)>, flags: &ConfigFlags) -> Result<Config, ConfigError> {
         let mut table = match file {
             Some((path, text)) => toml::from_str::<toml::Table>(text).map_err(|error| {
                 let message = error.message().to_owned();
@@ -528,23 +492,19 @@ impl Config {
             })?,
             None => toml::Table::new(),
         };
-        let tls_overrides = [
-            ("cert", &overrides.tls_cert),
-            ("key", &overrides.tls_key),
-            ("client_ca", &overrides.tls_client_ca),
-        ];
-        let overrides = toml::Table::try_from(overrides)
-            .map_err(|error| ConfigError::new("flags", format!("cannot apply overrides: {error}")))?;
-        table.extend(overrides);
-        for (key, value) in tls_overrides {
-            if let Some(value) = value {
-                let tls = table
-                    .entry("tls")
+        for (path, value) in &flags.given {
+            let (last, parents) = path.split_last().expect("a path has a key");
+            let mut at = &mut table;
+            for parent in parents {
+                let entry = at
+                    .entry(parent.to_string())
                     .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-                if let toml::Value::Table(tls) = tls {
-                    tls.insert(key.to_owned(), toml::Value::String(value.clone()));
-                }
+                at = match entry {
+                    toml::Value::Table(inner) => inner,
+                    _ => return Err(ConfigError::new(*parent, "must be a table")),
+                };
             }
+            at.insert(last.to_string(), value.clone());
         }
         let config: Config =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|error| {
@@ -573,18 +533,18 @@ impl Config {
             ("webhook_max_age", self.webhook_max_age),
             ("mass_failure_window", self.mass_failure_window),
         ];
-        for (key, Seconds(value)) in positive {
+        for (key, value) in positive {
             if value.is_zero() {
                 return Err(ConfigError::new(key, "must be greater than zero"));
             }
         }
-        if self.heartbeat_timeout.0 < self.heartbeat_interval.0 * 2 {
+        if self.heartbeat_timeout < self.heartbeat_interval * 2 {
             return Err(ConfigError::new(
                 "heartbeat_timeout",
                 format!(
                     "{}s must be at least twice heartbeat_interval ({}s), or one late heartbeat is a false failure",
-                    self.heartbeat_timeout.0.as_secs_f64(),
-                    self.heartbeat_interval.0.as_secs_f64()
+                    self.heartbeat_timeout.as_secs_f64(),
+                    self.heartbeat_interval.as_secs_f64()
                 ),
             ));
         }
@@ -614,13 +574,13 @@ impl Config {
                 ),
             ));
         }
-        if self.webhook_retry_max.0 < self.webhook_retry_initial.0 {
+        if self.webhook_retry_max < self.webhook_retry_initial {
             return Err(ConfigError::new(
                 "webhook_retry_max",
                 format!(
                     "{}s is below webhook_retry_initial ({}s)",
-                    self.webhook_retry_max.0.as_secs_f64(),
-                    self.webhook_retry_initial.0.as_secs_f64()
+                    self.webhook_retry_max.as_secs_f64(),
+                    self.webhook_retry_initial.as_secs_f64()
                 ),
             ));
         }
@@ -716,12 +676,12 @@ impl Config {
     /// The lifecycle parameters for the registry and detector.
     pub fn lifecycle(&self) -> LifecycleConfig {
         LifecycleConfig {
-            heartbeat_timeout: self.heartbeat_timeout.0,
-            dead_node_check_interval: self.dead_node_check_interval.0,
+            heartbeat_timeout: self.heartbeat_timeout,
+            dead_node_check_interval: self.dead_node_check_interval,
             required_consecutive_failures: self.required_consecutive_failures,
-            termination_deadline: self.termination_deadline.0,
-            termination_grace_period: self.termination_grace_period.0,
-            node_retention: self.node_retention.0,
+            termination_deadline: self.termination_deadline,
+            termination_grace_period: self.termination_grace_period,
+            node_retention: self.node_retention,
         }
     }
 
@@ -732,8 +692,8 @@ impl Config {
             down_threshold: self.scale_down_cpu_threshold,
             up_consecutive: self.scale_up_consecutive_checks,
             down_consecutive: self.scale_down_consecutive_checks,
-            up_cooldown: self.scale_up_cooldown.0,
-            down_cooldown: self.scale_down_cooldown.0,
+            up_cooldown: self.scale_up_cooldown,
+            down_cooldown: self.scale_down_cooldown,
             min_nodes: self.min_nodes,
             max_nodes: self.max_nodes,
             min_confidence: self.min_prediction_confidence,
@@ -744,19 +704,76 @@ impl Config {
     /// The forecaster's parameters: the seed's window and horizon at this check
     /// interval.
     pub fn forecast(&self) -> ForecastConfig {
-        ForecastConfig::seed(self.scaling_check_interval_seconds.0, self.forecast_model)
+        ForecastConfig::seed(self.scaling_check_interval_seconds, self.forecast_model)
     }
 
     /// The healer's limits.
     pub fn healing(&self) -> HealingPolicy {
         HealingPolicy {
             max_per_hour: self.max_self_healing_per_hour,
-            cooldown: self.self_healing_cooldown_minutes.0,
+            cooldown: self.self_healing_cooldown_minutes,
             mass_failure_fraction: self.mass_failure_fraction,
-            mass_failure_window: self.mass_failure_window.0,
+            mass_failure_window: self.mass_failure_window,
             mass_failure_min_nodes: self.mass_failure_min_nodes,
         }
     }
+}
+
+/// The annotated example file: every key at its default, with its documentation,
+/// in the table's order and sections. `examples/orchestrator.toml` is this text
+/// (a test holds it so); `secbeat-orchestrator example-config` prints it.
+pub fn example_toml() -> String {
+    let defaults = toml::Table::try_from(Config::default()).expect("the defaults serialize");
+    let mut out = String::from(
+        "# secbeat-orchestrator configuration: every key, at its default.\n\
+         # Precedence: these defaults < this file (--config) < SECBEAT_* env < flags.\n\
+         # Every key is also a flag (--heartbeat-timeout) and a variable\n\
+         # (SECBEAT_HEARTBEAT_TIMEOUT). Durations are seconds and may be fractions (0.2).\n\
+         # Invalid values exit 64 naming the key.\n\
+         # Generated from the key table in orchestrator/src/config.rs\n\
+         # (secbeat-orchestrator example-config).\n",
+    );
+    let write_key = |out: &mut String, key: &Key, path: &[&str]| {
+        for line in key.doc.lines() {
+            let _ = writeln!(out, "#{line}");
+        }
+        match lookup(&defaults, path) {
+            Some(value) => {
+                let _ = writeln!(out, "{} = {value}", key.name);
+            }
+            None => {
+                let _ = writeln!(out, "# {} = \"...\"", key.name);
+            }
+        }
+    };
+    for key in KEYS {
+        if let Some(section) = key.section {
+            let _ = write!(out, "\n# --- {section} ");
+            let used = section.chars().count() + 7;
+            let _ = writeln!(out, "{}", "-".repeat(84usize.saturating_sub(used)));
+        }
+        if key.kind == Kind::Table {
+            out.push('\n');
+            for line in key.doc.lines() {
+                let _ = writeln!(out, "#{line}");
+            }
+            let _ = writeln!(out, "[{}]", key.name);
+            for inner in TLS_KEYS {
+                write_key(&mut out, inner, &[key.name, inner.name]);
+            }
+        } else {
+            write_key(&mut out, key, &[key.name]);
+        }
+    }
+    out
+}
+
+fn lookup<'a>(table: &'a toml::Table, path: &[&str]) -> Option<&'a toml::Value> {
+    let mut value = table.get(path[0]);
+    for part in &path[1..] {
+        value = value.and_then(|value| value.get(part));
+    }
+    value
 }
 
 #[cfg(test)]
@@ -764,15 +781,15 @@ mod tests {
     use super::*;
 
     fn load(text: &str) -> Result<Config, ConfigError> {
-        Config::load(Some((Path::new("test.toml"), text)), &ConfigOverrides::default())
+        Config::load(Some((Path::new("test.toml"), text)), &ConfigFlags::default())
     }
 
     #[test]
     fn embedded_defaults_are_valid_and_match_the_seed() {
-        let config = Config::load(None, &ConfigOverrides::default()).unwrap();
+        let config = Config::load(None, &ConfigFlags::default()).unwrap();
         assert_eq!(config, Config::default());
-        assert_eq!(config.heartbeat_timeout.0, Duration::from_secs(30));
-        assert_eq!(config.dead_node_check_interval.0, Duration::from_secs(10));
+        assert_eq!(config.heartbeat_timeout, Duration::from_secs(30));
+        assert_eq!(config.dead_node_check_interval, Duration::from_secs(10));
         assert_eq!(config.required_consecutive_failures, 2);
     }
 
@@ -788,25 +805,29 @@ mod tests {
         "#;
         let config = load(seed).unwrap();
         assert_eq!(config.scale_up_cpu_threshold, 0.8);
-        assert_eq!(config.heartbeat_timeout.0, Duration::from_secs(30));
+        assert_eq!(config.heartbeat_timeout, Duration::from_secs(30));
     }
 
     #[test]
     fn fractional_seconds_are_accepted() {
         let config =
             load("heartbeat_interval = 0.2\nheartbeat_timeout = 1\ndead_node_check_interval = 0.2").unwrap();
-        assert_eq!(config.heartbeat_interval.0, Duration::from_millis(200));
-        assert_eq!(config.dead_node_check_interval.0, Duration::from_millis(200));
+        assert_eq!(config.heartbeat_interval, Duration::from_millis(200));
+        assert_eq!(config.dead_node_check_interval, Duration::from_millis(200));
     }
 
     #[test]
-    fn overrides_beat_the_file() {
-        let overrides = ConfigOverrides {
-            heartbeat_timeout: Some(45.0),
-            ..Default::default()
-        };
-        let config = Config::load(Some((Path::new("f"), "heartbeat_timeout = 40")), &overrides).unwrap();
-        assert_eq!(config.heartbeat_timeout.0, Duration::from_secs(45));
+    fn flags_beat_the_file_and_reach_nested_tables() {
+        let flags = ConfigFlags::from_pairs(&[
+            ("heartbeat_timeout", toml::Value::Float(45.0)),
+            ("tls_client_ca", toml::Value::String("/etc/hostname".into())),
+        ]);
+        let error = Config::load(Some((Path::new("f"), "heartbeat_timeout = 40")), &flags).unwrap_err();
+        // The CA reached [tls]: without a certificate it is refused, naming tls.client_ca.
+        assert_eq!(error.key, "tls.client_ca");
+        let flags = ConfigFlags::from_pairs(&[("heartbeat_timeout", toml::Value::Float(45.0))]);
+        let config = Config::load(Some((Path::new("f"), "heartbeat_timeout = 40")), &flags).unwrap();
+        assert_eq!(config.heartbeat_timeout, Duration::from_secs(45));
     }
 
     #[test]
@@ -853,6 +874,7 @@ mod tests {
             ("[tls]\nbogus = 1", "tls.bogus"),
             ("admin_token = \"short\"", "admin_token"),
             ("max_message_bytes = 10", "max_message_bytes"),
+            ("event_history_size = 0", "event_history_size"),
             ("forecast_model = \"arima\"", "forecast_model"),
             ("scale_up_consecutive_checks = 0", "scale_up_consecutive_checks"),
             ("min_nodes = 5\nmax_nodes = 2", "min_nodes"),
@@ -879,39 +901,30 @@ mod tests {
     }
 
     #[test]
-    fn the_webhook_secret_is_read_but_never_shown() {
-        let config = load("webhook_secret = \"hunter2-secret\"").unwrap();
+    fn secrets_are_read_but_never_shown() {
+        let config =
+            load("webhook_secret = \"hunter2-secret\"\nadmin_token = \"0123456789abcdef-admin\"").unwrap();
         assert_eq!(
             config.webhook_secret,
             Some(WebhookSecret::parse("hunter2-secret").unwrap())
         );
-        assert!(!format!("{config:?}").contains("hunter2"));
-        let table = toml::Table::try_from(&config).unwrap();
-        assert!(!table.contains_key("webhook_secret"));
-        let overrides = ConfigOverrides {
-            webhook_secret: Some("from-env".parse().unwrap()),
-            ..Default::default()
-        };
-        assert!(!format!("{overrides:?}").contains("from-env"));
-        let config = Config::load(None, &overrides).unwrap();
-        assert_eq!(
-            config.webhook_secret,
-            Some(WebhookSecret::parse("from-env").unwrap())
-        );
-    }
-
-    #[test]
-    fn tokens_are_read_but_never_shown() {
-        let config = load("admin_token = \"0123456789abcdef-admin\"").unwrap();
         assert_eq!(
             config.admin_token.as_ref().map(Token::expose),
             Some("0123456789abcdef-admin")
         );
-        assert!(!format!("{config:?}").contains("0123456789abcdef"));
+        let shown = format!("{config:?}");
         assert!(
-            !toml::Table::try_from(&config)
-                .unwrap()
-                .contains_key("admin_token")
+            !shown.contains("hunter2") && !shown.contains("0123456789abcdef"),
+            "{shown}"
+        );
+        let table = toml::Table::try_from(&config).unwrap();
+        assert!(!table.contains_key("webhook_secret") && !table.contains_key("admin_token"));
+        let flags = ConfigFlags::from_pairs(&[("webhook_secret", toml::Value::String("from-env".into()))]);
+        assert!(!format!("{flags:?}").contains("from-env"));
+        let config = Config::load(None, &flags).unwrap();
+        assert_eq!(
+            config.webhook_secret,
+            Some(WebhookSecret::parse("from-env").unwrap())
         );
     }
 
@@ -934,74 +947,91 @@ mod tests {
 }
 
 #[cfg(test)]
-mod example_file {
+mod generated {
+    //! What the key table generates: the example file, flags, variables, `--help`.
+
+    use clap::Args;
+
     use super::*;
 
     const EXAMPLE: &str = include_str!("../../examples/orchestrator.toml");
 
     #[test]
-    fn the_example_config_lists_every_key_at_its_default() {
+    fn the_example_file_is_the_generated_one_and_loads_to_the_defaults() {
+        assert!(
+            EXAMPLE == example_toml(),
+            "examples/orchestrator.toml is out of date: run `cargo run -p secbeat-orchestrator -- example-config > examples/orchestrator.toml`"
+        );
         let config = Config::load(
             Some((Path::new("examples/orchestrator.toml"), EXAMPLE)),
-            &ConfigOverrides::default(),
+            &ConfigFlags::default(),
         )
         .expect("the example loads");
-        assert_eq!(config, Config::default(), "the example's values are the defaults");
-        let example: toml::Table = toml::from_str(EXAMPLE).unwrap();
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn every_key_is_in_the_table_once_and_has_a_flag_and_a_variable() {
         let defaults = toml::Table::try_from(Config::default()).unwrap();
+        let names: Vec<&str> = KEYS.iter().map(|key| key.name).collect();
         for key in defaults.keys() {
-            assert!(
-                example.contains_key(key),
-                "examples/orchestrator.toml lacks {key}"
-            );
+            assert_eq!(names.iter().filter(|name| **name == key).count(), 1, "{key}");
         }
-    }
-
-    #[test]
-    fn every_key_has_a_flag_and_an_environment_variable() {
-        use clap::Args;
-        let command = ConfigOverrides::augment_args(clap::Command::new("orchestrator"));
-        let defaults = toml::Table::try_from(Config::default()).unwrap();
-        let mut keys: Vec<String> = defaults.keys().filter(|key| *key != "tls").cloned().collect();
-        keys.extend(["tls_cert", "tls_key", "tls_client_ca"].map(str::to_owned));
-        for key in &keys {
-            let arg = command.get_arguments().find(|arg| arg.get_id() == key.as_str());
-            let arg = arg.unwrap_or_else(|| panic!("{key} has no flag"));
-            assert_eq!(arg.get_long(), Some(key.replace('_', "-").as_str()));
+        let command = ConfigFlags::augment_args(clap::Command::new("orchestrator"));
+        let mut ids: Vec<String> = names
+            .iter()
+            .filter(|name| **name != "tls")
+            .map(|name| name.to_string())
+            .collect();
+        ids.extend(["tls_cert", "tls_key", "tls_client_ca"].map(str::to_owned));
+        for id in &ids {
+            let arg = command
+                .get_arguments()
+                .find(|arg| arg.get_id() == id.as_str())
+                .unwrap_or_else(|| panic!("{id} has no flag"));
+            assert_eq!(arg.get_long(), Some(id.replace('_', "-").as_str()));
             let env = arg.get_env().map(|env| env.to_string_lossy().into_owned());
-            assert_eq!(env, Some(format!("SECBEAT_{}", key.to_uppercase())));
+            assert_eq!(env, Some(format!("SECBEAT_{}", id.to_uppercase())));
         }
+        assert_eq!(command.get_arguments().count(), ids.len());
     }
 
     #[test]
-    fn help_states_the_real_defaults() {
-        use clap::Args;
-        let command = ConfigOverrides::augment_args(clap::Command::new("orchestrator"));
+    fn help_states_the_real_defaults_and_hides_secrets() {
+        let command = ConfigFlags::augment_args(clap::Command::new("orchestrator"));
         let defaults = toml::Table::try_from(Config::default()).unwrap();
         for arg in command.get_arguments() {
-            let key = arg.get_id().as_str();
+            let id = arg.get_id().as_str();
             let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
             let documented = help
                 .split("[default: ")
                 .nth(1)
                 .and_then(|rest| rest.split(']').next())
-                .unwrap_or_else(|| panic!("--help of {key} states no [default: ...]"));
-            let Some(actual) = defaults.get(key).filter(|_| !key.starts_with("tls_")) else {
-                // Secrets are never serialized; their default is "none".
-                assert!(
-                    documented.starts_with("none"),
-                    "--help of {key} says {documented}"
-                );
-                continue;
+                .unwrap_or_else(|| panic!("--help of {id} states no [default: ...]"));
+            let path: Vec<&str> = match id.strip_prefix("tls_") {
+                Some(inner) => vec!["tls", inner],
+                None => vec![id],
             };
-            let same = match actual {
-                toml::Value::Float(value) => documented.parse::<f64>().ok() == Some(*value),
-                toml::Value::Integer(value) => documented.parse::<i64>().ok() == Some(*value),
-                toml::Value::String(value) => documented.trim_start_matches("./") == value,
-                toml::Value::Boolean(value) => documented.parse::<bool>().ok() == Some(*value),
-                _ => false,
-            };
-            assert!(same, "--help of {key} says {documented}, the default is {actual}");
+            match lookup(&defaults, &path) {
+                None => assert_eq!(documented, "none", "--help of {id}"),
+                Some(actual) => {
+                    let same = match actual {
+                        toml::Value::Float(value) => documented.parse::<f64>().ok() == Some(*value),
+                        toml::Value::Integer(value) => documented.parse::<i64>().ok() == Some(*value),
+                        toml::Value::String(value) => documented == value,
+                        toml::Value::Boolean(value) => documented.parse::<bool>().ok() == Some(*value),
+                        _ => false,
+                    };
+                    assert!(same, "--help of {id} says {documented}, the default is {actual}");
+                }
+            }
+        }
+        for secret in ["admin_token", "viewer_token", "webhook_secret"] {
+            let arg = command
+                .get_arguments()
+                .find(|arg| arg.get_id() == secret)
+                .unwrap();
+            assert!(arg.is_hide_env_values_set(), "{secret}");
         }
     }
 }

@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use secbeat::telemetry::{self, LogArgs};
 use secbeat_orchestrator::{
-    config::{Config, ConfigOverrides},
+    config::{self, Config, ConfigFlags},
     domain::forecast::{Model, backtest},
     runtime::server::Orchestrator,
 };
@@ -31,7 +31,7 @@ struct Cli {
     #[arg(long, env = "SECBEAT_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(flatten)]
-    overrides: ConfigOverrides,
+    flags: ConfigFlags,
     #[command(flatten)]
     logs: LogArgs,
     #[command(subcommand)]
@@ -60,6 +60,8 @@ enum Command {
     /// operator-<name>.pem/.key (or a read-only viewer). Keys are mode 0600.
     #[command(verbatim_doc_comment, subcommand)]
     Certs(CertsCommand),
+    /// Print every configuration key at its default, documented (a config file to start from)
+    ExampleConfig,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -120,6 +122,10 @@ fn main() -> ExitCode {
     match &cli.command {
         Some(Command::Backtest(args)) => return run_backtest(args),
         Some(Command::Certs(command)) => return run_certs(command),
+        Some(Command::ExampleConfig) => {
+            print!("{}", config::example_toml());
+            return ExitCode::SUCCESS;
+        }
         None => {}
     }
     let config = match load_config(&cli) {
@@ -166,7 +172,7 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
         None => None,
     };
     let file = text.as_ref().map(|(path, text)| (*path, text.as_str()));
-    Config::load(file, &cli.overrides).map_err(|error| error.to_string())
+    Config::load(file, &cli.flags).map_err(|error| error.to_string())
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

@@ -170,10 +170,10 @@ impl Orchestrator {
         let sender_settings = SenderSettings {
             url: config.provisioning_webhook_url.clone(),
             secret: config.webhook_secret.clone(),
-            timeout: config.webhook_timeout.0,
-            retry_initial: config.webhook_retry_initial.0,
-            retry_max: config.webhook_retry_max.0,
-            max_age: config.webhook_max_age.0,
+            timeout: config.webhook_timeout,
+            retry_initial: config.webhook_retry_initial,
+            retry_max: config.webhook_retry_max,
+            max_age: config.webhook_max_age,
         };
         let sender = sender::spawn(
             sender_settings,
@@ -188,9 +188,9 @@ impl Orchestrator {
         )?;
         let settings = FleetSettings {
             lifecycle: config.lifecycle(),
-            heartbeat_interval: config.heartbeat_interval.0,
+            heartbeat_interval: config.heartbeat_interval,
             healing: config.healing(),
-            restart_reconnect_grace: config.restart_reconnect_grace.0,
+            restart_reconnect_grace: config.restart_reconnect_grace,
             max_nodes: config.max_nodes,
         };
         let restored = Restored {
@@ -204,7 +204,7 @@ impl Orchestrator {
         };
         let (fleet, actor) = fleet::spawn(settings, restored, outputs, shutdown.clone());
         let scaling_settings = ScalingSettings {
-            interval: config.scaling_check_interval_seconds.0,
+            interval: config.scaling_check_interval_seconds,
             forecast: config.forecast(),
             policy: config.scaling(),
         };
@@ -237,8 +237,8 @@ impl Orchestrator {
             .build_v1alpha()?;
 
         let limits = StreamLimits {
-            hello_timeout: config.hello_timeout.0,
-            heartbeat_interval: config.heartbeat_interval.0,
+            hello_timeout: config.hello_timeout,
+            heartbeat_interval: config.heartbeat_interval,
             messages_per_second: config.max_messages_per_second,
         };
         let authority = Authority::new(
@@ -300,11 +300,11 @@ impl Orchestrator {
         info!(addr = %grpc_addr, "grpc api listening");
         info!(addr = %http_addr, "http api listening");
         info!(
-            heartbeat_interval_s = config.heartbeat_interval.0.as_secs_f64(),
-            heartbeat_timeout_s = config.heartbeat_timeout.0.as_secs_f64(),
-            dead_node_check_interval_s = config.dead_node_check_interval.0.as_secs_f64(),
+            heartbeat_interval_s = config.heartbeat_interval.as_secs_f64(),
+            heartbeat_timeout_s = config.heartbeat_timeout.as_secs_f64(),
+            dead_node_check_interval_s = config.dead_node_check_interval.as_secs_f64(),
             required_consecutive_failures = config.required_consecutive_failures,
-            scaling_check_interval_s = config.scaling_check_interval_seconds.0.as_secs_f64(),
+            scaling_check_interval_s = config.scaling_check_interval_seconds.as_secs_f64(),
             scaling_mode = ?config.scaling_mode,
             forecast_model = %config.forecast_model,
             state_dir = %config.state_dir.display(),
@@ -317,7 +317,7 @@ impl Orchestrator {
         shutdown.cancelled().await;
         info!("shutting down: closing agent streams and draining calls");
         health.set_not_serving::<AgentServiceServer<AgentApi>>().await;
-        let drained = tokio::time::timeout(config.shutdown_timeout.0, async {
+        let drained = tokio::time::timeout(config.shutdown_timeout, async {
             let _ = actor.await;
             let _ = scaling_task.await;
             let _ = sender.await;
@@ -337,7 +337,7 @@ impl Orchestrator {
                 info!("shutdown complete");
             }
             Err(_) => warn!(
-                timeout_s = config.shutdown_timeout.0.as_secs_f64(),
+                timeout_s = config.shutdown_timeout.as_secs_f64(),
                 "shutdown timed out with calls still open; exiting anyway"
             ),
         }
