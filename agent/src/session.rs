@@ -290,3 +290,200 @@ fn ended_by(status: Status, established: bool) -> SessionEnd {
 fn message(kind: Kind) -> pb::AgentMessage {
     pb::AgentMessage { kind: Some(kind) }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The session against a scripted orchestrator in this process (linkerd2-proxy's
+    //! pattern): a real gRPC server on a loopback port whose every message the test
+    //! writes by hand, so each step of the protocol is checked from the agent's side.
+
+    use secbeat::pb::agent_service_server::{AgentService, AgentServiceServer};
+    use tokio_stream::wrappers::TcpListenerStream;
+
+    use super::*;
+
+    type Control = mpsc::Sender<Result<pb::ControlMessage, Status>>;
+
+    /// One accepted stream, handed to the test: what the agent sends, and where
+    /// the test writes what the orchestrator says.
+    struct Accepted {
+        inbound: Streaming<pb::AgentMessage>,
+        control: Control,
+    }
+
+    struct Scripted {
+        accepted: mpsc::Sender<Accepted>,
+    }
+
+    #[tonic::async_trait]
+    impl AgentService for Scripted {
+        type ConnectStream = ReceiverStream<Result<pb::ControlMessage, Status>>;
+
+        async fn connect(
+            &self,
+            request: tonic::Request<Streaming<pb::AgentMessage>>,
+        ) -> Result<tonic::Response<Self::ConnectStream>, Status> {
+            let (control, outbound) = mpsc::channel(16);
+            let accepted = Accepted {
+                inbound: request.into_inner(),
+                control,
+            };
+            self.accepted
+                .send(accepted)
+                .await
+                .map_err(|_| Status::unavailable("test over"))?;
+            Ok(tonic::Response::new(ReceiverStream::new(outbound)))
+        }
+    }
+
+    /// A scripted orchestrator on a free loopback port, and settings for an agent
+    /// that talks to it.
+    async fn scripted() -> (SessionSettings, mpsc::Receiver<Accepted>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, streams) = mpsc::channel(4);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(AgentServiceServer::new(Scripted { accepted }))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        let settings = SessionSettings {
+            endpoint: Endpoint::from_shared(format!("http://{addr}")).unwrap(),
+            node_id: Uuid::new_v4(),
+            hostname: "edge-test".into(),
+            ip: "192.0.2.7".into(),
+            labels: vec![("pop".into(), "fra1".into())],
+            on_terminate: None,
+            connect_timeout: Duration::from_secs(5),
+        };
+        (settings, streams)
+    }
+
+    fn welcome(interval: Duration) -> Result<pb::ControlMessage, Status> {
+        Ok(pb::ControlMessage {
+            kind: Some(control_message::Kind::Welcome(pb::Welcome {
+                session_id: 7,
+                heartbeat_interval: Some(wire::duration_to_proto(interval)),
+                node_id: String::new(),
+            })),
+        })
+    }
+
+    async fn next(inbound: &mut Streaming<pb::AgentMessage>) -> Kind {
+        inbound.message().await.unwrap().unwrap().kind.unwrap()
+    }
+
+    /// Starts the session on its own task; returns its end when it ends.
+    fn start(settings: SessionSettings, shutdown: CancellationToken) -> tokio::task::JoinHandle<SessionEnd> {
+        tokio::spawn(async move {
+            let mut cpu = CpuSource::Const(0.42);
+            let metrics = AgentMetrics::new();
+            run(&settings, &mut cpu, &metrics, &shutdown).await
+        })
+    }
+
+    #[tokio::test]
+    async fn hello_then_samples_and_heartbeats_then_terminate_ack_and_goodbye() {
+        let (settings, mut streams) = scripted().await;
+        let node_id = settings.node_id;
+        let session = start(settings, CancellationToken::new());
+        let Accepted { mut inbound, control } = streams.recv().await.unwrap();
+
+        let Kind::Hello(hello) = next(&mut inbound).await else {
+            panic!("the first message is the hello")
+        };
+        assert_eq!(hello.node_id, node_id.to_string());
+        assert_eq!(
+            (hello.hostname.as_str(), hello.ip.as_str()),
+            ("edge-test", "192.0.2.7")
+        );
+        assert_eq!(hello.labels.get("pop").map(String::as_str), Some("fra1"));
+
+        control.send(welcome(Duration::from_millis(20))).await.unwrap();
+        // Every interval: the CPU sample, then the heartbeat with the next sequence.
+        for sequence in 1..=3 {
+            let Kind::CpuSamples(batch) = next(&mut inbound).await else {
+                panic!("a cpu sample first")
+            };
+            assert_eq!(batch.samples[0].usage, 0.42);
+            assert!(matches!(next(&mut inbound).await, Kind::Heartbeat(beat) if beat.sequence == sequence));
+        }
+
+        let terminate = pb::ControlMessage {
+            kind: Some(control_message::Kind::Terminate(pb::Terminate {
+                reason: "scale down".into(),
+                grace_period: Some(wire::duration_to_proto(Duration::from_secs(1))),
+                traceparent: String::new(),
+            })),
+        };
+        control.send(Ok(terminate)).await.unwrap();
+        let goodbye = loop {
+            match next(&mut inbound).await {
+                Kind::TerminateAck(ack) => assert_eq!(ack.reason, "scale down"),
+                Kind::Goodbye(goodbye) => break goodbye,
+                Kind::Heartbeat(_) | Kind::CpuSamples(_) => {}
+                Kind::Hello(_) => panic!("a second hello"),
+            }
+        };
+        assert_eq!(goodbye.reason, "terminated");
+        drop(control);
+        assert!(matches!(session.await.unwrap(), SessionEnd::Terminated));
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_fatal_and_a_restart_is_a_lost_session() {
+        let (settings, mut streams) = scripted().await;
+        let refused = start(settings.clone(), CancellationToken::new());
+        let accepted = streams.recv().await.unwrap();
+        accepted
+            .control
+            .send(Err(Status::permission_denied("certificate is for another node")))
+            .await
+            .unwrap();
+        assert!(
+            matches!(refused.await.unwrap(), SessionEnd::Fatal(status) if status.code() == tonic::Code::PermissionDenied)
+        );
+
+        let lost = start(settings, CancellationToken::new());
+        let accepted = streams.recv().await.unwrap();
+        accepted
+            .control
+            .send(welcome(Duration::from_secs(1)))
+            .await
+            .unwrap();
+        accepted
+            .control
+            .send(Err(Status::unavailable("orchestrator shutting down")))
+            .await
+            .unwrap();
+        match lost.await.unwrap() {
+            SessionEnd::Lost { established, cause } => {
+                assert!(established, "the welcome had arrived");
+                assert!(cause.contains("Unavailable"), "{cause}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_says_goodbye_and_waits_for_the_orchestrator_to_close() {
+        let (settings, mut streams) = scripted().await;
+        let shutdown = CancellationToken::new();
+        let session = start(settings, shutdown.clone());
+        let Accepted { mut inbound, control } = streams.recv().await.unwrap();
+        assert!(matches!(next(&mut inbound).await, Kind::Hello(_)));
+        control.send(welcome(Duration::from_secs(1))).await.unwrap();
+        // The first tick fires at once: a sample and a heartbeat.
+        assert!(matches!(next(&mut inbound).await, Kind::CpuSamples(_)));
+        assert!(matches!(next(&mut inbound).await, Kind::Heartbeat(_)));
+        shutdown.cancel();
+        let Kind::Goodbye(goodbye) = next(&mut inbound).await else {
+            panic!("a goodbye")
+        };
+        assert_eq!(goodbye.reason, "shutdown");
+        // The agent half-closed after its goodbye and waits for the orchestrator.
+        assert!(inbound.message().await.unwrap().is_none());
+        drop(control);
+        assert!(matches!(session.await.unwrap(), SessionEnd::ShutDown));
+    }
+}

@@ -389,3 +389,219 @@ impl ScalingLoop {
         Ok(outcome)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The loop on paused tokio time, against the real fleet actor and a memory
+    //! store: a scaling interval of a minute takes microseconds.
+
+    use std::time::Duration;
+
+    use tokio::sync::mpsc;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::{
+        domain::{event::FleetEvent, node::NodeId},
+        edge::store::Store,
+        runtime::fleet::{
+            SessionReport, SessionSignal,
+            tests::{TestFleet, info, settings as fleet_settings, start},
+        },
+    };
+
+    const INTERVAL: Duration = Duration::from_secs(60);
+
+    fn policy(mode: ScalingMode) -> ScalingPolicy {
+        ScalingPolicy {
+            up_threshold: 0.8,
+            down_threshold: 0.3,
+            up_consecutive: 2,
+            down_consecutive: 3,
+            up_cooldown: Duration::from_secs(300),
+            down_cooldown: Duration::from_secs(600),
+            min_nodes: 1,
+            max_nodes: 100,
+            min_confidence: 0.5,
+            mode,
+        }
+    }
+
+    struct Running {
+        fleet: TestFleet,
+        predictions: PredictionHandle,
+        events: broadcast::Receiver<FleetEvent>,
+        shutdown: CancellationToken,
+    }
+
+    /// A fleet actor (heartbeats every second, a generous timeout) and a scaling
+    /// loop checking every minute, both on the paused clock.
+    fn run(mode: ScalingMode) -> Running {
+        let shutdown = CancellationToken::new();
+        let mut settings = fleet_settings();
+        settings.lifecycle.heartbeat_timeout = Duration::from_secs(3600);
+        let fleet = start(settings, Default::default(), &shutdown);
+        let events = fleet.bus.subscribe(None).unwrap().live;
+        let (committed, _) = mpsc::unbounded_channel();
+        let (store, _thread) = crate::edge::store::writer::spawn(Box::new(fleet.store.clone()), committed);
+        let outputs = ScalingOutputs {
+            store,
+            metrics: fleet.metrics.clone(),
+            bus: fleet.bus.clone(),
+        };
+        let scaling = ScalingSettings {
+            interval: INTERVAL,
+            forecast: ForecastConfig::seed(INTERVAL, Model::Auto),
+            policy: policy(mode),
+        };
+        let (predictions, _task) = spawn(
+            scaling,
+            Vec::new(),
+            fleet.handle.clone(),
+            outputs,
+            shutdown.clone(),
+        );
+        Running {
+            fleet,
+            predictions,
+            events,
+            shutdown,
+        }
+    }
+
+    /// A connected node that has reported `cpu`; its signal channel is returned.
+    async fn node(fleet: &TestFleet, cpu: f64) -> (NodeId, mpsc::UnboundedReceiver<SessionSignal>) {
+        let id = NodeId(Uuid::new_v4());
+        let (tx, signals) = mpsc::unbounded_channel();
+        let session = fleet.handle.connect(info(id), tx, clock::now()).await.unwrap();
+        fleet
+            .handle
+            .report(id, session, SessionReport::Cpu(cpu), clock::now())
+            .await
+            .unwrap();
+        (id, signals)
+    }
+
+    async fn next_scale_decision(events: &mut broadcast::Receiver<FleetEvent>) -> FleetEvent {
+        loop {
+            let event = events.recv().await.unwrap();
+            if event.kind == EventKind::ScaleDecided {
+                return event;
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_prediction_per_check_on_the_interval() {
+        let running = run(ScalingMode::ForecastAndScale);
+        let _node = node(&running.fleet, 0.5).await;
+        let (first, mut updates) = running.predictions.subscribe();
+        assert!(first.is_none(), "no check before the first interval");
+        let started = tokio::time::Instant::now();
+        let mut times = Vec::new();
+        for _ in 0..3 {
+            let prediction = updates.recv().await.unwrap();
+            assert_eq!(prediction.current_cpu_usage, Some(0.5));
+            assert_eq!(prediction.decision, ScaleDecision::Hold);
+            assert!(!prediction.acted);
+            times.push(started.elapsed());
+        }
+        assert_eq!(times, vec![INTERVAL, INTERVAL * 2, INTERVAL * 3]);
+        running.shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hot_fleet_is_scaled_up_through_the_outbox_once_per_cooldown() {
+        let mut running = run(ScalingMode::ForecastAndScale);
+        let _node = node(&running.fleet, 0.95).await;
+        let started = tokio::time::Instant::now();
+        let decided = next_scale_decision(&mut running.events).await;
+        // Two checks above the threshold; fewer than 20 points, so on current CPU.
+        assert_eq!(started.elapsed(), INTERVAL * 2);
+        assert_eq!(decided.decision, Some(ScaleDecision::ScaleUp));
+        assert!(
+            decided.reason.starts_with("HIGH_FLEET_CPU_LOAD"),
+            "{}",
+            decided.reason
+        );
+        let queued = running
+            .fleet
+            .store
+            .wait_for(|state| !state.outbox.is_empty())
+            .outbox;
+        assert_eq!(queued.len(), 1);
+        assert_eq!(queued[0].reason, "HIGH_FLEET_CPU_LOAD");
+        let latest = running.predictions.latest().unwrap();
+        assert!(latest.acted);
+
+        // The next one waits for the cooldown (300 s), then two more hot checks.
+        let again = next_scale_decision(&mut running.events).await;
+        assert_eq!(again.decision, Some(ScaleDecision::ScaleUp));
+        assert!(
+            started.elapsed() >= INTERVAL * 2 + Duration::from_secs(300),
+            "{:?}",
+            started.elapsed()
+        );
+        running.shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_fleet_terminates_its_least_loaded_node() {
+        let mut running = run(ScalingMode::ForecastAndScale);
+        let (idle, mut idle_signals) = node(&running.fleet, 0.05).await;
+        let (_busier, mut busier_signals) = node(&running.fleet, 0.2).await;
+        let decided = next_scale_decision(&mut running.events).await;
+        assert_eq!(decided.decision, Some(ScaleDecision::ScaleDown));
+        assert!(decided.reason.contains(&idle.to_string()), "{}", decided.reason);
+        // The idle node is told to terminate through the fleet actor's path.
+        assert!(matches!(
+            idle_signals.recv().await,
+            Some(SessionSignal::Welcome { .. })
+        ));
+        assert!(matches!(
+            idle_signals.recv().await,
+            Some(SessionSignal::Terminate { .. })
+        ));
+        assert!(matches!(
+            busier_signals.recv().await,
+            Some(SessionSignal::Welcome { .. })
+        ));
+        assert!(
+            busier_signals.try_recv().is_err(),
+            "the busier node is left alone"
+        );
+        let queued = running
+            .fleet
+            .store
+            .wait_for(|state| !state.outbox.is_empty())
+            .outbox;
+        let payload: serde_json::Value = serde_json::from_slice(&queued[0].body).unwrap();
+        assert_eq!(payload["reason"], "LOW_FLEET_CPU_LOAD");
+        assert_eq!(payload["terminated_node_id"], idle.to_string());
+        running.shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forecast_only_decides_and_says_so_but_queues_nothing() {
+        let mut running = run(ScalingMode::ForecastOnly);
+        let _node = node(&running.fleet, 0.95).await;
+        let decided = next_scale_decision(&mut running.events).await;
+        assert_eq!(decided.decision, Some(ScaleDecision::ScaleUp));
+        assert!(
+            decided.reason.contains("forecast_only: not acted on"),
+            "{}",
+            decided.reason
+        );
+        // Let a few more checks run: the decision repeats, nothing is ever queued.
+        let (_, mut updates) = running.predictions.subscribe();
+        for _ in 0..3 {
+            let prediction = updates.recv().await.unwrap();
+            assert!(!prediction.acted);
+        }
+        // Each check writes its history point in the same batch as any webhook.
+        let state = running.fleet.store.wait_for(|state| state.history.len() >= 4);
+        assert!(state.outbox.is_empty(), "{:?}", state.outbox);
+        assert!(running.fleet.store.load().unwrap().outbox.is_empty());
+        running.shutdown.cancel();
+    }
+}
