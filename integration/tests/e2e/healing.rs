@@ -17,12 +17,19 @@ fn any_addr() -> std::net::SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
-/// The timestamp a log line starts with.
-fn log_time(line: &str) -> std::time::SystemTime {
-    let stamp = line.split_whitespace().next().unwrap_or_default();
-    chrono::DateTime::parse_from_rfc3339(stamp)
-        .unwrap_or_else(|e| panic!("no timestamp in {line:?}: {e}"))
-        .into()
+/// When an event happened.
+fn event_time(event: &pb::FleetEvent) -> std::time::SystemTime {
+    std::time::SystemTime::try_from(event.time.expect("events carry a time")).expect("a valid time")
+}
+
+/// The webhook id of a WEBHOOK_* event.
+fn webhook_of(event: &pb::FleetEvent) -> String {
+    event
+        .webhook
+        .as_ref()
+        .unwrap_or_else(|| panic!("no webhook in {event:?}"))
+        .webhook_id
+        .clone()
 }
 
 /// The `webhook.id=` field of a log line.
@@ -228,38 +235,38 @@ async fn a_receiver_outage_of_ten_seconds_delays_the_webhook_but_loses_nothing()
     let (victim, _) = orchestrator.connected_agent(&[]).await.unwrap();
     let (_survivor, _) = orchestrator.connected_agent(&[]).await.unwrap();
 
+    let mut events = orchestrator.watch_events().await.unwrap();
     victim.process.signal(Sig::SIGKILL);
-    let first_failure = orchestrator
-        .process
-        .logs
-        .wait_for("webhook delivery failed", DELIVERY)
-        .await
-        .unwrap();
-    let id = webhook_id(&first_failure);
-    // The outage: the receiver stays down until the orchestrator has logged a
+    let failed = |event: &pb::FleetEvent| event.r#type() == FleetEventType::WebhookFailed;
+    let first_failure = next_event_matching(&mut events, DELIVERY, failed).await.unwrap();
+    let id = webhook_of(&first_failure);
+    // The outage: the receiver stays down until the orchestrator has reported a
     // failed attempt at least ten seconds after its first one.
     let outage = Duration::from_secs(10);
-    let first_at = log_time(&first_failure);
-    let last_failure = orchestrator
-        .process
-        .logs
-        .wait_until(
-            "a failed attempt 10 s after the first",
-            outage + DELIVERY,
-            |lines| {
-                lines
-                    .iter()
-                    .filter(|line| line.contains("webhook delivery failed"))
-                    .find(|line| log_time(line).duration_since(first_at).unwrap_or_default() >= outage)
-                    .cloned()
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(webhook_id(&last_failure), id, "one webhook, retried");
+    let first_at = event_time(&first_failure);
+    let mut failed_attempts = 1;
+    let last_failure = loop {
+        let failure = next_event_matching(&mut events, outage + DELIVERY, failed).await.unwrap();
+        failed_attempts += 1;
+        if event_time(&failure).duration_since(first_at).unwrap_or_default() >= outage {
+            break failure;
+        }
+    };
+    assert_eq!(webhook_of(&last_failure), id, "one webhook, retried");
+    assert_eq!(
+        last_failure.webhook.as_ref().map(|webhook| webhook.attempt),
+        Some(failed_attempts),
+        "attempts are numbered"
+    );
     assert!(orchestrator.metric("orchestrator_webhook_outbox_depth").await >= 1.0);
     let receiver = WebhookReceiver::start(addr, &[]).await.unwrap();
 
+    let delivered = next_event_matching(&mut events, DELIVERY, |event| {
+        event.r#type() == FleetEventType::WebhookDelivered
+    })
+    .await
+    .unwrap();
+    assert_eq!(webhook_of(&delivered), id);
     let events = receiver
         .wait_for_events("UNEXPECTED_NODE_FAILURE", 1, DELIVERY)
         .await;
@@ -267,7 +274,6 @@ async fn a_receiver_outage_of_ten_seconds_delays_the_webhook_but_loses_nothing()
     assert_eq!(events[0]["payload"]["failed_node_id"], victim.id());
     orchestrator.wait_outbox_drained(DELIVERY).await;
     assert_eq!(receiver.events().len(), 1);
-    let failed_attempts = orchestrator.process.logs.count("webhook delivery failed");
     assert!(
         failed_attempts >= 3,
         "only {failed_attempts} failed attempts in 10 s"
@@ -284,20 +290,18 @@ async fn undelivered_webhooks_and_nodes_lost_meanwhile_survive_an_orchestrator_s
     let (survivor, _) = first.connected_agent(&FAST_RECONNECT).await.unwrap();
 
     // A failure whose webhook cannot be delivered (the receiver is down).
+    let mut events = first.watch_events().await.unwrap();
     before.process.signal(Sig::SIGKILL);
-    let queued = first
-        .process
-        .logs
-        .wait_for("self-healing requested", DELIVERY)
-        .await
-        .unwrap();
-    let queued_id = webhook_id(&queued);
-    first
-        .process
-        .logs
-        .wait_for("webhook delivery failed", DELIVERY)
-        .await
-        .unwrap();
+    let failed = next_event_matching(&mut events, DELIVERY, |event| {
+        event.r#type() == FleetEventType::WebhookFailed
+    })
+    .await
+    .unwrap();
+    let queued_id = webhook_of(&failed);
+    assert_eq!(
+        failed.webhook.as_ref().map(|webhook| webhook.reason.as_str()),
+        Some("UNEXPECTED_NODE_FAILURE")
+    );
 
     // The orchestrator dies; a node dies while it is down.
     first.process.signal(Sig::SIGKILL);
