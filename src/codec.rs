@@ -1,7 +1,8 @@
 //! The gRPC codec every generated client and server uses: prost encoding with
 //! small initial buffers. tonic's default gives every stream 8 KiB encode and
 //! decode buffers, which at tens of thousands of agent streams is the largest
-//! avoidable memory cost (issue 7: 34.8 KiB against 26.7 KiB per connection).
+//! avoidable memory cost (34.8 KiB per connection against 26.7 KiB for a bare
+//! tonic server, BENCHMARKS.md "Fleet scale").
 //! Agent messages are tens of bytes; buffers still grow for larger messages.
 
 use std::marker::PhantomData;

@@ -1,7 +1,8 @@
 //! Descriptor exhaustion handled like a production server: with more connections
 //! than its open-files limit allows, the orchestrator backs off instead of spinning
 //! in its accept loop, and keeps serving the agents it already has. And the fleet
-//! simulator, which issue 7's scale measurements rest on, measures what it says.
+//! simulator, which the fleet-scale measurements (BENCHMARKS.md) rest on, measures
+//! what it says.
 
 use std::time::{Duration, Instant};
 

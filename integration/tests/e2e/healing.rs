@@ -246,7 +246,9 @@ async fn a_receiver_outage_of_ten_seconds_delays_the_webhook_but_loses_nothing()
     let first_at = event_time(&first_failure);
     let mut failed_attempts = 1;
     let last_failure = loop {
-        let failure = next_event_matching(&mut events, outage + DELIVERY, failed).await.unwrap();
+        let failure = next_event_matching(&mut events, outage + DELIVERY, failed)
+            .await
+            .unwrap();
         failed_attempts += 1;
         if event_time(&failure).duration_since(first_at).unwrap_or_default() >= outage {
             break failure;

@@ -137,6 +137,8 @@ pub struct FleetStats {
     pub active_nodes: u32,
     /// Mean latest CPU of active nodes that reported one.
     pub avg_cpu_usage: Option<f64>,
+    /// Active nodes that have not reported CPU yet (just connected).
+    pub active_without_cpu: u32,
     /// Known nodes per state.
     pub nodes_by_state: BTreeMap<NodeState, u32>,
     /// Unexpected failures declared since start.

@@ -82,6 +82,9 @@ pub struct FleetView {
     pub avg_cpu: Option<f64>,
     /// The least loaded connected node.
     pub least_loaded: Option<Candidate>,
+    /// Live nodes that have not reported CPU yet: the fleet's load is not fully
+    /// known, so no node is chosen for removal until they have.
+    pub unreported: u32,
 }
 
 /// Why a scale-up.
@@ -244,6 +247,14 @@ impl Scaler {
                     policy.min_nodes
                 ));
             }
+            if view.unreported > 0 {
+                // A node that just joined may be the least loaded or the busiest:
+                // choosing without its figure could remove the wrong one.
+                return ScaleAction::Hold(format!(
+                    "below the scale-down threshold, waiting for CPU from {} newly connected node(s)",
+                    view.unreported
+                ));
+            }
             let Some(node) = view.least_loaded.clone() else {
                 return ScaleAction::Hold(
                     "below the scale-down threshold, but no connected node to remove".into(),
@@ -290,6 +301,7 @@ mod tests {
                 ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)),
                 cpu: cpu / 2.0,
             }),
+            unreported: 0,
         }
     }
 
@@ -401,6 +413,20 @@ mod tests {
     }
 
     #[test]
+    fn no_node_is_removed_while_a_live_node_has_not_reported_cpu() {
+        let mut scaler = Scaler::new(policy());
+        let partial = FleetView {
+            unreported: 1,
+            ..view(0.1, 3)
+        };
+        let labels = checks(&mut scaler, Instant::now(), &vec![(partial, None); 6]);
+        assert_eq!(labels, ["hold"; 6]);
+        // Once it has, the streak it built counts.
+        let now = Instant::now() + Duration::from_secs(600);
+        assert_eq!(scaler.decide(now, &view(0.1, 3), None).label(), "scale_down");
+    }
+
+    #[test]
     fn min_and_max_nodes_are_respected() {
         let mut scaler = Scaler::new(policy());
         let full = (view(0.95, 10), None);
@@ -442,6 +468,7 @@ mod tests {
             active_nodes: 0,
             avg_cpu: None,
             least_loaded: None,
+            unreported: 0,
         };
         assert_eq!(scaler.decide(Instant::now(), &empty, None).label(), "hold");
     }

@@ -228,6 +228,7 @@ impl ScalingLoop {
             active_nodes: stats.active_nodes,
             avg_cpu: stats.avg_cpu_usage,
             least_loaded,
+            unreported: stats.active_without_cpu,
         };
         let decision = self.scaler.decide(clock::now(), &view, forecast.as_ref());
         self.metrics

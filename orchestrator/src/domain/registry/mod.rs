@@ -591,9 +591,12 @@ impl Registry {
             *stats.nodes_by_state.entry(record.state).or_default() += 1;
             if matches!(record.state, NodeState::Connected | NodeState::Terminating) {
                 stats.active_nodes += 1;
-                if let Some(cpu) = record.last_cpu {
-                    cpu_sum += cpu;
-                    cpu_count += 1;
+                match record.last_cpu {
+                    Some(cpu) => {
+                        cpu_sum += cpu;
+                        cpu_count += 1;
+                    }
+                    None => stats.active_without_cpu += 1,
                 }
             }
         }

@@ -205,6 +205,7 @@ mod tests {
             nodes_by_state: [(NodeState::Connected, 2), (NodeState::Failed, 1)].into(),
             unexpected_failures_total: 1,
             graceful_terminations_total: 0,
+            ..FleetStats::default()
         }
     }
 
