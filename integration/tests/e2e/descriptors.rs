@@ -146,6 +146,10 @@ async fn the_fleet_simulator_times_the_reconnect_storm_after_an_orchestrator_res
     let mut sim = tokio::process::Command::new(secbeat_integration::binary("secbeat-fleetsim"))
         .args(["--orchestrator", &first.url(), "--duration", "12", "--json"])
         .args(["--agents", &AGENTS.to_string(), "--streams-per-connection", "4"])
+        // Quick reconnects, as the tests give real agents (FAST_RECONNECT): with the
+        // agent's defaults, an agent that failed four times while a loaded machine
+        // restarted the orchestrator would wait up to 12 s more, beyond the bound.
+        .args(["--reconnect-initial", "0.05", "--reconnect-max", "0.5"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)

@@ -91,6 +91,12 @@ struct Args {
     /// Print one JSON object instead of text
     #[arg(long)]
     json: bool,
+    /// First reconnect delay after a lost stream, seconds (the agent's default)
+    #[arg(long, default_value_t = 0.5, value_parser = parse_secs)]
+    reconnect_initial: f64,
+    /// Longest reconnect delay, seconds (the agent's default)
+    #[arg(long, default_value_t = 30.0, value_parser = parse_secs)]
+    reconnect_max: f64,
 }
 
 fn parse_secs(text: &str) -> Result<f64, String> {
@@ -133,6 +139,14 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(exit) => return exit,
     };
+    let backoff = Duration::try_from_secs_f64(args.reconnect_initial)
+        .and_then(|initial| Ok((initial, Duration::try_from_secs_f64(args.reconnect_max)?)))
+        .map_err(|error| error.to_string())
+        .and_then(|(initial, max)| Backoff::new(initial, max, 0.5).map_err(|error| error.to_string()));
+    if let Err(error) = backoff {
+        eprintln!("secbeat-fleetsim: --reconnect-initial/--reconnect-max: {error}");
+        return ExitCode::from(secbeat::process::EXIT_USAGE);
+    }
     let runtime = match secbeat::process::runtime(2) {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -214,6 +228,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             fault_at: faults_from + FAULT_STEP * index as u32,
             cpu: args.cpu,
             interval: args.heartbeat_interval.map(Duration::from_secs_f64),
+            reconnect: (
+                Duration::from_secs_f64(args.reconnect_initial),
+                Duration::from_secs_f64(args.reconnect_max),
+            ),
             counters: counters.clone(),
             gate: gate.clone(),
         };
@@ -349,6 +367,8 @@ struct VirtualAgent {
     fault_at: Instant,
     cpu: f64,
     interval: Option<Duration>,
+    /// Reconnect backoff: first and longest delay.
+    reconnect: (Duration, Duration),
     counters: Arc<Counters>,
     gate: Arc<Semaphore>,
 }
@@ -367,8 +387,7 @@ impl VirtualAgent {
     /// Runs sessions until a fault takes the agent out; reconnects like the real
     /// agent after a stream it did not end.
     async fn run(self, channel: Channel) {
-        let mut backoff =
-            Backoff::new(Duration::from_millis(500), Duration::from_secs(30), 0.5).expect("valid backoff");
+        let mut backoff = Backoff::new(self.reconnect.0, self.reconnect.1, 0.5).expect("valid backoff");
         let mut lost_at: Option<Instant> = None;
         loop {
             match self.session(&channel, &mut lost_at).await {
