@@ -51,10 +51,13 @@ impl WebhookReceiver {
         format!("http://{}/provision", self.addr)
     }
 
-    /// Every recorded webhook (one JSON object per line of its log).
+    /// Every recorded webhook (one JSON object per line of its log). A line still
+    /// being written (no newline yet) is not a record yet.
     pub fn events(&self) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        text.lines()
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
+            .lines()
             .map(|line| serde_json::from_str(line).expect("the receiver writes JSON lines"))
             .collect()
     }

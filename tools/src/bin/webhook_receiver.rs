@@ -211,7 +211,8 @@ async fn receive(
         "traceparent": header("traceparent"),
         "payload": payload,
     });
-    let written = writeln!(ledger.file, "{line}").and_then(|()| ledger.file.flush());
+    // One write of the whole line: a reader never sees half a record.
+    let written = ledger.file.write_all(format!("{line}\n").as_bytes());
     if let Err(error) = written {
         error!(%error, "cannot append to the log");
         return answer(StatusCode::SERVICE_UNAVAILABLE, "cannot record the event");
