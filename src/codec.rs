@@ -8,7 +8,10 @@
 use std::marker::PhantomData;
 
 use prost::Message;
-use tonic::codec::{BufferSettings, Codec};
+use tonic::{
+    Code, Status,
+    codec::{BufferSettings, Codec, DecodeBuf, Decoder},
+};
 use tonic_prost::ProstCodec;
 
 /// Initial size of a stream's encode and decode buffer.
@@ -34,13 +37,38 @@ where
     type Encode = T;
     type Decode = U;
     type Encoder = <ProstCodec<T, U> as Codec>::Encoder;
-    type Decoder = <ProstCodec<T, U> as Codec>::Decoder;
+    type Decoder = PeerDecoder<<ProstCodec<T, U> as Codec>::Decoder>;
 
     fn encoder(&mut self) -> Self::Encoder {
         ProstCodec::<T, U>::raw_encoder(BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD))
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<T, U>::raw_decoder(BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD))
+        PeerDecoder(ProstCodec::<T, U>::raw_decoder(BufferSettings::new(
+            BUFFER_SIZE,
+            YIELD_THRESHOLD,
+        )))
+    }
+}
+
+/// prost's decoder, with a message that does not decode (invalid UTF-8 in a string
+/// field, a bad varint) reported as the peer's fault, INVALID_ARGUMENT, where
+/// tonic says INTERNAL.
+#[derive(Debug)]
+pub struct PeerDecoder<D>(D);
+
+impl<D: Decoder<Error = Status>> Decoder for PeerDecoder<D> {
+    type Item = D::Item;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
+        self.0.decode(src).map_err(|status| match status.code() {
+            Code::Internal => Status::invalid_argument(format!("undecodable message: {}", status.message())),
+            _ => status,
+        })
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        self.0.buffer_settings()
     }
 }

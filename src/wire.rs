@@ -79,6 +79,35 @@ pub fn timestamp_from_proto(
         .map_err(|error| WireError::new(field, format!("invalid timestamp ({error})")))
 }
 
+/// Text from outside (an agent, a receiver) made safe to log, event and show:
+/// control characters (newlines, ANSI escapes, NUL...) are written as escapes, so
+/// nothing can forge a log line or drive a terminal. Printable text is unchanged.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(escaped)
+}
+
+/// Refuses text with control characters (a host name, a label): `field` names it.
+pub fn check_printable(field: &'static str, text: &str) -> Result<(), WireError> {
+    match text.chars().find(|c| c.is_control()) {
+        Some(c) => Err(WireError::new(
+            field,
+            format!("contains the control character {:?}", c),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Converts a wall-clock time to a protobuf timestamp.
 pub fn timestamp_to_proto(time: SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp::from(time)
@@ -118,6 +147,20 @@ mod tests {
             let error = check_cpu_fraction("u", bad).unwrap_err();
             assert_eq!(error.field, "u", "{bad}");
         }
+    }
+
+    #[test]
+    fn control_characters_are_escaped_or_refused() {
+        let forged = "edge-1\n2026-11-30T00:00:00Z ERROR CRITICAL UNEXPECTED NODE FAILURE\u{1b}[31m";
+        let safe = escape_controls(forged);
+        assert!(!safe.contains('\n') && !safe.contains('\u{1b}'), "{safe}");
+        assert!(safe.contains("\\n") && safe.contains("\\u{1b}"), "{safe}");
+        assert_eq!(escape_controls("edge-1 ü"), "edge-1 ü");
+        assert_eq!(
+            check_printable("hello.hostname", forged).unwrap_err().field,
+            "hello.hostname"
+        );
+        assert!(check_printable("hello.hostname", "edge-1.fra1").is_ok());
     }
 
     #[test]

@@ -103,6 +103,15 @@ pub struct AgentArgs {
     /// The client certificate's private key (PEM)
     #[arg(long, env = "SECBEAT_AGENT_KEY", value_name = "FILE", requires = "cert")]
     pub key: Option<std::path::PathBuf>,
+    /// The orchestrator's agent_token, sent as `authorization: Bearer` (when the
+    /// orchestrator has tokens but no client CA); prefer the environment variable
+    #[arg(
+        long,
+        env = "SECBEAT_AGENT_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<AgentToken>,
     /// Serve this agent's Prometheus metrics at http://ADDR/metrics (off by default)
     #[arg(long, env = "SECBEAT_AGENT_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -146,5 +155,26 @@ mod tests {
         );
         assert!(AgentArgs::try_parse_from(["secbeat-agent", "--label", "novalue"]).is_err());
         assert!(AgentArgs::try_parse_from(["secbeat-agent", "--label", "=x"]).is_err());
+    }
+}
+
+/// The agent token. Its `Debug` never shows the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AgentToken(pub String);
+
+impl std::str::FromStr for AgentToken {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        // It goes into a gRPC header: visible ASCII only.
+        if text.is_empty() || !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("must be non-empty visible ASCII without spaces".into());
+        }
+        Ok(Self(text.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for AgentToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentToken(<redacted>)")
     }
 }

@@ -139,6 +139,7 @@ impl Agent {
             labels: args.labels,
             on_terminate: args.on_terminate,
             connect_timeout,
+            token: args.token,
         };
         // Bound now, so an address in use is a start-up error, not a silent gap.
         let metrics_listener = args

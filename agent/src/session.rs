@@ -50,6 +50,8 @@ pub struct SessionSettings {
     /// Bound on answering the Hello and on waiting for the Welcome (the endpoint
     /// carries the same bound for the TCP connect).
     pub connect_timeout: Duration,
+    /// The orchestrator's agent token, if it wants one.
+    pub token: Option<crate::args::AgentToken>,
 }
 
 /// How a session ended.
@@ -109,6 +111,11 @@ pub async fn run(
     let _ = outbound.send(message(Kind::Hello(hello))).await;
     let mut client = AgentServiceClient::new(channel);
     let mut request = tonic::Request::new(ReceiverStream::new(requests));
+    if let Some(token) = &settings.token
+        && let Ok(value) = format!("Bearer {}", token.0).parse()
+    {
+        request.metadata_mut().insert("authorization", value);
+    }
     // The orchestrator's side of this session joins this agent's trace.
     if let Some(traceparent) = secbeat::telemetry::current_traceparent()
         && let Ok(value) = traceparent.parse()
@@ -309,6 +316,7 @@ mod tests {
     struct Accepted {
         inbound: Streaming<pb::AgentMessage>,
         control: Control,
+        authorization: Option<String>,
     }
 
     struct Scripted {
@@ -324,9 +332,15 @@ mod tests {
             request: tonic::Request<Streaming<pb::AgentMessage>>,
         ) -> Result<tonic::Response<Self::ConnectStream>, Status> {
             let (control, outbound) = mpsc::channel(16);
+            let authorization = request
+                .metadata()
+                .get("authorization")
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned);
             let accepted = Accepted {
                 inbound: request.into_inner(),
                 control,
+                authorization,
             };
             self.accepted
                 .send(accepted)
@@ -355,6 +369,7 @@ mod tests {
             labels: vec![("pop".into(), "fra1".into())],
             on_terminate: None,
             connect_timeout: Duration::from_secs(5),
+            token: None,
         };
         (settings, streams)
     }
@@ -384,10 +399,16 @@ mod tests {
 
     #[tokio::test]
     async fn hello_then_samples_and_heartbeats_then_terminate_ack_and_goodbye() {
-        let (settings, mut streams) = scripted().await;
+        let (mut settings, mut streams) = scripted().await;
+        settings.token = Some("agent-token-0123456789".parse().unwrap());
         let node_id = settings.node_id;
         let session = start(settings, CancellationToken::new());
-        let Accepted { mut inbound, control } = streams.recv().await.unwrap();
+        let Accepted {
+            mut inbound,
+            control,
+            authorization,
+        } = streams.recv().await.unwrap();
+        assert_eq!(authorization.as_deref(), Some("Bearer agent-token-0123456789"));
 
         let Kind::Hello(hello) = next(&mut inbound).await else {
             panic!("the first message is the hello")
@@ -470,7 +491,12 @@ mod tests {
         let (settings, mut streams) = scripted().await;
         let shutdown = CancellationToken::new();
         let session = start(settings, shutdown.clone());
-        let Accepted { mut inbound, control } = streams.recv().await.unwrap();
+        let Accepted {
+            mut inbound,
+            control,
+            authorization,
+        } = streams.recv().await.unwrap();
+        assert_eq!(authorization, None, "no token configured, none sent");
         assert!(matches!(next(&mut inbound).await, Kind::Hello(_)));
         control.send(welcome(Duration::from_secs(1))).await.unwrap();
         // The first tick fires at once: a sample and a heartbeat.

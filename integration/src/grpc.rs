@@ -74,11 +74,26 @@ pub async fn raw_connect(
     client: &mut AgentServiceClient<Channel>,
     first: Vec<pb::AgentMessage>,
 ) -> Result<RawStream, tonic::Status> {
+    raw_connect_as(client, first, None).await
+}
+
+/// Like [`raw_connect`], presenting `authorization` (e.g. `Bearer <token>`).
+pub async fn raw_connect_as(
+    client: &mut AgentServiceClient<Channel>,
+    first: Vec<pb::AgentMessage>,
+    authorization: Option<&str>,
+) -> Result<RawStream, tonic::Status> {
     let (outbound, requests) = mpsc::channel(64);
     for message in first {
         outbound.send(message).await.expect("queue");
     }
-    let inbound = client.connect(ReceiverStream::new(requests)).await?.into_inner();
+    let mut request = tonic::Request::new(ReceiverStream::new(requests));
+    if let Some(value) = authorization {
+        request
+            .metadata_mut()
+            .insert("authorization", value.parse().expect("a valid header value"));
+    }
+    let inbound = client.connect(request).await?.into_inner();
     Ok(RawStream { outbound, inbound })
 }
 

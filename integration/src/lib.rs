@@ -33,7 +33,7 @@ pub use config::*;
 pub use external::*;
 pub use grpc::*;
 pub use nix::sys::signal::Signal as Sig;
-pub use orchestrator::{Orchestrator, metric_value};
+pub use orchestrator::{Exited, Orchestrator, metric_value};
 pub use process::{Logs, Process, binary};
 pub use receiver::WebhookReceiver;
 pub use secbeat_tools::{

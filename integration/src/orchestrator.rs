@@ -45,6 +45,14 @@ impl Orchestrator {
         Self::start_in(dir, config, "127.0.0.1:0".parse()?, &[], Some(limit)).await
     }
 
+    /// Like [`Orchestrator::start`], with its state directory at `state` (a mount
+    /// the test controls, say).
+    pub async fn start_on(config: &str, state: &std::path::Path) -> anyhow::Result<Self> {
+        let dir = Arc::new(tempfile::tempdir()?);
+        std::os::unix::fs::symlink(state, dir.path().join("state"))?;
+        Self::start_in(dir, config, "127.0.0.1:0".parse()?, &[], None).await
+    }
+
     /// Starts another orchestrator with the same state dir, config and gRPC
     /// address as this (stopped) one: a restart.
     pub async fn restart(&self) -> anyhow::Result<Self> {
@@ -89,6 +97,37 @@ impl Orchestrator {
             grpc_addr,
             http_addr,
             dir,
+        })
+    }
+
+    /// The state directory (kept across [`Orchestrator::restart`]).
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Runs the orchestrator binary again on this (stopped) one's config and state
+    /// directory, for a start that is expected to fail: waits for it to exit and
+    /// returns its status and stderr.
+    pub async fn run_to_exit(&self, timeout: Duration) -> anyhow::Result<Exited> {
+        let mut command = Command::new(binary("secbeat-orchestrator"));
+        command
+            .arg("--config")
+            .arg(self.dir.path().join("orchestrator.toml"))
+            .args([
+                "--grpc-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--state-dir",
+            ])
+            .arg(self.state_dir())
+            .kill_on_drop(true);
+        let output = tokio::time::timeout(timeout, command.output())
+            .await
+            .map_err(|_| anyhow::anyhow!("the orchestrator was still running after {timeout:?}"))??;
+        Ok(Exited {
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         })
     }
 
@@ -181,4 +220,13 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
         let rest = line.strip_prefix(name)?;
         rest.strip_prefix(' ')?.trim().parse().ok()
     })
+}
+
+/// How a process that was expected to stop ended.
+#[derive(Debug)]
+pub struct Exited {
+    /// Its exit status.
+    pub status: std::process::ExitStatus,
+    /// Everything it wrote to stderr.
+    pub stderr: String,
 }

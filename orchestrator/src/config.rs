@@ -327,11 +327,25 @@ config_keys! {
     admin_token: Option<Token> = None, Secret "TOKEN", serde(skip_serializing, deserialize_with = "token");
     /// Bearer token of the read-only viewer role, at least 16 characters.
     viewer_token: Option<Token> = None, Secret "TOKEN", serde(skip_serializing, deserialize_with = "token");
+    /// Bearer token agents present (secbeat-agent --token) when there is no
+    /// tls.client_ca, at least 16 characters; required once an operator or viewer
+    /// token is set without client certificates, so no agent stream is anonymous.
+    agent_token: Option<Token> = None, Secret "TOKEN", serde(skip_serializing, deserialize_with = "token");
     /// Largest agent message accepted, bytes (a larger one ends that stream).
     max_message_bytes: u32 = 64 * 1024, Int "BYTES";
     /// Messages per second one agent stream may send on average (bursts of 4 s
     /// allowed); beyond it, that stream alone ends with RESOURCE_EXHAUSTED.
     max_messages_per_second: f64 = 50.0, Float "N";
+    /// A new connection (gRPC or HTTP) must send its first bytes (HTTP/2 preface
+    /// or TLS ClientHello) within this time, seconds, or it is closed.
+    connection_handshake_timeout: Duration = Duration::from_secs(10), Float "SECS", serde(with = "seconds");
+    /// A connection that sends nothing for this long is closed, seconds. Live
+    /// clients always send: agents heartbeat, and the server pings every gRPC
+    /// connection every third of this.
+    connection_idle_timeout: Duration = Duration::from_secs(90), Float "SECS", serde(with = "seconds");
+    /// Connections one source address may hold (each agent needs one; a NAT in
+    /// front of many agents needs more).
+    max_connections_per_source: u32 = 64, Int "N";
     /// TLS on the gRPC listener (`secbeat-orchestrator certs init` makes a
     /// development set).
     tls: TlsConfig = TlsConfig::default(), Table "";
@@ -627,6 +641,28 @@ impl Config {
 
     fn validate_security(&self) -> Result<(), ConfigError> {
         let tls = &self.tls;
+        let people = self.admin_token.is_some() || self.viewer_token.is_some();
+        if people && tls.client_ca.is_none() && self.agent_token.is_none() {
+            return Err(ConfigError::new(
+                "agent_token",
+                "admin_token/viewer_token protect the operator API, but without tls.client_ca agent streams would be open to anyone (who could take a node over by its id): set agent_token (agents: --token or SECBEAT_AGENT_TOKEN) or tls.client_ca",
+            ));
+        }
+        let tokens = [
+            ("admin_token", &self.admin_token),
+            ("viewer_token", &self.viewer_token),
+            ("agent_token", &self.agent_token),
+        ];
+        for (i, (key, token)) in tokens.iter().enumerate() {
+            for (other, other_token) in &tokens[..i] {
+                if token.is_some() && token == other_token {
+                    return Err(ConfigError::new(
+                        *key,
+                        format!("is the same as {other}: each role needs its own token"),
+                    ));
+                }
+            }
+        }
         match (&tls.cert, &tls.key) {
             (Some(_), None) => return Err(ConfigError::new("tls.key", "tls.cert is set, tls.key is not")),
             (None, Some(_)) => return Err(ConfigError::new("tls.cert", "tls.key is set, tls.cert is not")),
@@ -662,6 +698,28 @@ impl Config {
             return Err(ConfigError::new(
                 "event_history_size",
                 "must be between 1 and 1000000",
+            ));
+        }
+        if self.connection_handshake_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "connection_handshake_timeout",
+                "must be greater than zero",
+            ));
+        }
+        if self.connection_idle_timeout < self.heartbeat_interval * 3 {
+            return Err(ConfigError::new(
+                "connection_idle_timeout",
+                format!(
+                    "{}s must be at least three heartbeat intervals ({}s), or live agents are cut off",
+                    self.connection_idle_timeout.as_secs_f64(),
+                    (self.heartbeat_interval * 3).as_secs_f64()
+                ),
+            ));
+        }
+        if self.max_connections_per_source == 0 {
+            return Err(ConfigError::new(
+                "max_connections_per_source",
+                "must be at least 1",
             ));
         }
         if self.max_message_bytes < 1024 {
@@ -873,6 +931,11 @@ mod tests {
             ),
             ("[tls]\nbogus = 1", "tls.bogus"),
             ("admin_token = \"short\"", "admin_token"),
+            ("admin_token = \"0123456789abcdef\"", "agent_token"),
+            (
+                "admin_token = \"0123456789abcdef\"\nviewer_token = \"0123456789abcdef\"\nagent_token = \"0123456789abcdefX\"",
+                "viewer_token",
+            ),
             ("max_message_bytes = 10", "max_message_bytes"),
             ("event_history_size = 0", "event_history_size"),
             ("forecast_model = \"arima\"", "forecast_model"),
@@ -903,7 +966,7 @@ mod tests {
     #[test]
     fn secrets_are_read_but_never_shown() {
         let config =
-            load("webhook_secret = \"hunter2-secret\"\nadmin_token = \"0123456789abcdef-admin\"").unwrap();
+            load("webhook_secret = \"hunter2-secret\"\nadmin_token = \"0123456789abcdef-admin\"\nagent_token = \"0123456789abcdef-agent\"").unwrap();
         assert_eq!(
             config.webhook_secret,
             Some(WebhookSecret::parse("hunter2-secret").unwrap())
@@ -1026,7 +1089,7 @@ mod generated {
                 }
             }
         }
-        for secret in ["admin_token", "viewer_token", "webhook_secret"] {
+        for secret in ["admin_token", "viewer_token", "agent_token", "webhook_secret"] {
             let arg = command
                 .get_arguments()
                 .find(|arg| arg.get_id() == secret)

@@ -3,6 +3,7 @@
 
 mod deploy;
 mod descriptors;
+mod faults;
 mod grpcurl;
 mod healing;
 mod lifecycle;

@@ -14,6 +14,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use uuid::Uuid;
 
 const ADMIN_TOKEN: &str = "operator-token-0123456789";
+const AGENT_TOKEN: &str = "agent-token-0123456789ab";
 
 /// Runs `secbeat-orchestrator certs ...` in `dir`.
 fn certs(dir: &Path, args: &[&str]) {
@@ -359,11 +360,19 @@ async fn secrets_and_tokens_never_appear_in_logs_or_help() {
     let env = vec![
         ("SECBEAT_WEBHOOK_SECRET".to_owned(), webhook_secret.to_owned()),
         ("SECBEAT_ADMIN_TOKEN".to_owned(), ADMIN_TOKEN.to_owned()),
+        ("SECBEAT_AGENT_TOKEN".to_owned(), AGENT_TOKEN.to_owned()),
         ("RUST_LOG".to_owned(), "debug".to_owned()),
     ];
     let orchestrator = Orchestrator::start_with_env(FAST_CONFIG, &env).await.unwrap();
     // (The harness's plain client has no token, so wait on the log instead.)
-    let victim = orchestrator.agent(&[]).unwrap();
+    let agent_env = [("SECBEAT_AGENT_TOKEN".to_owned(), AGENT_TOKEN.to_owned())];
+    let victim = secbeat_integration::Agent::start_with_env(
+        &orchestrator.url(),
+        uuid::Uuid::new_v4(),
+        &[],
+        &agent_env,
+    )
+    .unwrap();
     orchestrator
         .process
         .logs
@@ -379,7 +388,10 @@ async fn secrets_and_tokens_never_appear_in_logs_or_help() {
         .unwrap();
     for line in orchestrator.process.logs.lines() {
         assert!(
-            !line.contains(webhook_secret) && !line.contains("c2VjcmV0") && !line.contains(ADMIN_TOKEN),
+            !line.contains(webhook_secret)
+                && !line.contains("c2VjcmV0")
+                && !line.contains(ADMIN_TOKEN)
+                && !line.contains(AGENT_TOKEN),
             "a secret leaked: {line}"
         );
     }

@@ -3,16 +3,23 @@
 //! A caller is identified by its TLS client certificate (a SAN URI names the role:
 //! `urn:secbeat:node:<uuid>` for an agent, `urn:secbeat:operator:<name>` and
 //! `urn:secbeat:viewer:<name>` for people and tools) or by a bearer token
-//! (`authorization: Bearer <token>`, compared in constant time with the configured
-//! operator and viewer tokens). The policy:
-//! - an agent may only use `AgentService`, and only for the node id in its
-//!   certificate;
+//! (`authorization: Bearer <token>`, the scheme case-insensitive, compared in
+//! constant time with the configured operator, viewer and agent tokens). The policy:
+//! - `AgentService` needs an agent credential: with a client CA, a certificate for
+//!   exactly the node id claimed; without one, the agent token (a shared secret:
+//!   it proves the caller is one of the fleet's agents, not which one);
+//! - an agent credential may only use `AgentService`, and an operator or viewer
+//!   credential may never open an agent stream, so listing node ids never lets
+//!   anyone take a node over;
 //! - mutations (`TerminateNode`) need an operator;
 //! - reads and watches need an operator or a viewer.
 //!
-//! Enforcement is on when any credential is configured (a client CA or a token).
-//! Without one (plain text on loopback, development) every caller is trusted, and
-//! the orchestrator says so at start-up.
+//! Enforcement is on when any credential is configured (a client CA or a token);
+//! operator or viewer tokens without a client CA also need an agent token (the
+//! configuration refuses the gap). Without any (plain text on loopback,
+//! development) every caller is trusted, and the orchestrator says so at start-up.
+//! Health and reflection stay open: a load balancer must be able to ask, and the
+//! schema reflection describes is the public API.
 
 use std::sync::Arc;
 
@@ -37,6 +44,8 @@ pub enum Caller {
     Operator(String),
     /// A viewer certificate or the viewer token.
     Viewer(String),
+    /// The agent token: one of the fleet's agents, for whichever node it claims.
+    Agent,
     /// Nothing (or nothing recognised) presented.
     Anonymous,
 }
@@ -68,6 +77,7 @@ pub struct Authority {
     pub client_certs: bool,
     operator_token: Option<Arc<[u8]>>,
     viewer_token: Option<Arc<[u8]>>,
+    agent_token: Option<Arc<[u8]>>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -79,29 +89,37 @@ impl std::fmt::Debug for Authority {
                 &self.operator_token.as_ref().map(|_| "<redacted>"),
             )
             .field("viewer_token", &self.viewer_token.as_ref().map(|_| "<redacted>"))
+            .field("agent_token", &self.agent_token.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
 
 impl Authority {
     /// Credentials from config.
-    pub fn new(client_certs: bool, operator_token: Option<&str>, viewer_token: Option<&str>) -> Self {
+    pub fn new(
+        client_certs: bool,
+        operator_token: Option<&str>,
+        viewer_token: Option<&str>,
+        agent_token: Option<&str>,
+    ) -> Self {
         let token = |t: Option<&str>| t.map(|t| Arc::from(t.as_bytes()));
         Self {
             client_certs,
             operator_token: token(operator_token),
             viewer_token: token(viewer_token),
+            agent_token: token(agent_token),
         }
     }
 
-    /// Whether a bearer token is configured.
+    /// Whether an operator or viewer token is configured (the HTTP API's only
+    /// credentials).
     pub fn tokens_configured(&self) -> bool {
         self.operator_token.is_some() || self.viewer_token.is_some()
     }
 
     /// Whether anything is enforced.
     pub fn enforcing(&self) -> bool {
-        self.client_certs || self.operator_token.is_some() || self.viewer_token.is_some()
+        self.client_certs || self.tokens_configured() || self.agent_token.is_some()
     }
 
     /// Identifies a caller from its client certificate's SAN URIs (already verified
@@ -121,9 +139,11 @@ impl Authority {
                 return Caller::Viewer(name.to_owned());
             }
         }
+        // RFC 7235: the scheme is case-insensitive.
         let Some(token) = authorization
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(|value| value.trim().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
         else {
             return Caller::Anonymous;
         };
@@ -136,6 +156,8 @@ impl Authority {
             Caller::Operator("token".into())
         } else if matches(&self.viewer_token) {
             Caller::Viewer("token".into())
+        } else if matches(&self.agent_token) {
+            Caller::Agent
         } else {
             Caller::Anonymous
         }
@@ -154,6 +176,9 @@ impl Authority {
             (Caller::Node(id), _) => Err(Denied::PermissionDenied(format!(
                 "an agent credential (node {id}) may only use AgentService"
             ))),
+            (Caller::Agent, _) => Err(Denied::PermissionDenied(
+                "the agent token may only use AgentService".into(),
+            )),
             (Caller::Anonymous, _) => Err(Denied::Unauthenticated(
                 "an operator or viewer credential is required (client certificate or authorization: Bearer <token>)"
                     .into(),
@@ -162,10 +187,22 @@ impl Authority {
     }
 
     /// May `caller` open an agent stream for `claimed`? With client certificates on,
-    /// only with a certificate for exactly that node.
+    /// only with a certificate for exactly that node; without, only with the agent
+    /// token once any credential is configured.
     pub fn allow_agent(&self, caller: &Caller, claimed: NodeId) -> Result<(), Denied> {
-        if !self.client_certs {
+        if !self.enforcing() {
             return Ok(());
+        }
+        if !self.client_certs {
+            return match caller {
+                Caller::Agent => Ok(()),
+                Caller::Anonymous => Err(Denied::Unauthenticated(
+                    "agents must present the agent token (authorization: Bearer <agent_token>)".into(),
+                )),
+                _ => Err(Denied::PermissionDenied(
+                    "only an agent credential may open an agent stream".into(),
+                )),
+            };
         }
         match caller {
             Caller::Node(id) if *id == claimed => Ok(()),
@@ -210,7 +247,7 @@ mod tests {
 
     #[test]
     fn certificates_name_the_role() {
-        let authority = Authority::new(true, None, None);
+        let authority = Authority::new(true, None, None, None);
         let uri = format!("{NODE_URI}{}", node(1));
         assert_eq!(authority.identify(&[uri], None), Caller::Node(node(1)));
         assert_eq!(
@@ -228,13 +265,31 @@ mod tests {
 
     #[test]
     fn tokens_are_matched_exactly() {
-        let authority = Authority::new(false, Some("op-secret"), Some("view-secret"));
+        let authority = Authority::new(
+            false,
+            Some("op-secret"),
+            Some("view-secret"),
+            Some("agent-secret"),
+        );
         assert_eq!(
             authority.identify(&[], Some("Bearer op-secret")),
             Caller::Operator("token".into())
         );
         assert_eq!(
             authority.identify(&[], Some("Bearer view-secret")),
+            Caller::Viewer("token".into())
+        );
+        assert_eq!(
+            authority.identify(&[], Some("Bearer agent-secret")),
+            Caller::Agent
+        );
+        // RFC 7235: the scheme is case-insensitive.
+        assert_eq!(
+            authority.identify(&[], Some("bearer op-secret")),
+            Caller::Operator("token".into())
+        );
+        assert_eq!(
+            authority.identify(&[], Some("BEARER view-secret")),
             Caller::Viewer("token".into())
         );
         for wrong in [
@@ -251,7 +306,7 @@ mod tests {
 
     #[test]
     fn the_policy() {
-        let authority = Authority::new(true, Some("t"), None);
+        let authority = Authority::new(true, Some("t"), None, None);
         let operator = Caller::Operator("a".into());
         let viewer = Caller::Viewer("v".into());
         let agent = Caller::Node(node(1));
@@ -280,6 +335,24 @@ mod tests {
         ));
         assert!(matches!(
             authority.allow_agent(&operator, node(1)),
+            Err(Denied::PermissionDenied(_))
+        ));
+        // Tokens without a client CA: agents need the agent token, and an operator
+        // or viewer token never opens an agent stream (no take-over by id).
+        let tokens = Authority::new(false, Some("op"), Some("view"), Some("agent"));
+        assert_eq!(tokens.allow_agent(&Caller::Agent, node(1)), Ok(()));
+        assert!(matches!(
+            tokens.allow_agent(&Caller::Anonymous, node(1)),
+            Err(Denied::Unauthenticated(_))
+        ));
+        for person in [operator.clone(), viewer.clone()] {
+            assert!(matches!(
+                tokens.allow_agent(&person, node(1)),
+                Err(Denied::PermissionDenied(_))
+            ));
+        }
+        assert!(matches!(
+            tokens.allow(&Caller::Agent, Need::Read),
             Err(Denied::PermissionDenied(_))
         ));
         // Nothing configured: development mode, everyone is trusted.

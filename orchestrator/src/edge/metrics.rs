@@ -62,6 +62,16 @@ pub struct Metrics {
     pub webhook_outbox_depth: Gauge,
     /// Age of the oldest webhook waiting for delivery, seconds (0 when none).
     pub webhook_outbox_oldest_age_seconds: Gauge<f64, AtomicU64>,
+    /// Older sessions ended by a newer one for the same node id.
+    pub sessions_fenced: Counter,
+    /// Connections closed at accept, by reason (per_source, descriptors).
+    pub connections_refused: Family<ReasonLabel, Counter>,
+    /// 1 while the state store accepts writes, 0 while they fail (set at scrape time).
+    pub store_healthy: Gauge,
+    /// Writes queued for a failing store (set at scrape time).
+    pub store_pending_writes: Gauge,
+    /// Failed store writes since start (set at scrape time).
+    pub store_write_errors: Counter,
     /// Known nodes by state (set at scrape time).
     pub nodes: Family<StateLabel, Gauge>,
     /// Nodes with a live stream (set at scrape time).
@@ -152,6 +162,11 @@ impl Metrics {
             webhook_dead_letters: Counter::default(),
             webhook_outbox_depth: Gauge::default(),
             webhook_outbox_oldest_age_seconds: Gauge::default(),
+            connections_refused: Family::default(),
+            sessions_fenced: Counter::default(),
+            store_healthy: Gauge::default(),
+            store_pending_writes: Gauge::default(),
+            store_write_errors: Counter::default(),
             nodes: Family::default(),
             active_nodes: Gauge::default(),
             ml_predictions_made: Counter::default(),
@@ -224,6 +239,31 @@ impl Metrics {
             "orchestrator_webhook_outbox_depth",
             "Webhooks waiting for delivery",
             metrics.webhook_outbox_depth.clone(),
+        );
+        r.register(
+            "orchestrator_sessions_fenced",
+            "Older agent sessions ended by a newer one for the same node id (two clients fighting over an id show here)",
+            metrics.sessions_fenced.clone(),
+        );
+        r.register(
+            "orchestrator_connections_refused",
+            "Connections closed at accept: over max_connections_per_source, or into the descriptors kept for HTTP",
+            metrics.connections_refused.clone(),
+        );
+        r.register(
+            "orchestrator_store_healthy",
+            "1 while the state store accepts writes, 0 while they fail (full disk, I/O errors)",
+            metrics.store_healthy.clone(),
+        );
+        r.register(
+            "orchestrator_store_pending_writes",
+            "Writes queued for a failing state store, merged per node",
+            metrics.store_pending_writes.clone(),
+        );
+        r.register(
+            "orchestrator_store_write_errors",
+            "Failed state store writes (each is retried)",
+            metrics.store_write_errors.clone(),
         );
         r.register(
             "orchestrator_webhook_outbox_oldest_age_seconds",
@@ -363,13 +403,34 @@ impl Metrics {
             let _ = metrics.webhooks_sent.get_or_create(&Metrics::reason(reason));
             let _ = metrics.webhook_errors.get_or_create(&Metrics::reason(reason));
         }
+        for reason in ["per_source", "descriptors"] {
+            let _ = metrics
+                .connections_refused
+                .get_or_create(&Metrics::reason(reason));
+        }
         Self {
             registry: Arc::new(registry),
             ..metrics
         }
     }
 
-    /// Sets the fleet-state gauges from a snapshot.
+    /// Counts a connection closed at accept.
+    pub fn refused_connection(&self, reason: &str) {
+        self.connections_refused
+            .get_or_create(&Self::reason(reason))
+            .inc();
+    }
+
+    /// Sets the store-health figures (at scrape time).
+    pub fn observe_store(&self, health: &crate::edge::store::writer::StoreHealth) {
+        self.store_healthy.set(i64::from(health.failure().is_none()));
+        self.store_pending_writes.set(health.pending_writes() as i64);
+        let seen = self.store_write_errors.get();
+        self.store_write_errors
+            .inc_by(health.write_errors().saturating_sub(seen));
+    }
+
+    /// Sets the fleet-state gauges from a snapshot (at scrape time).
     pub fn observe_fleet(&self, stats: &FleetStats) {
         self.active_nodes.set(i64::from(stats.active_nodes));
         for state in crate::domain::node::NodeState::ALL {

@@ -89,8 +89,9 @@ pub enum ConnectError {
     /// The orchestrator is shutting down.
     #[error("the orchestrator is shutting down; reconnect with backoff")]
     Stopped,
-    /// A node the orchestrator does not know, with `max_nodes` known already.
-    #[error("the orchestrator is at max_nodes ({0}); not accepting new nodes")]
+    /// A node that is not live, with `max_nodes` live nodes already (departed
+    /// nodes that are only still listed do not count).
+    #[error("the orchestrator is at max_nodes ({0} live nodes); not accepting new nodes")]
     AtCapacity(u32),
 }
 
@@ -360,8 +361,8 @@ impl FleetActor {
                 at,
                 reply,
             } => {
-                if !self.registry.knows(info.id) && self.registry.node_count() >= self.max_nodes as usize {
-                    warn!(node.id = %info.id, max_nodes = self.max_nodes, "new node refused: the fleet is at max_nodes");
+                if !self.registry.is_live(info.id) && self.registry.live_count() >= self.max_nodes as usize {
+                    warn!(node.id = %info.id, max_nodes = self.max_nodes, "new node refused: the fleet is at max_nodes live nodes");
                     let _ = reply.send(Err(ConnectError::AtCapacity(self.max_nodes)));
                     return;
                 }
@@ -475,6 +476,9 @@ impl FleetActor {
                         }
                         EventKind::NodeTerminated => {
                             self.outputs.metrics.nodes_gracefully_terminated.inc();
+                        }
+                        EventKind::SessionFenced => {
+                            self.outputs.metrics.sessions_fenced.inc();
                         }
                         _ => {}
                     }
@@ -660,7 +664,8 @@ pub(crate) mod tests {
     ) -> TestFleet {
         let store = MemoryStore::default();
         let (committed, _) = mpsc::unbounded_channel();
-        let (writer, _thread) = crate::edge::store::writer::spawn(Box::new(store.clone()), committed);
+        let (writer, _health, _thread) =
+            crate::edge::store::writer::spawn(Box::new(store.clone()), committed);
         let metrics = Metrics::new();
         let bus = EventBus::new(crate::runtime::bus::first_sequence(1), 1024);
         let outputs = Outputs {
@@ -817,6 +822,62 @@ pub(crate) mod tests {
         actor.await.unwrap();
         assert_eq!(signals.recv().await, Some(SessionSignal::ShuttingDown));
         assert_eq!(fleet.stats().await, Err(FleetStopped));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_live_nodes_count_against_max_nodes() {
+        let shutdown = CancellationToken::new();
+        let mut capped = settings();
+        capped.max_nodes = 2;
+        let TestFleet { handle: fleet, .. } = start(capped, Restored::default(), &shutdown);
+        let connect = |node: NodeId| {
+            let fleet = fleet.clone();
+            async move {
+                let (tx, signals) = mpsc::unbounded_channel();
+                fleet
+                    .connect(info(node), tx, clock::now())
+                    .await
+                    .map(|session| (session, signals))
+            }
+        };
+        let [gone, stays, replacement, one_too_many] =
+            [1u8, 2, 3, 4].map(|n| NodeId(Uuid::from_bytes([n; 16])));
+        let (session, _gone_signals) = connect(gone).await.unwrap();
+        let _stays = connect(stays).await.unwrap();
+        assert_eq!(
+            connect(replacement).await.err(),
+            Some(ConnectError::AtCapacity(2)),
+            "two live nodes: full"
+        );
+        // One leaves: it is still listed (LEFT) but no longer holds a slot.
+        fleet
+            .report(
+                gone,
+                session,
+                SessionReport::Goodbye("shutdown".into()),
+                clock::now(),
+            )
+            .await
+            .unwrap();
+        fleet
+            .report(gone, session, SessionReport::Closed("ended".into()), clock::now())
+            .await
+            .unwrap();
+        let _replacement = connect(replacement)
+            .await
+            .expect("a departed node frees its slot");
+        assert_eq!(
+            fleet.list().await.unwrap().0.len(),
+            3,
+            "the departed node is still listed"
+        );
+        assert_eq!(
+            connect(one_too_many).await.err(),
+            Some(ConnectError::AtCapacity(2))
+        );
+        // A live node reconnecting is never refused.
+        assert!(connect(stays).await.is_ok());
+        shutdown.cancel();
     }
 
     #[tokio::test(start_paused = true)]

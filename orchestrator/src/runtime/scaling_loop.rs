@@ -444,7 +444,8 @@ mod tests {
         let fleet = start(settings, Default::default(), &shutdown);
         let events = fleet.bus.subscribe(None).unwrap().live;
         let (committed, _) = mpsc::unbounded_channel();
-        let (store, _thread) = crate::edge::store::writer::spawn(Box::new(fleet.store.clone()), committed);
+        let (store, _health, _thread) =
+            crate::edge::store::writer::spawn(Box::new(fleet.store.clone()), committed);
         let outputs = ScalingOutputs {
             store,
             metrics: fleet.metrics.clone(),

@@ -153,9 +153,16 @@ impl Orchestrator {
             bus::first_sequence(stored.event_epoch),
             config.event_history_size as usize,
         );
-        listener::raise_open_files_limit(config.max_nodes);
+        let open_files = listener::raise_open_files_limit(config.max_nodes);
+        let connection_limits = listener::ConnectionLimits {
+            handshake_timeout: config.connection_handshake_timeout,
+            idle_timeout: config.connection_idle_timeout,
+            per_source: config.max_connections_per_source,
+            // Agents may use every descriptor but those kept for HTTP and the rest.
+            total: listener::agent_descriptors(open_files),
+        };
         let (committed_tx, committed) = tokio::sync::mpsc::unbounded_channel();
-        let (store, store_thread) = writer::spawn(Box::new(store), committed_tx);
+        let (store, store_health, store_thread) = writer::spawn(Box::new(store), committed_tx);
         if config.webhook_secret.is_none() {
             warn!(
                 "webhook_secret is not set: webhooks are sent UNSIGNED and receivers cannot tell them from forgeries (set SECBEAT_WEBHOOK_SECRET)"
@@ -183,6 +190,7 @@ impl Orchestrator {
                 store: store.clone(),
                 metrics: metrics.clone(),
                 bus: events.clone(),
+                store_health: store_health.clone(),
             },
             shutdown.clone(),
         )?;
@@ -245,6 +253,7 @@ impl Orchestrator {
             config.tls.client_ca.is_some(),
             config.admin_token.as_ref().map(Token::expose),
             config.viewer_token.as_ref().map(Token::expose),
+            config.agent_token.as_ref().map(Token::expose),
         );
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = tls_config(&config)? {
@@ -261,6 +270,10 @@ impl Orchestrator {
         }
         let grpc_server = builder
             .tcp_nodelay(true)
+            // Every connection is pinged: a live client's answer is traffic, so the
+            // idle deadline closes only dead and abandoned connections.
+            .http2_keepalive_interval(Some(config.connection_idle_timeout / 3))
+            .http2_keepalive_timeout(Some(config.connection_idle_timeout / 3))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -283,16 +296,23 @@ impl Orchestrator {
                 authority.clone(),
             )))
             .serve_with_incoming_shutdown(
-                listener::incoming(grpc, metrics.clone()),
+                listener::incoming(grpc, metrics.clone(), connection_limits),
                 shutdown.clone().cancelled_owned(),
             );
+        // HTTP is held to the same deadlines and per-source cap (not to the agents'
+        // descriptor budget: it is what stays reachable when that runs out).
+        let http_limits = listener::ConnectionLimits {
+            total: 0,
+            ..connection_limits
+        };
         let http_server = axum::serve(
-            http,
+            listener::HttpListener::new(http, metrics.clone(), http_limits),
             http::router(http::AppState {
                 fleet,
                 metrics,
                 predictions,
                 authority: authority.clone(),
+                store: store_health,
             }),
         )
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());

@@ -137,6 +137,7 @@ impl Registry {
                 let reason = format!("in state {} for longer than the retention", record.state);
                 self.publish(id, EventKind::NodeForgotten, reason, now);
                 self.nodes.remove(&id);
+                self.departed -= 1;
             }
             return;
         }

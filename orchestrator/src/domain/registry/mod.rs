@@ -220,6 +220,9 @@ pub struct Registry {
     effects: Vec<Effect>,
     pub(crate) unexpected_failures_total: u64,
     pub(crate) graceful_terminations_total: u64,
+    /// Nodes in a final state (`ended_at` set): listed until the retention, but
+    /// not live, so they do not count against `max_nodes`.
+    pub(crate) departed: usize,
 }
 
 impl Registry {
@@ -231,6 +234,7 @@ impl Registry {
             schedule: BinaryHeap::new(),
             next_session: 1,
             last_check: None,
+            departed: 0,
             anchor: TimeAnchor {
                 instant: now,
                 wall: wall_now,
@@ -254,6 +258,26 @@ impl Registry {
     /// Known nodes, in any state.
     pub fn node_count(&self) -> usize {
         self.nodes.len()
+    }
+
+    /// Live nodes: known and not in a final state (FAILED, TERMINATED, LEFT).
+    /// Only these count against `max_nodes`; departed ones are only listed.
+    pub fn live_count(&self) -> usize {
+        debug_assert_eq!(
+            self.departed,
+            self.nodes
+                .values()
+                .filter(|record| record.ended_at.is_some())
+                .count()
+        );
+        self.nodes.len() - self.departed
+    }
+
+    /// Whether `node` is known and live.
+    pub fn is_live(&self, node: NodeId) -> bool {
+        self.nodes
+            .get(&node)
+            .is_some_and(|record| record.ended_at.is_none())
     }
 
     /// Drains the effects queued since the last call, oldest first.
@@ -308,7 +332,9 @@ impl Registry {
         record.last_seen = now;
         record.last_cpu = None;
         record.suspect_checks = 0;
-        record.ended_at = None;
+        if record.ended_at.take().is_some() {
+            self.departed -= 1;
+        }
         record.restart_grace_until = None;
         record.state = record.live_state();
         record.state_reason.clear();
@@ -393,7 +419,10 @@ impl Registry {
                 due: None,
             };
             let id = node.id;
-            self.nodes.insert(id, record);
+            self.departed += usize::from(final_state);
+            if let Some(replaced) = self.nodes.insert(id, record) {
+                self.departed -= usize::from(replaced.ended_at.is_some());
+            }
             self.schedule(id, now);
         }
     }
@@ -668,7 +697,9 @@ impl Registry {
         record.suspect_checks = 0;
         record.termination = None;
         record.cancelled_termination = None;
-        record.ended_at = Some(now);
+        if record.ended_at.replace(now).is_none() {
+            self.departed += 1;
+        }
         record.restart_grace_until = None;
         self.schedule(node, now);
         self.publish(node, kind, reason, now);

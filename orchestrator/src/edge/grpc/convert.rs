@@ -79,7 +79,7 @@ pub fn session_report(message: pb::AgentMessage, now: SystemTime) -> Result<Sess
         Some(Kind::CpuSamples(batch)) => Ok(SessionReport::Cpu(cpu_samples(&batch, now)?)),
         Some(Kind::TerminateAck(_)) => Ok(SessionReport::TerminateAck),
         Some(Kind::Goodbye(goodbye)) => {
-            let mut reason = goodbye.reason;
+            let mut reason = wire::escape_controls(&goodbye.reason).into_owned();
             if reason.len() > MAX_REASON {
                 let cut = (0..=MAX_REASON)
                     .rev()
@@ -174,6 +174,14 @@ pub fn node_info(hello: pb::Hello, peer: Option<SocketAddr>) -> Result<NodeInfo,
             "hello.agent_version",
             format!("longer than {MAX_VERSION} bytes"),
         ));
+    }
+    // What a node says about itself reaches logs, events, webhooks and the API:
+    // no control characters (a newline would forge a log line, ESC drive a terminal).
+    wire::check_printable("hello.hostname", &hello.hostname)?;
+    wire::check_printable("hello.agent_version", &hello.agent_version)?;
+    for (key, value) in &hello.labels {
+        wire::check_printable("hello.labels", key)?;
+        wire::check_printable("hello.labels", value)?;
     }
     let ip = if hello.ip.is_empty() {
         peer.map(|addr| addr.ip())

@@ -12,8 +12,8 @@ use axum::{
 };
 
 use crate::{
-    edge::auth::Authority, edge::metrics::Metrics, runtime::fleet::FleetHandle,
-    runtime::scaling_loop::PredictionHandle,
+    edge::auth::Authority, edge::metrics::Metrics, edge::store::writer::StoreHealth,
+    runtime::fleet::FleetHandle, runtime::scaling_loop::PredictionHandle,
 };
 
 /// What the handlers read.
@@ -27,6 +27,8 @@ pub struct AppState {
     pub predictions: PredictionHandle,
     /// Who may read the JSON API (the operator and viewer tokens).
     pub authority: Authority,
+    /// Whether the state store is writing.
+    pub store: StoreHealth,
 }
 
 /// The HTTP routes.
@@ -51,11 +53,21 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// The fleet actor answers, so agent streams and operator calls are served.
-async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
-    match state.fleet.stats().await {
-        Ok(_) => (StatusCode::OK, "ready\n"),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+/// The fleet actor answers and the state store writes, so agent streams and
+/// operator calls are served and what is decided is kept. 503 says which is not.
+async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
+    if state.fleet.stats().await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
+    }
+    match state.store.failure() {
+        None => (StatusCode::OK, "ready\n".into()),
+        Some(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "state store failing ({} writes waiting): {error}\n",
+                state.store.pending_writes()
+            ),
+        ),
     }
 }
 
@@ -66,6 +78,7 @@ async fn metrics_text(State(state): State<AppState>, headers: HeaderMap) -> impl
     if let Ok(stats) = state.fleet.stats().await {
         state.metrics.observe_fleet(&stats);
     }
+    state.metrics.observe_store(&state.store);
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|accept| accept.to_str().ok());

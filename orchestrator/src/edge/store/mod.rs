@@ -79,6 +79,10 @@ pub trait Store: Send + 'static {
     fn load(&self) -> Result<StoredState, StoreError>;
     /// Applies a batch atomically and durably: all of it or none of it.
     fn apply(&mut self, writes: &[Write]) -> Result<(), StoreError>;
+    /// After a failed apply: get ready to be tried again (reopen files, reconnect).
+    fn recover(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

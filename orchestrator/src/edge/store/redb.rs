@@ -2,7 +2,10 @@
 //! record, values as JSON (readable with any redb tool, easy to migrate). Table
 //! names carry a schema version.
 
-use std::{path::Path, time::SystemTime};
+use std::{
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::{Serialize, de::DeserializeOwned};
@@ -27,32 +30,110 @@ pub const FILE_NAME: &str = "orchestrator.redb";
 /// A redb database file.
 #[derive(Debug)]
 pub struct RedbStore {
-    db: Database,
+    /// None between a failed reopen and the next one.
+    db: Option<Database>,
+    path: PathBuf,
 }
 
 fn err(context: &str, error: impl std::fmt::Display) -> StoreError {
     StoreError(format!("{context}: {error}"))
 }
 
+/// Runs `work` on a database file, turning a panic inside redb (a bit-flipped
+/// file can trip its assertions) into the same clear error as other corruption.
+/// `quiet` (start-up only, while nothing else runs) keeps the default hook from
+/// printing a panic report before the clear line.
+fn guarded<T>(
+    path: &Path,
+    quiet: bool,
+    work: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let hook = quiet.then(|| {
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        hook
+    });
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+    if let Some(hook) = hook {
+        std::panic::set_hook(hook);
+    }
+    outcome.unwrap_or_else(|panic| {
+        let detail = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown");
+        Err(StoreError(format!(
+            "{} is corrupt (the database engine failed: {detail}); restore it from a backup or move it aside to start empty",
+            path.display()
+        )))
+    })
+}
+
 impl RedbStore {
-    /// Opens (or creates) the database in `state_dir`. A second orchestrator on the
-    /// same directory is refused.
+    /// Opens the database in `state_dir`, creating it on the very first start. A
+    /// second orchestrator on the same directory is refused; a corrupt file is a
+    /// clear error, never a panic.
+    ///
+    /// Creation is atomic: the new database is built under a temporary name and
+    /// renamed into place once its tables are committed, so a process killed during
+    /// its first start leaves either nothing or a whole database, never a file that
+    /// will not open again.
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
         let path = state_dir.join(FILE_NAME);
-        let db = Database::create(&path).map_err(|error| match error {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError(format!(
-                "{} is in use by another process (is another orchestrator running on this state_dir?)",
-                path.display()
-            )),
-            other => err(&format!("cannot open {}", path.display()), other),
-        })?;
-        let txn = db.begin_write().map_err(|e| err("begin", e))?;
-        for table in [NODES, HEALS, OUTBOX, DEAD_LETTERS, HISTORY, META] {
-            txn.open_table(table).map_err(|e| err("create table", e))?;
+        if !path.exists() {
+            create_atomically(&path)?;
         }
-        txn.commit().map_err(|e| err("commit", e))?;
-        Ok(Self { db })
+        let db = guarded(&path, true, || open_file(&path))?;
+        Ok(Self { db: Some(db), path })
     }
+
+    fn db(&self) -> Result<&Database, StoreError> {
+        self.db
+            .as_ref()
+            .ok_or_else(|| StoreError(format!("{} is closed after a failed reopen", self.path.display())))
+    }
+}
+
+fn open_file(path: &Path) -> Result<Database, StoreError> {
+    let db = Database::open(path).map_err(|error| match error {
+        redb::DatabaseError::DatabaseAlreadyOpen => StoreError(format!(
+            "{} is in use by another process (is another orchestrator running on this state_dir?)",
+            path.display()
+        )),
+        other => err(&format!("cannot open {}", path.display()), other),
+    })?;
+    create_tables(&db)?;
+    Ok(db)
+}
+
+fn create_tables(db: &Database) -> Result<(), StoreError> {
+    let txn = db.begin_write().map_err(|e| err("begin", e))?;
+    for table in [NODES, HEALS, OUTBOX, DEAD_LETTERS, HISTORY, META] {
+        txn.open_table(table).map_err(|e| err("create table", e))?;
+    }
+    txn.commit().map_err(|e| err("commit", e))
+}
+
+/// Builds an empty database at `<path>.creating`, then renames it to `path`.
+fn create_atomically(path: &Path) -> Result<(), StoreError> {
+    let temporary = path.with_extension("redb.creating");
+    // A leftover from a start that was killed half-way: it never became the store.
+    let _ = std::fs::remove_file(&temporary);
+    {
+        let db = Database::create(&temporary)
+            .map_err(|error| err(&format!("cannot create {}", temporary.display()), error))?;
+        create_tables(&db)?;
+    }
+    std::fs::rename(&temporary, path)
+        .map_err(|error| err(&format!("cannot move {} into place", temporary.display()), error))?;
+    if let Some(dir) = path.parent()
+        && let Ok(dir) = std::fs::File::open(dir)
+    {
+        // The rename is durable once the directory is.
+        let _ = dir.sync_all();
+    }
+    Ok(())
 }
 
 fn heal_key(record: &HealRecord) -> String {
@@ -95,7 +176,27 @@ fn read_all<T: DeserializeOwned>(
 
 impl Store for RedbStore {
     fn load(&self) -> Result<StoredState, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| err("begin", e))?;
+        guarded(&self.path, true, || self.load_unguarded())
+    }
+
+    fn apply(&mut self, writes: &[Write]) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        guarded(&path, false, || self.apply_unguarded(writes))
+    }
+
+    fn recover(&mut self) -> Result<(), StoreError> {
+        // redb refuses every write after one I/O error ("Previous I/O error") until
+        // the database is opened again; a full disk that has been freed needs that.
+        self.db = None;
+        let db = guarded(&self.path, false, || open_file(&self.path))?;
+        self.db = Some(db);
+        Ok(())
+    }
+}
+
+impl RedbStore {
+    fn load_unguarded(&self) -> Result<StoredState, StoreError> {
+        let txn = self.db()?.begin_read().map_err(|e| err("begin", e))?;
         let nodes: Vec<PersistedNode> = read_all(&txn, NODES)?;
         let heals: Vec<HealRecord> = read_all(&txn, HEALS)?;
         let mut outbox: Vec<OutboxEntry> = read_all(&txn, OUTBOX)?;
@@ -120,11 +221,11 @@ impl Store for RedbStore {
         })
     }
 
-    fn apply(&mut self, writes: &[Write]) -> Result<(), StoreError> {
+    fn apply_unguarded(&mut self, writes: &[Write]) -> Result<(), StoreError> {
         if writes.is_empty() {
             return Ok(());
         }
-        let txn = self.db.begin_write().map_err(|e| err("begin", e))?;
+        let txn = self.db()?.begin_write().map_err(|e| err("begin", e))?;
         {
             let mut nodes = txn.open_table(NODES).map_err(|e| err("open table", e))?;
             let mut heals = txn.open_table(HEALS).map_err(|e| err("open table", e))?;
@@ -346,7 +447,7 @@ mod tests {
     fn a_corrupt_record_is_an_error_naming_it_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(dir.path()).unwrap();
-        let txn = store.db.begin_write().unwrap();
+        let txn = store.db().unwrap().begin_write().unwrap();
         txn.open_table(NODES)
             .unwrap()
             .insert("bad-node", b"{not json".as_slice())

@@ -32,7 +32,10 @@ use super::{OutboxEntry, UNEXPECTED_NODE_FAILURE};
 use crate::{
     domain::event::{EventKind, FleetEvent, WebhookRef},
     edge::metrics::Metrics,
-    edge::store::{Write, writer::StoreWriter},
+    edge::store::{
+        Write,
+        writer::{StoreHealth, StoreWriter},
+    },
     runtime::bus::EventBus,
 };
 
@@ -92,6 +95,8 @@ pub struct SenderOutputs {
     pub metrics: Metrics,
     /// WEBHOOK_DELIVERED / _FAILED / _DEAD_LETTERED events.
     pub bus: EventBus,
+    /// Webhooks decided but not yet durable count in the outbox depth too.
+    pub store_health: StoreHealth,
 }
 
 /// Starts the sender with the entries already in the outbox (`backlog`, oldest
@@ -104,12 +109,22 @@ pub fn spawn(
     outputs: SenderOutputs,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, SenderError> {
-    let SenderOutputs { store, metrics, bus } = outputs;
+    let SenderOutputs {
+        store,
+        metrics,
+        bus,
+        store_health,
+    } = outputs;
     // reqwest is built without a default crypto provider: ring is the one provider
     // in this tree. Installing it twice is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::builder()
         .timeout(settings.timeout)
+        // Never follow a redirect: a 301/302/303 would be re-sent as a bodiless GET
+        // whose 200 would delete an undelivered entry, and the signature would go to
+        // whoever the Location names. A 3xx is a failed attempt (logged with its
+        // Location) and retried at the configured URL.
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("secbeat-orchestrator/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|error| SenderError(error.to_string()))?;
@@ -123,13 +138,20 @@ pub fn spawn(
         metrics,
         bus,
     });
-    Ok(tokio::spawn(run(delivery, backlog, committed, shutdown)))
+    Ok(tokio::spawn(run(
+        delivery,
+        backlog,
+        committed,
+        store_health,
+        shutdown,
+    )))
 }
 
 async fn run(
     delivery: Arc<Delivery>,
     backlog: Vec<OutboxEntry>,
     mut committed: mpsc::UnboundedReceiver<OutboxEntry>,
+    store_health: StoreHealth,
     shutdown: CancellationToken,
 ) {
     if !backlog.is_empty() {
@@ -158,7 +180,7 @@ async fn run(
             }
             _ = gauges.tick() => {}
         }
-        update_gauges(&delivery.metrics, &pending);
+        update_gauges(&delivery.metrics, &pending, store_health.pending_outbox());
     }
     if !pending.is_empty() {
         info!(
@@ -181,8 +203,12 @@ fn start(
     tasks.spawn(deliver(delivery.clone(), entry));
 }
 
-fn update_gauges(metrics: &Metrics, pending: &HashMap<String, SystemTime>) {
-    metrics.webhook_outbox_depth.set(pending.len() as i64);
+/// The outbox depth: entries being delivered, plus those decided but still
+/// waiting for a failing store to make them durable.
+fn update_gauges(metrics: &Metrics, pending: &HashMap<String, SystemTime>, not_yet_durable: usize) {
+    metrics
+        .webhook_outbox_depth
+        .set((pending.len() + not_yet_durable) as i64);
     let now = SystemTime::now();
     let oldest = pending
         .values()
@@ -335,6 +361,21 @@ impl Delivery {
         };
         match request.send().await {
             Ok(response) if response.status().is_success() => Ok(response.status().as_u16()),
+            Ok(response) if response.status().is_redirection() => {
+                let location = response
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|value| value.to_str().ok())
+                    .map(|location| secbeat::wire::escape_controls(location).into_owned())
+                    .unwrap_or_else(|| "nowhere".into());
+                Err(Failure {
+                    problem: format!(
+                        "HTTP {}: redirect to {location} not followed (set provisioning_webhook_url to the final URL)",
+                        response.status()
+                    ),
+                    http_status: Some(response.status().as_u16()),
+                })
+            }
             Ok(response) => Err(Failure {
                 problem: format!("HTTP {}", response.status()),
                 http_status: Some(response.status().as_u16()),
@@ -475,7 +516,7 @@ mod tests {
     fn run_sender(settings: SenderSettings, entry: OutboxEntry) -> Running {
         let store = MemoryStore::default();
         let (committed_tx, committed) = mpsc::unbounded_channel();
-        let (writer, _thread) = writer::spawn(Box::new(store.clone()), committed_tx);
+        let (writer, store_health, _thread) = writer::spawn(Box::new(store.clone()), committed_tx);
         let metrics = Metrics::new();
         let shutdown = CancellationToken::new();
         let bus = EventBus::new(1, 64);
@@ -484,6 +525,7 @@ mod tests {
             store: writer.clone(),
             metrics: metrics.clone(),
             bus,
+            store_health,
         };
         spawn(settings, Vec::new(), committed, outputs, shutdown.clone()).unwrap();
         writer.write(vec![Write::PutOutbox(entry)]);
