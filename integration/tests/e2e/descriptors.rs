@@ -167,6 +167,9 @@ async fn the_fleet_simulator_times_the_reconnect_storm_after_an_orchestrator_res
         .spawn()
         .unwrap();
     wait_for_streams(&first, AGENTS).await;
+    // Every agent has had its Welcome (it heartbeats only after one): the kill
+    // then cuts AGENTS sessions, none of them half-opened.
+    wait_for_heartbeats(&first, AGENTS).await;
 
     first.process.signal(Sig::SIGKILL);
     first.process.wait_exit(STARTUP).await.unwrap();
@@ -197,6 +200,31 @@ async fn the_fleet_simulator_times_the_reconnect_storm_after_an_orchestrator_res
     let slowest = storm["per_agent_downtime"]["max_s"].as_f64().unwrap();
     assert!(all_back >= slowest, "{report}");
     assert_eq!(report["false_failures"], 0, "{report}");
+}
+
+/// Waits until `count` nodes have sent a heartbeat on their current session.
+async fn wait_for_heartbeats(orchestrator: &Orchestrator, count: u64) {
+    let fleet = orchestrator.fleet().await.unwrap();
+    eventually(STARTUP, &format!("{count} nodes heartbeating"), || {
+        let mut fleet = fleet.clone();
+        async move {
+            let nodes = fleet
+                .list_nodes(secbeat::pb::ListNodesRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .nodes;
+            let beating = nodes
+                .iter()
+                .filter(|node| {
+                    let at = |t: Option<prost_types::Timestamp>| t.map(|t| (t.seconds, t.nanos));
+                    at(node.last_heartbeat) > at(node.connected_since)
+                })
+                .count();
+            (beating as u64 == count).then_some(())
+        }
+    })
+    .await;
 }
 
 /// Waits until `orchestrator` has `count` agent streams open.

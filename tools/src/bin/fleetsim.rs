@@ -207,7 +207,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let faults_from = started + half;
     let faults_from_wall = SystemTime::now() + half;
     let gate = Arc::new(Semaphore::new(args.connect_concurrency));
-    let mut channels: Vec<Channel> = Vec::new();
+    let mut channels: Vec<Arc<SharedChannel>> = Vec::new();
     let mut tasks = Vec::with_capacity(args.agents);
     for (index, id) in ids.iter().enumerate() {
         let connection = index / args.streams_per_connection;
@@ -217,10 +217,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let endpoint = Endpoint::from_shared(args.orchestrator.clone())?
                 .local_address(Some(source))
                 .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(10));
-            channels.push(endpoint.connect_lazy());
+                .connect_timeout(OPEN_TIMEOUT);
+            channels.push(Arc::new(SharedChannel::new(endpoint)));
         }
-        let channel = channels[connection].clone();
+        let channel = Arc::clone(&channels[connection]);
         let fate = fates[id];
         let agent = VirtualAgent {
             id: *id,
@@ -359,6 +359,53 @@ fn spread(samples: &mut [Duration]) -> serde_json::Value {
 
 /// Faults are injected this far apart.
 const FAULT_STEP: Duration = Duration::from_millis(97);
+/// Whether a refusal before any Welcome means "never": the orchestrator decided,
+/// rather than a connection that broke.
+fn is_final(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::ResourceExhausted
+            | tonic::Code::PermissionDenied
+            | tonic::Code::Unauthenticated
+            | tonic::Code::InvalidArgument
+    )
+}
+
+/// Bound on opening a session (connect, Hello answered, Welcome), as the real
+/// agent's `--connect-timeout`.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The connection a group of virtual agents multiplexes. After a failed session
+/// opening the group gets a fresh connection, as a real agent dials anew for each
+/// session; a generation number keeps the agents of one group from replacing it
+/// once each.
+struct SharedChannel {
+    endpoint: Endpoint,
+    current: std::sync::Mutex<(u64, Channel)>,
+}
+
+impl SharedChannel {
+    fn new(endpoint: Endpoint) -> Self {
+        let channel = endpoint.connect_lazy();
+        Self {
+            endpoint,
+            current: std::sync::Mutex::new((0, channel)),
+        }
+    }
+
+    fn get(&self) -> (u64, Channel) {
+        self.current.lock().expect("lock").clone()
+    }
+
+    /// Replaces generation `failed` with a fresh connection (a no-op if another
+    /// agent of the group already did).
+    fn renew(&self, failed: u64) {
+        let mut current = self.current.lock().expect("lock");
+        if current.0 == failed {
+            *current = (failed + 1, self.endpoint.connect_lazy());
+        }
+    }
+}
 
 struct VirtualAgent {
     id: Uuid,
@@ -375,8 +422,9 @@ struct VirtualAgent {
 
 /// How one session of a virtual agent ended.
 enum SessionEnd {
-    /// The orchestrator refused it or the connection failed before Welcome.
-    Refused,
+    /// Not welcomed: the orchestrator answered with this status, or (None) the
+    /// connection failed or timed out first.
+    Refused(Option<tonic::Code>),
     /// Welcomed, then the stream ended under a healthy agent.
     Lost,
     /// The agent's fault was injected: it is gone for good.
@@ -386,10 +434,11 @@ enum SessionEnd {
 impl VirtualAgent {
     /// Runs sessions until a fault takes the agent out; reconnects like the real
     /// agent after a stream it did not end.
-    async fn run(self, channel: Channel) {
+    async fn run(self, shared: Arc<SharedChannel>) {
         let mut backoff = Backoff::new(self.reconnect.0, self.reconnect.1, 0.5).expect("valid backoff");
         let mut lost_at: Option<Instant> = None;
         loop {
+            let (generation, channel) = shared.get();
             match self.session(&channel, &mut lost_at).await {
                 SessionEnd::Faulted => return,
                 SessionEnd::Lost => {
@@ -404,14 +453,19 @@ impl VirtualAgent {
                         .first_loss
                         .get_or_insert(now);
                 }
-                // Not welcomed: before the first Welcome a refusal is final (the
-                // orchestrator is at max_nodes, or not there); during a storm, retry.
-                SessionEnd::Refused if lost_at.is_none() => {
+                // Refused outright before any Welcome (at max_nodes, or not
+                // allowed): final, as for the real agent.
+                SessionEnd::Refused(Some(code)) if lost_at.is_none() && is_final(code) => {
                     self.counters.refused.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
-                SessionEnd::Refused => {
-                    self.counters.failed_reconnects.fetch_add(1, Ordering::Relaxed);
+                // Anything else (a connection that failed, a Welcome cut off by a
+                // restart): try again on a fresh connection, with backoff.
+                SessionEnd::Refused(_) => {
+                    if lost_at.is_some() {
+                        self.counters.failed_reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    shared.renew(generation);
                 }
             }
             let delay = backoff.next_delay(&mut rand::rng());
@@ -429,21 +483,29 @@ impl VirtualAgent {
             labels: Default::default(),
         };
         let _ = outbound.send(message(Kind::Hello(hello))).await;
-        let opened = {
+        // The ramp-up gate is waited for outside the bound: at fleet scale agents
+        // queue for it, which is the simulator's pacing, not the orchestrator's.
+        let response = {
             let _permit = self.gate.acquire().await.expect("never closed");
-            AgentServiceClient::new(channel.clone())
-                .connect(ReceiverStream::new(requests))
-                .await
+            let client = AgentServiceClient::new(channel.clone());
+            tokio::time::timeout(OPEN_TIMEOUT, async move {
+                let mut client = client;
+                client.connect(ReceiverStream::new(requests)).await
+            })
+            .await
         };
-        let Ok(response) = opened else {
-            return SessionEnd::Refused;
+        let response = match response {
+            Ok(Ok(response)) => response,
+            Ok(Err(status)) => return SessionEnd::Refused(Some(status.code())),
+            Err(_) => return SessionEnd::Refused(None),
         };
         let mut inbound = response.into_inner();
-        let Ok(Some(pb::ControlMessage {
-            kind: Some(control_message::Kind::Welcome(welcome)),
-        })) = inbound.message().await
-        else {
-            return SessionEnd::Refused;
+        let welcome = match tokio::time::timeout(OPEN_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(pb::ControlMessage {
+                kind: Some(control_message::Kind::Welcome(welcome)),
+            }))) => welcome,
+            Ok(Err(status)) => return SessionEnd::Refused(Some(status.code())),
+            _ => return SessionEnd::Refused(None),
         };
         match lost_at.take() {
             None => {
