@@ -407,7 +407,7 @@ async fn secrets_and_tokens_never_appear_in_logs_or_help() {
             "{binary_name} documents the variable"
         );
         assert!(
-            !help.contains(webhook_secret) && !help.contains(ADMIN_TOKEN),
+            !help.contains(webhook_secret) && !help.contains(ADMIN_TOKEN) && !help.contains(AGENT_TOKEN),
             "{binary_name} --help shows a secret"
         );
     }

@@ -157,17 +157,18 @@ mod tests {
         }
     }
 
+    /// A fleet actor and a FleetService over it (no credentials configured).
+    fn serving() -> (CancellationToken, fleet::tests::TestFleet, FleetApi) {
+        let shutdown = CancellationToken::new();
+        let test = fleet::tests::start(fleet_settings(), fleet::Restored::default(), &shutdown);
+        let api = FleetApi::new(test.handle.clone(), test.bus.clone(), Default::default());
+        (shutdown, test, api)
+    }
+
     #[tokio::test]
     async fn a_watcher_that_cannot_keep_up_is_dropped_with_resource_exhausted() {
-        let shutdown = CancellationToken::new();
-        let fleet::tests::TestFleet {
-            handle,
-            actor: _actor,
-            bus,
-            ..
-        } = fleet::tests::start(fleet_settings(), fleet::Restored::default(), &shutdown);
+        let (shutdown, fleet::tests::TestFleet { handle, bus, .. }, api) = serving();
         let first = bus.last_sequence() + 1;
-        let api = FleetApi::new(handle.clone(), bus, Default::default());
         let mut stream = api
             .watch_events(Request::new(pb::WatchEventsRequest::default()))
             .await
@@ -201,11 +202,7 @@ mod tests {
 
     #[tokio::test]
     async fn watchers_are_told_when_the_orchestrator_shuts_down() {
-        let shutdown = CancellationToken::new();
-        let fleet::tests::TestFleet {
-            handle, actor, bus, ..
-        } = fleet::tests::start(fleet_settings(), fleet::Restored::default(), &shutdown);
-        let api = FleetApi::new(handle, bus.clone(), Default::default());
+        let (shutdown, fleet::tests::TestFleet { actor, bus, .. }, api) = serving();
         let mut stream = api
             .watch_events(Request::new(pb::WatchEventsRequest::default()))
             .await
@@ -221,14 +218,7 @@ mod tests {
 
     #[tokio::test]
     async fn list_then_watch_from_its_sequence_replays_what_came_after() {
-        let shutdown = CancellationToken::new();
-        let fleet::tests::TestFleet {
-            handle,
-            actor: _actor,
-            bus,
-            ..
-        } = fleet::tests::start(fleet_settings(), fleet::Restored::default(), &shutdown);
-        let api = FleetApi::new(handle.clone(), bus.clone(), Default::default());
+        let (shutdown, fleet::tests::TestFleet { handle, .. }, api) = serving();
         let (tx, _) = tokio::sync::mpsc::unbounded_channel();
         let early = node_info();
         handle.connect(early.clone(), tx, clock::now()).await.unwrap();
