@@ -1,5 +1,6 @@
 //! Compiles `proto/secbeat/v1/*.proto` into `OUT_DIR` once, for every crate in the
-//! workspace, together with the descriptor set that server reflection serves.
+//! workspace, together with the descriptor set that server reflection serves; and
+//! the client half of etcd's v3 API (`proto/etcd/`) for the orchestrator's etcd backend.
 
 use std::{env, path::PathBuf};
 
@@ -8,6 +9,8 @@ const PROTOS: &[&str] = &[
     "proto/secbeat/v1/fleet.proto",
     "proto/secbeat/v1/prediction.proto",
 ];
+
+const ETCD_PROTOS: &[&str] = &["proto/etcd/kv.proto", "proto/etcd/rpc.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // A `protoc` from the environment (e.g. Debian's protobuf-compiler) wins; otherwise
@@ -30,5 +33,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .codec_path("crate::codec::CompactCodec")
         .file_descriptor_set_path(out_dir.join("secbeat_v1_descriptor.bin"))
         .compile_protos(PROTOS, &["proto"])?;
+    // etcd's v3 API (client side only), for the orchestrator's etcd backend: built
+    // here with the same protoc, so no second protoc and no second tonic.
+    tonic_prost_build::configure()
+        .build_transport(false)
+        .build_server(false)
+        .compile_protos(ETCD_PROTOS, &["proto"])?;
     Ok(())
 }

@@ -2,6 +2,7 @@
 //!
 //! - [`pb`]: the `secbeat.v1` protobuf messages and gRPC clients/servers, generated
 //!   from `proto/secbeat/v1/` by the root `build.rs` into `OUT_DIR`.
+//! - [`etcdpb`]: the client half of etcd's v3 API, for the orchestrator's etcd backend.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors for server reflection.
 //! - `process` (feature `process`): logging and signal handling shared by the
 //!   binaries' `main`s.
@@ -36,6 +37,19 @@ pub mod wire;
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
     tonic::include_proto!("secbeat.v1");
+}
+
+/// etcd's v3 API (KV, Watch, Lease clients), generated from `proto/etcd/`.
+#[allow(clippy::all, missing_docs)]
+pub mod etcdpb {
+    /// etcd's key-value records and watch events.
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    /// etcd's KV, Watch and Lease services and their messages.
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
 }
 
 /// Encoded `FileDescriptorSet` of `secbeat.v1`, for gRPC server reflection.

@@ -65,7 +65,10 @@ pub enum Kind {
     Bool,
     /// Text that is never shown (`--help` hides the environment's value).
     Secret,
-    /// A table of its own keys (`[tls]`).
+    /// A list of text values (TOML array; one comma-separated flag or variable,
+    /// and the flag may repeat).
+    List,
+    /// A table of its own keys (`[tls]`, `[etcd_tls]`).
     Table,
 }
 
@@ -218,6 +221,29 @@ config_keys! {
 }
 
 config_keys! {
+    /// The `[etcd_tls]` table: how the orchestrator proves itself to etcd and
+    /// checks etcd's certificate (use https:// endpoints with it).
+    #[derive(Debug)]
+    struct EtcdTlsConfig, table ETCD_TLS_KEYS;
+
+    /// CA (PEM) that etcd's server certificates must chain to.
+    ca: Option<PathBuf> = None, Text "FILE", serde(skip_serializing_if = "Option::is_none");
+    /// Client certificate (PEM) for etcd's --client-cert-auth.
+    cert: Option<PathBuf> = None, Text "FILE", serde(skip_serializing_if = "Option::is_none");
+    /// Client private key (PEM).
+    key: Option<PathBuf> = None, Text "FILE", serde(skip_serializing_if = "Option::is_none");
+}
+
+/// The keys of a table key (`tls`, `etcd_tls`).
+pub fn table_keys(name: &str) -> &'static [Key] {
+    match name {
+        "tls" => TLS_KEYS,
+        "etcd_tls" => ETCD_TLS_KEYS,
+        other => unreachable!("{other} is not a table key"),
+    }
+}
+
+config_keys! {
     /// The orchestrator's configuration. Field names are the TOML keys.
     #[derive(Debug)]
     struct Config, table KEYS;
@@ -349,6 +375,27 @@ config_keys! {
     /// TLS on the gRPC listener (`secbeat-orchestrator certs init` makes a
     /// development set).
     tls: TlsConfig = TlsConfig::default(), Table "";
+
+    section "high availability (etcd; README, High availability)";
+    /// etcd client URLs (http://host:2379, https:// with [etcd_tls]). Set: the
+    /// orchestrators sharing them elect one fenced leader and keep the fleet's state
+    /// in etcd. Empty: one orchestrator on the embedded store in state_dir.
+    etcd_endpoints: Vec<String> = Vec::new(), List "URLS";
+    /// Key prefix of this fleet in etcd (several fleets may share one etcd, each
+    /// under its own prefix); starts and ends with '/'.
+    etcd_prefix: String = "/secbeat/".to_owned(), Text "PREFIX";
+    /// Leader lease, whole seconds: a leader that cannot renew it for this long
+    /// stops acting, and a standby takes over within about this time.
+    leader_lease_ttl: Duration = Duration::from_secs(5), Float "SECS", serde(with = "seconds");
+    /// Deadline of one etcd request, seconds (each call has its own; an endpoint
+    /// that misses it is left for the next one).
+    etcd_request_timeout: Duration = Duration::from_secs(2), Float "SECS", serde(with = "seconds");
+    /// The URL agents and operators reach this orchestrator's gRPC API at, handed
+    /// out as the secbeat-leader hint. Default: derived from grpc_listen (the host
+    /// name when it listens on every address; https with [tls]).
+    advertise_url: Option<String> = None, Text "URL", serde(skip_serializing_if = "Option::is_none");
+    /// TLS to etcd.
+    etcd_tls: EtcdTlsConfig = EtcdTlsConfig::default(), Table "";
 }
 
 impl std::fmt::Debug for ConfigFlags {
@@ -380,7 +427,7 @@ fn flags() -> Vec<Flag> {
     let mut flags = Vec::new();
     for key in KEYS {
         if key.kind == Kind::Table {
-            for inner in TLS_KEYS {
+            for inner in table_keys(key.name) {
                 flags.push(Flag {
                     path: vec![key.name, inner.name],
                     key: inner,
@@ -403,6 +450,12 @@ fn default_text(defaults: &toml::Table, path: &[&str]) -> String {
     match lookup(defaults, path) {
         Some(toml::Value::String(text)) => text.clone(),
         Some(toml::Value::Float(number)) => format!("{number}"),
+        Some(toml::Value::Array(items)) if items.is_empty() => "none".to_owned(),
+        Some(toml::Value::Array(items)) => items
+            .iter()
+            .map(|item| item.as_str().map_or_else(|| item.to_string(), str::to_owned))
+            .collect::<Vec<_>>()
+            .join(","),
         Some(other) => other.to_string(),
         None => "none".to_owned(),
     }
@@ -434,6 +487,7 @@ impl clap::Args for ConfigFlags {
                 Kind::Float => arg.value_parser(clap::value_parser!(f64)),
                 Kind::Bool => arg.value_parser(clap::value_parser!(bool)),
                 Kind::Secret => arg.hide_env_values(true),
+                Kind::List => arg.value_delimiter(',').action(clap::ArgAction::Append),
                 Kind::Text | Kind::Table => arg,
             };
             command = command.arg(arg);
@@ -459,6 +513,15 @@ impl clap::FromArgMatches for ConfigFlags {
                 Kind::Text | Kind::Secret | Kind::Table => matches
                     .get_one::<String>(&flag.id)
                     .map(|v| toml::Value::String(v.clone())),
+                Kind::List => matches.get_many::<String>(&flag.id).map(|values| {
+                    toml::Value::Array(
+                        values
+                            .map(|v| v.trim())
+                            .filter(|v| !v.is_empty())
+                            .map(|v| toml::Value::String(v.to_owned()))
+                            .collect(),
+                    )
+                }),
             };
             if let Some(value) = value {
                 given.push((flag.path, value));
@@ -622,6 +685,7 @@ impl Config {
             ));
         }
         self.validate_security()?;
+        self.validate_high_availability()?;
         let fraction = self.mass_failure_fraction;
         if !(fraction > 0.0 && fraction <= 1.0) {
             return Err(ConfigError::new(
@@ -637,6 +701,132 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    fn validate_high_availability(&self) -> Result<(), ConfigError> {
+        let prefix = &self.etcd_prefix;
+        if !prefix.starts_with('/')
+            || !prefix.ends_with('/')
+            || prefix.len() > 128
+            || prefix.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(ConfigError::new(
+                "etcd_prefix",
+                format!(
+                    "{prefix:?} must start and end with '/', hold no spaces or control characters and be at most 128 bytes (e.g. /secbeat/ or /secbeat/eu-west/)"
+                ),
+            ));
+        }
+        let ttl = self.leader_lease_ttl;
+        if ttl.subsec_nanos() != 0 || !(2..=60).contains(&ttl.as_secs()) {
+            return Err(ConfigError::new(
+                "leader_lease_ttl",
+                format!(
+                    "{}s must be a whole number of seconds from 2 to 60 (etcd leases count whole seconds)",
+                    ttl.as_secs_f64()
+                ),
+            ));
+        }
+        if self.etcd_request_timeout.is_zero() || self.etcd_request_timeout >= ttl {
+            return Err(ConfigError::new(
+                "etcd_request_timeout",
+                format!(
+                    "must be greater than zero and shorter than leader_lease_ttl ({}s), or one slow call outlives the lease",
+                    ttl.as_secs()
+                ),
+            ));
+        }
+        let tls = &self.etcd_tls;
+        for endpoint in &self.etcd_endpoints {
+            let scheme = endpoint.split_once("://").map(|(scheme, _)| scheme);
+            let host = endpoint
+                .split_once("://")
+                .map(|(_, rest)| rest.trim_end_matches('/'));
+            let valid = matches!(scheme, Some("http" | "https"))
+                && host.is_some_and(|host| !host.is_empty() && !host.contains('/'))
+                && endpoint.parse::<axum::http::Uri>().is_ok();
+            if !valid {
+                return Err(ConfigError::new(
+                    "etcd_endpoints",
+                    format!("{endpoint:?} is not an etcd client URL (http://host:2379 or https://host:2379)"),
+                ));
+            }
+            if scheme == Some("https") && tls.ca.is_none() {
+                return Err(ConfigError::new(
+                    "etcd_tls.ca",
+                    format!("{endpoint} is https: set etcd_tls.ca to the CA of etcd's certificates"),
+                ));
+            }
+            if scheme == Some("http") && (tls.ca.is_some() || tls.cert.is_some()) {
+                return Err(ConfigError::new(
+                    "etcd_endpoints",
+                    format!("{endpoint} is plain http but [etcd_tls] is set: use https:// endpoints"),
+                ));
+            }
+        }
+        match (&tls.cert, &tls.key) {
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "etcd_tls.key",
+                    "etcd_tls.cert is set, etcd_tls.key is not",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "etcd_tls.cert",
+                    "etcd_tls.key is set, etcd_tls.cert is not",
+                ));
+            }
+            _ => {}
+        }
+        for (key, path) in [
+            ("etcd_tls.ca", &tls.ca),
+            ("etcd_tls.cert", &tls.cert),
+            ("etcd_tls.key", &tls.key),
+        ] {
+            if let Some(path) = path
+                && let Err(error) = std::fs::metadata(path)
+            {
+                return Err(ConfigError::new(key, format!("{}: {error}", path.display())));
+            }
+        }
+        if let Some(url) = &self.advertise_url {
+            let valid = (url.starts_with("http://") || url.starts_with("https://"))
+                && url
+                    .parse::<axum::http::Uri>()
+                    .is_ok_and(|uri| uri.host().is_some())
+                && !url.chars().any(|c| c.is_control() || c.is_whitespace());
+            if !valid {
+                return Err(ConfigError::new(
+                    "advertise_url",
+                    format!("{url:?} is not a URL agents can dial (http://host:port or https://host:port)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the orchestrators share state in etcd (else: the embedded store).
+    pub fn high_availability(&self) -> bool {
+        !self.etcd_endpoints.is_empty()
+    }
+
+    /// The URL agents reach this orchestrator at: `advertise_url`, or one derived
+    /// from `grpc_listen` (`bound` is the address actually bound, for port 0).
+    pub fn advertise_url(&self, bound: SocketAddr) -> String {
+        if let Some(url) = &self.advertise_url {
+            return url.clone();
+        }
+        let scheme = if self.tls.cert.is_some() { "https" } else { "http" };
+        let host = if bound.ip().is_unspecified() {
+            hostname()
+        } else {
+            match bound.ip() {
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                ip => ip.to_string(),
+            }
+        };
+        format!("{scheme}://{host}:{}", bound.port())
     }
 
     fn validate_security(&self) -> Result<(), ConfigError> {
@@ -816,7 +1006,7 @@ pub fn example_toml() -> String {
                 let _ = writeln!(out, "#{line}");
             }
             let _ = writeln!(out, "[{}]", key.name);
-            for inner in TLS_KEYS {
+            for inner in table_keys(key.name) {
                 write_key(&mut out, inner, &[key.name, inner.name]);
             }
         } else {
@@ -824,6 +1014,15 @@ pub fn example_toml() -> String {
         }
     }
     out
+}
+
+/// This machine's host name (for an advertise URL on a wildcard listener).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 fn lookup<'a>(table: &'a toml::Table, path: &[&str]) -> Option<&'a toml::Value> {
@@ -1043,10 +1242,20 @@ mod generated {
         let command = ConfigFlags::augment_args(clap::Command::new("orchestrator"));
         let mut ids: Vec<String> = names
             .iter()
-            .filter(|name| **name != "tls")
+            .filter(|name| **name != "tls" && **name != "etcd_tls")
             .map(|name| name.to_string())
             .collect();
-        ids.extend(["tls_cert", "tls_key", "tls_client_ca"].map(str::to_owned));
+        ids.extend(
+            [
+                "tls_cert",
+                "tls_key",
+                "tls_client_ca",
+                "etcd_tls_ca",
+                "etcd_tls_cert",
+                "etcd_tls_key",
+            ]
+            .map(str::to_owned),
+        );
         for id in &ids {
             let arg = command
                 .get_arguments()
@@ -1071,9 +1280,10 @@ mod generated {
                 .nth(1)
                 .and_then(|rest| rest.split(']').next())
                 .unwrap_or_else(|| panic!("--help of {id} states no [default: ...]"));
-            let path: Vec<&str> = match id.strip_prefix("tls_") {
-                Some(inner) => vec!["tls", inner],
-                None => vec![id],
+            let path: Vec<&str> = match (id.strip_prefix("etcd_tls_"), id.strip_prefix("tls_")) {
+                (Some(inner), _) => vec!["etcd_tls", inner],
+                (None, Some(inner)) => vec!["tls", inner],
+                (None, None) => vec![id],
             };
             match lookup(&defaults, &path) {
                 None => assert_eq!(documented, "none", "--help of {id}"),
@@ -1083,6 +1293,7 @@ mod generated {
                         toml::Value::Integer(value) => documented.parse::<i64>().ok() == Some(*value),
                         toml::Value::String(value) => documented == value,
                         toml::Value::Boolean(value) => documented.parse::<bool>().ok() == Some(*value),
+                        toml::Value::Array(items) if items.is_empty() => documented == "none",
                         _ => false,
                     };
                     assert!(same, "--help of {id} says {documented}, the default is {actual}");

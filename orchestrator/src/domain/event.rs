@@ -47,11 +47,15 @@ pub enum EventKind {
     WebhookFailed,
     /// A webhook outlived `webhook_max_age` and was moved to the dead letters.
     WebhookDeadLettered,
+    /// This orchestrator became the leader (first event of a term).
+    LeaderElected,
+    /// This orchestrator stopped leading (last event of a term).
+    LeaderLost,
 }
 
 impl EventKind {
     /// Every kind, for tests and exhaustive tables.
-    pub const ALL: [EventKind; 18] = [
+    pub const ALL: [EventKind; 20] = [
         EventKind::NodeJoined,
         EventKind::NodeReconnected,
         EventKind::NodeSuspected,
@@ -70,6 +74,8 @@ impl EventKind {
         EventKind::WebhookDelivered,
         EventKind::WebhookFailed,
         EventKind::WebhookDeadLettered,
+        EventKind::LeaderElected,
+        EventKind::LeaderLost,
     ];
 }
 

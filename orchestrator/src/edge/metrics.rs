@@ -112,6 +112,14 @@ pub struct Metrics {
     pub build_info: Family<VersionLabel, Gauge>,
     /// Failed accepts on the gRPC listener (descriptor exhaustion backs off).
     pub accept_errors: Counter,
+    /// 1 while this orchestrator leads (always with the embedded store), 0 on a standby.
+    pub leader: Gauge,
+    /// Times this orchestrator became or stopped being the leader.
+    pub leader_changes: Counter,
+    /// Latency of etcd transactions (fenced writes, campaigns), seconds.
+    pub etcd_txn_seconds: Histogram,
+    /// etcd requests that failed (each is retried on the next endpoint or later).
+    pub etcd_errors: Counter,
 }
 
 /// A `version` label.
@@ -130,6 +138,11 @@ const LATENESS_BUCKETS: [f64; 12] = [
 const HANDLING_BUCKETS: [f64; 16] = [
     0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
     0.25, 0.5, 1.0,
+];
+
+/// Buckets of the etcd transaction latency histogram, seconds: 0.5 ms to 5 s.
+const ETCD_BUCKETS: [f64; 13] = [
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
 /// A `decision` label.
@@ -187,6 +200,10 @@ impl Metrics {
             agent_sessions: Counter::default(),
             build_info: Family::default(),
             accept_errors: Counter::default(),
+            leader: Gauge::default(),
+            leader_changes: Counter::default(),
+            etcd_txn_seconds: Histogram::new(ETCD_BUCKETS),
+            etcd_errors: Counter::default(),
         };
         // Counter names get `_total` appended on export.
         let r = &mut registry;
@@ -269,6 +286,26 @@ impl Metrics {
             "orchestrator_webhook_outbox_oldest_age_seconds",
             "Age of the oldest webhook waiting for delivery (0 when none)",
             metrics.webhook_outbox_oldest_age_seconds.clone(),
+        );
+        r.register(
+            "orchestrator_leader",
+            "1 while this orchestrator is the leader (always on the embedded store), 0 on a standby",
+            metrics.leader.clone(),
+        );
+        r.register(
+            "orchestrator_leader_changes",
+            "Times this orchestrator became or stopped being the leader",
+            metrics.leader_changes.clone(),
+        );
+        r.register(
+            "orchestrator_etcd_txn_seconds",
+            "Latency of etcd transactions (fenced writes and campaigns)",
+            metrics.etcd_txn_seconds.clone(),
+        );
+        r.register(
+            "orchestrator_etcd_errors",
+            "etcd requests that failed (retried on the next endpoint or later)",
+            metrics.etcd_errors.clone(),
         );
         r.register(
             "orchestrator_nodes",

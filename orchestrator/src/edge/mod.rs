@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod certs;
+pub mod etcd;
 pub mod grpc;
 pub mod http;
 pub mod listener;

@@ -609,7 +609,9 @@ fn log_event(event: &FleetEvent) {
         | EventKind::ScaleDecided
         | EventKind::WebhookDelivered
         | EventKind::WebhookFailed
-        | EventKind::WebhookDeadLettered => {}
+        | EventKind::WebhookDeadLettered
+        | EventKind::LeaderElected
+        | EventKind::LeaderLost => {}
     }
 }
 

@@ -79,6 +79,14 @@ pub struct PredictionHandle {
 }
 
 impl PredictionHandle {
+    /// A handle that never sees a prediction (tests of the other services).
+    #[cfg(test)]
+    pub(crate) fn none() -> Self {
+        let (_, latest) = watch::channel(None);
+        let (updates, _) = broadcast::channel(1);
+        Self { latest, updates }
+    }
+
     /// The latest prediction, if a check has run.
     pub fn latest(&self) -> Option<Arc<Prediction>> {
         self.latest.borrow().clone()

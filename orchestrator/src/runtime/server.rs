@@ -1,5 +1,11 @@
-//! Wiring: binds the listeners, starts the fleet actor, serves gRPC (with health
-//! and reflection v1 + v1alpha) and HTTP, and shuts all of it down gracefully.
+//! Wiring: binds the listeners, serves gRPC (with health and reflection v1 +
+//! v1alpha) and HTTP, runs leader terms, and shuts all of it down gracefully.
+//!
+//! The listeners live as long as the process. What only the leader may run (the
+//! fleet actor with the agent streams, the scaling loop, the webhook sender, the
+//! store writer) lives in a *term* ([`RunningTerm`]): started when this process is
+//! elected, stopped the moment the term ends. With the embedded store the process
+//! is elected once, at start; with etcd the [`coordinator`] says when.
 
 use std::{io, net::SocketAddr, path::PathBuf};
 
@@ -9,11 +15,18 @@ use secbeat::pb::{
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     config::{Config, Token},
+    domain::event::{EventKind, FleetEvent},
     edge::auth::Authority,
+    edge::etcd::{
+        self, LeaderInfo,
+        client::{EtcdClient, EtcdTls},
+        coordinator::{self, CoordinatorSettings, RoleChange},
+        store::EtcdStore,
+    },
     edge::grpc::{
         agent_service::{AgentApi, StreamLimits},
         fleet_service::FleetApi,
@@ -26,6 +39,7 @@ use crate::{
     edge::webhook::sender::{self, SenderError, SenderOutputs, SenderSettings},
     runtime::bus::{self, EventBus},
     runtime::fleet::{self, FleetSettings, Outputs, Restored},
+    runtime::role::{self, Leading, NotLeader, RoleSender, Term},
     runtime::scaling_loop::{self, ScalingOutputs, ScalingSettings},
 };
 
@@ -63,6 +77,9 @@ pub enum ServeError {
     /// The state store could not be opened or read.
     #[error("state_dir: {0}")]
     Store(#[from] StoreError),
+    /// The etcd client could not be set up (a bad endpoint, unreadable TLS files).
+    #[error("{0}")]
+    Etcd(#[from] etcd::client::EtcdError),
     /// The webhook client could not be built.
     #[error(transparent)]
     Webhook(#[from] SenderError),
@@ -83,31 +100,50 @@ pub struct Orchestrator {
     config: Config,
     grpc: TcpListener,
     http: TcpListener,
-    store: RedbStore,
-    stored: StoredState,
+    backend: Backend,
+    metrics: Metrics,
+}
+
+/// Where durable state lives.
+#[derive(Debug)]
+enum Backend {
+    /// The embedded store, opened and read at bind (a bad file fails the start).
+    Embedded(Box<RedbStore>, StoredState),
+    /// etcd, shared with the other orchestrators.
+    Etcd(EtcdClient),
 }
 
 impl Orchestrator {
-    /// Opens the state store (creating `state_dir` if needed), loads what the last
-    /// run left, and binds both listeners (port 0 picks a free one).
+    /// Opens the state store (creating `state_dir` if needed) and loads what the
+    /// last run left, or sets up the etcd client; then binds both listeners (port 0
+    /// picks a free one).
     pub async fn bind(config: Config) -> Result<Self, ServeError> {
-        std::fs::create_dir_all(&config.state_dir).map_err(|source| ServeError::StateDir {
-            path: config.state_dir.clone(),
-            source,
-        })?;
-        let mut store = RedbStore::open(&config.state_dir)?;
-        let mut stored = store.load()?;
-        // A new event epoch for this run, durable before any event is numbered.
-        stored.event_epoch += 1;
-        store.apply(&[Write::PutEventEpoch(stored.event_epoch)])?;
+        let metrics = Metrics::new();
+        let backend = if config.high_availability() {
+            let tls = etcd_tls(&config)?;
+            Backend::Etcd(EtcdClient::new(
+                &config.etcd_endpoints,
+                tls,
+                config.etcd_request_timeout,
+                metrics.clone(),
+            )?)
+        } else {
+            std::fs::create_dir_all(&config.state_dir).map_err(|source| ServeError::StateDir {
+                path: config.state_dir.clone(),
+                source,
+            })?;
+            let store = RedbStore::open(&config.state_dir)?;
+            let stored = store.load()?;
+            Backend::Embedded(Box::new(store), stored)
+        };
         let grpc = bind("grpc_listen", config.grpc_listen).await?;
         let http = bind("http_listen", config.http_listen).await?;
         Ok(Self {
             config,
             grpc,
             http,
-            store,
-            stored,
+            backend,
+            metrics,
         })
     }
 
@@ -129,8 +165,8 @@ impl Orchestrator {
             config,
             grpc,
             http,
-            store,
-            stored,
+            backend,
+            metrics,
         } = self;
         let grpc_addr = grpc.local_addr().map_err(|source| ServeError::Bind {
             key: "grpc_listen",
@@ -145,14 +181,11 @@ impl Orchestrator {
         if !grpc_addr.ip().is_loopback() && config.tls.cert.is_none() {
             warn!(addr = %grpc_addr, "INSECURE: grpc api listening beyond loopback WITHOUT TLS (allow_insecure = true): anyone who reaches this port can act as a node or an operator");
         }
-
-        let metrics = Metrics::new();
-        // The one event bus: the fleet actor, the scaling loop and the webhook
-        // sender publish on it; WatchEvents reads it.
-        let events = EventBus::new(
-            bus::first_sequence(stored.event_epoch),
-            config.event_history_size as usize,
-        );
+        if config.webhook_secret.is_none() {
+            warn!(
+                "webhook_secret is not set: webhooks are sent UNSIGNED and receivers cannot tell them from forgeries (set SECBEAT_WEBHOOK_SECRET)"
+            );
+        }
         let open_files = listener::raise_open_files_limit(config.max_nodes);
         let connection_limits = listener::ConnectionLimits {
             handshake_timeout: config.connection_handshake_timeout,
@@ -161,79 +194,11 @@ impl Orchestrator {
             // Agents may use every descriptor but those kept for HTTP and the rest.
             total: listener::agent_descriptors(open_files),
         };
-        let (committed_tx, committed) = tokio::sync::mpsc::unbounded_channel();
-        let (store, store_health, store_thread) = writer::spawn(Box::new(store), committed_tx);
-        if config.webhook_secret.is_none() {
-            warn!(
-                "webhook_secret is not set: webhooks are sent UNSIGNED and receivers cannot tell them from forgeries (set SECBEAT_WEBHOOK_SECRET)"
-            );
-        }
-        if stored.dead_letters > 0 {
-            warn!(
-                dead_letters = stored.dead_letters,
-                "the state store holds webhooks that were given up on after webhook_max_age"
-            );
-        }
-        let sender_settings = SenderSettings {
-            url: config.provisioning_webhook_url.clone(),
-            secret: config.webhook_secret.clone(),
-            timeout: config.webhook_timeout,
-            retry_initial: config.webhook_retry_initial,
-            retry_max: config.webhook_retry_max,
-            max_age: config.webhook_max_age,
-        };
-        let sender = sender::spawn(
-            sender_settings,
-            stored.outbox,
-            committed,
-            SenderOutputs {
-                store: store.clone(),
-                metrics: metrics.clone(),
-                bus: events.clone(),
-                store_health: store_health.clone(),
-            },
-            shutdown.clone(),
-        )?;
-        let settings = FleetSettings {
-            lifecycle: config.lifecycle(),
-            heartbeat_interval: config.heartbeat_interval,
-            healing: config.healing(),
-            restart_reconnect_grace: config.restart_reconnect_grace,
-            max_nodes: config.max_nodes,
-        };
-        let restored = Restored {
-            nodes: stored.nodes,
-            heals: stored.heals,
-        };
-        let outputs = Outputs {
-            store: store.clone(),
-            metrics: metrics.clone(),
-            bus: events.clone(),
-        };
-        let (fleet, actor) = fleet::spawn(settings, restored, outputs, shutdown.clone());
-        let scaling_settings = ScalingSettings {
-            interval: config.scaling_check_interval_seconds,
-            forecast: config.forecast(),
-            policy: config.scaling(),
-        };
-        let (predictions, scaling_task) = scaling_loop::spawn(
-            scaling_settings,
-            stored.history,
-            fleet.clone(),
-            ScalingOutputs {
-                store,
-                metrics: metrics.clone(),
-                bus: events.clone(),
-            },
-            shutdown.clone(),
-        );
+        let (role_sender, role) = role::channel();
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<AgentServiceServer<AgentApi>>().await;
-        health.set_serving::<FleetServiceServer<FleetApi>>().await;
-        health
-            .set_serving::<PredictionServiceServer<PredictionApi>>()
-            .await;
+        let health = Health(health);
+        health.set(false).await;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(secbeat::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -279,7 +244,7 @@ impl Orchestrator {
             .add_service(reflection_v1alpha)
             .add_service(
                 AgentServiceServer::new(AgentApi::new(
-                    fleet.clone(),
+                    role.clone(),
                     limits,
                     authority.clone(),
                     metrics.clone(),
@@ -287,12 +252,11 @@ impl Orchestrator {
                 .max_decoding_message_size(config.max_message_bytes as usize),
             )
             .add_service(FleetServiceServer::new(FleetApi::new(
-                fleet.clone(),
-                events.clone(),
+                role.clone(),
                 authority.clone(),
             )))
             .add_service(PredictionServiceServer::new(PredictionApi::new(
-                predictions.clone(),
+                role.clone(),
                 authority.clone(),
             )))
             .serve_with_incoming_shutdown(
@@ -308,46 +272,34 @@ impl Orchestrator {
         let http_server = axum::serve(
             listener::HttpListener::new(http, metrics.clone(), http_limits),
             http::router(http::AppState {
-                fleet,
-                metrics,
-                predictions,
+                role: role.clone(),
+                metrics: metrics.clone(),
                 authority: authority.clone(),
-                store: store_health,
             }),
         )
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
         info!(addr = %grpc_addr, "grpc api listening");
         info!(addr = %http_addr, "http api listening");
-        info!(
-            heartbeat_interval_s = config.heartbeat_interval.as_secs_f64(),
-            heartbeat_timeout_s = config.heartbeat_timeout.as_secs_f64(),
-            dead_node_check_interval_s = config.dead_node_check_interval.as_secs_f64(),
-            required_consecutive_failures = config.required_consecutive_failures,
-            scaling_check_interval_s = config.scaling_check_interval_seconds.as_secs_f64(),
-            scaling_mode = ?config.scaling_mode,
-            forecast_model = %config.forecast_model,
-            state_dir = %config.state_dir.display(),
-            "orchestrator ready"
-        );
-
         let grpc_task = tokio::spawn(grpc_server);
         let http_task = tokio::spawn(async move { http_server.await.map_err(ServeError::Http) });
 
-        shutdown.cancelled().await;
-        info!("shutting down: closing agent streams and draining calls");
-        health.set_not_serving::<AgentServiceServer<AgentApi>>().await;
+        let advertise_url = config.advertise_url(grpc_addr);
+        let terms = Terms {
+            config: &config,
+            metrics: &metrics,
+            role: role_sender,
+            health,
+            advertise_url,
+        };
+        match backend {
+            Backend::Embedded(store, stored) => terms.embedded(*store, stored, &shutdown).await?,
+            Backend::Etcd(client) => terms.elected_on_etcd(client, &shutdown).await,
+        }
+
+        info!("shutting down: draining calls");
         let drained = tokio::time::timeout(config.shutdown_timeout, async {
-            let _ = actor.await;
-            let _ = scaling_task.await;
-            let _ = sender.await;
-            // Every publisher has stopped: end the event watchers.
-            events.close();
-            let grpc = grpc_task.await;
-            let http = http_task.await;
-            // Every writer handle is gone now: the writer finishes what is queued.
-            let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
-            (grpc, http)
+            (grpc_task.await, http_task.await)
         })
         .await;
         match drained {
@@ -361,8 +313,346 @@ impl Orchestrator {
                 "shutdown timed out with calls still open; exiting anyway"
             ),
         }
+        drop(role);
         Ok(())
     }
+}
+
+/// Health as gRPC health checks see it: the three services serve on the leader
+/// and not on a standby (a load balancer's check of `secbeat.v1.AgentService`
+/// finds the leader).
+#[derive(Clone)]
+struct Health(tonic_health::server::HealthReporter);
+
+impl Health {
+    async fn set(&self, serving: bool) {
+        let reporter = &self.0;
+        if serving {
+            reporter.set_serving::<AgentServiceServer<AgentApi>>().await;
+            reporter.set_serving::<FleetServiceServer<FleetApi>>().await;
+            reporter
+                .set_serving::<PredictionServiceServer<PredictionApi>>()
+                .await;
+        } else {
+            reporter.set_not_serving::<AgentServiceServer<AgentApi>>().await;
+            reporter.set_not_serving::<FleetServiceServer<FleetApi>>().await;
+            reporter
+                .set_not_serving::<PredictionServiceServer<PredictionApi>>()
+                .await;
+        }
+    }
+}
+
+/// Starts and stops leader terms as the role changes.
+struct Terms<'a> {
+    config: &'a Config,
+    metrics: &'a Metrics,
+    role: RoleSender,
+    health: Health,
+    advertise_url: String,
+}
+
+impl Terms<'_> {
+    /// The embedded store: one term, from now to shutdown.
+    async fn embedded(
+        &self,
+        mut store: RedbStore,
+        mut stored: StoredState,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ServeError> {
+        // A new event epoch for this run, durable before any event is numbered.
+        stored.event_epoch += 1;
+        store.apply(&[Write::PutEventEpoch(stored.event_epoch)])?;
+        let term = Term::new(0, shutdown);
+        let running = self.start(term, Box::new(store), stored)?;
+        info!(
+            state_dir = %self.config.state_dir.display(),
+            "orchestrator ready (embedded store: this orchestrator leads)"
+        );
+        shutdown.cancelled().await;
+        self.stop(running).await;
+        Ok(())
+    }
+
+    /// etcd: campaign, lead while elected, stand by otherwise.
+    async fn elected_on_etcd(&self, client: EtcdClient, shutdown: &CancellationToken) {
+        let settings = CoordinatorSettings {
+            prefix: self.config.etcd_prefix.clone(),
+            lease_ttl: self.config.leader_lease_ttl,
+            me: LeaderInfo {
+                url: self.advertise_url.clone(),
+                fleet: etcd::fleet_fingerprint(&self.config.provisioning_webhook_url),
+            },
+        };
+        info!(
+            endpoints = %self.config.etcd_endpoints.join(","), prefix = %settings.prefix,
+            advertise_url = %self.advertise_url, lease_ttl_s = settings.lease_ttl.as_secs(),
+            "orchestrator ready (etcd): campaigning for leadership"
+        );
+        let (mut changes, coordinator) = coordinator::spawn(client.clone(), settings, shutdown.clone());
+        let mut running: Option<RunningTerm> = None;
+        loop {
+            let ended = async {
+                match &running {
+                    Some(term) => term.term.ended().cancelled().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                change = changes.recv() => match change {
+                    Some(RoleChange::Elected(term)) => {
+                        if let Some(previous) = running.take() {
+                            self.stop(previous).await;
+                        }
+                        running = self.start_on_etcd(&client, term).await;
+                    }
+                    Some(RoleChange::Following { leader, problem }) => {
+                        if let Some(previous) = running.take() {
+                            self.stop(previous).await;
+                        }
+                        self.role.stand_by(NotLeader {
+                            leader: leader.map(|leader| leader.url),
+                            problem,
+                        });
+                    }
+                    None => break,
+                },
+                () = ended => {
+                    // Stop at once; the coordinator's Following comes after.
+                    if let Some(previous) = running.take() {
+                        self.stop(previous).await;
+                    }
+                }
+            }
+        }
+        if let Some(previous) = running.take() {
+            self.stop(previous).await;
+        }
+        let _ = coordinator.await;
+    }
+
+    /// Loads the fleet's state from etcd for a new term and starts it; a term that
+    /// cannot load is ended (the coordinator campaigns again).
+    async fn start_on_etcd(&self, client: &EtcdClient, term: Term) -> Option<RunningTerm> {
+        let mut store = EtcdStore::new(
+            client.clone(),
+            self.config.etcd_prefix.clone(),
+            term.clone(),
+            tokio::runtime::Handle::current(),
+        );
+        let loaded = async {
+            let mut stored = store.load_async().await?;
+            stored.event_epoch += 1;
+            store
+                .apply_async(&[Write::PutEventEpoch(stored.event_epoch)])
+                .await?;
+            Ok::<_, StoreError>(stored)
+        }
+        .await;
+        let stored = match loaded {
+            Ok(stored) => stored,
+            Err(error) => {
+                error!(%error, "elected, but the fleet's state could not be loaded from etcd; stepping down");
+                term.end(format!("could not load state: {error}"));
+                return None;
+            }
+        };
+        match self.start(term.clone(), Box::new(store), stored) {
+            Ok(running) => Some(running),
+            Err(error) => {
+                error!(%error, "elected, but the term could not start; stepping down");
+                term.end(format!("could not start: {error}"));
+                None
+            }
+        }
+    }
+
+    /// Starts a term's leader-only parts on `store` from `stored`, and leads.
+    fn start(
+        &self,
+        term: Term,
+        store: Box<dyn Store>,
+        stored: StoredState,
+    ) -> Result<RunningTerm, ServeError> {
+        let config = self.config;
+        let metrics = self.metrics;
+        let stop = term.ended().clone();
+        let events = EventBus::new(
+            bus::first_sequence(stored.event_epoch),
+            config.event_history_size as usize,
+        );
+        let (committed_tx, committed) = tokio::sync::mpsc::unbounded_channel();
+        let (store, store_health, store_thread) = writer::spawn(store, committed_tx);
+        if stored.dead_letters > 0 {
+            warn!(
+                dead_letters = stored.dead_letters,
+                "the state store holds webhooks that were given up on after webhook_max_age"
+            );
+        }
+        let sender_settings = SenderSettings {
+            url: config.provisioning_webhook_url.clone(),
+            secret: config.webhook_secret.clone(),
+            timeout: config.webhook_timeout,
+            retry_initial: config.webhook_retry_initial,
+            retry_max: config.webhook_retry_max,
+            max_age: config.webhook_max_age,
+        };
+        let sender = sender::spawn(
+            sender_settings,
+            stored.outbox,
+            committed,
+            SenderOutputs {
+                store: store.clone(),
+                metrics: metrics.clone(),
+                bus: events.clone(),
+                store_health: store_health.clone(),
+            },
+            stop.clone(),
+        )?;
+        let settings = FleetSettings {
+            lifecycle: config.lifecycle(),
+            heartbeat_interval: config.heartbeat_interval,
+            healing: config.healing(),
+            restart_reconnect_grace: config.restart_reconnect_grace,
+            max_nodes: config.max_nodes,
+        };
+        let restored = Restored {
+            nodes: stored.nodes,
+            heals: stored.heals,
+        };
+        let outputs = Outputs {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            bus: events.clone(),
+        };
+        let (fleet, actor) = fleet::spawn(settings, restored, outputs, stop.clone());
+        let scaling_settings = ScalingSettings {
+            interval: config.scaling_check_interval_seconds,
+            forecast: config.forecast(),
+            policy: config.scaling(),
+        };
+        let (predictions, scaling_task) = scaling_loop::spawn(
+            scaling_settings,
+            stored.history,
+            fleet.clone(),
+            ScalingOutputs {
+                store,
+                metrics: metrics.clone(),
+                bus: events.clone(),
+            },
+            stop,
+        );
+        events.publish(FleetEvent::new(
+            EventKind::LeaderElected,
+            format!(
+                "{} leads (fencing token {}, event epoch {})",
+                self.advertise_url, term.token, stored.event_epoch
+            ),
+            std::time::SystemTime::now(),
+        ));
+        let leading = Leading {
+            fleet,
+            predictions,
+            events: events.clone(),
+            store: store_health,
+        };
+        self.role.lead(leading);
+        metrics.leader.set(1);
+        metrics.leader_changes.inc();
+        let health = self.health.clone();
+        tokio::spawn(async move { health.set(true).await });
+        info!(
+            token = term.token,
+            heartbeat_interval_s = config.heartbeat_interval.as_secs_f64(),
+            heartbeat_timeout_s = config.heartbeat_timeout.as_secs_f64(),
+            dead_node_check_interval_s = config.dead_node_check_interval.as_secs_f64(),
+            required_consecutive_failures = config.required_consecutive_failures,
+            scaling_check_interval_s = config.scaling_check_interval_seconds.as_secs_f64(),
+            scaling_mode = ?config.scaling_mode,
+            forecast_model = %config.forecast_model,
+            "leading: accepting agents"
+        );
+        Ok(RunningTerm {
+            term,
+            events,
+            tasks: vec![actor, scaling_task, sender],
+            store_thread,
+        })
+    }
+
+    /// Ends a term: every leader-only part stops (agents' streams end with
+    /// UNAVAILABLE and reconnect to whoever leads), watchers get LEADER_LOST, and
+    /// the writer finishes what it may still write.
+    async fn stop(&self, running: RunningTerm) {
+        let RunningTerm {
+            term,
+            events,
+            tasks,
+            store_thread,
+        } = running;
+        term.end("shutting down");
+        self.role.stand_by(NotLeader::default());
+        self.health.set(false).await;
+        self.metrics.leader.set(0);
+        self.metrics.leader_changes.inc();
+        let reason = term.end_reason();
+        info!(token = term.token, %reason, "leader term ending: closing agent streams");
+        let stopped = tokio::time::timeout(self.config.shutdown_timeout, async {
+            for task in tasks {
+                let _ = task.await;
+            }
+            // Every publisher has stopped: say why, then end the event watchers.
+            events.publish(FleetEvent::new(
+                EventKind::LeaderLost,
+                format!("{} stopped leading: {reason}", self.advertise_url),
+                std::time::SystemTime::now(),
+            ));
+            events.close();
+            // Every writer handle is gone now: the writer finishes what is queued
+            // (a fenced store refuses it and stops).
+            let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
+        })
+        .await;
+        if stopped.is_err() {
+            warn!(
+                timeout_s = self.config.shutdown_timeout.as_secs_f64(),
+                "leader term did not stop within shutdown_timeout; moving on"
+            );
+        }
+    }
+}
+
+/// A term's running parts.
+struct RunningTerm {
+    term: Term,
+    events: EventBus,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    store_thread: std::thread::JoinHandle<()>,
+}
+
+/// The `[etcd_tls]` files, read.
+fn etcd_tls(config: &Config) -> Result<Option<EtcdTls>, ServeError> {
+    let tls = &config.etcd_tls;
+    if tls.ca.is_none() && tls.cert.is_none() {
+        return Ok(None);
+    }
+    let read = |key: &'static str, path: &PathBuf| {
+        std::fs::read(path).map_err(|source| ServeError::Tls {
+            key,
+            path: path.clone(),
+            source,
+        })
+    };
+    let ca = tls
+        .ca
+        .as_ref()
+        .map(|path| read("etcd_tls.ca", path))
+        .transpose()?;
+    let identity = match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => Some((read("etcd_tls.cert", cert)?, read("etcd_tls.key", key)?)),
+        _ => None,
+    };
+    Ok(Some(EtcdTls { ca, identity }))
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {

@@ -29,6 +29,7 @@ use crate::{
     edge::auth::Authority,
     edge::metrics::Metrics,
     runtime::fleet::{FleetHandle, SessionReport, SessionSignal},
+    runtime::role::Role,
 };
 
 /// Outbound messages buffered per stream. Control messages are rare (one Welcome,
@@ -38,7 +39,7 @@ const OUTBOUND_BUFFER: usize = 16;
 /// The `AgentService` implementation.
 #[derive(Debug, Clone)]
 pub struct AgentApi {
-    fleet: FleetHandle,
+    role: Role,
     limits: StreamLimits,
     authority: Authority,
     metrics: Metrics,
@@ -56,11 +57,12 @@ pub struct StreamLimits {
 }
 
 impl AgentApi {
-    /// A service that registers sessions with `fleet`, holding each stream to
+    /// A service that registers sessions with the leader term's fleet actor (a
+    /// standby refuses them with the leader's URL), holding each stream to
     /// `limits`, admitting agents as `authority` says, counting in `metrics`.
-    pub fn new(fleet: FleetHandle, limits: StreamLimits, authority: Authority, metrics: Metrics) -> Self {
+    pub fn new(role: Role, limits: StreamLimits, authority: Authority, metrics: Metrics) -> Self {
         Self {
-            fleet,
+            role,
             limits,
             authority,
             metrics,
@@ -95,6 +97,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
+        // A standby sends the agent on at once, before it waits for a Hello.
+        let fleet = self.role.leading()?.fleet;
         let peer = request.remote_addr();
         let caller = super::caller(&self.authority, &request);
         // The agent's session span, if it sent one, is this session's parent.
@@ -124,15 +128,14 @@ impl pb::agent_service_server::AgentService for AgentApi {
             secbeat::telemetry::set_parent(&span, parent);
         }
         let registration = info_span!(parent: &span, "register_node", node.id = %node);
-        let session = self
-            .fleet
+        let session = fleet
             .connect(info, signals_tx, clock::now())
             .instrument(registration)
             .await?;
         span.record("session", tracing::field::display(session));
         let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_BUFFER);
         let relay = SessionRelay {
-            fleet: self.fleet.clone(),
+            fleet,
             node,
             session,
             outbound,

@@ -288,6 +288,8 @@ pub fn fleet_event(event: &FleetEvent) -> pb::FleetEvent {
         EventKind::WebhookDelivered => pb::FleetEventType::WebhookDelivered,
         EventKind::WebhookFailed => pb::FleetEventType::WebhookFailed,
         EventKind::WebhookDeadLettered => pb::FleetEventType::WebhookDeadLettered,
+        EventKind::LeaderElected => pb::FleetEventType::LeaderElected,
+        EventKind::LeaderLost => pb::FleetEventType::LeaderLost,
     };
     let node = event.node.as_ref();
     pb::FleetEvent {

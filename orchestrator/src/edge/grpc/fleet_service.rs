@@ -9,26 +9,21 @@ use super::{convert, status, watch};
 use crate::{
     edge::auth::{Authority, Need},
     error::UnknownNode,
-    runtime::bus::EventBus,
-    runtime::fleet::FleetHandle,
+    runtime::role::Role,
 };
 
 /// The `FleetService` implementation.
 #[derive(Debug, Clone)]
 pub struct FleetApi {
-    fleet: FleetHandle,
-    bus: EventBus,
+    role: Role,
     authority: Authority,
 }
 
 impl FleetApi {
-    /// A service answering from `fleet` and `bus` to callers `authority` admits.
-    pub fn new(fleet: FleetHandle, bus: EventBus, authority: Authority) -> Self {
-        Self {
-            fleet,
-            bus,
-            authority,
-        }
+    /// A service answering from the leader term's fleet actor and event bus (a
+    /// standby refuses with the leader's URL) to callers `authority` admits.
+    pub fn new(role: Role, authority: Authority) -> Self {
+        Self { role, authority }
     }
 
     fn allow<T>(&self, request: &Request<T>, need: Need) -> Result<(), Status> {
@@ -46,7 +41,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         self.allow(&request, Need::Read)?;
-        let (nodes, sequence) = self.fleet.list().await?;
+        let (nodes, sequence) = self.role.leading()?.fleet.list().await?;
         Ok(Response::new(pb::ListNodesResponse {
             nodes: nodes.iter().map(convert::node).collect(),
             sequence,
@@ -59,7 +54,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
     ) -> Result<Response<pb::GetNodeResponse>, Status> {
         self.allow(&request, Need::Read)?;
         let id = convert::node_id("node_id", &request.into_inner().node_id).map_err(status::invalid)?;
-        let node = self.fleet.get(id).await?.ok_or(UnknownNode(id))?;
+        let node = self.role.leading()?.fleet.get(id).await?.ok_or(UnknownNode(id))?;
         Ok(Response::new(pb::GetNodeResponse {
             node: Some(convert::node(&node)),
         }))
@@ -90,7 +85,13 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             secbeat::telemetry::set_parent(&span, parent);
         }
         span.in_scope(|| info!(node.id = %id, %reason, "terminate node requested"));
-        let accepted = self.fleet.terminate(id, reason).instrument(span).await??;
+        let accepted = self
+            .role
+            .leading()?
+            .fleet
+            .terminate(id, reason)
+            .instrument(span)
+            .await??;
         Ok(Response::new(pb::TerminateNodeResponse {
             node: Some(convert::node(&accepted.node)),
             already_terminating: accepted.already_terminating,
@@ -103,7 +104,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         request: Request<pb::GetFleetStatsRequest>,
     ) -> Result<Response<pb::GetFleetStatsResponse>, Status> {
         self.allow(&request, Need::Read)?;
-        let stats = self.fleet.stats().await?;
+        let stats = self.role.leading()?.fleet.stats().await?;
         Ok(Response::new(convert::fleet_stats(&stats)))
     }
 
@@ -113,7 +114,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         self.allow(&request, Need::Read)?;
         let since = request.into_inner().since_sequence;
-        let subscription = self.bus.subscribe(since)?;
+        let subscription = self.role.leading()?.events.subscribe(since)?;
         let backlog = subscription.backlog.iter().map(convert::fleet_event).collect();
         let stream = watch::forward(subscription.live, backlog, "events", |event| {
             Some(convert::fleet_event(event))
@@ -161,7 +162,13 @@ mod tests {
     fn serving() -> (CancellationToken, fleet::tests::TestFleet, FleetApi) {
         let shutdown = CancellationToken::new();
         let test = fleet::tests::start(fleet_settings(), fleet::Restored::default(), &shutdown);
-        let api = FleetApi::new(test.handle.clone(), test.bus.clone(), Default::default());
+        let role = crate::runtime::role::Role::fixed(crate::runtime::role::Leading {
+            fleet: test.handle.clone(),
+            predictions: crate::runtime::scaling_loop::PredictionHandle::none(),
+            events: test.bus.clone(),
+            store: Default::default(),
+        });
+        let api = FleetApi::new(role, Default::default());
         (shutdown, test, api)
     }
 

@@ -8,23 +8,21 @@ use super::{convert, watch};
 use crate::{
     edge::auth::{Authority, Need},
     error::NoPrediction,
-    runtime::scaling_loop::PredictionHandle,
+    runtime::role::Role,
 };
 
 /// The `PredictionService` implementation.
 #[derive(Debug, Clone)]
 pub struct PredictionApi {
-    predictions: PredictionHandle,
+    role: Role,
     authority: Authority,
 }
 
 impl PredictionApi {
-    /// A service answering from `predictions` to callers `authority` admits.
-    pub fn new(predictions: PredictionHandle, authority: Authority) -> Self {
-        Self {
-            predictions,
-            authority,
-        }
+    /// A service answering from the leader term's scaling loop (a standby refuses
+    /// with the leader's URL) to callers `authority` admits.
+    pub fn new(role: Role, authority: Authority) -> Self {
+        Self { role, authority }
     }
 
     fn allow<T>(&self, request: &Request<T>) -> Result<(), Status> {
@@ -42,7 +40,7 @@ impl pb::prediction_service_server::PredictionService for PredictionApi {
         request: Request<pb::GetPredictionRequest>,
     ) -> Result<Response<pb::GetPredictionResponse>, Status> {
         self.allow(&request)?;
-        let latest = self.predictions.latest().ok_or(NoPrediction)?;
+        let latest = self.role.leading()?.predictions.latest().ok_or(NoPrediction)?;
         Ok(Response::new(pb::GetPredictionResponse {
             prediction: Some(convert::prediction(&latest)),
         }))
@@ -53,7 +51,7 @@ impl pb::prediction_service_server::PredictionService for PredictionApi {
         request: Request<pb::WatchPredictionsRequest>,
     ) -> Result<Response<Self::WatchPredictionsStream>, Status> {
         self.allow(&request)?;
-        let (latest, updates) = self.predictions.subscribe();
+        let (latest, updates) = self.role.leading()?.predictions.subscribe();
         let sent_up_to = latest.as_ref().map(|p| p.at);
         let first = latest.as_deref().map(convert::prediction).into_iter().collect();
         // The receiver was subscribed before `latest` was read: skip what `first`

@@ -11,6 +11,7 @@ use crate::{
     runtime::{
         bus::SubscribeError,
         fleet::{ConnectError, FleetStopped},
+        role::{LEADER_METADATA, NotLeader},
     },
 };
 
@@ -39,6 +40,20 @@ into_status!(
     NoPrediction,
     ProtocolError,
 );
+
+/// UNAVAILABLE, with the leader's URL in `secbeat-leader` when it is known: an
+/// agent follows it, a person reads it.
+impl From<NotLeader> for Status {
+    fn from(not_leader: NotLeader) -> Self {
+        let mut status = status(&not_leader);
+        if let Some(leader) = &not_leader.leader
+            && let Ok(value) = leader.parse()
+        {
+            status.metadata_mut().insert(LEADER_METADATA, value);
+        }
+        status
+    }
+}
 
 /// A malformed field of a request (`WireError` and `Status` are both foreign, so
 /// no `From`).

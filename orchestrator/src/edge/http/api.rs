@@ -64,8 +64,9 @@ pub async fn require_token(
 
 /// `GET /api/v1/fleet/stats`.
 pub async fn fleet_stats(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let stats = state.fleet.stats().await?;
-    let latest = state.predictions.latest();
+    let leading = state.role.leading()?;
+    let stats = leading.fleet.stats().await?;
+    let latest = leading.predictions.latest();
     let nodes_by_state: serde_json::Map<String, Value> = stats
         .nodes_by_state
         .iter()
@@ -161,7 +162,7 @@ fn node_json(node: &NodeSnapshot) -> NodeJson {
 
 /// `GET /api/v1/nodes`.
 pub async fn nodes(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let (nodes, sequence) = state.fleet.list().await?;
+    let (nodes, sequence) = state.role.leading()?.fleet.list().await?;
     let nodes: Vec<NodeJson> = nodes.iter().map(node_json).collect();
     Ok(Json(json!({ "nodes": nodes, "sequence": sequence })))
 }
@@ -169,7 +170,13 @@ pub async fn nodes(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
 /// `GET /api/v1/nodes/{id}`.
 pub async fn node(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let id = secbeat::wire::parse_node_id("node_id", &id).map(NodeId)?;
-    let node = state.fleet.get(id).await?.ok_or(UnknownNode(id))?;
+    let node = state
+        .role
+        .leading()?
+        .fleet
+        .get(id)
+        .await?
+        .ok_or(UnknownNode(id))?;
     Ok(Json(json!(node_json(&node))))
 }
 

@@ -11,24 +11,19 @@ use axum::{
     routing::get,
 };
 
-use crate::{
-    edge::auth::Authority, edge::metrics::Metrics, edge::store::writer::StoreHealth,
-    runtime::fleet::FleetHandle, runtime::scaling_loop::PredictionHandle,
-};
+use serde_json::json;
+
+use crate::{edge::auth::Authority, edge::metrics::Metrics, runtime::role::Role};
 
 /// What the handlers read.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    /// The fleet actor.
-    pub fleet: FleetHandle,
+    /// This process's role, and the leader term's handles.
+    pub role: Role,
     /// The metrics registry.
     pub metrics: Metrics,
-    /// The scaling loop's predictions.
-    pub predictions: PredictionHandle,
     /// Who may read the JSON API (the operator and viewer tokens).
     pub authority: Authority,
-    /// Whether the state store is writing.
-    pub store: StoreHealth,
 }
 
 /// The HTTP routes.
@@ -53,20 +48,42 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// The fleet actor answers and the state store writes, so agent streams and
-/// operator calls are served and what is decided is kept. 503 says which is not.
-async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
-    if state.fleet.stats().await.is_err() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
+/// Readiness, as JSON. The leader is ready when its fleet actor answers and its
+/// state store writes (200 `{"role":"leader","ready":true}`); otherwise 503 says
+/// why. A standby answers 503 `{"role":"standby","leader":"<url>"}`, so a load
+/// balancer sends agents to the leader and a person can always find it.
+async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<serde_json::Value>) {
+    let leading = match state.role.leading() {
+        Ok(leading) => leading,
+        Err(not_leader) => {
+            let mut body = json!({ "role": "standby", "leader": not_leader.leader });
+            if let Some(problem) = not_leader.problem {
+                body["problem"] = json!(problem);
+            }
+            return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body));
+        }
+    };
+    if leading.fleet.stats().await.is_err() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "role": "leader", "ready": false, "error": "shutting down" })),
+        );
     }
-    match state.store.failure() {
-        None => (StatusCode::OK, "ready\n".into()),
+    match leading.store.failure() {
+        None => (
+            StatusCode::OK,
+            axum::Json(json!({ "role": "leader", "ready": true })),
+        ),
         Some(error) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "state store failing ({} writes waiting): {error}\n",
-                state.store.pending_writes()
-            ),
+            axum::Json(json!({
+                "role": "leader",
+                "ready": false,
+                "error": format!(
+                    "state store failing ({} writes waiting): {error}",
+                    leading.store.pending_writes()
+                ),
+            })),
         ),
     }
 }
@@ -75,10 +92,13 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
 /// classic text format otherwise (promtool, curl). Fleet-state gauges are
 /// refreshed from a snapshot first.
 async fn metrics_text(State(state): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
-    if let Ok(stats) = state.fleet.stats().await {
-        state.metrics.observe_fleet(&stats);
+    // A standby's fleet and store figures are the leader's to report.
+    if let Ok(leading) = state.role.leading() {
+        if let Ok(stats) = leading.fleet.stats().await {
+            state.metrics.observe_fleet(&stats);
+        }
+        state.metrics.observe_store(&leading.store);
     }
-    state.metrics.observe_store(&state.store);
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|accept| accept.to_str().ok());

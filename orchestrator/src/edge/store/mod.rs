@@ -6,10 +6,12 @@
 //! - the self-healing ledger, so that a restart does not reset the limits;
 //! - the fleet CPU history, so that the forecaster does not start from nothing.
 //!
-//! [`Store`] is the small seam a distributed backend (etcd, say) would implement;
-//! [`redb::RedbStore`] is the embedded one. [`writer`] runs the store on its own
+//! [`Store`] is the seam between them: [`redb::RedbStore`] is the embedded one,
+//! [`crate::edge::etcd::store::EtcdStore`] the shared, fenced one. [`writer`] runs the store on its own
 //! thread: callers hand it batches and never wait for the disk.
 
+#[cfg(test)]
+pub(crate) mod conformance;
 pub mod redb;
 pub mod writer;
 
@@ -73,7 +75,46 @@ pub struct StoredState {
 #[error("state store: {0}")]
 pub struct StoreError(pub String);
 
+/// The ledger key of a heal: `<unix nanos, 20 digits>/<node id>`, so key order is
+/// time order (both backends).
+pub(crate) fn heal_key(record: &HealRecord) -> String {
+    format!("{}/{}", unix_nanos(record.at), record.node)
+}
+
+/// A time as 20-digit Unix nanoseconds (sorts as text).
+pub(crate) fn unix_nanos(at: SystemTime) -> String {
+    let nanos = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("{nanos:020}")
+}
+
+/// The key of a history point: 20-digit Unix milliseconds (sorts as text).
+pub(crate) fn history_key(t: f64) -> String {
+    format!("{:020}", (t.max(0.0) * 1000.0) as u64)
+}
+
+/// A record as stored (JSON, readable with any tool).
+pub(crate) fn encode(value: &impl serde::Serialize) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError(format!("encode: {e}")))
+}
+
+/// A stored record back; a corrupt one is an error naming it.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    table: &str,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError(format!("{table}[{key}] is corrupt: {e}")))
+}
+
 /// Durable state behind a small interface.
+///
+/// Fencing: a backend shared by several orchestrators (etcd) accepts writes only
+/// from the current leader; once it refuses one, [`Store::fenced`] says so and the
+/// writer stops for good (a new leader term gets a new store). The embedded store
+/// is fenced by its file lock: only one process can open it.
 pub trait Store: Send + 'static {
     /// Loads everything.
     fn load(&self) -> Result<StoredState, StoreError>;
@@ -82,6 +123,10 @@ pub trait Store: Send + 'static {
     /// After a failed apply: get ready to be tried again (reopen files, reconnect).
     fn recover(&mut self) -> Result<(), StoreError> {
         Ok(())
+    }
+    /// Why writes are refused for good (this process lost the leadership), if they are.
+    fn fenced(&self) -> Option<String> {
+        None
     }
 }
 

@@ -2,15 +2,14 @@
 //! record, values as JSON (readable with any redb tool, easy to migrate). Table
 //! names carry a schema version.
 
-use std::{
-    path::{Path, PathBuf},
-    time::SystemTime,
-};
+use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
-use serde::{Serialize, de::DeserializeOwned};
+use serde::de::DeserializeOwned;
 
-use super::{PersistedNode, Store, StoreError, StoredState, Write};
+use super::{
+    PersistedNode, Store, StoreError, StoredState, Write, decode, encode, heal_key, history_key, unix_nanos,
+};
 use crate::{domain::forecast::Point, domain::healer::HealRecord, edge::webhook::OutboxEntry};
 
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes_v1");
@@ -134,30 +133,6 @@ fn create_atomically(path: &Path) -> Result<(), StoreError> {
         let _ = dir.sync_all();
     }
     Ok(())
-}
-
-fn heal_key(record: &HealRecord) -> String {
-    format!("{}/{}", unix_nanos(record.at), record.node)
-}
-
-fn unix_nanos(at: SystemTime) -> String {
-    let nanos = at
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    format!("{nanos:020}")
-}
-
-fn history_key(t: f64) -> String {
-    format!("{:020}", (t.max(0.0) * 1000.0) as u64)
-}
-
-fn encode(value: &impl Serialize) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|e| err("encode", e))
-}
-
-fn decode<T: DeserializeOwned>(table: &str, key: &str, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| err(&format!("{table}[{key}] is corrupt"), e))
 }
 
 fn read_all<T: DeserializeOwned>(
@@ -291,148 +266,45 @@ impl RedbStore {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        net::{IpAddr, Ipv4Addr},
-        time::Duration,
-    };
-
-    use uuid::Uuid;
-
     use super::*;
-    use crate::{
-        domain::node::{NodeId, NodeState},
-        edge::store::PersistedTermination,
-    };
+    use crate::edge::store::conformance::{self, Backing};
 
-    fn node(n: u8, state: NodeState) -> PersistedNode {
-        PersistedNode {
-            id: NodeId(Uuid::from_bytes([n; 16])),
-            hostname: format!("edge-{n}"),
-            ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, n)),
-            agent_version: "1".into(),
-            labels: [("zone".to_owned(), "a".to_owned())].into(),
-            state,
-            state_reason: String::new(),
-            termination: None,
+    /// A redb file in a temporary directory, opened afresh each time.
+    struct Redb(tempfile::TempDir);
+
+    impl Backing for Redb {
+        fn open(&mut self) -> Box<dyn Store> {
+            Box::new(RedbStore::open(self.0.path()).unwrap())
         }
     }
 
-    fn entry(id: &str, seconds: u64) -> OutboxEntry {
-        OutboxEntry {
-            id: id.into(),
-            reason: "UNEXPECTED_NODE_FAILURE".into(),
-            created_at: SystemTime::UNIX_EPOCH + Duration::from_secs(seconds),
-            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
-            body: br#"{"reason":"UNEXPECTED_NODE_FAILURE"}"#.to_vec(),
-        }
+    fn redb() -> Redb {
+        Redb(tempfile::tempdir().unwrap())
     }
 
     #[test]
     fn everything_written_is_there_after_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut terminating = node(2, NodeState::Terminating);
-        terminating.termination = Some(PersistedTermination {
-            reason: "scale down".into(),
-            acknowledged: true,
-        });
-        let heal = HealRecord {
-            at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
-            node: node(1, NodeState::Failed).id,
-        };
-        {
-            let mut store = RedbStore::open(dir.path()).unwrap();
-            store
-                .apply(&[
-                    Write::PutNode(node(1, NodeState::Connected)),
-                    Write::PutNode(terminating.clone()),
-                    Write::PutOutbox(entry("msg_b", 20)),
-                    Write::PutOutbox(entry("msg_a", 10)),
-                    Write::PutHeal(heal),
-                    Write::PutEventEpoch(6),
-                ])
-                .unwrap();
-            store
-                .apply(&[
-                    Write::PutNode(node(1, NodeState::Failed)),
-                    Write::PutNode(node(3, NodeState::Left)),
-                    Write::DeleteNode(node(3, NodeState::Left).id),
-                ])
-                .unwrap();
-        }
-        let store = RedbStore::open(dir.path()).unwrap();
-        let state = store.load().unwrap();
-        let mut nodes = state.nodes;
-        nodes.sort_by_key(|node| node.id);
-        assert_eq!(nodes, vec![node(1, NodeState::Failed), terminating]);
-        let ids: Vec<_> = state.outbox.iter().map(|entry| entry.id.as_str()).collect();
-        assert_eq!(ids, ["msg_a", "msg_b"], "oldest first");
-        assert_eq!(state.outbox[0], entry("msg_a", 10));
-        assert_eq!(state.heals, vec![heal]);
-        assert_eq!(state.event_epoch, 6);
+        conformance::everything_written_is_there_after_reopening(&mut redb());
     }
 
     #[test]
     fn delivered_entries_go_and_dead_letters_are_kept_aside() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = RedbStore::open(dir.path()).unwrap();
-        store
-            .apply(&[
-                Write::PutOutbox(entry("msg_1", 1)),
-                Write::PutOutbox(entry("msg_2", 2)),
-                Write::PutOutbox(entry("msg_3", 3)),
-            ])
-            .unwrap();
-        store
-            .apply(&[
-                Write::DeleteOutbox("msg_1".into()),
-                Write::DeadLetter("msg_2".into()),
-            ])
-            .unwrap();
-        let state = store.load().unwrap();
-        assert_eq!(state.outbox, vec![entry("msg_3", 3)]);
-        assert_eq!(state.dead_letters, 1);
+        conformance::delivered_entries_go_and_dead_letters_are_kept_aside(&mut redb());
     }
 
     #[test]
     fn pruning_keeps_only_recent_heals() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = RedbStore::open(dir.path()).unwrap();
-        let at = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
-        let heals: Vec<_> = [100, 200, 300]
-            .into_iter()
-            .map(|s| HealRecord {
-                at: at(s),
-                node: NodeId(Uuid::from_u128(s.into())),
-            })
-            .collect();
-        store
-            .apply(&heals.iter().copied().map(Write::PutHeal).collect::<Vec<_>>())
-            .unwrap();
-        store.apply(&[Write::PruneHeals { before: at(200) }]).unwrap();
-        assert_eq!(store.load().unwrap().heals, heals[1..].to_vec());
+        conformance::pruning_keeps_only_recent_heals(&mut redb());
     }
 
     #[test]
     fn history_is_kept_in_time_order_and_pruned_by_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = RedbStore::open(dir.path()).unwrap();
-        let point = |t: f64| Point { t, value: t / 1e10 };
-        store
-            .apply(&[
-                Write::PutHistory(point(1_700_000_120.0)),
-                Write::PutHistory(point(1_700_000_000.0)),
-                Write::PutHistory(point(1_700_000_060.5)),
-            ])
-            .unwrap();
-        store
-            .apply(&[Write::PruneHistory {
-                before: 1_700_000_060.0,
-            }])
-            .unwrap();
-        assert_eq!(
-            store.load().unwrap().history,
-            vec![point(1_700_000_060.5), point(1_700_000_120.0)]
-        );
+        conformance::history_is_kept_in_time_order_and_pruned_by_time(&mut redb());
+    }
+
+    #[test]
+    fn a_large_batch_is_written_whole_and_a_repeated_one_changes_nothing() {
+        conformance::a_large_batch_is_written_whole_and_a_repeated_one_changes_nothing(&mut redb());
     }
 
     #[test]

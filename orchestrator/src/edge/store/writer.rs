@@ -185,6 +185,15 @@ impl Writer {
                     }
                 }
                 Err(failure) => {
+                    if let Some(fenced) = self.store.fenced() {
+                        // This process no longer leads: nothing it decided may be
+                        // written any more. The new leader judges from what is stored.
+                        warn!(
+                            reason = %fenced, dropped_writes = pending.len(),
+                            "state store refused a write from a term that has ended (fenced); the writer stops"
+                        );
+                        break;
+                    }
                     let before = pending.len();
                     coalesce(&mut pending);
                     self.health.failed(&failure.0, &pending);

@@ -1,0 +1,191 @@
+//! Who leads: this process's role, as the edges see it.
+//!
+//! The server owns the one [`RoleSender`]; every edge holds a [`Role`] and asks it,
+//! per call, for the handles of the current leader term ([`Leading`]). On a
+//! standby the answer is [`NotLeader`] with the leader's URL, which the gRPC edge
+//! turns into UNAVAILABLE plus a `secbeat-leader` entry and the HTTP edge into 503.
+//! With the embedded store the process leads from start to shutdown.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    edge::store::writer::StoreHealth,
+    error::{ErrorCode, Fault},
+    runtime::{bus::EventBus, fleet::FleetHandle, scaling_loop::PredictionHandle},
+};
+
+/// The gRPC metadata key (and HTTP field) naming the leader's `advertise_url`.
+pub const LEADER_METADATA: &str = "secbeat-leader";
+
+/// What one leader term's parts expose to the edges.
+#[derive(Debug, Clone)]
+pub struct Leading {
+    /// The fleet actor.
+    pub fleet: FleetHandle,
+    /// The scaling loop's predictions.
+    pub predictions: PredictionHandle,
+    /// The term's event bus.
+    pub events: EventBus,
+    /// Whether the term's store writes.
+    pub store: StoreHealth,
+}
+
+/// This process's role now.
+#[derive(Debug, Clone)]
+pub enum RoleView {
+    /// Leading: the term's handles.
+    Leader(Leading),
+    /// Not leading (yet or any more).
+    Standby(NotLeader),
+}
+
+/// Why a call that needs the leader is not served here, and where to go.
+#[derive(Debug, Clone, Default, PartialEq, Eq, thiserror::Error)]
+#[error("{}", match (&self.leader, &self.problem) {
+    (Some(leader), _) => format!("this orchestrator is a standby; the leader is {leader}"),
+    (None, Some(problem)) => format!("this orchestrator is a standby and knows no leader: {problem}"),
+    (None, None) => "this orchestrator is a standby and no leader is elected yet; retry".to_owned(),
+})]
+pub struct NotLeader {
+    /// The leader's `advertise_url`, when one is known.
+    pub leader: Option<String>,
+    /// What keeps this process from leading or knowing the leader (etcd
+    /// unreachable, another fleet on the prefix), if anything.
+    pub problem: Option<String>,
+}
+
+impl Fault for NotLeader {
+    fn code(&self) -> ErrorCode {
+        ErrorCode::Unavailable
+    }
+}
+
+/// Read side: cheap to clone, one per edge.
+#[derive(Debug, Clone)]
+pub struct Role(watch::Receiver<RoleView>);
+
+/// Write side: the server's.
+#[derive(Debug)]
+pub struct RoleSender(watch::Sender<RoleView>);
+
+/// A role cell starting as a standby that knows no leader.
+pub fn channel() -> (RoleSender, Role) {
+    let (sender, receiver) = watch::channel(RoleView::Standby(NotLeader::default()));
+    (RoleSender(sender), Role(receiver))
+}
+
+impl Role {
+    /// The current term's handles, or where the leader is.
+    pub fn leading(&self) -> Result<Leading, NotLeader> {
+        match &*self.0.borrow() {
+            RoleView::Leader(leading) => Ok(leading.clone()),
+            RoleView::Standby(not_leader) => Err(not_leader.clone()),
+        }
+    }
+
+    /// A role fixed to one term (tests and tools that run the parts directly).
+    pub fn fixed(leading: Leading) -> Self {
+        let (_, receiver) = watch::channel(RoleView::Leader(leading));
+        Self(receiver)
+    }
+}
+
+impl RoleSender {
+    /// This process leads with `leading`.
+    pub fn lead(&self, leading: Leading) {
+        self.0.send_replace(RoleView::Leader(leading));
+    }
+
+    /// This process stands by.
+    pub fn stand_by(&self, not_leader: NotLeader) {
+        self.0.send_replace(RoleView::Standby(not_leader));
+    }
+}
+
+/// One leader term: its fencing token and the signal that it is over.
+///
+/// Whoever sees the term end first (the lease keeper, a fenced write, shutdown)
+/// ends it with a reason; every leader-only part stops on [`Term::ended`].
+#[derive(Debug, Clone)]
+pub struct Term {
+    /// The fencing token (the etcd leader key's create revision; 0 on the embedded
+    /// store, fenced by its file lock).
+    pub token: i64,
+    ended: CancellationToken,
+    reason: Arc<Mutex<Option<String>>>,
+}
+
+impl Term {
+    /// A term that ends when `parent` is cancelled or [`Term::end`] is called.
+    pub fn new(token: i64, parent: &CancellationToken) -> Self {
+        Self {
+            token,
+            ended: parent.child_token(),
+            reason: Arc::default(),
+        }
+    }
+
+    /// Ends the term (the first reason given is kept).
+    pub fn end(&self, reason: impl Into<String>) {
+        let mut kept = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.is_none() {
+            *kept = Some(reason.into());
+        }
+        self.ended.cancel();
+    }
+
+    /// The token every leader-only part of this term stops on.
+    pub fn ended(&self) -> &CancellationToken {
+        &self.ended
+    }
+
+    /// Why the term ended ("shutting down" when its parent was cancelled).
+    pub fn end_reason(&self) -> String {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| "shutting down".to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_term_keeps_the_first_reason_it_ended_for() {
+        let shutdown = CancellationToken::new();
+        let term = Term::new(7, &shutdown);
+        assert!(!term.ended().is_cancelled());
+        term.end("lease lost");
+        term.end("fenced");
+        assert!(term.ended().is_cancelled());
+        assert_eq!(term.end_reason(), "lease lost");
+        let other = Term::new(8, &shutdown);
+        shutdown.cancel();
+        assert!(other.ended().is_cancelled());
+        assert_eq!(other.end_reason(), "shutting down");
+    }
+
+    #[test]
+    fn a_standby_names_the_leader_or_what_is_wrong() {
+        let (_sender, role) = channel();
+        assert_eq!(
+            role.leading().unwrap_err().to_string(),
+            "this orchestrator is a standby and no leader is elected yet; retry"
+        );
+        let not_leader = NotLeader {
+            leader: Some("http://10.0.0.2:50051".into()),
+            problem: None,
+        };
+        assert_eq!(
+            not_leader.to_string(),
+            "this orchestrator is a standby; the leader is http://10.0.0.2:50051"
+        );
+        assert_eq!(not_leader.code().grpc(), tonic::Code::Unavailable);
+    }
+}
