@@ -19,14 +19,18 @@ pub struct AgentArgs {
     /// Logging: --log-format, --log-file
     #[command(flatten)]
     pub logs: secbeat::telemetry::LogArgs,
-    /// Orchestrator gRPC URL
+    /// Orchestrator gRPC URLs, comma-separated or repeated (every orchestrator of
+    /// a highly available control plane): the agent starts at a random one, follows
+    /// a standby's pointer to the leader, and otherwise tries the next in turn
     #[arg(
         long,
         env = "SECBEAT_ORCHESTRATOR",
-        value_name = "URL",
+        value_name = "URL[,URL...]",
+        value_delimiter = ',',
+        action = clap::ArgAction::Append,
         default_value = "http://127.0.0.1:50051"
     )]
-    pub orchestrator: String,
+    pub orchestrator: Vec<String>,
     /// Node id (UUID); without it, one is generated once and kept in --state-dir
     #[arg(long, env = "SECBEAT_NODE_ID", value_name = "UUID")]
     pub node_id: Option<uuid::Uuid>,
@@ -136,7 +140,7 @@ mod tests {
     #[test]
     fn defaults_point_at_a_local_orchestrator_and_real_cpu() {
         let args = AgentArgs::try_parse_from(["secbeat-agent"]).unwrap();
-        assert_eq!(args.orchestrator, "http://127.0.0.1:50051");
+        assert_eq!(args.orchestrator, ["http://127.0.0.1:50051"]);
         assert_eq!(args.cpu_source, "proc");
         assert!(args.node_id.is_none());
     }

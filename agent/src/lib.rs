@@ -12,10 +12,11 @@ pub mod cpu;
 pub mod hook;
 pub mod identity;
 pub mod metrics;
+pub mod orchestrators;
 pub mod recover;
 pub mod session;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use rand::SeedableRng;
 use secbeat::backoff::Backoff;
@@ -26,6 +27,7 @@ pub use crate::args::AgentArgs;
 use crate::{
     cpu::CpuSource,
     metrics::AgentMetrics,
+    orchestrators::Orchestrators,
     session::{SessionEnd, SessionSettings},
 };
 
@@ -52,6 +54,7 @@ pub struct UsageError {
 #[derive(Debug)]
 pub struct Agent {
     settings: SessionSettings,
+    orchestrators: Orchestrators,
     cpu: CpuSource,
     backoff: Backoff,
     metrics: AgentMetrics,
@@ -86,25 +89,11 @@ impl Agent {
         if keepalive.is_zero() {
             return Err(usage("--keepalive", "must be greater than zero".into()));
         }
-        let endpoint = tonic::transport::Endpoint::from_shared(args.orchestrator.clone())
-            .map_err(|e| {
-                usage(
-                    "--orchestrator",
-                    format!("{:?} is not a URL: {e}", args.orchestrator),
-                )
-            })?
-            .connect_timeout(connect_timeout)
-            .tcp_nodelay(true)
-            // The orchestrator sends nothing between commands, so without pings a
-            // vanished peer is only noticed when TCP retransmissions give up (minutes).
-            .http2_keep_alive_interval(keepalive)
-            .keep_alive_timeout(keepalive)
-            .keep_alive_while_idle(true);
-        let endpoint = match &args.ca {
+        let read = |flag: &'static str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| usage(flag, format!("{}: {e}", path.display())))
+        };
+        let tls = match &args.ca {
             Some(ca) => {
-                let read = |flag: &'static str, path: &std::path::Path| {
-                    std::fs::read(path).map_err(|e| usage(flag, format!("{}: {e}", path.display())))
-                };
                 let mut tls = tonic::transport::ClientTlsConfig::new()
                     .ca_certificate(tonic::transport::Certificate::from_pem(read("--ca", ca)?));
                 if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
@@ -113,9 +102,7 @@ impl Agent {
                         read("--key", key)?,
                     ));
                 }
-                endpoint
-                    .tls_config(tls)
-                    .map_err(|e| usage("--ca", e.to_string()))?
+                Some(tls)
             }
             None if args.cert.is_some() => {
                 return Err(usage(
@@ -123,16 +110,44 @@ impl Agent {
                     "a client certificate needs TLS: give --ca too".into(),
                 ));
             }
-            None if args.orchestrator.starts_with("https://") => {
-                return Err(usage("--ca", "an https:// orchestrator needs --ca".into()));
-            }
-            None => endpoint,
+            None => None,
         };
+        let configure: orchestrators::Configure = Arc::new(move |endpoint: tonic::transport::Endpoint| {
+            let endpoint = endpoint
+                .connect_timeout(connect_timeout)
+                .tcp_nodelay(true)
+                // The orchestrator sends nothing between commands, so without pings a
+                // vanished peer is only noticed when TCP retransmissions give up (minutes).
+                .http2_keep_alive_interval(keepalive)
+                .keep_alive_timeout(keepalive)
+                .keep_alive_while_idle(true);
+            match &tls {
+                Some(tls) => endpoint.tls_config(tls.clone()).map_err(|e| e.to_string()),
+                None if endpoint.uri().scheme_str() == Some("https") => {
+                    Err("an https:// orchestrator needs --ca".to_owned())
+                }
+                None => Ok(endpoint),
+            }
+        });
+        let mut endpoints = Vec::new();
+        for url in args.orchestrator.iter().map(|url| url.trim()).filter(|url| !url.is_empty()) {
+            let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+                .map_err(|e| usage("--orchestrator", format!("{url:?} is not a URL: {e}")))?;
+            let endpoint = configure(endpoint).map_err(|message| {
+                let flag = if message.contains("--ca") { "--ca" } else { "--orchestrator" };
+                usage(flag, message)
+            })?;
+            endpoints.push(endpoint);
+        }
+        if endpoints.is_empty() {
+            return Err(usage("--orchestrator", "no orchestrator URL given".into()));
+        }
+        let mut rng = rand::rngs::StdRng::from_os_rng();
+        let orchestrators = Orchestrators::new(endpoints, configure, &mut rng);
         let cpu = CpuSource::parse(&args.cpu_source, args.trace_speedup, std::time::Instant::now())
             .map_err(|e| usage("--cpu-source", e.to_string()))?;
         let hostname = args.hostname.unwrap_or_else(kernel_hostname);
         let settings = SessionSettings {
-            endpoint,
             node_id,
             hostname,
             ip: args.ip.map(|ip| ip.to_string()).unwrap_or_default(),
@@ -155,6 +170,7 @@ impl Agent {
             .transpose()?;
         Ok(Self {
             settings,
+            orchestrators,
             cpu,
             backoff,
             metrics: AgentMetrics::new(),
@@ -170,14 +186,16 @@ impl Agent {
     /// Runs sessions until terminated, shut down (`shutdown` cancelled) or refused.
     pub async fn run(mut self, shutdown: CancellationToken) -> Exit {
         let mut rng = rand::rngs::StdRng::from_os_rng();
-        let orchestrator = self.settings.endpoint.uri().to_string();
-        info!(node.id = %self.settings.node_id, %orchestrator, "agent starting");
+        let orchestrator = self.orchestrators.current().uri().to_string();
+        info!(node.id = %self.settings.node_id, %orchestrator, known = self.orchestrators.len(), "agent starting");
         if let Some(listener) = self.metrics_listener.take() {
             tokio::spawn(metrics::serve(listener, self.metrics.clone(), shutdown.clone()));
         }
+        let mut followed = false;
         loop {
             let span = tracing::info_span!("agent_session", node.id = %self.settings.node_id);
-            let ended = session::run(&self.settings, &mut self.cpu, &self.metrics, &shutdown)
+            let endpoint = self.orchestrators.current().clone();
+            let ended = session::run(&endpoint, &self.settings, &mut self.cpu, &self.metrics, &shutdown)
                 .instrument(span)
                 .await;
             match ended {
@@ -187,17 +205,34 @@ impl Agent {
                     error!(code = ?status.code(), message = status.message(), "orchestrator refused this agent; not retrying");
                     return Exit::Refused;
                 }
-                SessionEnd::Lost { established, cause } => {
+                SessionEnd::Lost {
+                    established,
+                    cause,
+                    leader,
+                } => {
                     self.metrics.sessions_lost.inc();
                     if established {
                         self.backoff.reset();
                     }
+                    // A standby named the leader: go there at once (once in a row,
+                    // so two standbys with stale pointers cannot make a busy loop).
+                    if let Some(leader) = leader
+                        && !followed
+                        && self.orchestrators.follow(&leader)
+                    {
+                        info!(from = %endpoint.uri(), %leader, %cause, "following the standby's pointer to the leader");
+                        followed = true;
+                        continue;
+                    }
+                    followed = false;
+                    self.orchestrators.rotate();
                     let delay = self.backoff.next_delay(&mut rng);
                     let retry_in_s = delay.as_secs_f64();
+                    let next = self.orchestrators.current().uri().to_string();
                     if established {
-                        warn!(%cause, retry_in_s, "session lost; reconnecting");
+                        warn!(%cause, retry_in_s, %next, "session lost; reconnecting");
                     } else {
-                        warn!(%cause, retry_in_s, "connect failed; retrying");
+                        warn!(%cause, retry_in_s, %next, "connect failed; retrying");
                     }
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}

@@ -29,14 +29,14 @@ use crate::{cpu::CpuSource, recover::Recovery};
 
 /// Shortest heartbeat interval the agent accepts from a Welcome.
 const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(20);
+/// The metadata entry in which a standby orchestrator names the leader.
+const LEADER_METADATA: &str = "secbeat-leader";
 /// How long to wait for the orchestrator to close the stream after Goodbye.
 const GOODBYE_LINGER: Duration = Duration::from_secs(2);
 
 /// Everything a session needs that does not change between sessions.
 #[derive(Debug, Clone)]
 pub struct SessionSettings {
-    /// The orchestrator, validated and configured (URL, connect timeout).
-    pub endpoint: Endpoint,
     /// This node's id.
     pub node_id: Uuid,
     /// Host name reported in Hello.
@@ -67,6 +67,8 @@ pub enum SessionEnd {
         established: bool,
         /// What happened, for the log.
         cause: String,
+        /// The leader's URL, when a standby named it (`secbeat-leader`).
+        leader: Option<String>,
     },
     /// The orchestrator refused this agent; retrying cannot help.
     Fatal(Status),
@@ -77,6 +79,7 @@ type Hook = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Runs one session to its end.
 pub async fn run(
+    endpoint: &Endpoint,
     settings: &SessionSettings,
     cpu: &mut CpuSource,
     metrics: &AgentMetrics,
@@ -85,9 +88,10 @@ pub async fn run(
     let lost = |cause: String| SessionEnd::Lost {
         established: false,
         cause,
+        leader: None,
     };
     let channel = tokio::select! {
-        channel = settings.endpoint.connect() => match channel {
+        channel = endpoint.connect() => match channel {
             Ok(channel) => channel,
             Err(error) => return lost(format!("connect: {error}")),
         },
@@ -180,6 +184,7 @@ impl Established {
         let lost = |cause: String| SessionEnd::Lost {
             established: true,
             cause,
+            leader: None,
         };
         let mut ticker = tokio::time::interval(self.interval);
         // After a stall (SIGSTOP, overload) send one heartbeat, not a burst.
@@ -290,6 +295,11 @@ fn ended_by(status: Status, established: bool) -> SessionEnd {
         Recovery::Retry => SessionEnd::Lost {
             established,
             cause: format!("{:?}: {}", status.code(), status.message()),
+            leader: status
+                .metadata()
+                .get(LEADER_METADATA)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned),
         },
     }
 }
@@ -352,7 +362,7 @@ mod tests {
 
     /// A scripted orchestrator on a free loopback port, and settings for an agent
     /// that talks to it.
-    async fn scripted() -> (SessionSettings, mpsc::Receiver<Accepted>) {
+    async fn scripted() -> (Endpoint, SessionSettings, mpsc::Receiver<Accepted>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (accepted, streams) = mpsc::channel(4);
@@ -362,7 +372,6 @@ mod tests {
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
         let settings = SessionSettings {
-            endpoint: Endpoint::from_shared(format!("http://{addr}")).unwrap(),
             node_id: Uuid::new_v4(),
             hostname: "edge-test".into(),
             ip: "192.0.2.7".into(),
@@ -371,7 +380,7 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
             token: None,
         };
-        (settings, streams)
+        (Endpoint::from_shared(format!("http://{addr}")).unwrap(), settings, streams)
     }
 
     fn welcome(interval: Duration) -> Result<pb::ControlMessage, Status> {
@@ -389,20 +398,25 @@ mod tests {
     }
 
     /// Starts the session on its own task; returns its end when it ends.
-    fn start(settings: SessionSettings, shutdown: CancellationToken) -> tokio::task::JoinHandle<SessionEnd> {
+    fn start(
+        endpoint: &Endpoint,
+        settings: SessionSettings,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<SessionEnd> {
+        let endpoint = endpoint.clone();
         tokio::spawn(async move {
             let mut cpu = CpuSource::Const(0.42);
             let metrics = AgentMetrics::new();
-            run(&settings, &mut cpu, &metrics, &shutdown).await
+            run(&endpoint, &settings, &mut cpu, &metrics, &shutdown).await
         })
     }
 
     #[tokio::test]
     async fn hello_then_samples_and_heartbeats_then_terminate_ack_and_goodbye() {
-        let (mut settings, mut streams) = scripted().await;
+        let (endpoint, mut settings, mut streams) = scripted().await;
         settings.token = Some("agent-token-0123456789".parse().unwrap());
         let node_id = settings.node_id;
-        let session = start(settings, CancellationToken::new());
+        let session = start(&endpoint, settings, CancellationToken::new());
         let Accepted {
             mut inbound,
             control,
@@ -453,8 +467,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_refusal_is_fatal_and_a_restart_is_a_lost_session() {
-        let (settings, mut streams) = scripted().await;
-        let refused = start(settings.clone(), CancellationToken::new());
+        let (endpoint, settings, mut streams) = scripted().await;
+        let refused = start(&endpoint, settings.clone(), CancellationToken::new());
         let accepted = streams.recv().await.unwrap();
         accepted
             .control
@@ -465,7 +479,7 @@ mod tests {
             matches!(refused.await.unwrap(), SessionEnd::Fatal(status) if status.code() == tonic::Code::PermissionDenied)
         );
 
-        let lost = start(settings, CancellationToken::new());
+        let lost = start(&endpoint, settings, CancellationToken::new());
         let accepted = streams.recv().await.unwrap();
         accepted
             .control
@@ -478,7 +492,9 @@ mod tests {
             .await
             .unwrap();
         match lost.await.unwrap() {
-            SessionEnd::Lost { established, cause } => {
+            SessionEnd::Lost {
+                established, cause, ..
+            } => {
                 assert!(established, "the welcome had arrived");
                 assert!(cause.contains("Unavailable"), "{cause}");
             }
@@ -488,9 +504,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_shutdown_says_goodbye_and_waits_for_the_orchestrator_to_close() {
-        let (settings, mut streams) = scripted().await;
+        let (endpoint, settings, mut streams) = scripted().await;
         let shutdown = CancellationToken::new();
-        let session = start(settings, shutdown.clone());
+        let session = start(&endpoint, settings, shutdown.clone());
         let Accepted {
             mut inbound,
             control,

@@ -12,6 +12,7 @@
 //! - [`orchestrator`], [`agent`], [`receiver`]: the three binaries, running;
 //! - [`grpc`]: FleetService helpers and hand-driven agent streams;
 //! - [`external`]: grpcurl, promtool, docker-compose and the repository's files;
+//! - [`etcd`]: a real 3-member etcd cluster for the high-availability tests;
 //! - [`wait`]: polling for a condition;
 //! - a fake OTLP collector for the trace tests.
 
@@ -20,6 +21,7 @@
 pub mod agent;
 mod collector;
 pub mod config;
+pub mod etcd;
 pub mod external;
 pub mod grpc;
 pub mod orchestrator;
@@ -30,6 +32,7 @@ pub mod wait;
 pub use agent::Agent;
 pub use collector::{CollectedSpan, Collector};
 pub use config::*;
+pub use etcd::EtcdCluster;
 pub use external::*;
 pub use grpc::*;
 pub use nix::sys::signal::Signal as Sig;

@@ -5,6 +5,7 @@ mod deploy;
 mod descriptors;
 mod faults;
 mod grpcurl;
+mod ha;
 mod healing;
 mod lifecycle;
 mod measure;

@@ -53,9 +53,11 @@ use uuid::Uuid;
 #[derive(Debug, clap::Parser)]
 #[command(name = "secbeat-fleetsim", version)]
 struct Args {
-    /// Orchestrator gRPC URL
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    orchestrator: String,
+    /// Orchestrator gRPC URLs, comma-separated (every orchestrator of a highly
+    /// available control plane): each connection starts at a random one, follows
+    /// a standby's secbeat-leader pointer, and otherwise tries the next in turn
+    #[arg(long, default_value = "http://127.0.0.1:50051", value_delimiter = ',')]
+    orchestrator: Vec<String>,
     /// Virtual agents
     #[arg(long, default_value_t = 100)]
     agents: usize,
@@ -190,16 +192,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .collect();
 
     // Watch failures from the start.
-    let watch_channel = Endpoint::from_shared(args.orchestrator.clone())?
-        .connect()
-        .await?;
-    let mut watcher = FleetServiceClient::new(watch_channel);
-    let events = watcher
-        .watch_events(pb::WatchEventsRequest::default())
-        .await?
-        .into_inner();
+    let watch = SharedChannel::new(args.orchestrator.clone(), None)?;
     let failures: Arc<Mutex<Vec<(String, SystemTime)>>> = Arc::default();
-    tokio::spawn(watch_failures(watcher, events, failures.clone()));
+    tokio::spawn(watch_failures(watch, failures.clone()));
 
     let started = Instant::now();
     let quarter = Duration::from_secs_f64(args.duration / 4.0);
@@ -214,11 +209,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if connection == channels.len() {
             // 127.0.0.1 .. 127.0.0.250 as source addresses: ~28k ports each.
             let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, (connection % 250 + 1) as u8));
-            let endpoint = Endpoint::from_shared(args.orchestrator.clone())?
-                .local_address(Some(source))
-                .tcp_nodelay(true)
-                .connect_timeout(OPEN_TIMEOUT);
-            channels.push(Arc::new(SharedChannel::new(endpoint)));
+            channels.push(Arc::new(SharedChannel::new(args.orchestrator.clone(), Some(source))?));
         }
         let channel = Arc::clone(&channels[connection]);
         let fate = fates[id];
@@ -361,6 +352,15 @@ fn spread(samples: &mut [Duration]) -> serde_json::Value {
 const FAULT_STEP: Duration = Duration::from_millis(97);
 /// Whether a refusal before any Welcome means "never": the orchestrator decided,
 /// rather than a connection that broke.
+/// The leader's URL a standby put in `secbeat-leader`.
+fn leader_hint(status: &tonic::Status) -> Option<String> {
+    status
+        .metadata()
+        .get("secbeat-leader")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned)
+}
+
 fn is_final(code: tonic::Code) -> bool {
     matches!(
         code,
@@ -379,30 +379,78 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// opening the group gets a fresh connection, as a real agent dials anew for each
 /// session; a generation number keeps the agents of one group from replacing it
 /// once each.
+/// One HTTP/2 connection shared by a group of virtual agents, to one of the
+/// orchestrators; renewed (to the named leader, or the next orchestrator) when a
+/// session on it fails.
 struct SharedChannel {
-    endpoint: Endpoint,
-    current: std::sync::Mutex<(u64, Channel)>,
+    urls: Vec<String>,
+    source: Option<IpAddr>,
+    current: std::sync::Mutex<Current>,
+}
+
+struct Current {
+    generation: u64,
+    /// Index into `urls`, or the URL a standby named.
+    at: Result<usize, String>,
+    channel: Channel,
 }
 
 impl SharedChannel {
-    fn new(endpoint: Endpoint) -> Self {
-        let channel = endpoint.connect_lazy();
-        Self {
-            endpoint,
-            current: std::sync::Mutex::new((0, channel)),
-        }
+    fn new(urls: Vec<String>, source: Option<IpAddr>) -> anyhow::Result<Self> {
+        anyhow::ensure!(!urls.is_empty(), "--orchestrator: no URL given");
+        let at = rand::random_range(0..urls.len());
+        let channel = Self::connect(&urls[at], source)?;
+        Ok(Self {
+            urls,
+            source,
+            current: std::sync::Mutex::new(Current {
+                generation: 0,
+                at: Ok(at),
+                channel,
+            }),
+        })
+    }
+
+    fn connect(url: &str, source: Option<IpAddr>) -> anyhow::Result<Channel> {
+        Ok(Endpoint::from_shared(url.to_owned())?
+            .local_address(source)
+            .tcp_nodelay(true)
+            .connect_timeout(OPEN_TIMEOUT)
+            .connect_lazy())
     }
 
     fn get(&self) -> (u64, Channel) {
-        self.current.lock().expect("lock").clone()
+        let current = self.current.lock().expect("lock");
+        (current.generation, current.channel.clone())
     }
 
-    /// Replaces generation `failed` with a fresh connection (a no-op if another
-    /// agent of the group already did).
-    fn renew(&self, failed: u64) {
+    /// Replaces generation `failed` with a fresh connection: to `leader` when a
+    /// standby named it, else to the next orchestrator (a no-op if another agent
+    /// of the group already renewed it).
+    fn renew(&self, failed: u64, leader: Option<&str>) {
         let mut current = self.current.lock().expect("lock");
-        if current.0 == failed {
-            *current = (failed + 1, self.endpoint.connect_lazy());
+        if current.generation != failed {
+            return;
+        }
+        let at = match (leader, &current.at) {
+            (Some(leader), _) => match self.urls.iter().position(|url| url.trim_end_matches('/') == leader.trim_end_matches('/')) {
+                Some(index) => Ok(index),
+                None => Err(leader.to_owned()),
+            },
+            (None, Ok(index)) => Ok((index + 1) % self.urls.len()),
+            // The named leader failed: back to the list.
+            (None, Err(_)) => Ok(0),
+        };
+        let url = match &at {
+            Ok(index) => self.urls[*index].clone(),
+            Err(url) => url.clone(),
+        };
+        if let Ok(channel) = Self::connect(&url, self.source) {
+            *current = Current {
+                generation: failed + 1,
+                at,
+                channel,
+            };
         }
     }
 }
@@ -422,9 +470,9 @@ struct VirtualAgent {
 
 /// How one session of a virtual agent ended.
 enum SessionEnd {
-    /// Not welcomed: the orchestrator answered with this status, or (None) the
-    /// connection failed or timed out first.
-    Refused(Option<tonic::Code>),
+    /// Not welcomed: the orchestrator answered with this status (and, from a
+    /// standby, the leader's URL), or (None) the connection failed or timed out first.
+    Refused(Option<tonic::Code>, Option<String>),
     /// Welcomed, then the stream ended under a healthy agent.
     Lost,
     /// The agent's fault was injected: it is gone for good.
@@ -437,11 +485,19 @@ impl VirtualAgent {
     async fn run(self, shared: Arc<SharedChannel>) {
         let mut backoff = Backoff::new(self.reconnect.0, self.reconnect.1, 0.5).expect("valid backoff");
         let mut lost_at: Option<Instant> = None;
+        let mut followed = false;
         loop {
             let (generation, channel) = shared.get();
-            match self.session(&channel, &mut lost_at).await {
+            let ended = self.session(&channel, &mut lost_at).await;
+            if !matches!(ended, SessionEnd::Refused(_, Some(_))) {
+                followed = false;
+            }
+            match ended {
                 SessionEnd::Faulted => return,
                 SessionEnd::Lost => {
+                    // The stream broke: the next session opens a fresh connection
+                    // (a leader that died leaves a dead one behind).
+                    shared.renew(generation, None);
                     backoff.reset();
                     let now = Instant::now();
                     lost_at = Some(now);
@@ -455,17 +511,23 @@ impl VirtualAgent {
                 }
                 // Refused outright before any Welcome (at max_nodes, or not
                 // allowed): final, as for the real agent.
-                SessionEnd::Refused(Some(code)) if lost_at.is_none() && is_final(code) => {
+                SessionEnd::Refused(Some(code), _) if lost_at.is_none() && is_final(code) => {
                     self.counters.refused.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
                 // Anything else (a connection that failed, a Welcome cut off by a
                 // restart): try again on a fresh connection, with backoff.
-                SessionEnd::Refused(_) => {
+                // A standby named the leader: go there at once (once in a row).
+                SessionEnd::Refused(_, Some(leader)) if !followed => {
+                    followed = true;
+                    shared.renew(generation, Some(&leader));
+                    continue;
+                }
+                SessionEnd::Refused(..) => {
                     if lost_at.is_some() {
                         self.counters.failed_reconnects.fetch_add(1, Ordering::Relaxed);
                     }
-                    shared.renew(generation);
+                    shared.renew(generation, None);
                 }
             }
             let delay = backoff.next_delay(&mut rand::rng());
@@ -496,16 +558,16 @@ impl VirtualAgent {
         };
         let response = match response {
             Ok(Ok(response)) => response,
-            Ok(Err(status)) => return SessionEnd::Refused(Some(status.code())),
-            Err(_) => return SessionEnd::Refused(None),
+            Ok(Err(status)) => return SessionEnd::Refused(Some(status.code()), leader_hint(&status)),
+            Err(_) => return SessionEnd::Refused(None, None),
         };
         let mut inbound = response.into_inner();
         let welcome = match tokio::time::timeout(OPEN_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(pb::ControlMessage {
                 kind: Some(control_message::Kind::Welcome(welcome)),
             }))) => welcome,
-            Ok(Err(status)) => return SessionEnd::Refused(Some(status.code())),
-            _ => return SessionEnd::Refused(None),
+            Ok(Err(status)) => return SessionEnd::Refused(Some(status.code()), leader_hint(&status)),
+            _ => return SessionEnd::Refused(None, None),
         };
         match lost_at.take() {
             None => {
@@ -585,30 +647,38 @@ impl Snapshot {
 }
 
 /// Records every NodeFailed event; follows the orchestrator across restarts.
-async fn watch_failures(
-    mut client: FleetServiceClient<Channel>,
-    mut events: tonic::Streaming<pb::FleetEvent>,
-    sink: Arc<Mutex<Vec<(String, SystemTime)>>>,
-) {
-    // The channel reconnects by itself; the watch is asked for again, backing off
-    // while the orchestrator is away (a restart).
+async fn watch_failures(watch: SharedChannel, sink: Arc<Mutex<Vec<(String, SystemTime)>>>) {
+    // The watch is asked for again whenever it ends (a restart, a failover: the
+    // new leader's watch starts where its term starts), following the leader.
     let mut backoff =
         Backoff::new(Duration::from_millis(100), Duration::from_secs(1), 0.5).expect("valid backoff");
     loop {
-        while let Ok(Some(event)) = events.message().await {
-            backoff.reset();
-            if event.r#type() == FleetEventType::NodeFailed
-                && let Some(time) = event.time
-            {
-                let at = SystemTime::UNIX_EPOCH + Duration::new(time.seconds as u64, time.nanos as u32);
-                sink.lock().expect("lock").push((event.node_id, at));
+        let (generation, channel) = watch.get();
+        let mut client = FleetServiceClient::new(channel);
+        match client.watch_events(pb::WatchEventsRequest::default()).await {
+            Ok(response) => {
+                let mut events = response.into_inner();
+                while let Ok(Some(event)) = events.message().await {
+                    backoff.reset();
+                    if event.r#type() == FleetEventType::NodeFailed
+                        && let Some(time) = event.time
+                    {
+                        let at = SystemTime::UNIX_EPOCH + Duration::new(time.seconds as u64, time.nanos as u32);
+                        sink.lock().expect("lock").push((event.node_id, at));
+                    }
+                }
+                watch.renew(generation, None);
+            }
+            Err(status) => {
+                let hint = leader_hint(&status);
+                watch.renew(generation, hint.as_deref());
+                if hint.is_some() {
+                    continue;
+                }
             }
         }
         let delay = backoff.next_delay(&mut rand::rng());
         tokio::time::sleep(delay).await;
-        if let Ok(response) = client.watch_events(pb::WatchEventsRequest::default()).await {
-            events = response.into_inner();
-        }
     }
 }
 

@@ -1,0 +1,141 @@
+//! Which orchestrator to dial: the configured list, a random first pick (so a
+//! restarted fleet spreads its first attempts), the leader's URL when a standby
+//! names it (`secbeat-leader`), and otherwise the next entry in turn.
+
+use std::sync::Arc;
+
+use rand::Rng;
+use tonic::transport::Endpoint;
+
+/// Sets an endpoint up as every orchestrator endpoint is (timeouts, keep-alive,
+/// TLS); an error says why it cannot be.
+pub type Configure = Arc<dyn Fn(Endpoint) -> Result<Endpoint, String> + Send + Sync>;
+
+/// The orchestrators an agent knows, and the one it dials next.
+#[derive(Clone)]
+pub struct Orchestrators {
+    configured: Vec<Endpoint>,
+    /// The leader a standby named, if it is not in the list.
+    hinted: Option<Endpoint>,
+    next: usize,
+    configure: Configure,
+}
+
+impl std::fmt::Debug for Orchestrators {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Orchestrators")
+            .field("configured", &self.configured.len())
+            .field("current", &self.current().uri())
+            .finish()
+    }
+}
+
+impl Orchestrators {
+    /// `configured` (at least one, already set up by `configure`) starting at a
+    /// random entry; `configure` also sets up an endpoint built from a hint.
+    pub fn new(configured: Vec<Endpoint>, configure: Configure, rng: &mut impl Rng) -> Self {
+        assert!(!configured.is_empty(), "at least one orchestrator");
+        let next = rng.random_range(0..configured.len());
+        Self {
+            configured,
+            hinted: None,
+            next,
+            configure,
+        }
+    }
+
+    /// The orchestrator to dial now.
+    pub fn current(&self) -> &Endpoint {
+        self.hinted.as_ref().unwrap_or(&self.configured[self.next])
+    }
+
+    /// How many are configured.
+    pub fn len(&self) -> usize {
+        self.configured.len()
+    }
+
+    /// Whether none are (never: `new` wants one).
+    pub fn is_empty(&self) -> bool {
+        self.configured.is_empty()
+    }
+
+    /// The current one failed without naming a leader: move on to the next entry.
+    pub fn rotate(&mut self) {
+        if self.hinted.take().is_none() {
+            self.next = (self.next + 1) % self.configured.len();
+        }
+    }
+
+    /// A standby named the leader: dial it next. Returns false when the hint is not
+    /// a URL (it is then ignored).
+    pub fn follow(&mut self, leader: &str) -> bool {
+        let wanted = leader.trim_end_matches('/');
+        if let Some(index) = self
+            .configured
+            .iter()
+            .position(|endpoint| endpoint.uri().to_string().trim_end_matches('/') == wanted)
+        {
+            self.next = index;
+            self.hinted = None;
+            return true;
+        }
+        let configured = Endpoint::from_shared(leader.to_owned())
+            .map_err(|error| error.to_string())
+            .and_then(|endpoint| (self.configure)(endpoint));
+        match configured {
+            Ok(endpoint) => {
+                self.hinted = Some(endpoint);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+
+    fn endpoints(urls: &[&'static str]) -> Vec<Endpoint> {
+        urls.iter().map(|url| Endpoint::from_static(url)).collect()
+    }
+
+    fn same() -> Configure {
+        Arc::new(Ok)
+    }
+
+    fn current(list: &Orchestrators) -> String {
+        list.current().uri().to_string()
+    }
+
+    #[test]
+    fn starts_anywhere_rotates_through_all_and_follows_the_leader() {
+        let urls = ["http://a:1", "http://b:1", "http://c:1"];
+        let mut starts = std::collections::HashSet::new();
+        for seed in 0..32 {
+            let list = Orchestrators::new(endpoints(&urls), same(), &mut rand::rngs::StdRng::seed_from_u64(seed));
+            starts.insert(current(&list));
+        }
+        assert_eq!(starts.len(), 3, "the first pick is spread over the list");
+
+        let mut list = Orchestrators::new(endpoints(&urls), same(), &mut rand::rngs::StdRng::seed_from_u64(1));
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..3 {
+            seen.insert(current(&list));
+            list.rotate();
+        }
+        assert_eq!(seen.len(), 3, "rotation visits every entry");
+
+        assert!(list.follow("http://b:1"));
+        assert_eq!(current(&list), "http://b:1/");
+        // A leader outside the list (its advertise_url) is dialled as named...
+        assert!(list.follow("http://10.0.0.9:50051"));
+        assert_eq!(current(&list), "http://10.0.0.9:50051/");
+        // ...until it fails: then the list again, where it was.
+        list.rotate();
+        assert_eq!(current(&list), "http://b:1/");
+        assert!(!list.follow("not a url"));
+    }
+}

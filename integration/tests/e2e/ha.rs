@@ -1,0 +1,320 @@
+//! High availability on a real 3-member etcd cluster: two orchestrators, one
+//! fenced leader, failover under SIGKILL and SIGSTOP of the leader and of etcd
+//! members, and nothing healed twice. Real binaries, real etcd, real signals.
+
+use std::time::Duration;
+
+use secbeat_integration::*;
+use uuid::Uuid;
+
+/// Failover bound: the lease (2 s) runs out, etcd expires it (checks every 0.5 s),
+/// the standby campaigns and loads, plus scheduling slack on a loaded machine.
+const FAILOVER: Duration = Duration::from_secs(15);
+
+/// Two orchestrators' config: fast lifecycle, a 2 s leader lease, and a reconnect
+/// grace (10 s) that covers a failover and an agent noticing a frozen leader.
+fn ha_config(etcd: &EtcdCluster, webhook_url: &str) -> String {
+    let base = webhook_config(webhook_url).replace("restart_reconnect_grace = 2.0", "restart_reconnect_grace = 10.0");
+    format!(
+        "{base}{}leader_lease_ttl = 2\netcd_request_timeout = 0.5\n",
+        etcd.endpoints_toml()
+    )
+}
+
+async fn readyz(orchestrator: &Orchestrator) -> (u16, serde_json::Value) {
+    let response = http_request(orchestrator.http_addr, "/readyz", &[])
+        .await
+        .expect("GET /readyz");
+    let body = serde_json::from_str(&response.body).unwrap_or(serde_json::Value::Null);
+    (response.status, body)
+}
+
+/// Waits until exactly one of `orchestrators` is the ready leader and every other
+/// one a standby naming it; returns the leader's index.
+async fn one_leader(orchestrators: &[&Orchestrator], timeout: Duration) -> usize {
+    eventually(timeout, "exactly one leader, the others standing by for it", || async {
+        let mut leaders = Vec::new();
+        let mut standbys = Vec::new();
+        for (index, orchestrator) in orchestrators.iter().enumerate() {
+            match readyz(orchestrator).await {
+                (200, body) if body["role"] == "leader" => leaders.push(index),
+                (503, body) if body["role"] == "standby" => standbys.push(body["leader"].clone()),
+                _ => return None,
+            }
+        }
+        let [leader] = leaders[..] else { return None };
+        let url = orchestrators[leader].url();
+        standbys.iter().all(|named| *named == url).then_some(leader)
+    })
+    .await
+}
+
+async fn start_pair(config: &str) -> (Orchestrator, Orchestrator) {
+    let a = Orchestrator::start(config).await.expect("orchestrator a starts");
+    let b = Orchestrator::start(config).await.expect("orchestrator b starts");
+    (a, b)
+}
+
+/// Agents given every orchestrator's URL. Quick reconnects, and HTTP/2 pings every
+/// 0.5 s so that a frozen (SIGSTOP) leader is noticed within a second.
+fn agents(urls: &str, count: usize) -> Vec<Agent> {
+    let mut flags = FAST_RECONNECT.to_vec();
+    flags.extend(["--keepalive", "0.5"]);
+    (0..count)
+        .map(|_| Agent::start(urls, Uuid::new_v4(), &flags).expect("agent starts"))
+        .collect()
+}
+
+/// The `webhook.id` the leader logged when it queued the heal of `node`.
+fn queued_webhook_id(orchestrator: &Orchestrator, node: &str) -> Option<String> {
+    orchestrator
+        .process
+        .logs
+        .lines()
+        .into_iter()
+        .filter(|line| line.contains("self-healing requested") && line.contains(node))
+        .find_map(|line| {
+            let start = line.find("webhook.id=")? + "webhook.id=".len();
+            Some(line[start..].split_whitespace().next()?.to_owned())
+        })
+}
+
+#[tokio::test]
+async fn one_leader_standby_points_at_it_and_a_leader_kill_loses_no_agent_and_heals_once() {
+    let Some(etcd) = EtcdCluster::start(3).await else { return };
+    let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), &[]).await.unwrap();
+    let (a, b) = start_pair(&ha_config(&etcd, &receiver.url())).await;
+    let pair = [&a, &b];
+    let leader = one_leader(&pair, STARTUP).await;
+    let (leader, standby) = (pair[leader], pair[1 - leader]);
+
+    // The standby refuses agents with UNAVAILABLE and the leader's URL.
+    let mut client = standby.agent_client().await.unwrap();
+    let Err(refused) = raw_connect(&mut client, vec![hello(Uuid::new_v4())]).await else {
+        panic!("a standby refuses agent streams");
+    };
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let hint = refused.metadata().get("secbeat-leader").map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(hint, Some(leader.url()));
+    standby.assert_metric("orchestrator_leader", 0.0).await;
+    leader.assert_metric("orchestrator_leader", 1.0).await;
+
+    // Agents given both URLs all end up on the leader.
+    let urls = format!("{},{}", a.url(), b.url());
+    let agents = agents(&urls, 3);
+    leader.wait_all_connected(&agents, STARTUP).await;
+
+    // SIGKILL the leader: the standby leads, and every agent is back on it.
+    leader.process.signal(Sig::SIGKILL);
+    eventually(FAILOVER, "the standby to lead", || async {
+        (readyz(standby).await.0 == 200).then_some(())
+    })
+    .await;
+    standby.wait_all_connected(&agents, FAILOVER).await;
+    standby.assert_metric("orchestrator_leader", 1.0).await;
+    // No live agent was ever judged failed, so nothing was healed.
+    standby
+        .assert_metric("orchestrator_unexpected_node_failures_total", 0.0)
+        .await;
+    assert!(receiver.events().is_empty(), "{:?}", receiver.events());
+
+    // After failover, a crashed agent is healed exactly once.
+    let crashed = agents[0].id();
+    agents[0].process.signal(Sig::SIGKILL);
+    let healed = receiver
+        .wait_for_events("UNEXPECTED_NODE_FAILURE", 1, FAILOVER)
+        .await;
+    standby.wait_outbox_drained(STARTUP).await;
+    let healed_now = receiver.events_with_reason("UNEXPECTED_NODE_FAILURE");
+    assert_eq!(healed_now.len(), 1, "{healed_now:?}");
+    assert_eq!(healed[0]["payload"]["failed_node_id"], crashed.as_str());
+}
+
+#[tokio::test]
+async fn a_webhook_pending_when_the_leader_dies_is_delivered_by_the_new_leader_under_its_id() {
+    let Some(etcd) = EtcdCluster::start(3).await else { return };
+    let failing = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), &["--fail-first", "1000000"])
+        .await
+        .unwrap();
+    let (a, b) = start_pair(&ha_config(&etcd, &failing.url())).await;
+    let pair = [&a, &b];
+    let leader = one_leader(&pair, STARTUP).await;
+    let (leader, standby) = (pair[leader], pair[1 - leader]);
+    let urls = format!("{},{}", a.url(), b.url());
+    let agents = agents(&urls, 2);
+    leader.wait_all_connected(&agents, STARTUP).await;
+
+    // An agent crashes; the receiver refuses every attempt: the webhook waits.
+    let crashed = agents[0].id();
+    agents[0].process.signal(Sig::SIGKILL);
+    let id = eventually(STARTUP, "the heal to be queued", || async {
+        queued_webhook_id(leader, &crashed)
+    })
+    .await;
+    eventually(STARTUP, "a failed delivery attempt", || async {
+        (leader.metric("orchestrator_self_healing_webhook_errors_total").await >= 1.0).then_some(())
+    })
+    .await;
+
+    // The leader dies with the webhook undelivered; the receiver recovers.
+    leader.process.signal(Sig::SIGKILL);
+    let addr = failing.addr;
+    drop(failing);
+    let receiver = eventually(STARTUP, "the receiver to listen again", || async {
+        WebhookReceiver::start(addr, &[]).await.ok()
+    })
+    .await;
+    eventually(FAILOVER, "the standby to lead", || async {
+        (readyz(standby).await.0 == 200).then_some(())
+    })
+    .await;
+    let delivered = receiver
+        .wait_for_events("UNEXPECTED_NODE_FAILURE", 1, FAILOVER)
+        .await;
+    standby.wait_outbox_drained(STARTUP).await;
+    assert_eq!(delivered[0]["webhook_id"], id.as_str(), "resent under its original id");
+    assert_eq!(delivered[0]["payload"]["failed_node_id"], crashed.as_str());
+    let all = receiver.events_with_reason("UNEXPECTED_NODE_FAILURE");
+    assert_eq!(all.len(), 1, "decided once, delivered once: {all:?}");
+    // The crashed node was judged by the old leader; the new one did not judge it again.
+    standby
+        .assert_metric("orchestrator_unexpected_node_failures_total", 0.0)
+        .await;
+}
+
+#[tokio::test]
+async fn a_paused_leader_that_wakes_after_losing_its_lease_steps_down_and_its_writes_are_fenced() {
+    let Some(etcd) = EtcdCluster::start(3).await else { return };
+    let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), &[]).await.unwrap();
+    let (a, b) = start_pair(&ha_config(&etcd, &receiver.url())).await;
+    let pair = [&a, &b];
+    let leader = one_leader(&pair, STARTUP).await;
+    let (old, new) = (pair[leader], pair[1 - leader]);
+    let urls = format!("{},{}", a.url(), b.url());
+    let agents = agents(&urls, 3);
+    old.wait_all_connected(&agents, STARTUP).await;
+
+    // SIGSTOP the leader past its lease: the standby takes over.
+    old.process.signal(Sig::SIGSTOP);
+    eventually(FAILOVER, "the standby to lead", || async {
+        (readyz(new).await.0 == 200).then_some(())
+    })
+    .await;
+    new.wait_all_connected(&agents, FAILOVER).await;
+
+    // An agent crashes meanwhile: the new leader heals it.
+    let crashed = agents[0].id();
+    agents[0].process.signal(Sig::SIGKILL);
+    receiver
+        .wait_for_events("UNEXPECTED_NODE_FAILURE", 1, FAILOVER)
+        .await;
+
+    // The old leader wakes up: it sees its lease gone, steps down and names the
+    // new leader; whatever it judged on waking was refused by etcd.
+    old.process.signal(Sig::SIGCONT);
+    eventually(FAILOVER, "the old leader to stand by for the new one", || async {
+        let (status, body) = readyz(old).await;
+        (status == 503 && body["role"] == "standby" && body["leader"] == new.url().as_str()).then_some(())
+    })
+    .await;
+    old.process
+        .logs
+        .wait_for("leadership lost", STARTUP)
+        .await
+        .expect("the old leader logs that it stepped down");
+    new.wait_outbox_drained(STARTUP).await;
+    let webhooks = receiver.events_with_reason("UNEXPECTED_NODE_FAILURE");
+    assert_eq!(webhooks.len(), 1, "exactly one webhook for the crash: {webhooks:?}");
+    assert_eq!(webhooks[0]["payload"]["failed_node_id"], crashed.as_str());
+    old.assert_metric("orchestrator_webhooks_sent_total{reason=\"UNEXPECTED_NODE_FAILURE\"}", 0.0)
+        .await;
+    // The survivors stayed connected to the new leader throughout.
+    new.wait_all_connected(&agents[1..], STARTUP).await;
+}
+
+#[tokio::test]
+async fn losing_etcd_members_makes_no_false_failure_and_the_state_survives_a_full_restart() {
+    let Some(etcd) = EtcdCluster::start(3).await else { return };
+    let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), &[]).await.unwrap();
+    let config = ha_config(&etcd, &receiver.url());
+    let (a, b) = start_pair(&config).await;
+    let pair = [&a, &b];
+    one_leader(&pair, STARTUP).await;
+    let urls = format!("{},{}", a.url(), b.url());
+    let agents = agents(&urls, 3);
+    let leader = pair[one_leader(&pair, STARTUP).await];
+    leader.wait_all_connected(&agents, STARTUP).await;
+
+    // Kill the etcd raft leader: etcd elects another; the orchestrators keep (or
+    // cleanly hand over) leadership, and no live agent is judged.
+    let raft_leader = etcd.leader().await.expect("etcd has a leader");
+    etcd.members[raft_leader].process.signal(Sig::SIGKILL);
+    eventually(FAILOVER, "etcd to elect another leader", || async {
+        etcd.leader().await.filter(|leader| *leader != raft_leader)
+    })
+    .await;
+    let leader = pair[one_leader(&pair, FAILOVER).await];
+    leader.wait_all_connected(&agents, FAILOVER).await;
+
+    // SIGSTOP both remaining members: no quorum. The leader cannot renew its
+    // lease and stops leading; nobody leads, nobody judges.
+    let stopped: Vec<usize> = (0..3).filter(|i| *i != raft_leader).collect();
+    for i in &stopped {
+        etcd.members[*i].process.signal(Sig::SIGSTOP);
+    }
+    eventually(FAILOVER, "the leader to step down without quorum", || async {
+        (readyz(leader).await.0 == 503).then_some(())
+    })
+    .await;
+    for i in &stopped {
+        etcd.members[*i].process.signal(Sig::SIGCONT);
+    }
+    let leader = pair[one_leader(&pair, FAILOVER).await];
+    leader.wait_all_connected(&agents, FAILOVER).await;
+    for orchestrator in pair {
+        orchestrator
+            .assert_metric("orchestrator_unexpected_node_failures_total", 0.0)
+            .await;
+    }
+    assert!(receiver.events().is_empty(), "no heal, no duplicate decision: {:?}", receiver.events());
+
+    // Restart the whole control plane: the fleet's state is in etcd. The agents
+    // are held while it is down so that the new leader's watch sees them return
+    // (a long reconnect grace covers the pause).
+    for orchestrator in pair {
+        orchestrator.process.signal(Sig::SIGTERM);
+    }
+    drop((a, b));
+    for agent in &agents {
+        agent.process.signal(Sig::SIGSTOP);
+    }
+    let grace = [("SECBEAT_RESTART_RECONNECT_GRACE".to_owned(), "30".to_owned())];
+    let c = Orchestrator::start_with_env(&config, &grace).await.unwrap();
+    let d = Orchestrator::start_with_env(&config, &grace).await.unwrap();
+    let pair = [&c, &d];
+    let leader = pair[one_leader(&pair, STARTUP).await];
+    let mut watch = leader.watch_events().await.unwrap();
+    for agent in &agents {
+        agent.process.signal(Sig::SIGCONT);
+    }
+    leader.wait_all_connected(&agents, FAILOVER).await;
+    let mut reconnected = std::collections::HashSet::new();
+    while reconnected.len() < agents.len() {
+        let event = tokio::time::timeout(FAILOVER, watch.message())
+            .await
+            .expect("events")
+            .unwrap()
+            .unwrap();
+        assert_ne!(
+            event.r#type(),
+            secbeat::pb::FleetEventType::NodeJoined,
+            "a node the restarted control plane should have known: {event:?}"
+        );
+        if event.r#type() == secbeat::pb::FleetEventType::NodeReconnected {
+            reconnected.insert(event.node_id);
+        }
+    }
+    leader
+        .assert_metric("orchestrator_unexpected_node_failures_total", 0.0)
+        .await;
+}
