@@ -130,11 +130,20 @@ impl Agent {
             }
         });
         let mut endpoints = Vec::new();
-        for url in args.orchestrator.iter().map(|url| url.trim()).filter(|url| !url.is_empty()) {
+        for url in args
+            .orchestrator
+            .iter()
+            .map(|url| url.trim())
+            .filter(|url| !url.is_empty())
+        {
             let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
                 .map_err(|e| usage("--orchestrator", format!("{url:?} is not a URL: {e}")))?;
             let endpoint = configure(endpoint).map_err(|message| {
-                let flag = if message.contains("--ca") { "--ca" } else { "--orchestrator" };
+                let flag = if message.contains("--ca") {
+                    "--ca"
+                } else {
+                    "--orchestrator"
+                };
                 usage(flag, message)
             })?;
             endpoints.push(endpoint);

@@ -115,12 +115,20 @@ mod tests {
         let urls = ["http://a:1", "http://b:1", "http://c:1"];
         let mut starts = std::collections::HashSet::new();
         for seed in 0..32 {
-            let list = Orchestrators::new(endpoints(&urls), same(), &mut rand::rngs::StdRng::seed_from_u64(seed));
+            let list = Orchestrators::new(
+                endpoints(&urls),
+                same(),
+                &mut rand::rngs::StdRng::seed_from_u64(seed),
+            );
             starts.insert(current(&list));
         }
         assert_eq!(starts.len(), 3, "the first pick is spread over the list");
 
-        let mut list = Orchestrators::new(endpoints(&urls), same(), &mut rand::rngs::StdRng::seed_from_u64(1));
+        let mut list = Orchestrators::new(
+            endpoints(&urls),
+            same(),
+            &mut rand::rngs::StdRng::seed_from_u64(1),
+        );
         let mut seen = std::collections::HashSet::new();
         for _ in 0..3 {
             seen.insert(current(&list));

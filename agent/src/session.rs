@@ -380,7 +380,11 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
             token: None,
         };
-        (Endpoint::from_shared(format!("http://{addr}")).unwrap(), settings, streams)
+        (
+            Endpoint::from_shared(format!("http://{addr}")).unwrap(),
+            settings,
+            streams,
+        )
     }
 
     fn welcome(interval: Duration) -> Result<pb::ControlMessage, Status> {

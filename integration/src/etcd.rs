@@ -46,7 +46,11 @@ impl EtcdCluster {
     /// Starts `size` members and waits until the cluster answers; None (and a
     /// note) when etcd is not installed and not required.
     pub async fn start(size: usize) -> Option<Self> {
-        if std::process::Command::new(binary()).arg("--version").output().is_err() {
+        if std::process::Command::new(binary())
+            .arg("--version")
+            .output()
+            .is_err()
+        {
             assert!(
                 std::env::var("SECBEAT_REQUIRE_ETCD").as_deref() != Ok("1"),
                 "etcd is required (SECBEAT_REQUIRE_ETCD=1) but `{}` is not installed (apt-get install etcd-server)",
@@ -72,8 +76,18 @@ impl EtcdCluster {
             command
                 .args(["--name", &name, "--data-dir"])
                 .arg(data.path().join(&name))
-                .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
-                .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+                .args([
+                    "--listen-client-urls",
+                    &client_url,
+                    "--advertise-client-urls",
+                    &client_url,
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &peer_url,
+                    "--initial-advertise-peer-urls",
+                    &peer_url,
+                ])
                 .args(["--initial-cluster", &initial, "--initial-cluster-state", "new"])
                 .args(["--initial-cluster-token", "secbeat-test"])
                 // Loopback: elect quickly.
@@ -86,9 +100,11 @@ impl EtcdCluster {
             });
         }
         let cluster = Self { members, _data: data };
-        eventually(Duration::from_secs(30), "the etcd cluster to elect a leader", || async {
-            cluster.leader().await
-        })
+        eventually(
+            Duration::from_secs(30),
+            "the etcd cluster to elect a leader",
+            || async { cluster.leader().await },
+        )
         .await;
         Some(cluster)
     }
@@ -116,7 +132,14 @@ impl EtcdCluster {
     pub async fn leader(&self) -> Option<usize> {
         let output = Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
-            .args(["endpoint", "status", "-w", "json", "--command-timeout=1s", "--endpoints"])
+            .args([
+                "endpoint",
+                "status",
+                "-w",
+                "json",
+                "--command-timeout=1s",
+                "--endpoints",
+            ])
             .arg(self.endpoints())
             .output()
             .await

@@ -56,8 +56,13 @@ impl Orchestrator {
     /// Starts another orchestrator with the same state dir, config and gRPC
     /// address as this (stopped) one: a restart.
     pub async fn restart(&self) -> anyhow::Result<Self> {
+        self.restart_with_env(&[]).await
+    }
+
+    /// Like [`Orchestrator::restart`], with extra environment variables.
+    pub async fn restart_with_env(&self, env: &[(String, String)]) -> anyhow::Result<Self> {
         let config = std::fs::read_to_string(self.dir.path().join("orchestrator.toml"))?;
-        Self::start_in(Arc::clone(&self.dir), &config, self.grpc_addr, &[], None).await
+        Self::start_in(Arc::clone(&self.dir), &config, self.grpc_addr, env, None).await
     }
 
     async fn start_in(

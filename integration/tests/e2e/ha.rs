@@ -14,7 +14,8 @@ const FAILOVER: Duration = Duration::from_secs(15);
 /// Two orchestrators' config: fast lifecycle, a 2 s leader lease, and a reconnect
 /// grace (10 s) that covers a failover and an agent noticing a frozen leader.
 fn ha_config(etcd: &EtcdCluster, webhook_url: &str) -> String {
-    let base = webhook_config(webhook_url).replace("restart_reconnect_grace = 2.0", "restart_reconnect_grace = 10.0");
+    let base = webhook_config(webhook_url)
+        .replace("restart_reconnect_grace = 2.0", "restart_reconnect_grace = 10.0");
     format!(
         "{base}{}leader_lease_ttl = 2\netcd_request_timeout = 0.5\n",
         etcd.endpoints_toml()
@@ -32,20 +33,24 @@ async fn readyz(orchestrator: &Orchestrator) -> (u16, serde_json::Value) {
 /// Waits until exactly one of `orchestrators` is the ready leader and every other
 /// one a standby naming it; returns the leader's index.
 async fn one_leader(orchestrators: &[&Orchestrator], timeout: Duration) -> usize {
-    eventually(timeout, "exactly one leader, the others standing by for it", || async {
-        let mut leaders = Vec::new();
-        let mut standbys = Vec::new();
-        for (index, orchestrator) in orchestrators.iter().enumerate() {
-            match readyz(orchestrator).await {
-                (200, body) if body["role"] == "leader" => leaders.push(index),
-                (503, body) if body["role"] == "standby" => standbys.push(body["leader"].clone()),
-                _ => return None,
+    eventually(
+        timeout,
+        "exactly one leader, the others standing by for it",
+        || async {
+            let mut leaders = Vec::new();
+            let mut standbys = Vec::new();
+            for (index, orchestrator) in orchestrators.iter().enumerate() {
+                match readyz(orchestrator).await {
+                    (200, body) if body["role"] == "leader" => leaders.push(index),
+                    (503, body) if body["role"] == "standby" => standbys.push(body["leader"].clone()),
+                    _ => return None,
+                }
             }
-        }
-        let [leader] = leaders[..] else { return None };
-        let url = orchestrators[leader].url();
-        standbys.iter().all(|named| *named == url).then_some(leader)
-    })
+            let [leader] = leaders[..] else { return None };
+            let url = orchestrators[leader].url();
+            standbys.iter().all(|named| *named == url).then_some(leader)
+        },
+    )
     .await
 }
 
@@ -81,8 +86,12 @@ fn queued_webhook_id(orchestrator: &Orchestrator, node: &str) -> Option<String> 
 
 #[tokio::test]
 async fn one_leader_standby_points_at_it_and_a_leader_kill_loses_no_agent_and_heals_once() {
-    let Some(etcd) = EtcdCluster::start(3).await else { return };
-    let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), &[]).await.unwrap();
+    let Some(etcd) = EtcdCluster::start(3).await else {
+        return;
+    };
+    let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), &[])
+        .await
+        .unwrap();
     let (a, b) = start_pair(&ha_config(&etcd, &receiver.url())).await;
     let pair = [&a, &b];
     let leader = one_leader(&pair, STARTUP).await;
@@ -94,7 +103,10 @@ async fn one_leader_standby_points_at_it_and_a_leader_kill_loses_no_agent_and_he
         panic!("a standby refuses agent streams");
     };
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-    let hint = refused.metadata().get("secbeat-leader").map(|v| v.to_str().unwrap().to_owned());
+    let hint = refused
+        .metadata()
+        .get("secbeat-leader")
+        .map(|v| v.to_str().unwrap().to_owned());
     assert_eq!(hint, Some(leader.url()));
     standby.assert_metric("orchestrator_leader", 0.0).await;
     leader.assert_metric("orchestrator_leader", 1.0).await;
@@ -132,7 +144,9 @@ async fn one_leader_standby_points_at_it_and_a_leader_kill_loses_no_agent_and_he
 
 #[tokio::test]
 async fn a_webhook_pending_when_the_leader_dies_is_delivered_by_the_new_leader_under_its_id() {
-    let Some(etcd) = EtcdCluster::start(3).await else { return };
+    let Some(etcd) = EtcdCluster::start(3).await else {
+        return;
+    };
     let failing = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), &["--fail-first", "1000000"])
         .await
         .unwrap();
@@ -152,7 +166,11 @@ async fn a_webhook_pending_when_the_leader_dies_is_delivered_by_the_new_leader_u
     })
     .await;
     eventually(STARTUP, "a failed delivery attempt", || async {
-        (leader.metric("orchestrator_self_healing_webhook_errors_total").await >= 1.0).then_some(())
+        (leader
+            .metric("orchestrator_self_healing_webhook_errors_total")
+            .await
+            >= 1.0)
+            .then_some(())
     })
     .await;
 
@@ -172,7 +190,11 @@ async fn a_webhook_pending_when_the_leader_dies_is_delivered_by_the_new_leader_u
         .wait_for_events("UNEXPECTED_NODE_FAILURE", 1, FAILOVER)
         .await;
     standby.wait_outbox_drained(STARTUP).await;
-    assert_eq!(delivered[0]["webhook_id"], id.as_str(), "resent under its original id");
+    assert_eq!(
+        delivered[0]["webhook_id"],
+        id.as_str(),
+        "resent under its original id"
+    );
     assert_eq!(delivered[0]["payload"]["failed_node_id"], crashed.as_str());
     let all = receiver.events_with_reason("UNEXPECTED_NODE_FAILURE");
     assert_eq!(all.len(), 1, "decided once, delivered once: {all:?}");
@@ -184,8 +206,12 @@ async fn a_webhook_pending_when_the_leader_dies_is_delivered_by_the_new_leader_u
 
 #[tokio::test]
 async fn a_paused_leader_that_wakes_after_losing_its_lease_steps_down_and_its_writes_are_fenced() {
-    let Some(etcd) = EtcdCluster::start(3).await else { return };
-    let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), &[]).await.unwrap();
+    let Some(etcd) = EtcdCluster::start(3).await else {
+        return;
+    };
+    let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), &[])
+        .await
+        .unwrap();
     let (a, b) = start_pair(&ha_config(&etcd, &receiver.url())).await;
     let pair = [&a, &b];
     let leader = one_leader(&pair, STARTUP).await;
@@ -224,18 +250,29 @@ async fn a_paused_leader_that_wakes_after_losing_its_lease_steps_down_and_its_wr
         .expect("the old leader logs that it stepped down");
     new.wait_outbox_drained(STARTUP).await;
     let webhooks = receiver.events_with_reason("UNEXPECTED_NODE_FAILURE");
-    assert_eq!(webhooks.len(), 1, "exactly one webhook for the crash: {webhooks:?}");
+    assert_eq!(
+        webhooks.len(),
+        1,
+        "exactly one webhook for the crash: {webhooks:?}"
+    );
     assert_eq!(webhooks[0]["payload"]["failed_node_id"], crashed.as_str());
-    old.assert_metric("orchestrator_webhooks_sent_total{reason=\"UNEXPECTED_NODE_FAILURE\"}", 0.0)
-        .await;
+    old.assert_metric(
+        "orchestrator_webhooks_sent_total{reason=\"UNEXPECTED_NODE_FAILURE\"}",
+        0.0,
+    )
+    .await;
     // The survivors stayed connected to the new leader throughout.
     new.wait_all_connected(&agents[1..], STARTUP).await;
 }
 
 #[tokio::test]
 async fn losing_etcd_members_makes_no_false_failure_and_the_state_survives_a_full_restart() {
-    let Some(etcd) = EtcdCluster::start(3).await else { return };
-    let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), &[]).await.unwrap();
+    let Some(etcd) = EtcdCluster::start(3).await else {
+        return;
+    };
+    let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), &[])
+        .await
+        .unwrap();
     let config = ha_config(&etcd, &receiver.url());
     let (a, b) = start_pair(&config).await;
     let pair = [&a, &b];
@@ -276,21 +313,26 @@ async fn losing_etcd_members_makes_no_false_failure_and_the_state_survives_a_ful
             .assert_metric("orchestrator_unexpected_node_failures_total", 0.0)
             .await;
     }
-    assert!(receiver.events().is_empty(), "no heal, no duplicate decision: {:?}", receiver.events());
+    assert!(
+        receiver.events().is_empty(),
+        "no heal, no duplicate decision: {:?}",
+        receiver.events()
+    );
 
     // Restart the whole control plane: the fleet's state is in etcd. The agents
     // are held while it is down so that the new leader's watch sees them return
     // (a long reconnect grace covers the pause).
-    for orchestrator in pair {
+    let (mut a, mut b) = (a, b);
+    for orchestrator in [&mut a, &mut b] {
         orchestrator.process.signal(Sig::SIGTERM);
+        orchestrator.process.wait_exit(STARTUP).await.unwrap();
     }
-    drop((a, b));
     for agent in &agents {
         agent.process.signal(Sig::SIGSTOP);
     }
     let grace = [("SECBEAT_RESTART_RECONNECT_GRACE".to_owned(), "30".to_owned())];
-    let c = Orchestrator::start_with_env(&config, &grace).await.unwrap();
-    let d = Orchestrator::start_with_env(&config, &grace).await.unwrap();
+    let c = a.restart_with_env(&grace).await.unwrap();
+    let d = b.restart_with_env(&grace).await.unwrap();
     let pair = [&c, &d];
     let leader = pair[one_leader(&pair, STARTUP).await];
     let mut watch = leader.watch_events().await.unwrap();

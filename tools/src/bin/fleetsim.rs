@@ -209,7 +209,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if connection == channels.len() {
             // 127.0.0.1 .. 127.0.0.250 as source addresses: ~28k ports each.
             let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, (connection % 250 + 1) as u8));
-            channels.push(Arc::new(SharedChannel::new(args.orchestrator.clone(), Some(source))?));
+            channels.push(Arc::new(SharedChannel::new(
+                args.orchestrator.clone(),
+                Some(source),
+            )?));
         }
         let channel = Arc::clone(&channels[connection]);
         let fate = fates[id];
@@ -433,7 +436,11 @@ impl SharedChannel {
             return;
         }
         let at = match (leader, &current.at) {
-            (Some(leader), _) => match self.urls.iter().position(|url| url.trim_end_matches('/') == leader.trim_end_matches('/')) {
+            (Some(leader), _) => match self
+                .urls
+                .iter()
+                .position(|url| url.trim_end_matches('/') == leader.trim_end_matches('/'))
+            {
                 Some(index) => Ok(index),
                 None => Err(leader.to_owned()),
             },
@@ -663,7 +670,8 @@ async fn watch_failures(watch: SharedChannel, sink: Arc<Mutex<Vec<(String, Syste
                     if event.r#type() == FleetEventType::NodeFailed
                         && let Some(time) = event.time
                     {
-                        let at = SystemTime::UNIX_EPOCH + Duration::new(time.seconds as u64, time.nanos as u32);
+                        let at =
+                            SystemTime::UNIX_EPOCH + Duration::new(time.seconds as u64, time.nanos as u32);
                         sink.lock().expect("lock").push((event.node_id, at));
                     }
                 }
