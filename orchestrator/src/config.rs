@@ -1000,17 +1000,19 @@ pub fn example_toml() -> String {
             let used = section.chars().count() + 7;
             let _ = writeln!(out, "{}", "-".repeat(84usize.saturating_sub(used)));
         }
-        if key.kind == Kind::Table {
-            out.push('\n');
-            for line in key.doc.lines() {
-                let _ = writeln!(out, "#{line}");
-            }
-            let _ = writeln!(out, "[{}]", key.name);
-            for inner in table_keys(key.name) {
-                write_key(&mut out, inner, &[key.name, inner.name]);
-            }
-        } else {
+        if key.kind != Kind::Table {
             write_key(&mut out, key, &[key.name]);
+        }
+    }
+    // Tables last: in TOML every key after a [table] heading belongs to it.
+    for key in KEYS.iter().filter(|key| key.kind == Kind::Table) {
+        out.push('\n');
+        for line in key.doc.lines() {
+            let _ = writeln!(out, "#{line}");
+        }
+        let _ = writeln!(out, "[{}]", key.name);
+        for inner in table_keys(key.name) {
+            write_key(&mut out, inner, &[key.name, inner.name]);
         }
     }
     out
@@ -1230,6 +1232,45 @@ mod generated {
         )
         .expect("the example loads");
         assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn high_availability_mistakes_are_errors_naming_the_key() {
+        use clap::FromArgMatches as _;
+        let load = |text: &str| Config::load(Some((Path::new("test.toml"), text)), &ConfigFlags::default());
+        for (text, key) in [
+            ("etcd_prefix = \"secbeat\"", "etcd_prefix"),
+            ("etcd_prefix = \"/a b/\"", "etcd_prefix"),
+            ("leader_lease_ttl = 2.5", "leader_lease_ttl"),
+            ("leader_lease_ttl = 1", "leader_lease_ttl"),
+            ("etcd_request_timeout = 5", "etcd_request_timeout"),
+            ("etcd_endpoints = [\"etcd-1:2379\"]", "etcd_endpoints"),
+            ("etcd_endpoints = [\"https://etcd-1:2379\"]", "etcd_tls.ca"),
+            ("etcd_endpoints = [\"http://etcd-1:2379/v3\"]", "etcd_endpoints"),
+            ("advertise_url = \"orch-1:50051\"", "advertise_url"),
+        ] {
+            let error = load(text).unwrap_err();
+            assert_eq!(error.key, key, "{text}: {error:?}");
+        }
+        let config = load("etcd_endpoints = [\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\"]").unwrap();
+        assert!(config.high_availability());
+        let flags = ConfigFlags::augment_args(clap::Command::new("orchestrator"))
+            .try_get_matches_from(["orchestrator", "--etcd-endpoints", "http://a:2379,http://b:2379"])
+            .unwrap();
+        let flags = ConfigFlags::from_arg_matches(&flags).unwrap();
+        let config = Config::load(None, &flags).unwrap();
+        assert_eq!(config.etcd_endpoints, ["http://a:2379", "http://b:2379"]);
+        assert_eq!(
+            config
+                .advertise_url("0.0.0.0:50051".parse().unwrap())
+                .split(':')
+                .next(),
+            Some("http")
+        );
+        assert_eq!(
+            Config::default().advertise_url("127.0.0.1:5000".parse().unwrap()),
+            "http://127.0.0.1:5000"
+        );
     }
 
     #[test]

@@ -137,3 +137,38 @@ async fn the_grafana_dashboard_queries_only_exported_metrics() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_high_availability_compose_file_validates_with_three_etcd_members_and_two_orchestrators() {
+    let output = tokio::process::Command::new(docker_compose())
+        .arg("-f")
+        .arg(repository_root().join("docker-compose.ha.yml"))
+        .args(["config", "--services"])
+        .env("SECBEAT_WEBHOOK_SECRET", "whsec_dGVzdA==")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let services: BTreeSet<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let expected: BTreeSet<String> = [
+        "etcd-1",
+        "etcd-2",
+        "etcd-3",
+        "orchestrator-a",
+        "orchestrator-b",
+        "agent-1",
+        "agent-2",
+        "agent-3",
+        "webhook-receiver",
+    ]
+    .map(str::to_owned)
+    .into();
+    assert_eq!(services, expected);
+}
