@@ -54,6 +54,14 @@ async fn one_leader(orchestrators: &[&Orchestrator], timeout: Duration) -> usize
     .await
 }
 
+/// Waits until `orchestrator` leads (its /readyz answers 200).
+async fn until_leading(orchestrator: &Orchestrator) {
+    eventually(FAILOVER, "the standby to lead", || async {
+        (readyz(orchestrator).await.0 == 200).then_some(())
+    })
+    .await;
+}
+
 async fn start_pair(config: &str) -> (Orchestrator, Orchestrator) {
     let a = Orchestrator::start(config).await.expect("orchestrator a starts");
     let b = Orchestrator::start(config).await.expect("orchestrator b starts");
@@ -118,10 +126,7 @@ async fn one_leader_standby_points_at_it_and_a_leader_kill_loses_no_agent_and_he
 
     // SIGKILL the leader: the standby leads, and every agent is back on it.
     leader.process.signal(Sig::SIGKILL);
-    eventually(FAILOVER, "the standby to lead", || async {
-        (readyz(standby).await.0 == 200).then_some(())
-    })
-    .await;
+    until_leading(standby).await;
     standby.wait_all_connected(&agents, FAILOVER).await;
     standby.assert_metric("orchestrator_leader", 1.0).await;
     // No live agent was ever judged failed, so nothing was healed.
@@ -182,10 +187,7 @@ async fn a_webhook_pending_when_the_leader_dies_is_delivered_by_the_new_leader_u
         WebhookReceiver::start(addr, &[]).await.ok()
     })
     .await;
-    eventually(FAILOVER, "the standby to lead", || async {
-        (readyz(standby).await.0 == 200).then_some(())
-    })
-    .await;
+    until_leading(standby).await;
     let delivered = receiver
         .wait_for_events("UNEXPECTED_NODE_FAILURE", 1, FAILOVER)
         .await;
@@ -222,10 +224,7 @@ async fn a_paused_leader_that_wakes_after_losing_its_lease_steps_down_and_its_wr
 
     // SIGSTOP the leader past its lease: the standby takes over.
     old.process.signal(Sig::SIGSTOP);
-    eventually(FAILOVER, "the standby to lead", || async {
-        (readyz(new).await.0 == 200).then_some(())
-    })
-    .await;
+    until_leading(new).await;
     new.wait_all_connected(&agents, FAILOVER).await;
 
     // An agent crashes meanwhile: the new leader heals it.
