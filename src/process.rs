@@ -6,6 +6,14 @@ use std::{io::IsTerminal, process::ExitCode};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+/// This machine's host name (the kernel's), if it has one.
+pub fn kernel_hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+}
+
 /// `EX_USAGE` from sysexits.h: bad flags or configuration.
 pub const EXIT_USAGE: u8 = 64;
 

@@ -155,7 +155,10 @@ impl Agent {
         let orchestrators = Orchestrators::new(endpoints, configure, &mut rng);
         let cpu = CpuSource::parse(&args.cpu_source, args.trace_speedup, std::time::Instant::now())
             .map_err(|e| usage("--cpu-source", e.to_string()))?;
-        let hostname = args.hostname.unwrap_or_else(kernel_hostname);
+        let hostname = args
+            .hostname
+            .or_else(secbeat::process::kernel_hostname)
+            .unwrap_or_else(|| "unknown".to_owned());
         let settings = SessionSettings {
             node_id,
             hostname,
@@ -254,12 +257,4 @@ impl Agent {
             }
         }
     }
-}
-
-fn kernel_hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|name| name.trim().to_owned())
-        .ok()
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "unknown".to_owned())
 }

@@ -819,7 +819,7 @@ impl Config {
         }
         let scheme = if self.tls.cert.is_some() { "https" } else { "http" };
         let host = if bound.ip().is_unspecified() {
-            hostname()
+            secbeat::process::kernel_hostname().unwrap_or_else(|| "localhost".to_owned())
         } else {
             match bound.ip() {
                 std::net::IpAddr::V6(ip) => format!("[{ip}]"),
@@ -1016,15 +1016,6 @@ pub fn example_toml() -> String {
         }
     }
     out
-}
-
-/// This machine's host name (for an advertise URL on a wildcard listener).
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|name| name.trim().to_owned())
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 fn lookup<'a>(table: &'a toml::Table, path: &[&str]) -> Option<&'a toml::Value> {

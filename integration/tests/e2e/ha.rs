@@ -62,10 +62,48 @@ async fn until_leading(orchestrator: &Orchestrator) {
     .await;
 }
 
-async fn start_pair(config: &str) -> (Orchestrator, Orchestrator) {
-    let a = Orchestrator::start(config).await.expect("orchestrator a starts");
-    let b = Orchestrator::start(config).await.expect("orchestrator b starts");
-    (a, b)
+/// A real 3-member etcd, a webhook receiver and two orchestrators on them.
+struct ControlPlane {
+    etcd: EtcdCluster,
+    receiver: WebhookReceiver,
+    orchestrators: [Orchestrator; 2],
+}
+
+impl ControlPlane {
+    /// Starts it all (the receiver with `receiver_flags`); None when etcd is not
+    /// installed (and not required).
+    async fn start(receiver_flags: &[&str]) -> Option<Self> {
+        let etcd = EtcdCluster::start(3).await?;
+        let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), receiver_flags)
+            .await
+            .expect("the receiver starts");
+        let config = ha_config(&etcd, &receiver.url());
+        let a = Orchestrator::start(&config).await.expect("orchestrator a starts");
+        let b = Orchestrator::start(&config).await.expect("orchestrator b starts");
+        Some(Self {
+            etcd,
+            receiver,
+            orchestrators: [a, b],
+        })
+    }
+
+    /// Both orchestrators' URLs, as agents are given them.
+    fn urls(&self) -> String {
+        let [a, b] = &self.orchestrators;
+        format!("{},{}", a.url(), b.url())
+    }
+
+    /// Waits for exactly one leader; returns its index in `orchestrators`.
+    async fn leader_index(&self, timeout: Duration) -> usize {
+        let [a, b] = &self.orchestrators;
+        one_leader(&[a, b], timeout).await
+    }
+
+    /// Waits for exactly one leader; returns (leader, standby).
+    async fn roles(&self, timeout: Duration) -> (&Orchestrator, &Orchestrator) {
+        let leader = self.leader_index(timeout).await;
+        (&self.orchestrators[leader], &self.orchestrators[1 - leader])
+    }
 }
 
 /// Agents given every orchestrator's URL. Quick reconnects, and HTTP/2 pings every
@@ -94,16 +132,11 @@ fn queued_webhook_id(orchestrator: &Orchestrator, node: &str) -> Option<String> 
 
 #[tokio::test]
 async fn one_leader_standby_points_at_it_and_a_leader_kill_loses_no_agent_and_heals_once() {
-    let Some(etcd) = EtcdCluster::start(3).await else {
+    let Some(plane) = ControlPlane::start(&[]).await else {
         return;
     };
-    let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), &[])
-        .await
-        .unwrap();
-    let (a, b) = start_pair(&ha_config(&etcd, &receiver.url())).await;
-    let pair = [&a, &b];
-    let leader = one_leader(&pair, STARTUP).await;
-    let (leader, standby) = (pair[leader], pair[1 - leader]);
+    let receiver = &plane.receiver;
+    let (leader, standby) = plane.roles(STARTUP).await;
 
     // The standby refuses agents with UNAVAILABLE and the leader's URL.
     let mut client = standby.agent_client().await.unwrap();
@@ -118,10 +151,25 @@ async fn one_leader_standby_points_at_it_and_a_leader_kill_loses_no_agent_and_he
     assert_eq!(hint, Some(leader.url()));
     standby.assert_metric("orchestrator_leader", 0.0).await;
     leader.assert_metric("orchestrator_leader", 1.0).await;
+    // A load balancer's health check finds the leader.
+    for (orchestrator, status) in [(leader, "SERVING"), (standby, "NOT_SERVING")] {
+        let addr = orchestrator.grpc_addr.to_string();
+        let (_, out, err) = run_grpcurl(&[
+            "-plaintext",
+            "-d",
+            r#"{"service": "secbeat.v1.AgentService"}"#,
+            &addr,
+            "grpc.health.v1.Health/Check",
+        ])
+        .await
+        .unwrap();
+        assert!(out.contains(&format!("\"{status}\"")), "{addr}: {out}{err}");
+    }
 
-    // Agents given both URLs all end up on the leader.
-    let urls = format!("{},{}", a.url(), b.url());
-    let agents = agents(&urls, 3);
+    // Agents given both URLs all end up on the leader; one given only the
+    // standby's URL gets there by following the standby's pointer.
+    let mut agents = agents(&plane.urls(), 3);
+    agents.extend(self::agents(&standby.url(), 1));
     leader.wait_all_connected(&agents, STARTUP).await;
 
     // SIGKILL the leader: the standby leads, and every agent is back on it.
@@ -149,18 +197,12 @@ async fn one_leader_standby_points_at_it_and_a_leader_kill_loses_no_agent_and_he
 
 #[tokio::test]
 async fn a_webhook_pending_when_the_leader_dies_is_delivered_by_the_new_leader_under_its_id() {
-    let Some(etcd) = EtcdCluster::start(3).await else {
+    let Some(mut plane) = ControlPlane::start(&["--fail-first", "1000000"]).await else {
         return;
     };
-    let failing = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), &["--fail-first", "1000000"])
-        .await
-        .unwrap();
-    let (a, b) = start_pair(&ha_config(&etcd, &failing.url())).await;
-    let pair = [&a, &b];
-    let leader = one_leader(&pair, STARTUP).await;
-    let (leader, standby) = (pair[leader], pair[1 - leader]);
-    let urls = format!("{},{}", a.url(), b.url());
-    let agents = agents(&urls, 2);
+    let agents = agents(&plane.urls(), 2);
+    let leader_index = plane.leader_index(STARTUP).await;
+    let leader = &plane.orchestrators[leader_index];
     leader.wait_all_connected(&agents, STARTUP).await;
 
     // An agent crashes; the receiver refuses every attempt: the webhook waits.
@@ -181,12 +223,14 @@ async fn a_webhook_pending_when_the_leader_dies_is_delivered_by_the_new_leader_u
 
     // The leader dies with the webhook undelivered; the receiver recovers.
     leader.process.signal(Sig::SIGKILL);
-    let addr = failing.addr;
-    drop(failing);
-    let receiver = eventually(STARTUP, "the receiver to listen again", || async {
+    let addr = plane.receiver.addr;
+    plane.receiver.process.signal(Sig::SIGKILL);
+    plane.receiver.process.wait_exit(STARTUP).await.unwrap();
+    plane.receiver = eventually(STARTUP, "the receiver to listen again", || async {
         WebhookReceiver::start(addr, &[]).await.ok()
     })
     .await;
+    let (standby, receiver) = (&plane.orchestrators[1 - leader_index], &plane.receiver);
     until_leading(standby).await;
     let delivered = receiver
         .wait_for_events("UNEXPECTED_NODE_FAILURE", 1, FAILOVER)
@@ -208,18 +252,12 @@ async fn a_webhook_pending_when_the_leader_dies_is_delivered_by_the_new_leader_u
 
 #[tokio::test]
 async fn a_paused_leader_that_wakes_after_losing_its_lease_steps_down_and_its_writes_are_fenced() {
-    let Some(etcd) = EtcdCluster::start(3).await else {
+    let Some(plane) = ControlPlane::start(&[]).await else {
         return;
     };
-    let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), &[])
-        .await
-        .unwrap();
-    let (a, b) = start_pair(&ha_config(&etcd, &receiver.url())).await;
-    let pair = [&a, &b];
-    let leader = one_leader(&pair, STARTUP).await;
-    let (old, new) = (pair[leader], pair[1 - leader]);
-    let urls = format!("{},{}", a.url(), b.url());
-    let agents = agents(&urls, 3);
+    let receiver = &plane.receiver;
+    let (old, new) = plane.roles(STARTUP).await;
+    let agents = agents(&plane.urls(), 3);
     old.wait_all_connected(&agents, STARTUP).await;
 
     // SIGSTOP the leader past its lease: the standby takes over.
@@ -266,19 +304,12 @@ async fn a_paused_leader_that_wakes_after_losing_its_lease_steps_down_and_its_wr
 
 #[tokio::test]
 async fn losing_etcd_members_makes_no_false_failure_and_the_state_survives_a_full_restart() {
-    let Some(etcd) = EtcdCluster::start(3).await else {
+    let Some(plane) = ControlPlane::start(&[]).await else {
         return;
     };
-    let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), &[])
-        .await
-        .unwrap();
-    let config = ha_config(&etcd, &receiver.url());
-    let (a, b) = start_pair(&config).await;
-    let pair = [&a, &b];
-    one_leader(&pair, STARTUP).await;
-    let urls = format!("{},{}", a.url(), b.url());
-    let agents = agents(&urls, 3);
-    let leader = pair[one_leader(&pair, STARTUP).await];
+    let (etcd, receiver) = (&plane.etcd, &plane.receiver);
+    let agents = agents(&plane.urls(), 3);
+    let (leader, _) = plane.roles(STARTUP).await;
     leader.wait_all_connected(&agents, STARTUP).await;
 
     // Kill the etcd raft leader: etcd elects another; the orchestrators keep (or
@@ -289,7 +320,7 @@ async fn losing_etcd_members_makes_no_false_failure_and_the_state_survives_a_ful
         etcd.leader().await.filter(|leader| *leader != raft_leader)
     })
     .await;
-    let leader = pair[one_leader(&pair, FAILOVER).await];
+    let (leader, _) = plane.roles(FAILOVER).await;
     leader.wait_all_connected(&agents, FAILOVER).await;
 
     // SIGSTOP both remaining members: no quorum. The leader cannot renew its
@@ -305,9 +336,9 @@ async fn losing_etcd_members_makes_no_false_failure_and_the_state_survives_a_ful
     for i in &stopped {
         etcd.members[*i].process.signal(Sig::SIGCONT);
     }
-    let leader = pair[one_leader(&pair, FAILOVER).await];
+    let (leader, _) = plane.roles(FAILOVER).await;
     leader.wait_all_connected(&agents, FAILOVER).await;
-    for orchestrator in pair {
+    for orchestrator in &plane.orchestrators {
         orchestrator
             .assert_metric("orchestrator_unexpected_node_failures_total", 0.0)
             .await;
@@ -321,7 +352,11 @@ async fn losing_etcd_members_makes_no_false_failure_and_the_state_survives_a_ful
     // Restart the whole control plane: the fleet's state is in etcd. The agents
     // are held while it is down so that the new leader's watch sees them return
     // (a long reconnect grace covers the pause).
-    let (mut a, mut b) = (a, b);
+    let ControlPlane {
+        etcd: _etcd,
+        receiver: _receiver,
+        orchestrators: [mut a, mut b],
+    } = plane;
     for orchestrator in [&mut a, &mut b] {
         orchestrator.process.signal(Sig::SIGTERM);
         orchestrator.process.wait_exit(STARTUP).await.unwrap();

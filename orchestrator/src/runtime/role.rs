@@ -128,6 +128,16 @@ impl Term {
         }
     }
 
+    /// A term inside this one (a leader term inside its lease): it ends when this
+    /// one does, and both keep the first reason either was ended for.
+    pub fn within(&self, token: i64) -> Self {
+        Self {
+            token,
+            ended: self.ended.child_token(),
+            reason: Arc::clone(&self.reason),
+        }
+    }
+
     /// Ends the term (the first reason given is kept).
     pub fn end(&self, reason: impl Into<String>) {
         let mut kept = self.reason.lock().unwrap_or_else(|e| e.into_inner());
@@ -169,6 +179,17 @@ mod tests {
         shutdown.cancel();
         assert!(other.ended().is_cancelled());
         assert_eq!(other.end_reason(), "shutting down");
+    }
+
+    #[test]
+    fn a_term_within_a_lease_ends_with_it_and_tells_why() {
+        let lease = Term::new(42, &CancellationToken::new());
+        let leader = lease.within(7);
+        assert_eq!(leader.token, 7);
+        lease.end("leader lease ran out");
+        assert!(leader.ended().is_cancelled());
+        // The reason is there before anyone can see the term ended.
+        assert_eq!(leader.end_reason(), "leader lease ran out");
     }
 
     #[test]

@@ -321,7 +321,6 @@ impl Orchestrator {
 /// Health as gRPC health checks see it: the three services serve on the leader
 /// and not on a standby (a load balancer's check of `secbeat.v1.AgentService`
 /// finds the leader).
-#[derive(Clone)]
 struct Health(tonic_health::server::HealthReporter);
 
 impl Health {
@@ -364,7 +363,7 @@ impl Terms<'_> {
         stored.event_epoch += 1;
         store.apply(&[Write::PutEventEpoch(stored.event_epoch)])?;
         let term = Term::new(0, shutdown);
-        let running = self.start(term, Box::new(store), stored)?;
+        let running = self.start(term, Box::new(store), stored).await?;
         info!(
             state_dir = %self.config.state_dir.display(),
             "orchestrator ready (embedded store: this orchestrator leads)"
@@ -457,7 +456,7 @@ impl Terms<'_> {
                 return None;
             }
         };
-        match self.start(term.clone(), Box::new(store), stored) {
+        match self.start(term.clone(), Box::new(store), stored).await {
             Ok(running) => Some(running),
             Err(error) => {
                 error!(%error, "elected, but the term could not start; stepping down");
@@ -468,7 +467,7 @@ impl Terms<'_> {
     }
 
     /// Starts a term's leader-only parts on `store` from `stored`, and leads.
-    fn start(
+    async fn start(
         &self,
         term: Term,
         store: Box<dyn Store>,
@@ -559,8 +558,7 @@ impl Terms<'_> {
         self.role.lead(leading);
         metrics.leader.set(1);
         metrics.leader_changes.inc();
-        let health = self.health.clone();
-        tokio::spawn(async move { health.set(true).await });
+        self.health.set(true).await;
         info!(
             token = term.token,
             heartbeat_interval_s = config.heartbeat_interval.as_secs_f64(),

@@ -18,14 +18,14 @@
 use std::time::Duration;
 
 use secbeat::etcdpb::{
-    etcdserverpb::{self as pb, compare, request_op, response_op},
+    etcdserverpb::{self as pb, request_op, response_op},
     mvccpb::event::EventType,
 };
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::{LeaderInfo, client::EtcdClient, store::leader_key};
+use super::{LeaderInfo, client::EtcdClient, created_at, put, store::leader_key};
 use crate::runtime::role::Term;
 
 /// What the coordinator tells the server.
@@ -123,11 +123,12 @@ impl Coordinator {
                 }
             };
             retry = Duration::from_millis(200);
-            let lease_lost = CancellationToken::new();
-            let keeper = tokio::spawn(keep_alive(self.client.clone(), lease, ttl, lease_lost.clone()));
-            let ended = self.campaign_on(lease, &lease_lost).await;
+            // The lease as a term: it ends, with its reason, when it is lost.
+            let held = Term::new(lease, &CancellationToken::new());
+            let keeper = tokio::spawn(keep_alive(self.client.clone(), ttl, held.clone()));
+            let ended = self.campaign_on(&held).await;
             keeper.abort();
-            lease_lost.cancel();
+            held.end("campaigning on a new lease");
             // Gives the key up at once if it is still ours (at shutdown: so a
             // standby takes over without waiting for the TTL).
             if let Err(error) = self.client.revoke(lease).await {
@@ -157,17 +158,18 @@ impl Coordinator {
         let _ = self.changes.send(RoleChange::Following { leader, problem });
     }
 
-    async fn campaign_on(&mut self, lease: i64, lease_lost: &CancellationToken) -> Ended {
+    async fn campaign_on(&mut self, held: &Term) -> Ended {
+        let lease = held.token;
         loop {
             if self.shutdown.is_cancelled() {
                 return Ended::Shutdown;
             }
-            if lease_lost.is_cancelled() {
+            if held.ended().is_cancelled() {
                 return Ended::Again;
             }
             match self.campaign(lease).await {
                 Ok(Campaign::Won { token }) => {
-                    let term = Term::new(token, lease_lost);
+                    let term = held.within(token);
                     info!(
                         token, lease, prefix = %self.settings.prefix,
                         "elected leader: this orchestrator now accepts agents, judges failures, heals and scales"
@@ -180,9 +182,6 @@ impl Coordinator {
                             term.end("shutting down");
                             return Ended::Shutdown;
                         }
-                    }
-                    if lease_lost.is_cancelled() {
-                        term.end("the leader lease could not be renewed in time");
                     }
                     error!(
                         token, reason = %term.end_reason(),
@@ -209,7 +208,7 @@ impl Coordinator {
                         );
                     }
                     self.follow(leader.clone(), problem);
-                    if let Ended::Shutdown = self.wait_for_vacancy(revision, leader, lease_lost).await {
+                    if let Ended::Shutdown = self.wait_for_vacancy(revision, leader, held.ended()).await {
                         return Ended::Shutdown;
                     }
                 }
@@ -229,21 +228,8 @@ impl Coordinator {
     async fn campaign(&self, lease: i64) -> Result<Campaign, super::client::EtcdError> {
         let value = serde_json::to_vec(&self.settings.me).expect("leader info serializes");
         let request = pb::TxnRequest {
-            compare: vec![pb::Compare {
-                result: compare::CompareResult::Equal as i32,
-                target: compare::CompareTarget::Create as i32,
-                key: self.key.clone(),
-                target_union: Some(compare::TargetUnion::CreateRevision(0)),
-                range_end: Vec::new(),
-            }],
-            success: vec![pb::RequestOp {
-                request: Some(request_op::Request::RequestPut(pb::PutRequest {
-                    key: self.key.clone(),
-                    value,
-                    lease,
-                    ..Default::default()
-                })),
-            }],
+            compare: vec![created_at(self.key.clone(), 0)],
+            success: vec![put(self.key.clone(), value, lease)],
             failure: vec![pb::RequestOp {
                 request: Some(request_op::Request::RequestRange(pb::RangeRequest {
                     key: self.key.clone(),
@@ -329,10 +315,12 @@ impl Coordinator {
     }
 }
 
-/// Renews `lease` every third of `ttl` until it cannot be renewed before it runs
-/// out (by this process's clock, counting from each renewal's sending), then
-/// cancels `lost`.
-async fn keep_alive(client: EtcdClient, lease: i64, ttl: Duration, lost: CancellationToken) {
+/// Renews the lease `held` stands for every third of `ttl` until it cannot be
+/// renewed before it runs out (by this process's clock, counting from each
+/// renewal's sending), then ends `held` saying why.
+async fn keep_alive(client: EtcdClient, ttl: Duration, held: Term) {
+    let lease = held.token;
+    let lost = held.ended().clone();
     // Granted just before this task started: valid for at least `ttl` from the
     // grant's sending, which was earlier than now.
     let mut valid_until = Instant::now() + ttl - client.timeout().min(ttl / 2);
@@ -344,7 +332,7 @@ async fn keep_alive(client: EtcdClient, lease: i64, ttl: Duration, lost: Cancell
         }
         if Instant::now() >= valid_until {
             warn!(lease, "leader lease ran out before it could be renewed");
-            lost.cancel();
+            held.end("the lease ran out before it could be renewed");
             return;
         }
         let sent = Instant::now();
@@ -358,7 +346,7 @@ async fn keep_alive(client: EtcdClient, lease: i64, ttl: Duration, lost: Cancell
             }
             Some(Ok(_)) => {
                 warn!(lease, "etcd says the lease has expired");
-                lost.cancel();
+                held.end("etcd says the lease has expired");
                 return;
             }
             Some(Err(error)) => {
@@ -366,7 +354,7 @@ async fn keep_alive(client: EtcdClient, lease: i64, ttl: Duration, lost: Cancell
             }
             None => {
                 warn!(lease, "leader lease ran out before it could be renewed");
-                lost.cancel();
+                held.end("the lease ran out before it could be renewed");
                 return;
             }
         }

@@ -22,6 +22,7 @@ pub mod store;
 #[cfg(test)]
 pub(crate) mod testing;
 
+use secbeat::etcdpb::etcdserverpb::{self as pb, compare, request_op};
 use serde::{Deserialize, Serialize};
 
 /// What the leader key holds: where to find the leader, and which fleet it runs.
@@ -39,6 +40,41 @@ pub fn fleet_fingerprint(provisioning_webhook_url: &str) -> String {
     use sha2::Digest as _;
     let digest = sha2::Sha256::digest(provisioning_webhook_url.as_bytes());
     digest[..8].iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// A put of `key`, on `lease` (0: none).
+pub fn put(key: Vec<u8>, value: Vec<u8>, lease: i64) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(request_op::Request::RequestPut(pb::PutRequest {
+            key,
+            value,
+            lease,
+            ..Default::default()
+        })),
+    }
+}
+
+/// A delete of `key`, or of `[key, range_end)` when `range_end` is not empty.
+pub fn delete(key: Vec<u8>, range_end: Vec<u8>) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
+            key,
+            range_end,
+            prev_kv: false,
+        })),
+    }
+}
+
+/// "`key` was created at `revision`" (0: `key` does not exist): the fence of
+/// every leader write, and the campaign's condition.
+pub fn created_at(key: Vec<u8>, revision: i64) -> pb::Compare {
+    pb::Compare {
+        result: compare::CompareResult::Equal as i32,
+        target: compare::CompareTarget::Create as i32,
+        key,
+        target_union: Some(compare::TargetUnion::CreateRevision(revision)),
+        range_end: Vec::new(),
+    }
 }
 
 /// The first key after every key that starts with `prefix` (etcd's range end for

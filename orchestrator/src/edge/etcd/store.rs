@@ -19,10 +19,10 @@
 
 use std::collections::HashMap;
 
-use secbeat::etcdpb::etcdserverpb::{self as pb, compare, request_op};
+use secbeat::etcdpb::etcdserverpb as pb;
 use tracing::warn;
 
-use super::{client::EtcdClient, prefix_end};
+use super::{client::EtcdClient, created_at, delete, prefix_end, put};
 use crate::{
     domain::forecast::Point,
     domain::healer::HealRecord,
@@ -82,13 +82,7 @@ impl EtcdStore {
     }
 
     fn fence(&self) -> pb::Compare {
-        pb::Compare {
-            result: compare::CompareResult::Equal as i32,
-            target: compare::CompareTarget::Create as i32,
-            key: leader_key(&self.prefix),
-            target_union: Some(compare::TargetUnion::CreateRevision(self.token)),
-            range_end: Vec::new(),
-        }
+        created_at(leader_key(&self.prefix), self.token)
     }
 
     /// Every key and value under `<prefix><kind>/`, page by page at `revision`
@@ -298,7 +292,7 @@ impl EtcdStore {
             }
             plan.push(
                 seen.into_iter()
-                    .map(|(key, range_end)| delete_op(key, range_end))
+                    .map(|(key, range_end)| delete(key, range_end))
                     .collect(),
             );
         }
@@ -308,8 +302,8 @@ impl EtcdStore {
                 .into_iter()
                 .filter_map(|key| {
                     ops.remove(&key).map(|op| match op {
-                        Op::Put(value) => put_op(key, value),
-                        Op::Delete => delete_op(key, Vec::new()),
+                        Op::Put(value) => put(key, value, 0),
+                        Op::Delete => delete(key, Vec::new()),
                     })
                 })
                 .collect();
@@ -399,26 +393,6 @@ fn drop_in_range(ops: &mut HashMap<Vec<u8>, Op>, start: &[u8], end: &[u8]) {
     ops.retain(|key, _| !(key.as_slice() >= start && key.as_slice() < end));
 }
 
-fn put_op(key: Vec<u8>, value: Vec<u8>) -> pb::RequestOp {
-    pb::RequestOp {
-        request: Some(request_op::Request::RequestPut(pb::PutRequest {
-            key,
-            value,
-            ..Default::default()
-        })),
-    }
-}
-
-fn delete_op(key: Vec<u8>, range_end: Vec<u8>) -> pb::RequestOp {
-    pb::RequestOp {
-        request: Some(request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
-            key,
-            range_end,
-            prev_kv: false,
-        })),
-    }
-}
-
 impl Store for EtcdStore {
     fn load(&self) -> Result<StoredState, StoreError> {
         self.runtime.block_on(self.load_async())
@@ -469,7 +443,7 @@ mod tests {
     async fn elect(client: &EtcdClient, prefix: &str) -> i64 {
         let response = client
             .txn(pb::TxnRequest {
-                success: vec![put_op(leader_key(prefix), b"{}".to_vec())],
+                success: vec![put(leader_key(prefix), b"{}".to_vec(), 0)],
                 ..Default::default()
             })
             .await
@@ -522,7 +496,7 @@ mod tests {
         etcd.etcd.runtime.block_on(async {
             client
                 .txn(pb::TxnRequest {
-                    success: vec![delete_op(leader_key(&etcd.prefix), Vec::new())],
+                    success: vec![delete(leader_key(&etcd.prefix), Vec::new())],
                     ..Default::default()
                 })
                 .await
@@ -554,7 +528,7 @@ mod tests {
         etcd.etcd.runtime.block_on(async {
             client
                 .txn(pb::TxnRequest {
-                    success: vec![put_op(key, b"{not json".to_vec())],
+                    success: vec![put(key, b"{not json".to_vec(), 0)],
                     ..Default::default()
                 })
                 .await

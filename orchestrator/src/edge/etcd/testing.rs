@@ -5,9 +5,11 @@
 //! which makes a missing etcd a failure.
 
 use std::{
+    io::BufRead,
     net::TcpListener,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    sync::mpsc,
+    time::Duration,
 };
 
 use secbeat::etcdpb::etcdserverpb as pb;
@@ -52,7 +54,7 @@ impl TestEtcd {
         let (client, peer) = (free_port(), free_port());
         let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new(&binary)
+        let mut child = Command::new(&binary)
             .args(["--name", "test", "--data-dir"])
             .arg(data.path())
             .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
@@ -64,9 +66,19 @@ impl TestEtcd {
             ])
             .args(["--initial-cluster", &format!("test={peer_url}")])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // etcd says when it serves clients; wait for that line, not by polling.
+        let (ready_tx, ready) = mpsc::channel();
+        let stderr = std::io::BufReader::new(child.stderr.take().expect("piped"));
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if line.contains("ready to serve client requests") {
+                    let _ = ready_tx.send(());
+                }
+            }
+        });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -78,19 +90,15 @@ impl TestEtcd {
             url,
             runtime,
         };
-        let client = etcd.client();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while etcd
-            .runtime
-            .block_on(client.range(pb::RangeRequest {
+        ready
+            .recv_timeout(Duration::from_secs(20))
+            .expect("etcd serves clients within 20 s");
+        etcd.runtime
+            .block_on(etcd.client().range(pb::RangeRequest {
                 key: b"ready".to_vec(),
                 ..Default::default()
             }))
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "etcd did not start within 20 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            .expect("etcd answers once it says it is ready");
         Some(etcd)
     }
 
