@@ -168,6 +168,36 @@ pub struct PersistedNode {
     pub termination: Option<PersistedTermination>,
 }
 
+impl PersistedNode {
+    /// A digest of what a restart or a new leader needs of this node: identity,
+    /// address, labels, terminate mark, and whether it was live (SUSPECT counts as
+    /// live: a restored live node gets a reconnect grace either way) or how it
+    /// ended, with why. Two records with the same digest need not both be written,
+    /// so a reconnect storm, a suspicion that clears or a reworded reason costs no
+    /// store write.
+    pub fn durable_digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.id.hash(&mut hasher);
+        self.hostname.hash(&mut hasher);
+        self.ip.hash(&mut hasher);
+        self.agent_version.hash(&mut hasher);
+        self.labels.hash(&mut hasher);
+        match self.state {
+            NodeState::Connected | NodeState::Suspect => NodeState::Connected.hash(&mut hasher),
+            ended => {
+                ended.hash(&mut hasher);
+                self.state_reason.hash(&mut hasher);
+            }
+        }
+        if let Some(termination) = &self.termination {
+            termination.reason.hash(&mut hasher);
+            termination.acknowledged.hash(&mut hasher);
+        }
+        hasher.finish()
+    }
+}
+
 /// A terminating mark as persisted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PersistedTermination {
@@ -175,4 +205,53 @@ pub struct PersistedTermination {
     pub reason: String,
     /// Whether the node acknowledged it.
     pub acknowledged: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn record(state: NodeState, reason: &str) -> PersistedNode {
+        PersistedNode {
+            id: NodeId(uuid::Uuid::from_u128(7)),
+            hostname: "edge-7".into(),
+            ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)),
+            agent_version: "1".into(),
+            labels: BTreeMap::new(),
+            state,
+            state_reason: reason.into(),
+            termination: None,
+        }
+    }
+
+    #[test]
+    fn only_what_a_restart_needs_changes_the_durable_digest() {
+        let joined = record(NodeState::Connected, "joined").durable_digest();
+        assert_eq!(
+            joined,
+            record(NodeState::Connected, "reconnected").durable_digest()
+        );
+        assert_eq!(
+            joined,
+            record(NodeState::Suspect, "silent for 31 s").durable_digest()
+        );
+        assert_ne!(joined, record(NodeState::Failed, "silent").durable_digest());
+        assert_ne!(
+            record(NodeState::Failed, "silent").durable_digest(),
+            record(NodeState::Failed, "stream broke").durable_digest(),
+            "why it ended is kept"
+        );
+        let mut moved = record(NodeState::Connected, "joined");
+        moved.ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 8));
+        assert_ne!(joined, moved.durable_digest());
+        let mut marked = record(NodeState::Terminating, "scale down");
+        let unacknowledged = marked.clone();
+        marked.termination = Some(PersistedTermination {
+            reason: "scale down".into(),
+            acknowledged: true,
+        });
+        assert_ne!(unacknowledged.durable_digest(), marked.durable_digest());
+    }
 }

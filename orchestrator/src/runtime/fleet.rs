@@ -284,6 +284,13 @@ pub fn spawn(
             grace_s = settings.restart_reconnect_grace.as_secs_f64(),
             "restored known nodes from the state store; live ones get a reconnect grace"
         );
+    }
+    let written = restored
+        .nodes
+        .iter()
+        .map(|node| (node.id, node.durable_digest()))
+        .collect();
+    if !restored.nodes.is_empty() {
         registry.restore(restored.nodes, now, settings.restart_reconnect_grace);
     }
     let actor = FleetActor {
@@ -294,6 +301,7 @@ pub fn spawn(
         outputs,
         terminate_traces: HashMap::new(),
         max_nodes: settings.max_nodes,
+        written,
     };
     let task = tokio::spawn(actor.run(inbox, settings.lifecycle.dead_node_check_interval, shutdown));
     (FleetHandle { commands }, task)
@@ -308,6 +316,10 @@ struct FleetActor {
     /// Trace context of pending terminates, so a re-sent one joins the same trace.
     terminate_traces: HashMap<NodeId, String>,
     max_nodes: u32,
+    /// The durable digest of each node as last sent to the store: a node event
+    /// that changes nothing a restart needs is not written (etcd is written on
+    /// joins and real state changes, never per reconnect or suspicion).
+    written: HashMap<NodeId, u64>,
 }
 
 impl FleetActor {
@@ -518,9 +530,15 @@ impl FleetActor {
         }
         let mut writes: Vec<Write> = changed
             .into_iter()
-            .map(|id| match self.registry.persisted(id) {
-                Some(node) => Write::PutNode(node),
-                None => Write::DeleteNode(id),
+            .filter_map(|id| match self.registry.persisted(id) {
+                Some(node) => {
+                    let digest = node.durable_digest();
+                    (self.written.insert(id, digest) != Some(digest)).then_some(Write::PutNode(node))
+                }
+                None => {
+                    self.written.remove(&id);
+                    Some(Write::DeleteNode(id))
+                }
             })
             .collect();
         if !failed.is_empty() {
@@ -1021,6 +1039,39 @@ pub(crate) mod tests {
         assert!(state.heals.is_empty());
         assert_eq!(test.metrics.mass_failure_alerts.get(), 1);
         beats.abort();
+        shutdown.cancel();
+        test.actor.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_reconnect_changes_nothing_durable_and_writes_nothing() {
+        let shutdown = CancellationToken::new();
+        let test = start(settings(), Restored::default(), &shutdown);
+        let mut events = test.bus.subscribe(None).unwrap().live;
+        let (a, b) = (NodeId(Uuid::new_v4()), NodeId(Uuid::new_v4()));
+        let (tx, _signals) = mpsc::unbounded_channel();
+        test.handle
+            .connect(info(a), tx.clone(), clock::now())
+            .await
+            .unwrap();
+        assert_eq!(events.recv().await.unwrap().kind, EventKind::NodeJoined);
+        // A new session for the same node: an event, but nothing a restart needs.
+        test.handle
+            .connect(info(a), tx.clone(), clock::now())
+            .await
+            .unwrap();
+        let mut kinds = Vec::new();
+        while !kinds.contains(&EventKind::NodeReconnected) {
+            kinds.push(events.recv().await.unwrap().kind);
+        }
+        // Another node joins: its write comes after anything the reconnect wrote.
+        test.handle.connect(info(b), tx, clock::now()).await.unwrap();
+        test.store.wait_for(|state| state.nodes.len() == 2);
+        assert_eq!(
+            test.store.node_writes(),
+            vec![a, b],
+            "the reconnect wrote nothing"
+        );
         shutdown.cancel();
         test.actor.await.unwrap();
     }

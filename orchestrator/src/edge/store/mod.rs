@@ -159,9 +159,16 @@ pub(crate) mod memory {
         event_epoch: u64,
         /// Outbox ids deleted (delivered), in order.
         deleted: Vec<String>,
+        /// Every node write, in order.
+        node_writes: Vec<NodeId>,
     }
 
     impl MemoryStore {
+        /// Every node written so far, in order (one entry per write).
+        pub(crate) fn node_writes(&self) -> Vec<NodeId> {
+            self.inner.0.lock().unwrap().node_writes.clone()
+        }
+
         /// Waits (real time, 10 s at most) until the outbox entry `id` was deleted.
         pub(crate) fn wait_for_deleted(&self, id: &str) {
             let (lock, changed) = &*self.inner;
@@ -220,6 +227,7 @@ pub(crate) mod memory {
             for write in writes.iter().cloned() {
                 match write {
                     Write::PutNode(node) => {
+                        inner.node_writes.push(node.id);
                         inner.nodes.insert(node.id, node);
                     }
                     Write::DeleteNode(id) => {
