@@ -221,10 +221,15 @@ impl Agent {
                     established,
                     cause,
                     leader,
+                    retry_after,
                 } => {
+                    if let Some(after) = retry_after {
+                        self.orchestrators.retry_after(after, std::time::Instant::now());
+                    }
                     self.metrics.sessions_lost.inc();
                     if established {
                         self.backoff.reset();
+                        self.orchestrators.connected();
                     }
                     // A standby named the leader: go there at once (once in a row,
                     // so two standbys with stale pointers cannot make a busy loop).
@@ -238,7 +243,12 @@ impl Agent {
                     }
                     followed = false;
                     self.orchestrators.rotate();
-                    let delay = self.backoff.next_delay(&mut rng);
+                    let spread = Duration::from_secs_f64(rand::Rng::random::<f64>(&mut rng));
+                    let delay = self.orchestrators.delay(
+                        self.backoff.next_delay(&mut rng),
+                        std::time::Instant::now(),
+                        spread,
+                    );
                     let retry_in_s = delay.as_secs_f64();
                     let next = self.orchestrators.current().uri().to_string();
                     if established {

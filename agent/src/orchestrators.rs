@@ -1,8 +1,14 @@
-//! Which orchestrator to dial: the configured list, a random first pick (so a
-//! restarted fleet spreads its first attempts), the leader's URL when a standby
-//! names it (`secbeat-leader`), and otherwise the next entry in turn.
+//! Which orchestrator to dial, and when: the configured list, a random first pick
+//! (so a restarted fleet spreads its first attempts), the leader's URL when a
+//! standby names it (`secbeat-leader`), and otherwise the next entry in turn. A
+//! standby also says when leadership can move at the earliest
+//! (`secbeat-retry-after-ms`: the leader's lease runs out then unless renewed);
+//! an agent whose leader is gone comes back then, not a backoff step later.
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use rand::Rng;
 use tonic::transport::Endpoint;
@@ -19,6 +25,8 @@ pub struct Orchestrators {
     hinted: Option<Endpoint>,
     next: usize,
     configure: Configure,
+    /// When a standby said leadership can move.
+    retry_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for Orchestrators {
@@ -41,6 +49,7 @@ impl Orchestrators {
             hinted: None,
             next,
             configure,
+            retry_at: None,
         }
     }
 
@@ -63,6 +72,26 @@ impl Orchestrators {
     pub fn rotate(&mut self) {
         if self.hinted.take().is_none() {
             self.next = (self.next + 1) % self.configured.len();
+        }
+    }
+
+    /// A session was established: what a standby said before is old news.
+    pub fn connected(&mut self) {
+        self.retry_at = None;
+    }
+
+    /// A standby said leadership can move in `after` (its leader's lease runs out).
+    pub fn retry_after(&mut self, after: Duration, now: Instant) {
+        self.retry_at = Some(now + after);
+    }
+
+    /// How long to wait before the next attempt: the backoff's `delay`, but no
+    /// longer than until a standby said leadership can move, plus `spread` (a
+    /// random share of a second, so a fleet does not arrive at one instant).
+    pub fn delay(&mut self, delay: Duration, now: Instant, spread: Duration) -> Duration {
+        match self.retry_at.take() {
+            Some(at) => delay.min(at.saturating_duration_since(now) + spread),
+            None => delay,
         }
     }
 
@@ -145,5 +174,28 @@ mod tests {
         list.rotate();
         assert_eq!(current(&list), "http://b:1/");
         assert!(!list.follow("not a url"));
+    }
+
+    #[test]
+    fn a_standby_saying_when_leadership_can_move_shortens_the_wait_once() {
+        let mut list = Orchestrators::new(
+            endpoints(&["http://a:1"]),
+            same(),
+            &mut rand::rngs::StdRng::seed_from_u64(1),
+        );
+        let now = Instant::now();
+        let backoff = Duration::from_secs(4);
+        let spread = Duration::from_millis(300);
+        assert_eq!(
+            list.delay(backoff, now, spread),
+            backoff,
+            "no word from a standby"
+        );
+        list.retry_after(Duration::from_millis(1500), now);
+        assert_eq!(list.delay(backoff, now, spread), Duration::from_millis(1800));
+        assert_eq!(list.delay(backoff, now, spread), backoff, "used once");
+        // Never longer than the backoff would have waited.
+        list.retry_after(Duration::from_secs(10), now);
+        assert_eq!(list.delay(backoff, now, spread), backoff);
     }
 }

@@ -31,6 +31,8 @@ use crate::{cpu::CpuSource, recover::Recovery};
 const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(20);
 /// The metadata entry in which a standby orchestrator names the leader.
 const LEADER_METADATA: &str = "secbeat-leader";
+/// The metadata entry in which a standby says when leadership can move (ms).
+const RETRY_AFTER_METADATA: &str = "secbeat-retry-after-ms";
 /// How long to wait for the orchestrator to close the stream after Goodbye.
 const GOODBYE_LINGER: Duration = Duration::from_secs(2);
 
@@ -69,6 +71,8 @@ pub enum SessionEnd {
         cause: String,
         /// The leader's URL, when a standby named it (`secbeat-leader`).
         leader: Option<String>,
+        /// When leadership can move, when a standby said (`secbeat-retry-after-ms`).
+        retry_after: Option<Duration>,
     },
     /// The orchestrator refused this agent; retrying cannot help.
     Fatal(Status),
@@ -89,6 +93,7 @@ pub async fn run(
         established: false,
         cause,
         leader: None,
+        retry_after: None,
     };
     let channel = tokio::select! {
         channel = endpoint.connect() => match channel {
@@ -185,6 +190,7 @@ impl Established {
             established: true,
             cause,
             leader: None,
+            retry_after: None,
         };
         let mut ticker = tokio::time::interval(self.interval);
         // After a stall (SIGSTOP, overload) send one heartbeat, not a burst.
@@ -300,6 +306,11 @@ fn ended_by(status: Status, established: bool) -> SessionEnd {
                 .get(LEADER_METADATA)
                 .and_then(|value| value.to_str().ok())
                 .map(str::to_owned),
+            retry_after: status
+                .metadata()
+                .get(RETRY_AFTER_METADATA)
+                .and_then(|value| value.to_str().ok()?.parse().ok())
+                .map(Duration::from_millis),
         },
     }
 }

@@ -149,6 +149,17 @@ async fn one_leader_standby_points_at_it_and_a_leader_kill_loses_no_agent_and_he
         .get("secbeat-leader")
         .map(|v| v.to_str().unwrap().to_owned());
     assert_eq!(hint, Some(leader.url()));
+    // ...and when leadership can move at the earliest: within the 2 s lease, plus
+    // the second etcd rounds down.
+    let retry_ms: u64 = refused
+        .metadata()
+        .get("secbeat-retry-after-ms")
+        .expect("a standby says when leadership can move")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_ms <= 3000, "{retry_ms} ms");
     standby.assert_metric("orchestrator_leader", 0.0).await;
     leader.assert_metric("orchestrator_leader", 1.0).await;
     // A load balancer's health check finds the leader.

@@ -19,6 +19,9 @@ use crate::{
 
 /// The gRPC metadata key (and HTTP field) naming the leader's `advertise_url`.
 pub const LEADER_METADATA: &str = "secbeat-leader";
+/// The gRPC metadata key saying, in milliseconds, when leadership can move at
+/// the earliest (the leader's lease runs out unless renewed).
+pub const RETRY_AFTER_METADATA: &str = "secbeat-retry-after-ms";
 
 /// What one leader term's parts expose to the edges.
 #[derive(Debug, Clone)]
@@ -55,6 +58,9 @@ pub struct NotLeader {
     /// What keeps this process from leading or knowing the leader (etcd
     /// unreachable, another fleet on the prefix), if anything.
     pub problem: Option<String>,
+    /// When the leader's lease runs out unless renewed: an agent whose way to the
+    /// leader fails comes back then (`secbeat-retry-after-ms`), not later.
+    pub lease_ends: Option<std::time::Instant>,
 }
 
 impl Fault for NotLeader {
@@ -202,11 +208,21 @@ mod tests {
         let not_leader = NotLeader {
             leader: Some("http://10.0.0.2:50051".into()),
             problem: None,
+            lease_ends: Some(std::time::Instant::now() + std::time::Duration::from_secs(2)),
         };
         assert_eq!(
             not_leader.to_string(),
             "this orchestrator is a standby; the leader is http://10.0.0.2:50051"
         );
+        // On the wire: where the leader is, and when leadership can move.
+        let status = tonic::Status::from(not_leader.clone());
+        let metadata = |key| status.metadata().get(key).map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(
+            metadata(LEADER_METADATA).as_deref(),
+            Some("http://10.0.0.2:50051")
+        );
+        let retry: u64 = metadata(RETRY_AFTER_METADATA).unwrap().parse().unwrap();
+        assert!((1000..=2000).contains(&retry), "{retry}");
         assert_eq!(not_leader.code().grpc(), tonic::Code::Unavailable);
     }
 }

@@ -405,13 +405,18 @@ impl Terms<'_> {
                         }
                         running = self.start_on_etcd(&client, term).await;
                     }
-                    Some(RoleChange::Following { leader, problem }) => {
+                    Some(RoleChange::Following {
+                        leader,
+                        problem,
+                        lease_ends,
+                    }) => {
                         if let Some(previous) = running.take() {
                             self.stop(previous).await;
                         }
                         self.role.stand_by(NotLeader {
                             leader: leader.map(|leader| leader.url),
                             problem,
+                            lease_ends,
                         });
                     }
                     None => break,

@@ -355,13 +355,22 @@ fn spread(samples: &mut [Duration]) -> serde_json::Value {
 const FAULT_STEP: Duration = Duration::from_millis(97);
 /// Whether a refusal before any Welcome means "never": the orchestrator decided,
 /// rather than a connection that broke.
-/// The leader's URL a standby put in `secbeat-leader`.
-fn leader_hint(status: &tonic::Status) -> Option<String> {
-    status
-        .metadata()
-        .get("secbeat-leader")
-        .and_then(|value| value.to_str().ok())
-        .map(str::to_owned)
+/// What a standby said: the leader's URL (`secbeat-leader`) and when leadership
+/// can move at the earliest (`secbeat-retry-after-ms`).
+struct Hint {
+    leader: Option<String>,
+    retry_after: Option<Duration>,
+}
+
+fn leader_hint(status: &tonic::Status) -> Option<Hint> {
+    let text = |key| status.metadata().get(key).and_then(|value| value.to_str().ok());
+    let hint = Hint {
+        leader: text("secbeat-leader").map(str::to_owned),
+        retry_after: text("secbeat-retry-after-ms")
+            .and_then(|ms| ms.parse().ok())
+            .map(Duration::from_millis),
+    };
+    (hint.leader.is_some() || hint.retry_after.is_some()).then_some(hint)
 }
 
 fn is_final(code: tonic::Code) -> bool {
@@ -479,7 +488,7 @@ struct VirtualAgent {
 enum SessionEnd {
     /// Not welcomed: the orchestrator answered with this status (and, from a
     /// standby, the leader's URL), or (None) the connection failed or timed out first.
-    Refused(Option<tonic::Code>, Option<String>),
+    Refused(Option<tonic::Code>, Option<Hint>),
     /// Welcomed, then the stream ended under a healthy agent.
     Lost,
     /// The agent's fault was injected: it is gone for good.
@@ -493,10 +502,22 @@ impl VirtualAgent {
         let mut backoff = Backoff::new(self.reconnect.0, self.reconnect.1, 0.5).expect("valid backoff");
         let mut lost_at: Option<Instant> = None;
         let mut followed = false;
+        // When a standby said leadership can move (as the real agent keeps it).
+        let mut retry_at: Option<Instant> = None;
         loop {
             let (generation, channel) = shared.get();
             let ended = self.session(&channel, &mut lost_at).await;
-            if !matches!(ended, SessionEnd::Refused(_, Some(_))) {
+            if let SessionEnd::Refused(
+                _,
+                Some(Hint {
+                    retry_after: Some(after),
+                    ..
+                }),
+            ) = &ended
+            {
+                retry_at = Some(Instant::now() + *after);
+            }
+            if !matches!(ended, SessionEnd::Refused(_, Some(Hint { leader: Some(_), .. }))) {
                 followed = false;
             }
             match ended {
@@ -506,6 +527,7 @@ impl VirtualAgent {
                     // (a leader that died leaves a dead one behind).
                     shared.renew(generation, None);
                     backoff.reset();
+                    retry_at = None;
                     let now = Instant::now();
                     lost_at = Some(now);
                     self.counters.lost.fetch_add(1, Ordering::Relaxed);
@@ -525,7 +547,12 @@ impl VirtualAgent {
                 // Anything else (a connection that failed, a Welcome cut off by a
                 // restart): try again on a fresh connection, with backoff.
                 // A standby named the leader: go there at once (once in a row).
-                SessionEnd::Refused(_, Some(leader)) if !followed => {
+                SessionEnd::Refused(
+                    _,
+                    Some(Hint {
+                        leader: Some(leader), ..
+                    }),
+                ) if !followed => {
                     followed = true;
                     shared.renew(generation, Some(&leader));
                     continue;
@@ -537,7 +564,11 @@ impl VirtualAgent {
                     shared.renew(generation, None);
                 }
             }
-            let delay = backoff.next_delay(&mut rand::rng());
+            let mut delay = backoff.next_delay(&mut rand::rng());
+            if let Some(at) = retry_at.take() {
+                let spread = Duration::from_secs_f64(rand::random::<f64>());
+                delay = delay.min(at.saturating_duration_since(Instant::now()) + spread);
+            }
             tokio::time::sleep(delay).await;
         }
     }
@@ -678,9 +709,9 @@ async fn watch_failures(watch: SharedChannel, sink: Arc<Mutex<Vec<(String, Syste
                 watch.renew(generation, None);
             }
             Err(status) => {
-                let hint = leader_hint(&status);
-                watch.renew(generation, hint.as_deref());
-                if hint.is_some() {
+                let leader = leader_hint(&status).and_then(|hint| hint.leader);
+                watch.renew(generation, leader.as_deref());
+                if leader.is_some() {
                     continue;
                 }
             }

@@ -281,6 +281,18 @@ impl EtcdClient {
         .await
     }
 
+    /// Seconds left on a lease (etcd rounds down; -1 once it has expired).
+    pub async fn time_to_live(&self, id: i64) -> Result<i64, EtcdError> {
+        self.call("LeaseTimeToLive", |channel| async move {
+            Ok(LeaseClient::new(channel)
+                .lease_time_to_live(pb::LeaseTimeToLiveRequest { id, keys: false })
+                .await?
+                .into_inner()
+                .ttl)
+        })
+        .await
+    }
+
     /// Opens a watch of `key` from `start_revision` on the member that answered
     /// last. The stream ends or errs when that member goes; callers poll as well.
     pub async fn watch(

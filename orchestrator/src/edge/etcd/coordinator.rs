@@ -39,6 +39,9 @@ pub enum RoleChange {
         leader: Option<LeaderInfo>,
         /// What is wrong, if anything (etcd unreachable, another fleet's leader).
         problem: Option<String>,
+        /// When the leader's lease runs out unless it renews it (read every third
+        /// of the TTL): the earliest leadership can move.
+        lease_ends: Option<std::time::Instant>,
     },
 }
 
@@ -79,7 +82,7 @@ struct Coordinator {
     changes: mpsc::UnboundedSender<RoleChange>,
     shutdown: CancellationToken,
     /// The last Following sent (not repeated while nothing changes).
-    last_follow: Option<(Option<LeaderInfo>, Option<String>)>,
+    last_follow: Option<Follow>,
 }
 
 /// How one lease's campaigning ended.
@@ -90,12 +93,17 @@ enum Ended {
     Shutdown,
 }
 
+/// What a standby last told the server.
+type Follow = (Option<LeaderInfo>, Option<String>, Option<std::time::Instant>);
+
 enum Campaign {
     Won {
         token: i64,
     },
     Lost {
         leader: Option<LeaderInfo>,
+        /// The leader's lease.
+        lease: i64,
         revision: i64,
     },
 }
@@ -150,12 +158,32 @@ impl Coordinator {
     }
 
     fn follow(&mut self, leader: Option<LeaderInfo>, problem: Option<String>) {
-        let state = (leader.clone(), problem.clone());
+        self.follow_until(leader, problem, None);
+    }
+
+    fn follow_until(
+        &mut self,
+        leader: Option<LeaderInfo>,
+        problem: Option<String>,
+        lease_ends: Option<std::time::Instant>,
+    ) {
+        let state = (leader.clone(), problem.clone(), lease_ends);
         if self.last_follow.as_ref() == Some(&state) {
             return;
         }
         self.last_follow = Some(state);
-        let _ = self.changes.send(RoleChange::Following { leader, problem });
+        let _ = self.changes.send(RoleChange::Following {
+            leader,
+            problem,
+            lease_ends,
+        });
+    }
+
+    /// When `lease` runs out unless renewed: etcd's whole seconds left, plus the
+    /// second it rounded down. None when it cannot be asked.
+    async fn lease_ends(&self, lease: i64) -> Option<std::time::Instant> {
+        let left = self.client.time_to_live(lease).await.ok()?;
+        Some(std::time::Instant::now() + Duration::from_secs(left.max(0) as u64 + 1))
     }
 
     async fn campaign_on(&mut self, held: &Term) -> Ended {
@@ -190,7 +218,11 @@ impl Coordinator {
                     self.follow(None, None);
                     return Ended::Again;
                 }
-                Ok(Campaign::Lost { leader, revision }) => {
+                Ok(Campaign::Lost {
+                    leader,
+                    lease,
+                    revision,
+                }) => {
                     let problem = leader.as_ref().and_then(|leader| {
                         (leader.fleet != self.settings.me.fleet).then(|| {
                             format!(
@@ -201,14 +233,18 @@ impl Coordinator {
                     });
                     if let Some(problem) = &problem {
                         error!("{problem}");
-                    } else if self.last_follow.as_ref().map(|(l, _)| l) != Some(&leader) {
+                    } else if self.last_follow.as_ref().map(|(l, _, _)| l) != Some(&leader) {
                         info!(
                             leader = leader.as_ref().map_or("unknown", |l| l.url.as_str()),
                             "standing by: another orchestrator leads"
                         );
                     }
-                    self.follow(leader.clone(), problem);
-                    if let Ended::Shutdown = self.wait_for_vacancy(revision, leader, held.ended()).await {
+                    let lease_ends = self.lease_ends(lease).await;
+                    self.follow_until(leader.clone(), problem.clone(), lease_ends);
+                    if let Ended::Shutdown = self
+                        .wait_for_vacancy(revision, (leader, problem), held.ended())
+                        .await
+                    {
                         return Ended::Shutdown;
                     }
                 }
@@ -253,21 +289,24 @@ impl Coordinator {
             }),
             Some(kv) => Ok(Campaign::Lost {
                 leader: serde_json::from_slice(&kv.value).ok(),
+                lease: kv.lease,
                 revision,
             }),
             None => Ok(Campaign::Lost {
                 leader: None,
+                lease: 0,
                 revision,
             }),
         }
     }
 
     /// Waits until the leader key is gone (watch, and a read every third of the
-    /// TTL), our lease is lost, or shutdown. Tells the server of a new leader.
+    /// TTL), our lease is lost, or shutdown. Each read also tells the server when
+    /// the leader's lease runs out, which a standby passes on to agents.
     async fn wait_for_vacancy(
         &mut self,
         revision: i64,
-        leader: Option<LeaderInfo>,
+        (leader, problem): (Option<LeaderInfo>, Option<String>),
         lease_lost: &CancellationToken,
     ) -> Ended {
         let mut watch = self.client.watch(self.key.clone(), revision + 1).await.ok();
@@ -301,6 +340,8 @@ impl Coordinator {
                                     // campaign (and so learn who it is) again.
                                     return Ended::Again;
                                 }
+                                let lease_ends = self.lease_ends(kv.lease).await;
+                                self.follow_until(leader.clone(), problem.clone(), lease_ends);
                             }
                         },
                         Err(error) => warn!(%error, "cannot read the leader key; still standing by"),

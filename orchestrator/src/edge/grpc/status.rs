@@ -11,7 +11,7 @@ use crate::{
     runtime::{
         bus::SubscribeError,
         fleet::{ConnectError, FleetStopped},
-        role::{LEADER_METADATA, NotLeader},
+        role::{LEADER_METADATA, NotLeader, RETRY_AFTER_METADATA},
     },
 };
 
@@ -50,6 +50,14 @@ impl From<NotLeader> for Status {
             && let Ok(value) = leader.parse()
         {
             status.metadata_mut().insert(LEADER_METADATA, value);
+        }
+        if let Some(ends) = not_leader.lease_ends {
+            let millis = ends
+                .saturating_duration_since(std::time::Instant::now())
+                .as_millis();
+            if let Ok(value) = millis.to_string().parse() {
+                status.metadata_mut().insert(RETRY_AFTER_METADATA, value);
+            }
         }
         status
     }
