@@ -405,3 +405,68 @@ async fn losing_etcd_members_makes_no_false_failure_and_the_state_survives_a_ful
         .assert_metric("orchestrator_unexpected_node_failures_total", 0.0)
         .await;
 }
+
+#[tokio::test]
+async fn unreachable_etcd_keeps_the_orchestrator_a_standby_that_says_which_endpoint_fails() {
+    // Nothing listens on this port: etcd is down at start.
+    let endpoint = format!("http://{}", free_addr());
+    let config = format!(
+        "{FAST_CONFIG}etcd_endpoints = [\"{endpoint}\"]\nleader_lease_ttl = 2\netcd_request_timeout = 0.5\n"
+    );
+    let orchestrator = Orchestrator::start(&config).await.expect("it starts anyway");
+    let (status, body) = eventually(STARTUP, "readiness to name the failing endpoint", || async {
+        let (status, body) = readyz(&orchestrator).await;
+        body["problem"]
+            .as_str()
+            .is_some_and(|problem| problem.contains(&endpoint))
+            .then_some((status, body))
+    })
+    .await;
+    assert_eq!(status, 503);
+    assert_eq!(body["role"], "standby");
+    assert_eq!(body["leader"], serde_json::Value::Null);
+    // It refuses agents rather than serving them without a fence.
+    let mut client = orchestrator.agent_client().await.unwrap();
+    let Err(refused) = raw_connect(&mut client, vec![hello(Uuid::new_v4())]).await else {
+        panic!("no leader, no agent streams");
+    };
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    // The log says the same, naming the endpoint.
+    let line = orchestrator
+        .process
+        .logs
+        .wait_for("cannot get a lease from etcd", STARTUP)
+        .await
+        .unwrap();
+    assert!(line.contains(&endpoint), "{line}");
+}
+
+#[tokio::test]
+async fn a_second_fleet_on_the_same_prefix_is_told_so_and_never_leads_beside_the_first() {
+    let Some(plane) = ControlPlane::start(&[]).await else {
+        return;
+    };
+    let (leader, _) = plane.roles(STARTUP).await;
+    // Another fleet's orchestrator (another provisioning webhook), same etcd and prefix.
+    let other = format!(
+        "{}{}leader_lease_ttl = 2\netcd_request_timeout = 0.5\n",
+        webhook_config("http://127.0.0.1:9/other-fleet"),
+        plane.etcd.endpoints_toml()
+    );
+    let stranger = Orchestrator::start(&other).await.unwrap();
+    let (status, body) = eventually(STARTUP, "the stranger to report the clash", || async {
+        let (status, body) = readyz(&stranger).await;
+        body["problem"]
+            .as_str()
+            .is_some_and(|problem| problem.contains("another fleet") && problem.contains("/secbeat/"))
+            .then_some((status, body))
+    })
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        body["leader"],
+        leader.url().as_str(),
+        "one leader for the prefix: no split brain"
+    );
+    assert_eq!(readyz(leader).await.0, 200);
+}

@@ -111,7 +111,9 @@ enum Campaign {
 impl Coordinator {
     async fn run(mut self) {
         let ttl = self.settings.lease_ttl;
-        let mut retry = Duration::from_millis(200);
+        // While etcd cannot grant a lease: the project's capped, jittered backoff.
+        let mut retry = secbeat::backoff::Backoff::new(Duration::from_millis(200), ttl, 0.5)
+            .expect("a valid backoff: 200 ms up to the lease TTL");
         loop {
             let granted = tokio::select! {
                 granted = self.client.grant(ttl.as_secs() as i64) => granted,
@@ -121,16 +123,16 @@ impl Coordinator {
                 Ok(lease) => lease,
                 Err(error) => {
                     let problem = format!("cannot get a lease from etcd: {error}");
-                    warn!(retry_in_ms = retry.as_millis() as u64, "{problem}; standing by");
+                    let delay = retry.next_delay(&mut rand::rng());
+                    warn!(retry_in_ms = delay.as_millis() as u64, "{problem}; standing by");
                     self.follow(None, Some(problem));
-                    if self.pause(retry).await {
+                    if self.pause(delay).await {
                         return;
                     }
-                    retry = (retry * 2).min(ttl);
                     continue;
                 }
             };
-            retry = Duration::from_millis(200);
+            retry.reset();
             // The lease as a term: it ends, with its reason, when it is lost.
             let held = Term::new(lease, &CancellationToken::new());
             let keeper = tokio::spawn(keep_alive(self.client.clone(), ttl, held.clone()));
