@@ -1,7 +1,8 @@
 //! One control stream to the orchestrator, from Hello to its end.
 //!
-//! Hello -> Welcome (sets the heartbeat interval) -> every interval one CpuSamples
-//! and one Heartbeat. On Terminate: TerminateAck, the `--on-terminate` hook bounded
+//! Hello -> Welcome (sets the heartbeat interval) -> every interval one Heartbeat
+//! carrying the interval's CPU sample (to an older orchestrator, whose Welcome
+//! does not say `heartbeat_carries_cpu`: a CpuSamples and a Heartbeat). On Terminate: TerminateAck, the `--on-terminate` hook bounded
 //! by the grace period (heartbeats continue meanwhile), Goodbye("terminated"), and
 //! the session ends as [`SessionEnd::Terminated`]. On shutdown (SIGTERM/SIGINT):
 //! Goodbye("shutdown") and [`SessionEnd::ShutDown`].
@@ -164,6 +165,7 @@ pub async fn run(
         inbound,
         interval,
         session: welcome.session_id,
+        heartbeat_carries_cpu: welcome.heartbeat_carries_cpu,
     }
     .run(settings, cpu, metrics, shutdown)
     .await;
@@ -176,6 +178,27 @@ struct Established {
     inbound: Streaming<pb::ControlMessage>,
     interval: Duration,
     session: u64,
+    /// The orchestrator reads a sample inside the heartbeat (Welcome said so).
+    heartbeat_carries_cpu: bool,
+}
+
+/// What one interval sends: a heartbeat carrying the sample to an orchestrator
+/// that reads it, else (an older orchestrator) the sample as a CpuSamples first
+/// and then a bare heartbeat.
+fn interval_messages(
+    sequence: u64,
+    sample: Option<pb::CpuSample>,
+    heartbeat_carries_cpu: bool,
+) -> Vec<pb::AgentMessage> {
+    if heartbeat_carries_cpu {
+        return vec![message(Kind::Heartbeat(pb::Heartbeat { sequence, cpu: sample }))];
+    }
+    let mut messages = Vec::with_capacity(2);
+    if let Some(sample) = sample {
+        messages.push(message(Kind::CpuSamples(pb::CpuSamples { samples: vec![sample] })));
+    }
+    messages.push(message(Kind::Heartbeat(pb::Heartbeat { sequence, cpu: None })));
+    messages
 }
 
 impl Established {
@@ -211,17 +234,15 @@ impl Established {
                 }
                 _ = ticker.tick() => {
                     sequence += 1;
-                    if let Some(usage) = cpu.sample(Instant::now()) {
-                        let sample = pb::CpuSample { time: Some(wire::timestamp_to_proto(SystemTime::now())), usage };
-                        let batch = pb::CpuSamples { samples: vec![sample] };
-                        if self.outbound.send(message(Kind::CpuSamples(batch))).await.is_err() {
-                            return lost("stream closed".to_owned());
-                        }
+                    let sample = cpu.sample(Instant::now()).map(|usage| {
                         metrics.cpu_samples_sent.inc();
                         metrics.cpu_usage.set(usage);
-                    }
-                    if self.outbound.send(message(Kind::Heartbeat(pb::Heartbeat { sequence }))).await.is_err() {
-                        return lost("stream closed".to_owned());
+                        pb::CpuSample { time: Some(wire::timestamp_to_proto(SystemTime::now())), usage }
+                    });
+                    for beat in interval_messages(sequence, sample, self.heartbeat_carries_cpu) {
+                        if self.outbound.send(beat).await.is_err() {
+                            return lost("stream closed".to_owned());
+                        }
                     }
                     metrics.heartbeats_sent.inc();
                 }
@@ -398,12 +419,23 @@ mod tests {
         )
     }
 
+    /// The Welcome of an orchestrator that reads samples in heartbeats.
     fn welcome(interval: Duration) -> Result<pb::ControlMessage, Status> {
+        welcome_from(interval, true)
+    }
+
+    /// The Welcome of an orchestrator from before `heartbeat_carries_cpu`.
+    fn older_welcome(interval: Duration) -> Result<pb::ControlMessage, Status> {
+        welcome_from(interval, false)
+    }
+
+    fn welcome_from(interval: Duration, heartbeat_carries_cpu: bool) -> Result<pb::ControlMessage, Status> {
         Ok(pb::ControlMessage {
             kind: Some(control_message::Kind::Welcome(pb::Welcome {
                 session_id: 7,
                 heartbeat_interval: Some(wire::duration_to_proto(interval)),
                 node_id: String::new(),
+                heartbeat_carries_cpu,
             })),
         })
     }
@@ -450,13 +482,13 @@ mod tests {
         assert_eq!(hello.labels.get("pop").map(String::as_str), Some("fra1"));
 
         control.send(welcome(Duration::from_millis(20))).await.unwrap();
-        // Every interval: the CPU sample, then the heartbeat with the next sequence.
+        // Every interval: one heartbeat with the next sequence, carrying the sample.
         for sequence in 1..=3 {
-            let Kind::CpuSamples(batch) = next(&mut inbound).await else {
-                panic!("a cpu sample first")
+            let Kind::Heartbeat(beat) = next(&mut inbound).await else {
+                panic!("one heartbeat per interval, nothing else")
             };
-            assert_eq!(batch.samples[0].usage, 0.42);
-            assert!(matches!(next(&mut inbound).await, Kind::Heartbeat(beat) if beat.sequence == sequence));
+            assert_eq!(beat.sequence, sequence);
+            assert_eq!(beat.cpu.map(|sample| sample.usage), Some(0.42));
         }
 
         let terminate = pb::ControlMessage {
@@ -478,6 +510,39 @@ mod tests {
         assert_eq!(goodbye.reason, "terminated");
         drop(control);
         assert!(matches!(session.await.unwrap(), SessionEnd::Terminated));
+    }
+
+    #[tokio::test]
+    async fn an_older_orchestrator_gets_the_sample_and_the_heartbeat_as_two_messages() {
+        let (endpoint, settings, mut streams) = scripted().await;
+        let _session = start(&endpoint, settings, CancellationToken::new());
+        let Accepted {
+            mut inbound, control, ..
+        } = streams.recv().await.unwrap();
+        assert!(matches!(next(&mut inbound).await, Kind::Hello(_)));
+        control.send(older_welcome(Duration::from_millis(20))).await.unwrap();
+        // Every interval: the CPU sample, then a bare heartbeat with the next sequence.
+        for sequence in 1..=3 {
+            let Kind::CpuSamples(batch) = next(&mut inbound).await else {
+                panic!("a cpu sample first")
+            };
+            assert_eq!(batch.samples[0].usage, 0.42);
+            assert!(
+                matches!(next(&mut inbound).await, Kind::Heartbeat(beat) if beat.sequence == sequence && beat.cpu.is_none())
+            );
+        }
+    }
+
+    #[test]
+    fn an_interval_without_a_sample_still_sends_its_heartbeat() {
+        for carries in [true, false] {
+            let messages = interval_messages(4, None, carries);
+            assert_eq!(messages.len(), 1, "carries_cpu={carries}");
+            assert!(matches!(
+                &messages[0].kind,
+                Some(Kind::Heartbeat(pb::Heartbeat { sequence: 4, cpu: None }))
+            ));
+        }
     }
 
     #[tokio::test]
@@ -530,9 +595,8 @@ mod tests {
         assert_eq!(authorization, None, "no token configured, none sent");
         assert!(matches!(next(&mut inbound).await, Kind::Hello(_)));
         control.send(welcome(Duration::from_secs(1))).await.unwrap();
-        // The first tick fires at once: a sample and a heartbeat.
-        assert!(matches!(next(&mut inbound).await, Kind::CpuSamples(_)));
-        assert!(matches!(next(&mut inbound).await, Kind::Heartbeat(_)));
+        // The first tick fires at once: a heartbeat with its sample.
+        assert!(matches!(next(&mut inbound).await, Kind::Heartbeat(beat) if beat.cpu.is_some()));
         shutdown.cancel();
         let Kind::Goodbye(goodbye) = next(&mut inbound).await else {
             panic!("a goodbye")

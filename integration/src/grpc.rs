@@ -124,9 +124,22 @@ pub fn cpu_samples(usages: &[f64]) -> pb::AgentMessage {
     }
 }
 
-/// A Heartbeat message.
+/// A Heartbeat message without a sample (as older agents send it).
 pub fn heartbeat(sequence: u64) -> pb::AgentMessage {
     pb::AgentMessage {
-        kind: Some(pb::agent_message::Kind::Heartbeat(pb::Heartbeat { sequence })),
+        kind: Some(pb::agent_message::Kind::Heartbeat(pb::Heartbeat {
+            sequence,
+            cpu: None,
+        })),
+    }
+}
+
+/// A Heartbeat carrying the interval's CPU sample (as current agents send it).
+pub fn heartbeat_with_cpu(sequence: u64, usage: f64) -> pb::AgentMessage {
+    pb::AgentMessage {
+        kind: Some(pb::agent_message::Kind::Heartbeat(pb::Heartbeat {
+            sequence,
+            cpu: Some(pb::CpuSample { time: None, usage }),
+        })),
     }
 }

@@ -25,7 +25,27 @@ fn main() -> std::io::Result<()> {
                 labels: [("zone".to_owned(), "a".to_owned())].into(),
             }),
         ),
-        ("heartbeat", Kind::Heartbeat(pb::Heartbeat { sequence: 7 })),
+        (
+            "heartbeat",
+            Kind::Heartbeat(pb::Heartbeat {
+                sequence: 7,
+                cpu: None,
+            }),
+        ),
+        (
+            "heartbeat-cpu",
+            Kind::Heartbeat(pb::Heartbeat {
+                sequence: 8,
+                cpu: Some(sample(0.37, 1_800_000_000)),
+            }),
+        ),
+        (
+            "heartbeat-cpu-negative",
+            Kind::Heartbeat(pb::Heartbeat {
+                sequence: 9,
+                cpu: Some(sample(-0.5, 0)),
+            }),
+        ),
         (
             "cpu",
             Kind::CpuSamples(pb::CpuSamples {

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use secbeat::pb::{self, NodeState, control_message};
 use secbeat_integration::{
-    FAST_CONFIG, Orchestrator, STARTUP, cpu_samples, heartbeat, hello, node, raw_connect, wait_for_state,
+    FAST_CONFIG, Orchestrator, STARTUP, cpu_samples, eventually, heartbeat, heartbeat_with_cpu, hello, node,
+    raw_connect, wait_for_state,
 };
 use tonic::Code;
 use uuid::Uuid;
@@ -77,6 +78,54 @@ async fn welcome_carries_the_session_and_the_configured_heartbeat_interval() {
         "the reported ip wins over the peer address"
     );
     assert_eq!(registered.hostname, "raw-test");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_agents_two_messages_and_a_heartbeat_carrying_cpu_both_report_cpu() {
+    let orchestrator = Orchestrator::start(FAST_CONFIG).await.unwrap();
+    let mut client = orchestrator.agent_client().await.unwrap();
+    let id = Uuid::new_v4();
+    let mut stream = raw_connect(&mut client, vec![hello(id)]).await.unwrap();
+    let first = stream.inbound.message().await.unwrap().unwrap();
+    let Some(control_message::Kind::Welcome(welcome)) = first.kind else {
+        panic!("expected welcome, got {first:?}")
+    };
+    assert!(
+        welcome.heartbeat_carries_cpu,
+        "the welcome tells agents to send one message per interval"
+    );
+    let fleet = orchestrator.fleet().await.unwrap();
+    let cpu_becomes = |usage: f64| {
+        let fleet = fleet.clone();
+        let id = id.to_string();
+        async move {
+            eventually(STARTUP, &format!("cpu {usage}"), || {
+                let mut fleet = fleet.clone();
+                let id = id.clone();
+                async move { node(&mut fleet, &id).await.filter(|n| n.last_cpu_usage == Some(usage)) }
+            })
+            .await
+        }
+    };
+    // An older agent: the sample and a bare heartbeat.
+    stream.outbound.send(cpu_samples(&[0.3])).await.unwrap();
+    stream.outbound.send(heartbeat(1)).await.unwrap();
+    cpu_becomes(0.3).await;
+    // A current agent: one heartbeat carrying the sample.
+    stream.outbound.send(heartbeat_with_cpu(2, 0.6)).await.unwrap();
+    let current = cpu_becomes(0.6).await;
+    assert_eq!(current.state(), NodeState::Connected);
+    // A bad sample in a heartbeat ends the stream naming the field.
+    stream.outbound.send(heartbeat_with_cpu(3, 1.5)).await.unwrap();
+    let status = loop {
+        match stream.inbound.message().await {
+            Err(status) => break status,
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without a status"),
+        }
+    };
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("heartbeat.cpu.usage"), "{}", status.message());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -71,8 +71,11 @@ pub enum SessionSignal {
 /// What a session's stream handler reports, stamped with the receipt time.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SessionReport {
-    /// A heartbeat.
-    Heartbeat,
+    /// A heartbeat, with the CPU fraction of its interval when it carries one.
+    Heartbeat {
+        /// The usage of the sample the heartbeat carried (validated at the edge).
+        cpu: Option<f64>,
+    },
     /// The latest CPU fraction from a validated CpuSamples.
     Cpu(f64),
     /// The agent acknowledged a terminate.
@@ -395,7 +398,7 @@ impl FleetActor {
                 report,
                 at,
             } => {
-                if report == SessionReport::Heartbeat {
+                if matches!(report, SessionReport::Heartbeat { .. }) {
                     let waited = now.saturating_duration_since(at);
                     self.outputs
                         .metrics
@@ -437,7 +440,10 @@ impl FleetActor {
 
     fn handle_report(&mut self, node: NodeId, session: SessionId, report: SessionReport, at: Instant) {
         let outcome = match &report {
-            SessionReport::Heartbeat => self.registry.heartbeat(node, session, at),
+            SessionReport::Heartbeat { cpu: None } => self.registry.heartbeat(node, session, at),
+            SessionReport::Heartbeat { cpu: Some(usage) } => {
+                self.registry.cpu_sample(node, session, *usage, at)
+            }
             SessionReport::Cpu(usage) => self.registry.cpu_sample(node, session, *usage, at),
             SessionReport::TerminateAck => self.registry.terminate_ack(node, session, at),
             SessionReport::Goodbye(reason) => self.registry.goodbye(node, session, reason, at),
@@ -777,7 +783,7 @@ pub(crate) mod tests {
             loop {
                 ticks.tick().await;
                 beating
-                    .report(node, session, SessionReport::Heartbeat, clock::now())
+                    .report(node, session, SessionReport::Heartbeat { cpu: None }, clock::now())
                     .await
                     .unwrap();
             }
@@ -947,7 +953,7 @@ pub(crate) mod tests {
             loop {
                 ticks.tick().await;
                 let _ = handle
-                    .report(node, session, SessionReport::Heartbeat, clock::now())
+                    .report(node, session, SessionReport::Heartbeat { cpu: None }, clock::now())
                     .await;
             }
         })

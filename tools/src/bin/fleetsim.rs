@@ -2,9 +2,11 @@
 //! protocol against a real orchestrator, with fault injection, reporting what an
 //! operator would want to know about the orchestrator at that scale.
 //!
-//! Each virtual agent sends Hello, waits for Welcome, then a CPU sample and a
-//! heartbeat every heartbeat interval (the orchestrator's, from Welcome, unless
-//! `--heartbeat-interval` overrides it). Agents get their own HTTP/2 connection
+//! Each virtual agent sends Hello, waits for Welcome, then a heartbeat carrying
+//! a CPU sample every heartbeat interval (the orchestrator's, from Welcome, unless
+//! `--heartbeat-interval` overrides it), as the real agent does; with
+//! `--two-messages`, or when the Welcome does not say `heartbeat_carries_cpu`, a
+//! CPU sample and a bare heartbeat, as older agents do. Agents get their own HTTP/2 connection
 //! by default, spread over 127.0.0.x source addresses so ephemeral ports do not
 //! run out; `--streams-per-connection K` multiplexes K agents per connection.
 //!
@@ -74,6 +76,10 @@ struct Args {
     /// Constant CPU fraction every agent reports
     #[arg(long, default_value_t = 0.3)]
     cpu: f64,
+    /// Send the CPU sample and the heartbeat as two messages every interval, as
+    /// agents from before `heartbeat_carries_cpu` do
+    #[arg(long)]
+    two_messages: bool,
     /// Agents whose connections are dropped abruptly halfway (crash)
     #[arg(long, default_value_t = 0)]
     kill: usize,
@@ -221,6 +227,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             fate,
             fault_at: faults_from + FAULT_STEP * index as u32,
             cpu: args.cpu,
+            two_messages: args.two_messages,
             interval: args.heartbeat_interval.map(Duration::from_secs_f64),
             reconnect: (
                 Duration::from_secs_f64(args.reconnect_initial),
@@ -477,6 +484,8 @@ struct VirtualAgent {
     /// When a faulty agent's fault strikes.
     fault_at: Instant,
     cpu: f64,
+    /// Always send the sample and the heartbeat apart (an older agent).
+    two_messages: bool,
     interval: Option<Duration>,
     /// Reconnect backoff: first and longest delay.
     reconnect: (Duration, Duration),
@@ -623,6 +632,7 @@ impl VirtualAgent {
             .heartbeat_interval
             .and_then(|d| Duration::try_from(d).ok())
             .unwrap_or(Duration::from_secs(10));
+        let combined = welcome.heartbeat_carries_cpu && !self.two_messages;
         let mut ticks = tokio::time::interval(self.interval.unwrap_or(given));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sequence = 0;
@@ -631,13 +641,17 @@ impl VirtualAgent {
                 _ = ticks.tick() => {
                     sequence += 1;
                     let sample = pb::CpuSample { time: None, usage: self.cpu };
-                    let samples = message(Kind::CpuSamples(pb::CpuSamples { samples: vec![sample] }));
-                    if outbound.send(samples).await.is_err()
-                        || outbound.send(message(Kind::Heartbeat(pb::Heartbeat { sequence }))).await.is_err()
-                    {
-                        return SessionEnd::Lost;
-                    }
-                    self.counters.messages.fetch_add(2, Ordering::Relaxed);
+                    let sent = if combined {
+                        outbound.send(message(Kind::Heartbeat(pb::Heartbeat { sequence, cpu: Some(sample) }))).await.map(|()| 1)
+                    } else {
+                        let samples = message(Kind::CpuSamples(pb::CpuSamples { samples: vec![sample] }));
+                        match outbound.send(samples).await {
+                            Ok(()) => outbound.send(message(Kind::Heartbeat(pb::Heartbeat { sequence, cpu: None }))).await.map(|()| 2),
+                            Err(error) => Err(error),
+                        }
+                    };
+                    let Ok(sent) = sent else { return SessionEnd::Lost };
+                    self.counters.messages.fetch_add(sent, Ordering::Relaxed);
                 }
                 () = tokio::time::sleep_until(self.fault_at.into()), if self.fate != Fate::Healthy => match self.fate {
                     // Dropping the stream and its sender resets it without a

@@ -199,7 +199,7 @@ impl SessionRelay {
                         }
                         match convert::session_report(message, SystemTime::now()) {
                             Ok(report) => {
-                                if report == SessionReport::Heartbeat {
+                                if matches!(report, SessionReport::Heartbeat { .. }) {
                                     let gap = at.saturating_duration_since(last_heartbeat);
                                     let late = gap.saturating_sub(self.heartbeat_interval);
                                     self.open.0.heartbeat_lateness_seconds.observe(late.as_secs_f64());
@@ -245,6 +245,7 @@ impl SessionRelay {
                 session_id: session.0,
                 heartbeat_interval: Some(wire::duration_to_proto(heartbeat_interval)),
                 node_id: self.node.to_string(),
+                heartbeat_carries_cpu: true,
             }),
             SessionSignal::Terminate {
                 reason,

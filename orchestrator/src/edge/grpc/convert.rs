@@ -75,7 +75,9 @@ pub fn hello(first: pb::AgentMessage, peer: Option<SocketAddr>) -> Result<NodeIn
 /// `now` is the orchestrator's wall clock, only to reject absurd agent timestamps.
 pub fn session_report(message: pb::AgentMessage, now: SystemTime) -> Result<SessionReport, ProtocolError> {
     match message.kind {
-        Some(Kind::Heartbeat(_)) => Ok(SessionReport::Heartbeat),
+        Some(Kind::Heartbeat(beat)) => Ok(SessionReport::Heartbeat {
+            cpu: beat.cpu.map(|sample| cpu_sample(&sample, now)).transpose()?,
+        }),
         Some(Kind::CpuSamples(batch)) => Ok(SessionReport::Cpu(cpu_samples(&batch, now)?)),
         Some(Kind::TerminateAck(_)) => Ok(SessionReport::TerminateAck),
         Some(Kind::Goodbye(goodbye)) => {
@@ -111,27 +113,47 @@ fn cpu_samples(batch: &pb::CpuSamples, now: SystemTime) -> Result<f64, WireError
     }
     let mut latest = 0.0;
     for sample in &batch.samples {
-        latest = wire::check_cpu_fraction("cpu_samples.samples.usage", sample.usage)?;
-        // Timing never uses agent clocks, but an absurd one means garbage.
-        if let Some(time) = sample.time {
-            let time = wire::timestamp_from_proto("cpu_samples.samples.time", Some(time))?;
-            let skew = time
-                .duration_since(now)
-                .or_else(|e| Ok::<_, ()>(e.duration()))
-                .unwrap_or_default();
-            if skew > MAX_CLOCK_SKEW {
-                return Err(WireError::new(
-                    "cpu_samples.samples.time",
-                    format!(
-                        "{}s away from the orchestrator's clock (at most {}s)",
-                        skew.as_secs(),
-                        MAX_CLOCK_SKEW.as_secs()
-                    ),
-                ));
-            }
-        }
+        latest = checked_sample(
+            sample,
+            now,
+            ("cpu_samples.samples.usage", "cpu_samples.samples.time"),
+        )?;
     }
     Ok(latest)
+}
+
+/// The usage of the sample a heartbeat carries, checked as a batch entry is.
+fn cpu_sample(sample: &pb::CpuSample, now: SystemTime) -> Result<f64, WireError> {
+    checked_sample(sample, now, ("heartbeat.cpu.usage", "heartbeat.cpu.time"))
+}
+
+/// One sample's usage; `fields` name its usage and time in an error.
+fn checked_sample(
+    sample: &pb::CpuSample,
+    now: SystemTime,
+    (usage_field, time_field): (&'static str, &'static str),
+) -> Result<f64, WireError> {
+    let usage = wire::check_cpu_fraction(usage_field, sample.usage)?;
+    // Timing never uses agent clocks, but an absurd one means garbage.
+    if let Some(time) = sample.time {
+        let field = time_field;
+        let time = wire::timestamp_from_proto(field, Some(time))?;
+        let skew = time
+            .duration_since(now)
+            .or_else(|e| Ok::<_, ()>(e.duration()))
+            .unwrap_or_default();
+        if skew > MAX_CLOCK_SKEW {
+            return Err(WireError::new(
+                field,
+                format!(
+                    "{}s away from the orchestrator's clock (at most {}s)",
+                    skew.as_secs(),
+                    MAX_CLOCK_SKEW.as_secs()
+                ),
+            ));
+        }
+    }
+    Ok(usage)
 }
 
 fn kind_name(kind: Option<&Kind>) -> &'static str {
@@ -479,6 +501,40 @@ mod tests {
                 assert_eq!(
                     session_report(bad, SystemTime::now()).unwrap_err().code(),
                     ErrorCode::InvalidArgument
+                );
+            }
+        }
+
+        fn heartbeat(cpu: Option<f64>) -> pb::AgentMessage {
+            pb::AgentMessage {
+                kind: Some(Kind::Heartbeat(pb::Heartbeat {
+                    sequence: 3,
+                    cpu: cpu.map(|usage| pb::CpuSample { time: None, usage }),
+                })),
+            }
+        }
+
+        #[test]
+        fn a_heartbeat_reports_the_sample_it_carries_or_none() {
+            assert_eq!(
+                session_report(heartbeat(Some(0.25)), SystemTime::now()).unwrap(),
+                SessionReport::Heartbeat { cpu: Some(0.25) }
+            );
+            assert_eq!(
+                session_report(heartbeat(None), SystemTime::now()).unwrap(),
+                SessionReport::Heartbeat { cpu: None },
+                "an older agent's bare heartbeat"
+            );
+        }
+
+        #[test]
+        fn a_bad_sample_in_a_heartbeat_is_invalid_argument_naming_it() {
+            for bad in [f64::NAN, 85.0, -0.1, f64::INFINITY] {
+                let error = session_report(heartbeat(Some(bad)), SystemTime::now()).unwrap_err();
+                assert_eq!(error.code(), ErrorCode::InvalidArgument);
+                assert!(
+                    error.to_string().contains("heartbeat.cpu.usage"),
+                    "{error}"
                 );
             }
         }
