@@ -231,9 +231,15 @@ impl Agent {
                         self.backoff.reset();
                         self.orchestrators.connected();
                     }
+                    // The orchestrator reached names itself: it was just elected
+                    // and is loading the fleet's state. Come back to it when it said.
+                    let stay = leader
+                        .as_deref()
+                        .is_some_and(|leader| self.orchestrators.is_current(leader));
                     // A standby named the leader: go there at once (once in a row,
                     // so two standbys with stale pointers cannot make a busy loop).
-                    if let Some(leader) = leader
+                    if !stay
+                        && let Some(leader) = leader
                         && !followed
                         && self.orchestrators.follow(&leader)
                     {
@@ -242,7 +248,9 @@ impl Agent {
                         continue;
                     }
                     followed = false;
-                    self.orchestrators.rotate();
+                    if !stay {
+                        self.orchestrators.rotate();
+                    }
                     let spread = Duration::from_secs_f64(rand::Rng::random::<f64>(&mut rng));
                     let delay = self.orchestrators.delay(
                         self.backoff.next_delay(&mut rng),

@@ -95,6 +95,13 @@ impl Orchestrators {
         }
     }
 
+    /// Whether `leader` is the orchestrator dialed now: one that was just elected
+    /// names itself while it loads the fleet's state, and is waited for rather
+    /// than followed or left.
+    pub fn is_current(&self, leader: &str) -> bool {
+        self.current().uri().to_string().trim_end_matches('/') == leader.trim_end_matches('/')
+    }
+
     /// A standby named the leader: dial it next. Returns false when the hint is not
     /// a URL (it is then ignored).
     pub fn follow(&mut self, leader: &str) -> bool {
@@ -197,5 +204,19 @@ mod tests {
         // Never longer than the backoff would have waited.
         list.retry_after(Duration::from_secs(10), now);
         assert_eq!(list.delay(backoff, now, spread), backoff);
+    }
+
+    #[test]
+    fn the_orchestrator_dialed_now_is_recognised_in_a_hint() {
+        let list = Orchestrators::new(
+            endpoints(&["http://a:50051", "http://b:50051"]),
+            same(),
+            &mut rand::rngs::StdRng::seed_from_u64(1),
+        );
+        let now = current(&list);
+        assert!(list.is_current(&now));
+        assert!(list.is_current(now.trim_end_matches('/')));
+        let other = if now.contains("//a") { "http://b:50051" } else { "http://a:50051" };
+        assert!(!list.is_current(other));
     }
 }

@@ -48,6 +48,7 @@ pub enum RoleView {
 /// Why a call that needs the leader is not served here, and where to go.
 #[derive(Debug, Clone, Default, PartialEq, Eq, thiserror::Error)]
 #[error("{}", match (&self.leader, &self.problem) {
+    _ if self.taking_over => "this orchestrator was elected leader and is loading the fleet's state; retry shortly".to_owned(),
     (Some(leader), _) => format!("this orchestrator is a standby; the leader is {leader}"),
     (None, Some(problem)) => format!("this orchestrator is a standby and knows no leader: {problem}"),
     (None, None) => "this orchestrator is a standby and no leader is elected yet; retry".to_owned(),
@@ -61,6 +62,23 @@ pub struct NotLeader {
     /// When the leader's lease runs out unless renewed: an agent whose way to the
     /// leader fails comes back then (`secbeat-retry-after-ms`), not later.
     pub lease_ends: Option<std::time::Instant>,
+    /// Elected, and loading the fleet's state before it serves: `leader` is this
+    /// process and `lease_ends` is when to try again.
+    pub taking_over: bool,
+}
+
+impl NotLeader {
+    /// Elected as `me` and loading state: agents are told to come back to this
+    /// process in `retry_in` (then again, until it serves), instead of following
+    /// the old leader's hint or stepping their backoff up.
+    pub fn taking_over(me: String, retry_in: std::time::Duration) -> Self {
+        Self {
+            leader: Some(me),
+            problem: None,
+            lease_ends: Some(std::time::Instant::now() + retry_in),
+            taking_over: true,
+        }
+    }
 }
 
 impl Fault for NotLeader {
@@ -209,6 +227,7 @@ mod tests {
             leader: Some("http://10.0.0.2:50051".into()),
             problem: None,
             lease_ends: Some(std::time::Instant::now() + std::time::Duration::from_secs(2)),
+            taking_over: false,
         };
         assert_eq!(
             not_leader.to_string(),
@@ -224,5 +243,22 @@ mod tests {
         let retry: u64 = metadata(RETRY_AFTER_METADATA).unwrap().parse().unwrap();
         assert!((1000..=2000).contains(&retry), "{retry}");
         assert_eq!(not_leader.code().grpc(), tonic::Code::Unavailable);
+    }
+
+    #[test]
+    fn an_elected_process_loading_state_sends_agents_back_to_itself_shortly() {
+        let loading = NotLeader::taking_over(
+            "http://10.0.0.3:50051".into(),
+            std::time::Duration::from_millis(250),
+        );
+        assert!(loading.to_string().contains("loading the fleet's state"), "{loading}");
+        let status = tonic::Status::from(loading);
+        let metadata = |key| status.metadata().get(key).map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(
+            metadata(LEADER_METADATA).as_deref(),
+            Some("http://10.0.0.3:50051")
+        );
+        let retry: u64 = metadata(RETRY_AFTER_METADATA).unwrap().parse().unwrap();
+        assert!(retry <= 250, "{retry}");
     }
 }

@@ -43,6 +43,10 @@ use crate::{
     runtime::scaling_loop::{self, ScalingOutputs, ScalingSettings},
 };
 
+/// While a newly elected orchestrator loads the fleet's state, agents that reach
+/// it are told to retry after this (plus their own spread of up to a second).
+const TAKEOVER_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Why the orchestrator could not start or serve.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -403,6 +407,10 @@ impl Terms<'_> {
                         if let Some(previous) = running.take() {
                             self.stop(previous).await;
                         }
+                        // Until the state is loaded (about a second at 50,000
+                        // nodes), agents that find this process come back here
+                        // shortly, not to the old leader a standby would name.
+                        self.role.stand_by(NotLeader::taking_over(self.advertise_url.clone(), TAKEOVER_RETRY));
                         running = self.start_on_etcd(&client, term).await;
                     }
                     Some(RoleChange::Following {
@@ -417,6 +425,7 @@ impl Terms<'_> {
                             leader: leader.map(|leader| leader.url),
                             problem,
                             lease_ends,
+                            taking_over: false,
                         });
                     }
                     None => break,

@@ -438,6 +438,16 @@ impl SharedChannel {
             .connect_lazy())
     }
 
+    /// Whether `url` is the orchestrator this group dials now.
+    fn is_current(&self, url: &str) -> bool {
+        let current = self.current.lock().expect("lock");
+        let dialed = match &current.at {
+            Ok(index) => self.urls[*index].as_str(),
+            Err(hinted) => hinted.as_str(),
+        };
+        dialed.trim_end_matches('/') == url.trim_end_matches('/')
+    }
+
     fn get(&self) -> (u64, Channel) {
         let current = self.current.lock().expect("lock");
         (current.generation, current.channel.clone())
@@ -552,6 +562,18 @@ impl VirtualAgent {
                 SessionEnd::Refused(Some(code), _) if lost_at.is_none() && is_final(code) => {
                     self.counters.refused.fetch_add(1, Ordering::Relaxed);
                     return;
+                }
+                // The orchestrator reached names itself (elected, loading the
+                // fleet's state): stay, and come back when it said.
+                SessionEnd::Refused(
+                    _,
+                    Some(Hint {
+                        leader: Some(leader), ..
+                    }),
+                ) if shared.is_current(&leader) => {
+                    if lost_at.is_some() {
+                        self.counters.failed_reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 // Anything else (a connection that failed, a Welcome cut off by a
                 // restart): try again on a fresh connection, with backoff.

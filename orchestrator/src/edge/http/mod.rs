@@ -60,6 +60,9 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<serde_
             if let Some(problem) = not_leader.problem {
                 body["problem"] = json!(problem);
             }
+            if not_leader.taking_over {
+                body["taking_over"] = json!(true);
+            }
             return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body));
         }
     };
