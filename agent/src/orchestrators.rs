@@ -216,7 +216,11 @@ mod tests {
         let now = current(&list);
         assert!(list.is_current(&now));
         assert!(list.is_current(now.trim_end_matches('/')));
-        let other = if now.contains("//a") { "http://b:50051" } else { "http://a:50051" };
+        let other = if now.contains("//a") {
+            "http://b:50051"
+        } else {
+            "http://a:50051"
+        };
         assert!(!list.is_current(other));
     }
 }

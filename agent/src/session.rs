@@ -191,11 +191,16 @@ fn interval_messages(
     heartbeat_carries_cpu: bool,
 ) -> Vec<pb::AgentMessage> {
     if heartbeat_carries_cpu {
-        return vec![message(Kind::Heartbeat(pb::Heartbeat { sequence, cpu: sample }))];
+        return vec![message(Kind::Heartbeat(pb::Heartbeat {
+            sequence,
+            cpu: sample,
+        }))];
     }
     let mut messages = Vec::with_capacity(2);
     if let Some(sample) = sample {
-        messages.push(message(Kind::CpuSamples(pb::CpuSamples { samples: vec![sample] })));
+        messages.push(message(Kind::CpuSamples(pb::CpuSamples {
+            samples: vec![sample],
+        })));
     }
     messages.push(message(Kind::Heartbeat(pb::Heartbeat { sequence, cpu: None })));
     messages
@@ -520,7 +525,10 @@ mod tests {
             mut inbound, control, ..
         } = streams.recv().await.unwrap();
         assert!(matches!(next(&mut inbound).await, Kind::Hello(_)));
-        control.send(older_welcome(Duration::from_millis(20))).await.unwrap();
+        control
+            .send(older_welcome(Duration::from_millis(20)))
+            .await
+            .unwrap();
         // Every interval: the CPU sample, then a bare heartbeat with the next sequence.
         for sequence in 1..=3 {
             let Kind::CpuSamples(batch) = next(&mut inbound).await else {
@@ -540,7 +548,10 @@ mod tests {
             assert_eq!(messages.len(), 1, "carries_cpu={carries}");
             assert!(matches!(
                 &messages[0].kind,
-                Some(Kind::Heartbeat(pb::Heartbeat { sequence: 4, cpu: None }))
+                Some(Kind::Heartbeat(pb::Heartbeat {
+                    sequence: 4,
+                    cpu: None
+                }))
             ));
         }
     }

@@ -102,7 +102,11 @@ async fn an_older_agents_two_messages_and_a_heartbeat_carrying_cpu_both_report_c
             eventually(STARTUP, &format!("cpu {usage}"), || {
                 let mut fleet = fleet.clone();
                 let id = id.clone();
-                async move { node(&mut fleet, &id).await.filter(|n| n.last_cpu_usage == Some(usage)) }
+                async move {
+                    node(&mut fleet, &id)
+                        .await
+                        .filter(|n| n.last_cpu_usage == Some(usage))
+                }
             })
             .await
         }
@@ -125,7 +129,11 @@ async fn an_older_agents_two_messages_and_a_heartbeat_carrying_cpu_both_report_c
         }
     };
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().contains("heartbeat.cpu.usage"), "{}", status.message());
+    assert!(
+        status.message().contains("heartbeat.cpu.usage"),
+        "{}",
+        status.message()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -783,7 +783,12 @@ pub(crate) mod tests {
             loop {
                 ticks.tick().await;
                 beating
-                    .report(node, session, SessionReport::Heartbeat { cpu: None }, clock::now())
+                    .report(
+                        node,
+                        session,
+                        SessionReport::Heartbeat { cpu: None },
+                        clock::now(),
+                    )
                     .await
                     .unwrap();
             }
@@ -953,7 +958,12 @@ pub(crate) mod tests {
             loop {
                 ticks.tick().await;
                 let _ = handle
-                    .report(node, session, SessionReport::Heartbeat { cpu: None }, clock::now())
+                    .report(
+                        node,
+                        session,
+                        SessionReport::Heartbeat { cpu: None },
+                        clock::now(),
+                    )
                     .await;
             }
         })

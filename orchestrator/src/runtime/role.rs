@@ -251,7 +251,10 @@ mod tests {
             "http://10.0.0.3:50051".into(),
             std::time::Duration::from_millis(250),
         );
-        assert!(loading.to_string().contains("loading the fleet's state"), "{loading}");
+        assert!(
+            loading.to_string().contains("loading the fleet's state"),
+            "{loading}"
+        );
         let status = tonic::Status::from(loading);
         let metadata = |key| status.metadata().get(key).map(|v| v.to_str().unwrap().to_owned());
         assert_eq!(

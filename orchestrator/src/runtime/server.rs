@@ -667,10 +667,25 @@ fn etcd_tls(config: &Config) -> Result<Option<EtcdTls>, ServeError> {
     Ok(Some(EtcdTls { ca, identity }))
 }
 
+/// Pending connections a listener queues before it accepts them. In a reconnect
+/// storm thousands of agents connect within a second; beyond tokio's default of
+/// 1,024 the kernel drops SYNs (`TcpExtListenOverflows`), and each dropped
+/// connection waits out a SYN retry (1 s, then 3 s). The kernel caps this at
+/// `net.core.somaxconn` (4,096 on current kernels).
+const LISTEN_BACKLOG: u32 = 65_535;
+
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind { key, addr, source })
+    let error = |source| ServeError::Bind { key, addr, source };
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(error)?;
+    // As std and tokio do: a restarted orchestrator rebinds while old
+    // connections sit in TIME_WAIT.
+    socket.set_reuseaddr(true).map_err(error)?;
+    socket.bind(addr).map_err(error)?;
+    socket.listen(LISTEN_BACKLOG).map_err(error)
 }
 
 /// The TLS settings of the gRPC listener, if `[tls]` is configured.

@@ -132,6 +132,9 @@ struct Storm {
     first_loss: Option<Instant>,
     last_back: Option<Instant>,
     downtimes: Vec<Duration>,
+    /// Agents welcomed again in each second after the first loss: a flat rate
+    /// says the storm was throughput-bound, gaps say agents were waiting.
+    back_per_second: Vec<u64>,
 }
 
 /// What a virtual agent is told halfway.
@@ -307,6 +310,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 _ => None,
             },
             "per_agent_downtime": spread(&mut downtimes),
+            "back_per_second": storm.back_per_second,
         })
     };
     for task in tasks {
@@ -408,6 +412,8 @@ struct SharedChannel {
 }
 
 struct Current {
+    /// When a standby last told an agent of this group to come back.
+    retry_at: Option<Instant>,
     generation: u64,
     /// Index into `urls`, or the URL a standby named.
     at: Result<usize, String>,
@@ -423,6 +429,7 @@ impl SharedChannel {
             urls,
             source,
             current: std::sync::Mutex::new(Current {
+                retry_at: None,
                 generation: 0,
                 at: Ok(at),
                 channel,
@@ -436,6 +443,20 @@ impl SharedChannel {
             .tcp_nodelay(true)
             .connect_timeout(OPEN_TIMEOUT)
             .connect_lazy())
+    }
+
+    /// A standby told an agent of this group to come back at `at`.
+    fn heard_retry_at(&self, at: Instant) {
+        let mut current = self.current.lock().expect("lock");
+        current.retry_at = Some(current.retry_at.map_or(at, |known| known.max(at)));
+    }
+
+    /// The group's last retry time, unless it passed more than two seconds ago.
+    fn recent_retry_at(&self) -> Option<Instant> {
+        let current = self.current.lock().expect("lock");
+        current
+            .retry_at
+            .filter(|at| Instant::now() < *at + Duration::from_secs(2))
     }
 
     /// Whether `url` is the orchestrator this group dials now.
@@ -479,11 +500,9 @@ impl SharedChannel {
             Err(url) => url.clone(),
         };
         if let Ok(channel) = Self::connect(&url, self.source) {
-            *current = Current {
-                generation: failed + 1,
-                at,
-                channel,
-            };
+            current.generation = failed + 1;
+            current.at = at;
+            current.channel = channel;
         }
     }
 }
@@ -534,7 +553,9 @@ impl VirtualAgent {
                 }),
             ) = &ended
             {
-                retry_at = Some(Instant::now() + *after);
+                let at = Instant::now() + *after;
+                retry_at = Some(at);
+                shared.heard_retry_at(at);
             }
             if !matches!(ended, SessionEnd::Refused(_, Some(Hint { leader: Some(_), .. }))) {
                 followed = false;
@@ -596,7 +617,10 @@ impl VirtualAgent {
                 }
             }
             let mut delay = backoff.next_delay(&mut rand::rng());
-            if let Some(at) = retry_at.take() {
+            // An agent of this group that was moved along with it (to a named
+            // leader that turned out dead) heard no hint itself; it uses the one
+            // its group heard, as it would have been told the same.
+            if let Some(at) = retry_at.take().or_else(|| shared.recent_retry_at()) {
                 let spread = Duration::from_secs_f64(rand::random::<f64>());
                 delay = delay.min(at.saturating_duration_since(Instant::now()) + spread);
             }
@@ -648,6 +672,13 @@ impl VirtualAgent {
                 let mut storm = self.counters.storm.lock().expect("lock");
                 storm.downtimes.push(now - lost);
                 storm.last_back = Some(storm.last_back.map_or(now, |last| last.max(now)));
+                if let Some(first) = storm.first_loss {
+                    let second = now.saturating_duration_since(first).as_secs() as usize;
+                    if storm.back_per_second.len() <= second {
+                        storm.back_per_second.resize(second + 1, 0);
+                    }
+                    storm.back_per_second[second] += 1;
+                }
             }
         }
         let given = welcome

@@ -28,6 +28,10 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::edge::metrics::Metrics;
 
+/// Largest response read from etcd: a page of up to 1,000 of the largest node
+/// records is about 17 MB, beyond gRPC's default of 4 MiB.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
 /// An etcd call that failed on every endpoint, or that etcd refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EtcdError {
@@ -208,7 +212,13 @@ impl EtcdClient {
     pub async fn range(&self, request: pb::RangeRequest) -> Result<pb::RangeResponse, EtcdError> {
         self.call("Range", |channel| {
             let request = request.clone();
-            async move { Ok(KvClient::new(channel).range(request).await?.into_inner()) }
+            async move {
+                Ok(KvClient::new(channel)
+                    .max_decoding_message_size(MAX_RESPONSE_BYTES)
+                    .range(request)
+                    .await?
+                    .into_inner())
+            }
         })
         .await
     }
@@ -222,7 +232,13 @@ impl EtcdClient {
         let outcome = self
             .call("Txn", |channel| {
                 let request = request.clone();
-                async move { Ok(KvClient::new(channel).txn(request).await?.into_inner()) }
+                async move {
+                    Ok(KvClient::new(channel)
+                        .max_decoding_message_size(MAX_RESPONSE_BYTES)
+                        .txn(request)
+                        .await?
+                        .into_inner())
+                }
             })
             .await;
         self.inner

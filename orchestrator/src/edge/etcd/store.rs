@@ -6,8 +6,9 @@
 //! has not noticed yet: etcd refuses the transaction, [`Store::fenced`] says so, and
 //! the writer stops.
 //!
-//! A batch becomes as few transactions as etcd's limit of operations per transaction
-//! allows (128 by default). Whatever must stay atomic stays in one transaction: a
+//! A batch becomes as few transactions as etcd's limits allow: 128 operations per
+//! transaction and 1.5 MiB per request by default (a node may carry 32 labels of
+//! 128 bytes, so 100 such records are more than one request holds). Whatever must stay atomic stays in one transaction: a
 //! healed node's FAILED record, its ledger entry and its outbox entry, and a dead
 //! letter's move. Ops on distinct keys commute, so the rest is split freely; a
 //! later write to a key replaces an earlier one in the same batch (etcd refuses two
@@ -37,7 +38,12 @@ use crate::{
 /// Operations per transaction (etcd's default `--max-txn-ops` is 128; the fence
 /// compare and headroom stay below it).
 const MAX_OPS: usize = 100;
-/// Keys per page when loading.
+/// Bytes of keys and values per transaction (etcd's default `--max-request-bytes`
+/// is 1.5 MiB; the rest is headroom for framing).
+const MAX_TXN_BYTES: usize = 1024 * 1024;
+/// Keys per page when loading. The largest node record is about 17 KB, so a page
+/// can reach 17 MB: the client reads responses up to
+/// [`super::client::MAX_RESPONSE_BYTES`].
 const PAGE: i64 = 1000;
 
 /// The fleet's state under one etcd prefix, for one leader term.
@@ -297,6 +303,7 @@ impl EtcdStore {
             );
         }
         let mut txn: Vec<pb::RequestOp> = Vec::new();
+        let mut txn_bytes = 0;
         for group in groups.groups {
             let group: Vec<pb::RequestOp> = group
                 .into_iter()
@@ -310,19 +317,34 @@ impl EtcdStore {
             if group.is_empty() {
                 continue;
             }
-            if !txn.is_empty() && txn.len() + group.len() > MAX_OPS {
+            let group_bytes: usize = group.iter().map(op_bytes).sum();
+            if !txn.is_empty()
+                && (txn.len() + group.len() > MAX_OPS || txn_bytes + group_bytes > MAX_TXN_BYTES)
+            {
                 plan.push(std::mem::take(&mut txn));
+                txn_bytes = 0;
             }
-            if group.len() > MAX_OPS {
+            if group.len() > MAX_OPS || group_bytes > MAX_TXN_BYTES {
                 warn!(
                     ops = group.len(),
+                    bytes = group_bytes,
                     "an atomic group is larger than one etcd transaction allows; splitting it"
                 );
-                for chunk in group.chunks(MAX_OPS) {
-                    plan.push(chunk.to_vec());
+                let mut chunk = Vec::new();
+                let mut chunk_bytes = 0;
+                for op in group {
+                    let bytes = op_bytes(&op);
+                    if !chunk.is_empty() && (chunk.len() == MAX_OPS || chunk_bytes + bytes > MAX_TXN_BYTES) {
+                        plan.push(std::mem::take(&mut chunk));
+                        chunk_bytes = 0;
+                    }
+                    chunk_bytes += bytes;
+                    chunk.push(op);
                 }
+                plan.push(chunk);
                 continue;
             }
+            txn_bytes += group_bytes;
             txn.extend(group);
         }
         if !txn.is_empty() {
@@ -389,6 +411,17 @@ impl Groups {
 
 /// Puts in `[start, end)` that a later prune deletes anyway (etcd refuses a put
 /// and a delete range over the same key in one transaction).
+/// What an op adds to a transaction's size: its key and value.
+fn op_bytes(op: &pb::RequestOp) -> usize {
+    use pb::request_op::Request;
+    match &op.request {
+        Some(Request::RequestPut(put)) => put.key.len() + put.value.len(),
+        Some(Request::RequestDeleteRange(delete)) => delete.key.len() + delete.range_end.len(),
+        Some(Request::RequestRange(range)) => range.key.len() + range.range_end.len(),
+        Some(Request::RequestTxn(_)) | None => 0,
+    }
+}
+
 fn drop_in_range(ops: &mut HashMap<Vec<u8>, Op>, start: &[u8], end: &[u8]) {
     ops.retain(|key, _| !(key.as_slice() >= start && key.as_slice() < end));
 }
@@ -479,6 +512,7 @@ mod tests {
         pruning_keeps_only_recent_heals,
         history_is_kept_in_time_order_and_pruned_by_time,
         a_large_batch_is_written_whole_and_a_repeated_one_changes_nothing,
+        nodes_with_the_largest_labels_are_written_and_loaded,
     );
 
     #[test]

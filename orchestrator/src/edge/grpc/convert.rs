@@ -532,10 +532,7 @@ mod tests {
             for bad in [f64::NAN, 85.0, -0.1, f64::INFINITY] {
                 let error = session_report(heartbeat(Some(bad)), SystemTime::now()).unwrap_err();
                 assert_eq!(error.code(), ErrorCode::InvalidArgument);
-                assert!(
-                    error.to_string().contains("heartbeat.cpu.usage"),
-                    "{error}"
-                );
+                assert!(error.to_string().contains("heartbeat.cpu.usage"), "{error}");
             }
         }
 

@@ -177,3 +177,27 @@ pub(crate) fn a_large_batch_is_written_whole_and_a_repeated_one_changes_nothing(
     assert_eq!(state.heals, vec![heal]);
     assert_eq!(state.outbox, vec![entry("msg_heal_7", 5)]);
 }
+
+/// Nodes with the most and longest labels a Hello may carry, every character one
+/// that JSON escapes: more bytes than one etcd request or one default gRPC
+/// response holds, written in one batch and read back whole.
+pub(crate) fn nodes_with_the_largest_labels_are_written_and_loaded(backing: &mut dyn Backing) {
+    let mut store = backing.open();
+    let heavy = |n: u16, i: usize| {
+        let mut text = format!("{n}-{i}-");
+        while text.len() < 128 {
+            text.push(if text.len() % 2 == 0 { '"' } else { '\\' });
+        }
+        text
+    };
+    let nodes: Vec<PersistedNode> = (0..1200)
+        .map(|n| PersistedNode {
+            labels: (0..32).map(|i| (heavy(n, i), heavy(n, i + 100))).collect(),
+            ..node(n, NodeState::Connected)
+        })
+        .collect();
+    let batch: Vec<Write> = nodes.iter().cloned().map(Write::PutNode).collect();
+    store.apply(&batch).unwrap();
+    let state = store.load().unwrap();
+    assert_eq!(sorted(state.nodes), sorted(nodes));
+}

@@ -308,6 +308,11 @@ mod tests {
     }
 
     #[test]
+    fn nodes_with_the_largest_labels_are_written_and_loaded() {
+        conformance::nodes_with_the_largest_labels_are_written_and_loaded(&mut redb());
+    }
+
+    #[test]
     fn a_second_orchestrator_on_the_same_state_dir_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let _first = RedbStore::open(dir.path()).unwrap();
