@@ -225,6 +225,11 @@ impl Agent {
                 } => {
                     if let Some(after) = retry_after {
                         self.orchestrators.retry_after(after, std::time::Instant::now());
+                        // A live orchestrator said when leadership moves: the fleet
+                        // is handing over, not failing. The backoff starts again, so
+                        // a hiccup once the new leader serves costs half a second,
+                        // not the several seconds a failover's attempts built up.
+                        self.backoff.reset();
                     }
                     self.metrics.sessions_lost.inc();
                     if established {

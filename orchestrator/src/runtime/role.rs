@@ -246,6 +246,25 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_that_ended_long_ago_gives_no_retry_time() {
+        let Some(long_ago) = std::time::Instant::now().checked_sub(std::time::Duration::from_secs(10)) else {
+            return;
+        };
+        let stale = NotLeader {
+            leader: Some("http://10.0.0.2:50051".into()),
+            problem: None,
+            lease_ends: Some(long_ago),
+            taking_over: false,
+        };
+        let status = tonic::Status::from(stale);
+        assert!(status.metadata().get(LEADER_METADATA).is_some());
+        assert!(
+            status.metadata().get(RETRY_AFTER_METADATA).is_none(),
+            "agents keep their backoff when the standby cannot see leadership move"
+        );
+    }
+
+    #[test]
     fn an_elected_process_loading_state_sends_agents_back_to_itself_shortly() {
         let loading = NotLeader::taking_over(
             "http://10.0.0.3:50051".into(),

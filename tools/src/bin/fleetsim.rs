@@ -556,6 +556,8 @@ impl VirtualAgent {
                 let at = Instant::now() + *after;
                 retry_at = Some(at);
                 shared.heard_retry_at(at);
+                // As the real agent: a handover is not a failure to back off from.
+                backoff.reset();
             }
             if !matches!(ended, SessionEnd::Refused(_, Some(Hint { leader: Some(_), .. }))) {
                 followed = false;

@@ -41,6 +41,9 @@ into_status!(
     ProtocolError,
 );
 
+/// How long after a leader's lease ended a standby still sends a retry time.
+const STALE_LEASE_END: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// UNAVAILABLE, with the leader's URL in `secbeat-leader` when it is known: an
 /// agent follows it, a person reads it.
 impl From<NotLeader> for Status {
@@ -51,10 +54,15 @@ impl From<NotLeader> for Status {
         {
             status.metadata_mut().insert(LEADER_METADATA, value);
         }
-        if let Some(ends) = not_leader.lease_ends {
-            let millis = ends
-                .saturating_duration_since(std::time::Instant::now())
-                .as_millis();
+        // A lease that ended a while ago and was not replaced means this standby
+        // cannot see what happens (etcd unreachable, say): no retry time then, so
+        // agents keep their backoff instead of polling it every second.
+        let now = std::time::Instant::now();
+        if let Some(ends) = not_leader
+            .lease_ends
+            .filter(|ends| now < *ends + STALE_LEASE_END)
+        {
+            let millis = ends.saturating_duration_since(now).as_millis();
             if let Ok(value) = millis.to_string().parse() {
                 status.metadata_mut().insert(RETRY_AFTER_METADATA, value);
             }
