@@ -84,7 +84,10 @@ impl AgentService for Reference {
         let _ = outbound.try_send(Ok(pb::ControlMessage {
             kind: Some(control_message::Kind::Welcome(welcome)),
         }));
-        self.last_seen.lock().expect("lock").insert(node.clone(), Instant::now());
+        self.last_seen
+            .lock()
+            .expect("lock")
+            .insert(node.clone(), Instant::now());
         let last_seen = Arc::clone(&self.last_seen);
         tokio::spawn(async move {
             // Holding the sender keeps the response stream open.

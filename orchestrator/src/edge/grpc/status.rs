@@ -58,10 +58,7 @@ impl From<NotLeader> for Status {
         // cannot see what happens (etcd unreachable, say): no retry time then, so
         // agents keep their backoff instead of polling it every second.
         let now = std::time::Instant::now();
-        if let Some(ends) = not_leader
-            .lease_ends
-            .filter(|ends| now < *ends + STALE_LEASE_END)
-        {
+        if let Some(ends) = not_leader.lease_ends.filter(|ends| now < *ends + STALE_LEASE_END) {
             let millis = ends.saturating_duration_since(now).as_millis();
             if let Ok(value) = millis.to_string().parse() {
                 status.metadata_mut().insert(RETRY_AFTER_METADATA, value);
