@@ -10,6 +10,10 @@ fn the_receiver_and_the_simulator_explain_themselves() {
     for (binary, needle) in [
         (env!("CARGO_BIN_EXE_secbeat-webhook-receiver"), "--fail-first"),
         (env!("CARGO_BIN_EXE_secbeat-fleetsim"), "--reconnect-max"),
+        (
+            env!("CARGO_BIN_EXE_secbeat-reference"),
+            "--connection-idle-timeout",
+        ),
     ] {
         let output = Command::new(binary).arg("--help").output().unwrap();
         assert_eq!(output.status.code(), Some(0), "{binary}");
@@ -20,7 +24,7 @@ fn the_receiver_and_the_simulator_explain_themselves() {
 
 #[test]
 fn bad_flags_exit_64_naming_them() {
-    let cases: [(&str, &[&str], &str); 3] = [
+    let cases: [(&str, &[&str], &str); 5] = [
         (
             env!("CARGO_BIN_EXE_secbeat-fleetsim"),
             &["--reconnect-initial", "5", "--reconnect-max", "1"],
@@ -35,6 +39,16 @@ fn bad_flags_exit_64_naming_them() {
             env!("CARGO_BIN_EXE_secbeat-webhook-receiver"),
             &["--listen", "nowhere"],
             "--listen",
+        ),
+        (
+            env!("CARGO_BIN_EXE_secbeat-reference"),
+            &["--listen", "nowhere"],
+            "--listen",
+        ),
+        (
+            env!("CARGO_BIN_EXE_secbeat-reference"),
+            &["--heartbeat-interval", "0"],
+            "--heartbeat-interval",
         ),
     ];
     for (binary, flags, named) in cases {

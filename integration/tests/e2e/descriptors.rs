@@ -3,7 +3,7 @@
 //! (keeping descriptors for its HTTP side) instead of spinning in its accept loop,
 //! and keeps serving the agents it already has. And the fleet
 //! simulator, which the fleet-scale measurements (BENCHMARKS.md) rest on, measures
-//! what it says.
+//! what it says, against the orchestrator and against the bare reference server.
 
 use std::time::{Duration, Instant};
 
@@ -234,4 +234,39 @@ async fn wait_for_streams(orchestrator: &Orchestrator, count: u64) {
         (streams == count as f64).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_server_serves_the_simulated_fleet_it_is_compared_on() {
+    let addr = secbeat_integration::free_addr();
+    let mut reference = tokio::process::Command::new(secbeat_integration::binary("secbeat-reference"))
+        .args(["--listen", &addr.to_string()])
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    eventually(STARTUP, "the reference to listen", || async move {
+        tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
+    })
+    .await;
+    let output = tokio::process::Command::new(secbeat_integration::binary("secbeat-fleetsim"))
+        .args(["--orchestrator", &format!("http://{addr}")])
+        .args(["--agents", "20", "--duration", "4", "--json"])
+        .arg("--orchestrator-pid")
+        .arg(reference.id().unwrap().to_string())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["connected"], 20, "{report}");
+    // One heartbeat carrying its sample per agent-second, as its Welcome asks.
+    let rate = report["messages_per_second"].as_f64().unwrap();
+    assert!(rate > 10.0 && rate < 30.0, "{report}");
+    assert!(report["orchestrator_rss_bytes"].as_u64().unwrap() > 0, "{report}");
+    reference.kill().await.unwrap();
 }

@@ -11,6 +11,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
+    process::ExitCode,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -102,13 +103,29 @@ impl AgentService for Reference {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    anyhow::ensure!(
-        args.heartbeat_interval > 0.0 && args.connection_idle_timeout > 0.0,
-        "--heartbeat-interval and --connection-idle-timeout must be positive"
-    );
+fn main() -> ExitCode {
+    let args = match secbeat::process::parse_args::<Args>() {
+        Ok(args) => args,
+        Err(exit) => return exit,
+    };
+    let positive = |value: f64| value.is_finite() && value > 0.0;
+    if !positive(args.heartbeat_interval) || !positive(args.connection_idle_timeout) {
+        eprintln!(
+            "secbeat-reference: --heartbeat-interval and --connection-idle-timeout must be positive seconds"
+        );
+        return ExitCode::from(secbeat::process::EXIT_USAGE);
+    }
+    let served = secbeat::process::runtime(2).and_then(|runtime| runtime.block_on(serve(args)));
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("secbeat-reference: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: Args) -> std::io::Result<()> {
     let socket = match args.listen {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
@@ -136,6 +153,6 @@ async fn main() -> anyhow::Result<()> {
         .http2_keepalive_timeout(Some(ping))
         .add_service(AgentServiceServer::new(reference).max_decoding_message_size(args.max_message_bytes))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await?;
-    Ok(())
+        .await
+        .map_err(std::io::Error::other)
 }
