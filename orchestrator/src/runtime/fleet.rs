@@ -68,6 +68,41 @@ pub enum SessionSignal {
     ShuttingDown,
 }
 
+/// A new session's signal channel. Signals are rare (a Welcome, perhaps a
+/// Terminate, a close), but a channel's first block holds 32 of them: boxed, that
+/// block is 256 bytes per session instead of 2 KiB, at every agent.
+pub fn session_signals() -> (SignalSender, SignalReceiver) {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    (SignalSender(sender), SignalReceiver(receiver))
+}
+
+/// The fleet actor's end of a session's signal channel.
+#[derive(Debug, Clone)]
+pub struct SignalSender(mpsc::UnboundedSender<Box<SessionSignal>>);
+
+impl SignalSender {
+    /// Sends a signal; gives it back if the session's handler is gone.
+    pub fn send(&self, signal: SessionSignal) -> Result<(), SessionSignal> {
+        self.0.send(Box::new(signal)).map_err(|unsent| *unsent.0)
+    }
+}
+
+/// The stream handler's end of a session's signal channel.
+#[derive(Debug)]
+pub struct SignalReceiver(mpsc::UnboundedReceiver<Box<SessionSignal>>);
+
+impl SignalReceiver {
+    /// The next signal, or None once the actor dropped the session.
+    pub async fn recv(&mut self) -> Option<SessionSignal> {
+        self.0.recv().await.map(|signal| *signal)
+    }
+
+    /// The next signal if one is waiting.
+    pub fn try_recv(&mut self) -> Result<SessionSignal, mpsc::error::TryRecvError> {
+        self.0.try_recv().map(|signal| *signal)
+    }
+}
+
 /// What a session's stream handler reports, stamped with the receipt time.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SessionReport {
@@ -112,7 +147,7 @@ pub struct FleetStopped;
 enum Command {
     Connect {
         info: NodeInfo,
-        signals: mpsc::UnboundedSender<SessionSignal>,
+        signals: SignalSender,
         at: Instant,
         reply: oneshot::Sender<Result<SessionId, ConnectError>>,
     },
@@ -152,7 +187,7 @@ impl FleetHandle {
     pub async fn connect(
         &self,
         info: NodeInfo,
-        signals: mpsc::UnboundedSender<SessionSignal>,
+        signals: SignalSender,
         at: Instant,
     ) -> Result<SessionId, ConnectError> {
         self.ask(|reply| Command::Connect {
@@ -313,7 +348,7 @@ pub fn spawn(
 struct FleetActor {
     registry: Registry,
     healer: Healer,
-    sessions: HashMap<SessionId, mpsc::UnboundedSender<SessionSignal>>,
+    sessions: HashMap<SessionId, SignalSender>,
     heartbeat_interval: Duration,
     outputs: Outputs,
     /// Trace context of pending terminates, so a re-sent one joins the same trace.
@@ -729,7 +764,7 @@ pub(crate) mod tests {
             ..
         } = start(settings(), Restored::default(), &shutdown);
         let mut events = bus.subscribe(None).unwrap().live;
-        let (tx, mut signals) = mpsc::unbounded_channel();
+        let (tx, mut signals) = session_signals();
         let node = NodeId(Uuid::new_v4());
         let started = tokio::time::Instant::now();
         let session = fleet.connect(info(node), tx, clock::now()).await.unwrap();
@@ -773,7 +808,7 @@ pub(crate) mod tests {
             ..
         } = start(settings(), Restored::default(), &shutdown);
         let mut events = bus.subscribe(None).unwrap().live;
-        let (tx, _signals) = mpsc::unbounded_channel();
+        let (tx, _signals) = session_signals();
         let node = NodeId(Uuid::new_v4());
         let session = fleet.connect(info(node), tx, clock::now()).await.unwrap();
         assert_eq!(events.recv().await.unwrap().kind, EventKind::NodeJoined);
@@ -813,7 +848,7 @@ pub(crate) mod tests {
             ..
         } = start(settings(), Restored::default(), &shutdown);
         let node = NodeId(Uuid::new_v4());
-        let (tx1, mut first) = mpsc::unbounded_channel();
+        let (tx1, mut first) = session_signals();
         let s1 = fleet.connect(info(node), tx1, clock::now()).await.unwrap();
         fleet.terminate(node, "drain".into()).await.unwrap().unwrap();
         first.recv().await.unwrap(); // welcome
@@ -826,7 +861,7 @@ pub(crate) mod tests {
             .await
             .unwrap();
 
-        let (tx2, mut second) = mpsc::unbounded_channel();
+        let (tx2, mut second) = session_signals();
         let s2 = fleet.connect(info(node), tx2, clock::now()).await.unwrap();
         assert!(matches!(second.recv().await, Some(SessionSignal::Welcome { session, .. }) if session == s2));
         let resent = second.recv().await;
@@ -843,7 +878,7 @@ pub(crate) mod tests {
         let TestFleet {
             handle: fleet, actor, ..
         } = start(settings(), Restored::default(), &shutdown);
-        let (tx, mut signals) = mpsc::unbounded_channel();
+        let (tx, mut signals) = session_signals();
         fleet
             .connect(info(NodeId(Uuid::new_v4())), tx, clock::now())
             .await
@@ -864,7 +899,7 @@ pub(crate) mod tests {
         let connect = |node: NodeId| {
             let fleet = fleet.clone();
             async move {
-                let (tx, signals) = mpsc::unbounded_channel();
+                let (tx, signals) = session_signals();
                 fleet
                     .connect(info(node), tx, clock::now())
                     .await
@@ -921,7 +956,7 @@ pub(crate) mod tests {
         assert!(before.is_empty());
         assert_eq!(empty, bus.last_sequence());
         let node = NodeId(Uuid::new_v4());
-        let (tx, _signals) = mpsc::unbounded_channel();
+        let (tx, _signals) = session_signals();
         fleet.connect(info(node), tx, clock::now()).await.unwrap();
         let (nodes, sequence) = fleet.list().await.unwrap();
         assert_eq!(nodes.len(), 1);
@@ -990,7 +1025,7 @@ pub(crate) mod tests {
         let shutdown = CancellationToken::new();
         let test = start(settings(), Restored::default(), &shutdown);
         let mut events = test.bus.subscribe(None).unwrap().live;
-        let (tx, _signals) = mpsc::unbounded_channel();
+        let (tx, _signals) = session_signals();
         let node = NodeId(Uuid::new_v4());
         test.handle.connect(info(node), tx, clock::now()).await.unwrap();
 
@@ -1029,7 +1064,7 @@ pub(crate) mod tests {
         let mut nodes = Vec::new();
         let mut keep = Vec::new();
         for _ in 0..5 {
-            let (tx, signals) = mpsc::unbounded_channel();
+            let (tx, signals) = session_signals();
             let node = NodeId(Uuid::new_v4());
             let session = test.handle.connect(info(node), tx, clock::now()).await.unwrap();
             nodes.push((node, session));
@@ -1065,7 +1100,7 @@ pub(crate) mod tests {
         let test = start(settings(), Restored::default(), &shutdown);
         let mut events = test.bus.subscribe(None).unwrap().live;
         let (a, b) = (NodeId(Uuid::new_v4()), NodeId(Uuid::new_v4()));
-        let (tx, _signals) = mpsc::unbounded_channel();
+        let (tx, _signals) = session_signals();
         test.handle
             .connect(info(a), tx.clone(), clock::now())
             .await
@@ -1114,7 +1149,7 @@ pub(crate) mod tests {
         assert_eq!(listed[3].state, NodeState::Failed);
 
         // Node 3 comes back within the grace.
-        let (tx, _signals) = mpsc::unbounded_channel();
+        let (tx, _signals) = session_signals();
         let back = restored_node(3, NodeState::Connected, false).id;
         let session = test.handle.connect(info(back), tx, clock::now()).await.unwrap();
         assert_eq!(events.recv().await.unwrap().kind, EventKind::NodeReconnected);

@@ -414,7 +414,7 @@ mod tests {
         domain::{event::FleetEvent, node::NodeId},
         edge::store::Store,
         runtime::fleet::{
-            SessionReport, SessionSignal,
+            SessionReport, SessionSignal, SignalReceiver, session_signals,
             tests::{TestFleet, info, settings as fleet_settings, start},
         },
     };
@@ -480,9 +480,9 @@ mod tests {
     }
 
     /// A connected node that has reported `cpu`; its signal channel is returned.
-    async fn node(fleet: &TestFleet, cpu: f64) -> (NodeId, mpsc::UnboundedReceiver<SessionSignal>) {
+    async fn node(fleet: &TestFleet, cpu: f64) -> (NodeId, SignalReceiver) {
         let id = NodeId(Uuid::new_v4());
-        let (tx, signals) = mpsc::unbounded_channel();
+        let (tx, signals) = session_signals();
         let session = fleet.handle.connect(info(id), tx, clock::now()).await.unwrap();
         fleet
             .handle

@@ -185,7 +185,7 @@ mod tests {
         // Far more events than the shared buffer plus this watcher's own buffer hold.
         let published = LIVE_BUFFER + watch::STREAM_BUFFER + 200;
         for _ in 0..published {
-            let (tx, _) = tokio::sync::mpsc::unbounded_channel();
+            let (tx, _) = fleet::session_signals();
             handle.connect(node_info(), tx, clock::now()).await.unwrap();
         }
         let mut delivered = 0;
@@ -226,7 +226,7 @@ mod tests {
     #[tokio::test]
     async fn list_then_watch_from_its_sequence_replays_what_came_after() {
         let (shutdown, fleet::tests::TestFleet { handle, .. }, api) = serving();
-        let (tx, _) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, _) = fleet::session_signals();
         let early = node_info();
         handle.connect(early.clone(), tx, clock::now()).await.unwrap();
         let listed = api
@@ -236,7 +236,7 @@ mod tests {
             .into_inner();
         assert_eq!(listed.nodes.len(), 1);
         // A node joins between the list and the watch.
-        let (tx, _) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, _) = fleet::session_signals();
         let late = node_info();
         handle.connect(late.clone(), tx, clock::now()).await.unwrap();
         let mut stream = api
