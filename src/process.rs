@@ -1,5 +1,5 @@
-//! What every SecBeat binary's `main` does the same way: logging to stderr and
-//! turning SIGTERM / SIGINT into a graceful-shutdown token.
+//! What every SecBeat binary's `main` does the same way: logging to stderr,
+//! turning SIGTERM / SIGINT into a graceful-shutdown token, and listening.
 
 use std::{io::IsTerminal, process::ExitCode};
 
@@ -66,4 +66,24 @@ pub async fn cancel_on_signal(shutdown: CancellationToken) {
     };
     tracing::info!(signal = name, "shutdown requested");
     shutdown.cancel();
+}
+
+/// Pending connections a listener queues before it accepts them. In a reconnect
+/// storm thousands of agents connect within a second; beyond tokio's default of
+/// 1,024 the kernel drops SYNs (`TcpExtListenOverflows`), and each dropped
+/// connection waits out a SYN retry (1 s, then 3 s). The kernel caps this at
+/// `net.core.somaxconn` (4,096 on current kernels).
+pub const LISTEN_BACKLOG: u32 = 65_535;
+
+/// A listening socket on `addr` with [`LISTEN_BACKLOG`], reusing the address as
+/// std and tokio do (a restarted server rebinds while old connections sit in
+/// TIME_WAIT). The orchestrator and the reference server both listen with it.
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }

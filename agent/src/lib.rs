@@ -27,7 +27,7 @@ pub use crate::args::AgentArgs;
 use crate::{
     cpu::CpuSource,
     metrics::AgentMetrics,
-    orchestrators::Orchestrators,
+    orchestrators::{Next, Orchestrators},
     session::{SessionEnd, SessionSettings},
 };
 
@@ -203,7 +203,6 @@ impl Agent {
         if let Some(listener) = self.metrics_listener.take() {
             tokio::spawn(metrics::serve(listener, self.metrics.clone(), shutdown.clone()));
         }
-        let mut followed = false;
         loop {
             let span = tracing::info_span!("agent_session", node.id = %self.settings.node_id);
             let endpoint = self.orchestrators.current().clone();
@@ -236,25 +235,10 @@ impl Agent {
                         self.backoff.reset();
                         self.orchestrators.connected();
                     }
-                    // The orchestrator reached names itself: it was just elected
-                    // and is loading the fleet's state. Come back to it when it said.
-                    let stay = leader
-                        .as_deref()
-                        .is_some_and(|leader| self.orchestrators.is_current(leader));
-                    // A standby named the leader: go there at once (once in a row,
-                    // so two standbys with stale pointers cannot make a busy loop).
-                    if !stay
-                        && let Some(leader) = leader
-                        && !followed
-                        && self.orchestrators.follow(&leader)
-                    {
+                    if self.orchestrators.after_lost(leader.as_deref()) == Next::DialNow {
+                        let leader = leader.unwrap_or_default();
                         info!(from = %endpoint.uri(), %leader, %cause, "following the standby's pointer to the leader");
-                        followed = true;
                         continue;
-                    }
-                    followed = false;
-                    if !stay {
-                        self.orchestrators.rotate();
                     }
                     let spread = Duration::from_secs_f64(rand::Rng::random::<f64>(&mut rng));
                     let delay = self.orchestrators.delay(

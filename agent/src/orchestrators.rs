@@ -27,6 +27,17 @@ pub struct Orchestrators {
     configure: Configure,
     /// When a standby said leadership can move.
     retry_at: Option<Instant>,
+    /// The last lost session was followed to a named leader (once in a row).
+    followed: bool,
+}
+
+/// What to do after a session was lost or refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Dial [`Orchestrators::current`] at once: a standby named the leader.
+    DialNow,
+    /// Dial [`Orchestrators::current`] after the backoff's delay.
+    AfterDelay,
 }
 
 impl std::fmt::Debug for Orchestrators {
@@ -50,6 +61,7 @@ impl Orchestrators {
             next,
             configure,
             retry_at: None,
+            followed: false,
         }
     }
 
@@ -95,10 +107,30 @@ impl Orchestrators {
         }
     }
 
-    /// Whether `leader` is the orchestrator dialed now: one that was just elected
-    /// names itself while it loads the fleet's state, and is waited for rather
-    /// than followed or left.
-    pub fn is_current(&self, leader: &str) -> bool {
+    /// Where to go after a session ended, given the leader the orchestrator
+    /// named, if it named one:
+    /// - itself: it was just elected and is loading the fleet's state; stay and
+    ///   come back to it after the delay;
+    /// - another: go there at once, but only once in a row, so two standbys with
+    ///   stale pointers cannot make a busy loop;
+    /// - none (or a hint just followed failed): the next entry, after the delay.
+    pub fn after_lost(&mut self, leader: Option<&str>) -> Next {
+        let followed = std::mem::take(&mut self.followed);
+        match leader {
+            Some(leader) if self.is_current(leader) => Next::AfterDelay,
+            Some(leader) if !followed && self.follow(leader) => {
+                self.followed = true;
+                Next::DialNow
+            }
+            _ => {
+                self.rotate();
+                Next::AfterDelay
+            }
+        }
+    }
+
+    /// Whether `leader` is the orchestrator dialed now.
+    fn is_current(&self, leader: &str) -> bool {
         self.current().uri().to_string().trim_end_matches('/') == leader.trim_end_matches('/')
     }
 
@@ -207,20 +239,34 @@ mod tests {
     }
 
     #[test]
-    fn the_orchestrator_dialed_now_is_recognised_in_a_hint() {
-        let list = Orchestrators::new(
+    fn after_a_loss_it_stays_follows_once_or_rotates() {
+        let mut list = Orchestrators::new(
             endpoints(&["http://a:50051", "http://b:50051"]),
             same(),
             &mut rand::rngs::StdRng::seed_from_u64(1),
         );
-        let now = current(&list);
-        assert!(list.is_current(&now));
-        assert!(list.is_current(now.trim_end_matches('/')));
-        let other = if now.contains("//a") {
-            "http://b:50051"
+        let first = current(&list);
+        let other = if first.contains("//a") {
+            "http://b:50051/"
         } else {
-            "http://a:50051"
+            "http://a:50051/"
         };
-        assert!(!list.is_current(other));
+        // The orchestrator reached names itself (elected, loading): stay.
+        assert_eq!(
+            list.after_lost(Some(first.trim_end_matches('/'))),
+            Next::AfterDelay
+        );
+        assert_eq!(current(&list), first, "stays with the one taking over");
+        // A standby names the other: go there at once.
+        assert_eq!(list.after_lost(Some(other)), Next::DialNow);
+        assert_eq!(current(&list), other);
+        // Named again right after following: not twice in a row; rotate instead.
+        assert_eq!(list.after_lost(Some(&first)), Next::AfterDelay);
+        assert_eq!(current(&list), first, "rotated on from the followed one");
+        // Now a pointer may be followed again.
+        assert_eq!(list.after_lost(Some(other)), Next::DialNow);
+        // No hint: the next entry.
+        assert_eq!(list.after_lost(None), Next::AfterDelay);
+        assert_eq!(current(&list), first);
     }
 }

@@ -95,37 +95,27 @@ async fn more_connections_than_descriptors_neither_spin_nor_drop_existing_agents
 async fn the_fleet_simulator_reports_detection_and_no_false_failures() {
     let config = format!("{FAST_CONFIG}mass_failure_fraction = 1.0\n");
     let orchestrator = Orchestrator::start(&config).await.unwrap();
-    let output = tokio::process::Command::new(secbeat_integration::binary("secbeat-fleetsim"))
-        .args([
-            "--orchestrator",
-            &orchestrator.url(),
-            "--agents",
-            "60",
-            "--duration",
-            "6",
-        ])
-        .args([
-            "--streams-per-connection",
-            "4",
-            "--kill",
-            "3",
-            "--stall",
-            "3",
-            "--json",
-        ])
-        .arg("--orchestrator-pid")
-        .arg(orchestrator.process.pid().to_string())
-        .arg("--orchestrator-http")
-        .arg(orchestrator.http_addr.to_string())
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let pid = orchestrator.process.pid().to_string();
+    let http = orchestrator.http_addr.to_string();
+    let report = fleetsim(&[
+        "--orchestrator",
+        &orchestrator.url(),
+        "--agents",
+        "60",
+        "--duration",
+        "6",
+        "--streams-per-connection",
+        "4",
+        "--kill",
+        "3",
+        "--stall",
+        "3",
+        "--orchestrator-pid",
+        &pid,
+        "--orchestrator-http",
+        &http,
+    ])
+    .await;
     assert_eq!(report["connected"], 60, "{report}");
     assert_eq!(report["connections"], 15);
     assert_eq!(report["false_failures"], 0, "{report}");
@@ -249,11 +239,32 @@ async fn the_reference_server_serves_the_simulated_fleet_it_is_compared_on() {
         tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
     })
     .await;
+    let pid = reference.id().unwrap().to_string();
+    let url = format!("http://{addr}");
+    let report = fleetsim(&[
+        "--orchestrator",
+        &url,
+        "--agents",
+        "20",
+        "--duration",
+        "4",
+        "--orchestrator-pid",
+        &pid,
+    ])
+    .await;
+    assert_eq!(report["connected"], 20, "{report}");
+    // One heartbeat carrying its sample per agent-second, as its Welcome asks.
+    let rate = report["messages_per_second"].as_f64().unwrap();
+    assert!(rate > 10.0 && rate < 30.0, "{report}");
+    assert!(report["orchestrator_rss_bytes"].as_u64().unwrap() > 0, "{report}");
+    reference.kill().await.unwrap();
+}
+
+/// Runs `secbeat-fleetsim` with `args` (and `--json`) to its end; its report.
+async fn fleetsim(args: &[&str]) -> serde_json::Value {
     let output = tokio::process::Command::new(secbeat_integration::binary("secbeat-fleetsim"))
-        .args(["--orchestrator", &format!("http://{addr}")])
-        .args(["--agents", "20", "--duration", "4", "--json"])
-        .arg("--orchestrator-pid")
-        .arg(reference.id().unwrap().to_string())
+        .args(args)
+        .arg("--json")
         .output()
         .await
         .unwrap();
@@ -262,11 +273,5 @@ async fn the_reference_server_serves_the_simulated_fleet_it_is_compared_on() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(report["connected"], 20, "{report}");
-    // One heartbeat carrying its sample per agent-second, as its Welcome asks.
-    let rate = report["messages_per_second"].as_f64().unwrap();
-    assert!(rate > 10.0 && rate < 30.0, "{report}");
-    assert!(report["orchestrator_rss_bytes"].as_u64().unwrap() > 0, "{report}");
-    reference.kill().await.unwrap();
+    serde_json::from_slice(&output.stdout).unwrap()
 }

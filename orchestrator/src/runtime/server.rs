@@ -648,44 +648,32 @@ fn etcd_tls(config: &Config) -> Result<Option<EtcdTls>, ServeError> {
     if tls.ca.is_none() && tls.cert.is_none() {
         return Ok(None);
     }
-    let read = |key: &'static str, path: &PathBuf| {
-        std::fs::read(path).map_err(|source| ServeError::Tls {
-            key,
-            path: path.clone(),
-            source,
-        })
-    };
     let ca = tls
         .ca
         .as_ref()
-        .map(|path| read("etcd_tls.ca", path))
+        .map(|path| read_tls_file("etcd_tls.ca", path))
         .transpose()?;
     let identity = match (&tls.cert, &tls.key) {
-        (Some(cert), Some(key)) => Some((read("etcd_tls.cert", cert)?, read("etcd_tls.key", key)?)),
+        (Some(cert), Some(key)) => Some((
+            read_tls_file("etcd_tls.cert", cert)?,
+            read_tls_file("etcd_tls.key", key)?,
+        )),
         _ => None,
     };
     Ok(Some(EtcdTls { ca, identity }))
 }
 
-/// Pending connections a listener queues before it accepts them. In a reconnect
-/// storm thousands of agents connect within a second; beyond tokio's default of
-/// 1,024 the kernel drops SYNs (`TcpExtListenOverflows`), and each dropped
-/// connection waits out a SYN retry (1 s, then 3 s). The kernel caps this at
-/// `net.core.somaxconn` (4,096 on current kernels).
-const LISTEN_BACKLOG: u32 = 65_535;
-
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
-    let error = |source| ServeError::Bind { key, addr, source };
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
-    }
-    .map_err(error)?;
-    // As std and tokio do: a restarted orchestrator rebinds while old
-    // connections sit in TIME_WAIT.
-    socket.set_reuseaddr(true).map_err(error)?;
-    socket.bind(addr).map_err(error)?;
-    socket.listen(LISTEN_BACKLOG).map_err(error)
+    secbeat::process::listen(addr).map_err(|source| ServeError::Bind { key, addr, source })
+}
+
+/// A TLS file named by config `key`.
+fn read_tls_file(key: &'static str, path: &PathBuf) -> Result<Vec<u8>, ServeError> {
+    std::fs::read(path).map_err(|source| ServeError::Tls {
+        key,
+        path: path.clone(),
+        source,
+    })
 }
 
 /// The TLS settings of the gRPC listener, if `[tls]` is configured.
@@ -693,20 +681,16 @@ fn tls_config(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfi
     let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) else {
         return Ok(None);
     };
-    let read = |key: &'static str, path: &PathBuf| {
-        std::fs::read(path).map_err(|source| ServeError::Tls {
-            key,
-            path: path.clone(),
-            source,
-        })
-    };
-    let identity = tonic::transport::Identity::from_pem(read("tls.cert", cert)?, read("tls.key", key)?);
+    let identity = tonic::transport::Identity::from_pem(
+        read_tls_file("tls.cert", cert)?,
+        read_tls_file("tls.key", key)?,
+    );
     let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
     if let Some(ca) = &config.tls.client_ca {
         // Optional at the TLS layer: an operator may come with a token instead;
         // AgentService requires the certificate, and each service checks its rule.
         tls = tls
-            .client_ca_root(tonic::transport::Certificate::from_pem(read(
+            .client_ca_root(tonic::transport::Certificate::from_pem(read_tls_file(
                 "tls.client_ca",
                 ca,
             )?))

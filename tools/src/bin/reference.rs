@@ -126,14 +126,8 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: Args) -> std::io::Result<()> {
-    let socket = match args.listen {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(args.listen)?;
-    // As the orchestrator: the kernel caps it at net.core.somaxconn.
-    let listener = socket.listen(65_535)?;
+    // The orchestrator's own listening socket (backlog, address reuse).
+    let listener = secbeat::process::listen(args.listen)?;
     let ping = Duration::from_secs_f64(args.connection_idle_timeout / 3.0);
     let reference = Reference {
         interval: Duration::from_secs_f64(args.heartbeat_interval),
