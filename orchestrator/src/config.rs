@@ -29,7 +29,8 @@ use secbeat::signing::WebhookSecret;
 use crate::domain::{
     forecast::{ForecastConfig, Model},
     healer::HealingPolicy,
-    registry::LifecycleConfig,
+    node::DisruptionBudget,
+    registry::{DisruptionConfig, LifecycleConfig, disruption::MAX_DRAIN_DEADLINE},
     scaler::{ScalingMode, ScalingPolicy},
 };
 
@@ -344,6 +345,22 @@ config_keys! {
     /// seconds (those that do not are FAILED, or TERMINATED if told to terminate).
     restart_reconnect_grace: Duration = Duration::from_secs(60), Float "SECS", serde(with = "seconds");
 
+    section "taking nodes out of service (README, Drain, maintenance and budgets)";
+    /// How long a drain's --on-drain hook may run when DrainNode names no
+    /// deadline (and for scale-down drains), seconds; a drain not reported done
+    /// by then fails (DRAIN_FAILED) and the node stays in service.
+    drain_deadline: Duration = Duration::from_secs(60), Float "SECS", serde(with = "seconds");
+    /// How long a node in maintenance may stay away (reboot, patch) before it is
+    /// FAILED after all, seconds: a forgotten maintenance must not hide a dead node.
+    maintenance_max: Duration = Duration::from_secs(3600), Float "SECS", serde(with = "seconds");
+    /// Most nodes DRAINING, DRAINED or TERMINATING at once through drains and
+    /// scale-downs: a count (2) or a percent of the live fleet ("10%", rounded
+    /// up). A drain beyond it is refused (FAILED_PRECONDITION) unless forced.
+    max_disrupted_nodes: DisruptionBudget = DisruptionBudget::Percent(10.0), Text "N|PCT";
+    /// A node carrying this label (key=value) is never chosen for scale-down;
+    /// empty turns protection off.
+    protect_label: String = "secbeat.io/protect=true".to_owned(), Text "KEY=VALUE";
+
     section "security (SECURITY.md)";
     /// Allow plain text on a non-loopback gRPC address (anyone who reaches it can
     /// pose as a node or an operator).
@@ -609,6 +626,8 @@ impl Config {
             ("webhook_retry_initial", self.webhook_retry_initial),
             ("webhook_max_age", self.webhook_max_age),
             ("mass_failure_window", self.mass_failure_window),
+            ("drain_deadline", self.drain_deadline),
+            ("maintenance_max", self.maintenance_max),
         ];
         for (key, value) in positive {
             if value.is_zero() {
@@ -684,6 +703,13 @@ impl Config {
                 format!("{} is outside 0..1", self.min_prediction_confidence),
             ));
         }
+        if self.drain_deadline > MAX_DRAIN_DEADLINE {
+            return Err(ConfigError::new(
+                "drain_deadline",
+                format!("must be at most {}s", MAX_DRAIN_DEADLINE.as_secs()),
+            ));
+        }
+        self.protect_label()?;
         self.validate_security()?;
         self.validate_high_availability()?;
         let fraction = self.mass_failure_fraction;
@@ -921,9 +947,32 @@ impl Config {
         Ok(())
     }
 
+    /// `protect_label` as (key, value); None when empty.
+    fn protect_label(&self) -> Result<Option<(String, String)>, ConfigError> {
+        let text = self.protect_label.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        match text.split_once('=') {
+            Some((key, value)) if !key.trim().is_empty() => {
+                Ok(Some((key.trim().to_owned(), value.trim().to_owned())))
+            }
+            _ => Err(ConfigError::new(
+                "protect_label",
+                format!("{text:?} is not key=value (e.g. secbeat.io/protect=true), or empty"),
+            )),
+        }
+    }
+
     /// The lifecycle parameters for the registry and detector.
     pub fn lifecycle(&self) -> LifecycleConfig {
         LifecycleConfig {
+            disruption: DisruptionConfig {
+                drain_deadline: self.drain_deadline,
+                maintenance_max: self.maintenance_max,
+                budget: self.max_disrupted_nodes,
+                protect_label: self.protect_label().expect("validated at load"),
+            },
             heartbeat_timeout: self.heartbeat_timeout,
             dead_node_check_interval: self.dead_node_check_interval,
             required_consecutive_failures: self.required_consecutive_failures,
@@ -1141,6 +1190,13 @@ mod tests {
             ("mass_failure_fraction = 0", "mass_failure_fraction"),
             ("mass_failure_fraction = 1.5", "mass_failure_fraction"),
             ("max_self_healing_per_hour = -1", "max_self_healing_per_hour"),
+            ("max_disrupted_nodes = \"ten\"", "max_disrupted_nodes"),
+            ("max_disrupted_nodes = \"150%\"", "max_disrupted_nodes"),
+            ("max_disrupted_nodes = -2", "max_disrupted_nodes"),
+            ("protect_label = \"protected\"", "protect_label"),
+            ("drain_deadline = 0", "drain_deadline"),
+            ("drain_deadline = 7200", "drain_deadline"),
+            ("maintenance_max = 0", "maintenance_max"),
             (
                 "self_healing_cooldown_minutes = -1",
                 "self_healing_cooldown_minutes",

@@ -9,7 +9,7 @@ use secbeat::wire::WireError;
 use crate::{
     domain::{
         node::NodeId,
-        registry::{CloseReason, TerminateError},
+        registry::{CloseReason, DrainError, ServiceError, TerminateError},
     },
     edge::auth::Denied,
     runtime::{
@@ -150,6 +150,28 @@ impl Fault for TerminateError {
         match self {
             TerminateError::NotFound(_) => ErrorCode::NotFound,
             TerminateError::NotConnected { .. } => ErrorCode::FailedPrecondition,
+        }
+    }
+}
+
+impl Fault for DrainError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            DrainError::NotFound(_) => ErrorCode::NotFound,
+            DrainError::NotConnected { .. } | DrainError::Terminating(_) | DrainError::Budget { .. } => {
+                ErrorCode::FailedPrecondition
+            }
+        }
+    }
+}
+
+impl Fault for ServiceError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            ServiceError::NotFound(_) => ErrorCode::NotFound,
+            ServiceError::NotDrained { .. }
+            | ServiceError::NotConnected { .. }
+            | ServiceError::Ended { .. } => ErrorCode::FailedPrecondition,
         }
     }
 }

@@ -51,11 +51,25 @@ pub enum EventKind {
     LeaderElected,
     /// This orchestrator stopped leading (last event of a term).
     LeaderLost,
+    /// A drain was requested and sent to the node.
+    DrainRequested,
+    /// The node's agent reported its drain done: DRAINED.
+    NodeDrained,
+    /// A drain failed (hook failed, or deadline passed): back in service.
+    DrainFailed,
+    /// A draining or drained node was returned to service.
+    NodeResumed,
+    /// The agent's resume hook failed: DRAINED again.
+    ResumeFailed,
+    /// The node entered maintenance.
+    MaintenanceStarted,
+    /// The node left maintenance.
+    MaintenanceEnded,
 }
 
 impl EventKind {
     /// Every kind, for tests and exhaustive tables.
-    pub const ALL: [EventKind; 20] = [
+    pub const ALL: [EventKind; 27] = [
         EventKind::NodeJoined,
         EventKind::NodeReconnected,
         EventKind::NodeSuspected,
@@ -76,6 +90,13 @@ impl EventKind {
         EventKind::WebhookDeadLettered,
         EventKind::LeaderElected,
         EventKind::LeaderLost,
+        EventKind::DrainRequested,
+        EventKind::NodeDrained,
+        EventKind::DrainFailed,
+        EventKind::NodeResumed,
+        EventKind::ResumeFailed,
+        EventKind::MaintenanceStarted,
+        EventKind::MaintenanceEnded,
     ];
 }
 

@@ -13,6 +13,11 @@
 //!   and heals none of them; the guard stays up until a window passes without a
 //!   failure. The operator (or the alert's receiver) decides what to replace.
 //!
+//! Nodes out of service when they failed: a DRAINED node carried no traffic and
+//! an operator took it out, so it is not healed (held, cause `drained`); a node in
+//! maintenance that stayed away past `maintenance_max` is healed as usual, but
+//! neither it nor its absence counts towards a mass failure.
+//!
 //! Nothing is dropped silently: every failure yields a [`HealDecision`], and a held one
 //! says which limit held it.
 
@@ -22,7 +27,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use crate::domain::node::NodeId;
+use crate::domain::node::{NodeId, OutOfService};
 
 /// One hour, the budget's window.
 const HOUR: Duration = Duration::from_secs(3600);
@@ -53,6 +58,8 @@ pub struct FailedNode {
     pub ip: IpAddr,
     /// Its host name.
     pub hostname: String,
+    /// Whether it was out of service (drained, in maintenance) when it failed.
+    pub out_of_service: Option<OutOfService>,
 }
 
 /// One past heal, as the ledger keeps it (persisted).
@@ -77,6 +84,9 @@ pub enum HoldCause {
         /// Its last heal.
         last_healed: SystemTime,
     },
+    /// The node was drained: it carried no traffic and an operator took it out
+    /// of service, so it is not replaced.
+    Drained,
     /// Part of a mass failure.
     MassFailure {
         /// Failures in the window.
@@ -92,6 +102,7 @@ impl HoldCause {
         match self {
             HoldCause::HourlyBudget { .. } => "hourly_budget",
             HoldCause::Cooldown { .. } => "cooldown",
+            HoldCause::Drained => "drained",
             HoldCause::MassFailure { .. } => "mass_failure",
         }
     }
@@ -169,7 +180,23 @@ impl Healer {
             return Vec::new();
         }
         self.prune(now);
-        self.recent.extend(failed.iter().map(|node| (now, node.clone())));
+        let mut decisions = Vec::new();
+        let (drained, failed): (Vec<_>, Vec<_>) = failed
+            .into_iter()
+            .partition(|node| node.out_of_service == Some(OutOfService::Drained));
+        decisions.extend(drained.into_iter().map(|node| HealDecision::Hold {
+            node,
+            cause: HoldCause::Drained,
+        }));
+        if failed.is_empty() {
+            return decisions;
+        }
+        self.recent.extend(
+            failed
+                .iter()
+                .filter(|node| node.out_of_service.is_none())
+                .map(|node| (now, node.clone())),
+        );
         let in_window = u32::try_from(self.recent.len()).unwrap_or(u32::MAX);
         let fleet_size = live_nodes.saturating_add(in_window);
 
@@ -178,7 +205,6 @@ impl Healer {
             && f64::from(in_window) > self.policy.mass_failure_fraction * f64::from(fleet_size);
         if guard_up || mass {
             self.guard_until = Some(now + self.policy.mass_failure_window);
-            let mut decisions = Vec::with_capacity(failed.len() + 1);
             if !guard_up {
                 decisions.push(HealDecision::MassFailure {
                     failed: self.recent.iter().map(|(_, node)| node.clone()).collect(),
@@ -195,7 +221,8 @@ impl Healer {
             }));
             return decisions;
         }
-        failed.into_iter().map(|node| self.decide(node, now)).collect()
+        decisions.extend(failed.into_iter().map(|node| self.decide(node, now)));
+        decisions
     }
 
     fn decide(&mut self, node: FailedNode, now: SystemTime) -> HealDecision {
@@ -277,6 +304,7 @@ mod tests {
             id: NodeId(Uuid::from_bytes([n; 16])),
             ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, n)),
             hostname: format!("edge-{n}"),
+            out_of_service: None,
         }
     }
 

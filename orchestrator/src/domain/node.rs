@@ -43,17 +43,23 @@ pub enum NodeState {
     Terminated,
     /// Left on its own with a goodbye (deliberate, not a failure).
     Left,
+    /// Live, being taken out of service: its agent runs the drain hook.
+    Draining,
+    /// Live and out of service (route withdrawn) until resumed.
+    Drained,
 }
 
 impl NodeState {
     /// Every state, in declaration order.
-    pub const ALL: [NodeState; 6] = [
+    pub const ALL: [NodeState; 8] = [
         NodeState::Connected,
         NodeState::Suspect,
         NodeState::Failed,
         NodeState::Terminating,
         NodeState::Terminated,
         NodeState::Left,
+        NodeState::Draining,
+        NodeState::Drained,
     ];
 
     /// Final states: the node has no stream and will not get one back without
@@ -71,6 +77,8 @@ impl NodeState {
             NodeState::Terminating => "terminating",
             NodeState::Terminated => "terminated",
             NodeState::Left => "left",
+            NodeState::Draining => "draining",
+            NodeState::Drained => "drained",
         }
     }
 }
@@ -115,6 +123,127 @@ pub struct NodeSnapshot {
     pub last_heartbeat: SystemTime,
     /// A pending or acknowledged terminate.
     pub termination: Option<TerminationSnapshot>,
+    /// Maintenance, if the node is in it.
+    pub maintenance: Option<MaintenanceSnapshot>,
+    /// A drain in progress or done.
+    pub drain: Option<DrainSnapshot>,
+}
+
+/// A node's maintenance, as queries show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MaintenanceSnapshot {
+    /// Why.
+    pub reason: String,
+    /// When it began.
+    pub since: SystemTime,
+    /// When the node went away, if it is away now.
+    pub away_since: Option<SystemTime>,
+    /// When a node still away is FAILED after all.
+    pub fails_at: Option<SystemTime>,
+}
+
+/// A drain, as queries show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DrainSnapshot {
+    /// Why.
+    pub reason: String,
+    /// When it was requested.
+    pub requested_at: SystemTime,
+    /// When an unfinished drain is given up.
+    pub deadline: SystemTime,
+    /// Whether the agent reported it done.
+    pub completed: bool,
+    /// The terminate that follows it, if any.
+    pub then_terminate: Option<String>,
+}
+
+/// Why a failed node was out of service when it failed: the healer treats it
+/// differently (DESIGN: "Taking nodes out of service").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutOfService {
+    /// Drained: it carried no traffic, so it is not healed.
+    Drained,
+    /// In maintenance and away past `maintenance_max`: healed, but not counted
+    /// towards a mass failure.
+    Maintenance,
+}
+
+/// How many nodes may be disrupted (DRAINING, DRAINED or TERMINATING) at once
+/// through drains and scale-downs: `max_disrupted_nodes`, a count (`2`) or a
+/// percent of the live fleet (`"10%"`, rounded up, as Kubernetes rounds a
+/// PodDisruptionBudget's maxUnavailable).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DisruptionBudget {
+    /// At most this many nodes.
+    Nodes(u32),
+    /// At most this percent of the live nodes, rounded up.
+    Percent(f64),
+}
+
+impl DisruptionBudget {
+    /// Nodes that may be disrupted at once in a fleet of `live` nodes.
+    pub fn allowed(self, live: usize) -> usize {
+        match self {
+            DisruptionBudget::Nodes(count) => count as usize,
+            DisruptionBudget::Percent(percent) => (live as f64 * percent / 100.0).ceil() as usize,
+        }
+    }
+}
+
+impl fmt::Display for DisruptionBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DisruptionBudget::Nodes(count) => write!(f, "{count}"),
+            DisruptionBudget::Percent(percent) => write!(f, "{percent}%"),
+        }
+    }
+}
+
+impl std::str::FromStr for DisruptionBudget {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        if let Some(percent) = text.strip_suffix('%') {
+            let percent: f64 = percent
+                .trim()
+                .parse()
+                .map_err(|_| format!("{text:?} is not a percent like \"10%\""))?;
+            if !(0.0..=100.0).contains(&percent) {
+                return Err(format!("{text:?} is outside 0%..100%"));
+            }
+            return Ok(DisruptionBudget::Percent(percent));
+        }
+        text.parse()
+            .map(DisruptionBudget::Nodes)
+            .map_err(|_| format!("{text:?} is neither a node count (2) nor a percent (\"10%\")"))
+    }
+}
+
+impl Serialize for DisruptionBudget {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            DisruptionBudget::Nodes(count) => serializer.serialize_u32(*count),
+            DisruptionBudget::Percent(_) => serializer.collect_str(self),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DisruptionBudget {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(i64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Count(count) => u32::try_from(count)
+                .map(DisruptionBudget::Nodes)
+                .map_err(|_| serde::de::Error::custom(format!("{count} is not a node count"))),
+            Raw::Text(text) => text.parse().map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// A pending or acknowledged terminate, as queries show it.
@@ -133,11 +262,22 @@ pub struct TerminationSnapshot {
 /// Fleet-wide figures.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FleetStats {
-    /// Nodes with a live stream in CONNECTED or TERMINATING.
+    /// Nodes with a live, healthy stream: CONNECTED, TERMINATING, DRAINING or
+    /// DRAINED.
     pub active_nodes: u32,
-    /// Mean latest CPU of active nodes that reported one.
+    /// Active nodes in service: not draining or drained, not in maintenance.
+    /// Fleet CPU is theirs, and scale-down never goes below `min_nodes` of them.
+    pub in_service_nodes: u32,
+    /// Nodes disrupted through drains and terminates (DRAINING, DRAINED,
+    /// TERMINATING): what `max_disrupted_nodes` caps.
+    pub disrupted_nodes: u32,
+    /// How many may be disrupted at once now (the budget applied to the live fleet).
+    pub disruption_allowed: u32,
+    /// Nodes in maintenance.
+    pub maintenance_nodes: u32,
+    /// Mean latest CPU of in-service nodes that reported one.
     pub avg_cpu_usage: Option<f64>,
-    /// Active nodes that have not reported CPU yet (just connected).
+    /// In-service nodes that have not reported CPU yet (just connected).
     pub active_without_cpu: u32,
     /// Known nodes per state.
     pub nodes_by_state: BTreeMap<NodeState, u32>,
@@ -166,6 +306,35 @@ pub struct PersistedNode {
     pub state_reason: String,
     /// A terminating mark.
     pub termination: Option<PersistedTermination>,
+    /// A drain mark (absent in records written before drains existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<PersistedDrain>,
+    /// Maintenance (absent in records written before maintenance existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<PersistedMaintenance>,
+}
+
+/// A drain mark as persisted: a node drained before a restart or failover is
+/// still out of service after it (its agent is told to drain again when it
+/// reconnects, as its route may have come back with a reboot).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersistedDrain {
+    /// Why.
+    pub reason: String,
+    /// Whether the agent had reported it done.
+    pub completed: bool,
+    /// The hook's time budget, seconds.
+    pub timeout_seconds: f64,
+    /// The terminate that follows it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub then_terminate: Option<String>,
+}
+
+/// Maintenance as persisted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersistedMaintenance {
+    /// Why.
+    pub reason: String,
 }
 
 impl PersistedNode {
@@ -193,6 +362,14 @@ impl PersistedNode {
         if let Some(termination) = &self.termination {
             termination.reason.hash(&mut hasher);
             termination.acknowledged.hash(&mut hasher);
+        }
+        if let Some(drain) = &self.drain {
+            drain.reason.hash(&mut hasher);
+            drain.completed.hash(&mut hasher);
+            drain.then_terminate.hash(&mut hasher);
+        }
+        if let Some(maintenance) = &self.maintenance {
+            maintenance.reason.hash(&mut hasher);
         }
         hasher.finish()
     }
@@ -223,6 +400,8 @@ mod tests {
             state,
             state_reason: reason.into(),
             termination: None,
+            drain: None,
+            maintenance: None,
         }
     }
 
@@ -253,5 +432,39 @@ mod tests {
             acknowledged: true,
         });
         assert_ne!(unacknowledged.durable_digest(), marked.durable_digest());
+        let mut drained = record(NodeState::Connected, "joined");
+        drained.drain = Some(PersistedDrain {
+            reason: "kernel patch".into(),
+            completed: false,
+            timeout_seconds: 60.0,
+            then_terminate: None,
+        });
+        let draining = drained.durable_digest();
+        assert_ne!(joined, draining, "a drain mark is kept");
+        drained.drain.as_mut().unwrap().completed = true;
+        assert_ne!(draining, drained.durable_digest(), "so is its completion");
+        let mut away = record(NodeState::Suspect, "rebooting");
+        away.maintenance = Some(PersistedMaintenance {
+            reason: "reboot".into(),
+        });
+        assert_ne!(joined, away.durable_digest(), "maintenance is kept");
+    }
+
+    #[test]
+    fn disruption_budgets_parse_as_counts_or_percents_rounded_up() {
+        assert_eq!("2".parse(), Ok(DisruptionBudget::Nodes(2)));
+        assert_eq!(" 10% ".parse(), Ok(DisruptionBudget::Percent(10.0)));
+        assert_eq!(DisruptionBudget::Percent(10.0).allowed(25), 3);
+        assert_eq!(DisruptionBudget::Percent(10.0).allowed(20), 2);
+        assert_eq!(DisruptionBudget::Percent(10.0).allowed(0), 0);
+        assert_eq!(DisruptionBudget::Nodes(2).allowed(1), 2);
+        for bad in ["", "-1", "ten", "150%", "x%"] {
+            assert!(bad.parse::<DisruptionBudget>().is_err(), "{bad:?}");
+        }
+        let parsed: DisruptionBudget = serde_json::from_str("\"25%\"").unwrap();
+        assert_eq!(parsed, DisruptionBudget::Percent(25.0));
+        let parsed: DisruptionBudget = serde_json::from_str("3").unwrap();
+        assert_eq!(parsed, DisruptionBudget::Nodes(3));
+        assert!(serde_json::from_str::<DisruptionBudget>("-3").is_err());
     }
 }

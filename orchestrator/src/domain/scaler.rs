@@ -76,8 +76,11 @@ pub struct Candidate {
 /// What the scaler sees of the fleet at a check.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FleetView {
-    /// Nodes with a live stream.
+    /// Nodes with a live stream (what `max_nodes` caps).
     pub active_nodes: u32,
+    /// Of them, nodes in service (not draining, drained or in maintenance):
+    /// scale-down never takes them below `min_nodes`.
+    pub in_service_nodes: u32,
     /// Mean latest CPU of live nodes, if any reported.
     pub avg_cpu: Option<f64>,
     /// The least loaded connected node.
@@ -241,9 +244,9 @@ impl Scaler {
                     policy.down_cooldown.as_secs_f64()
                 ));
             }
-            if view.active_nodes <= policy.min_nodes {
+            if view.in_service_nodes <= policy.min_nodes {
                 return ScaleAction::Hold(format!(
-                    "below the scale-down threshold, at min_nodes ({})",
+                    "below the scale-down threshold, at min_nodes ({} in service)",
                     policy.min_nodes
                 ));
             }
@@ -295,6 +298,7 @@ mod tests {
     fn view(cpu: f64, nodes: u32) -> FleetView {
         FleetView {
             active_nodes: nodes,
+            in_service_nodes: nodes,
             avg_cpu: Some(cpu),
             least_loaded: Some(Candidate {
                 id: NodeId(Uuid::from_u128(7)),
@@ -466,6 +470,7 @@ mod tests {
         let mut scaler = Scaler::new(policy());
         let empty = FleetView {
             active_nodes: 0,
+            in_service_nodes: 0,
             avg_cpu: None,
             least_loaded: None,
             unreported: 0,

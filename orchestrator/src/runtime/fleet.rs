@@ -26,9 +26,10 @@ use crate::{
     clock,
     domain::event::{EventKind, FleetEvent},
     domain::healer::{FailedNode, HealRecord, Healer, HealingPolicy},
-    domain::node::{FleetStats, NodeId, NodeInfo, NodeSnapshot, NodeState, PersistedNode, SessionId},
+    domain::node::{FleetStats, NodeId, NodeInfo, NodeSnapshot, PersistedNode, SessionId},
     domain::registry::{
-        CloseReason, Effect, LifecycleConfig, Registry, SessionError, TerminateAccepted, TerminateError,
+        CloseReason, DrainError, DrainRequest, DrainThenTerminate, Effect, LifecycleConfig, Registry,
+        ServiceError, SessionError, TerminateAccepted, TerminateError,
     },
     domain::scaler::Candidate,
     edge::metrics::{CauseLabel, Metrics},
@@ -61,6 +62,20 @@ pub enum SessionSignal {
         grace_period: Duration,
         /// W3C trace context of the request, if tracing is on.
         traceparent: Option<String>,
+    },
+    /// Send Drain.
+    Drain {
+        /// Why.
+        reason: String,
+        /// The hook's time budget.
+        deadline: Duration,
+    },
+    /// Send Resume.
+    Resume {
+        /// Why.
+        reason: String,
+        /// The hook's time budget.
+        deadline: Duration,
     },
     /// End the stream for this reason.
     Close(CloseReason),
@@ -117,6 +132,20 @@ pub enum SessionReport {
     TerminateAck,
     /// The agent said goodbye.
     Goodbye(String),
+    /// How the agent's drain hook ended.
+    DrainResult {
+        /// It succeeded (or there is none).
+        success: bool,
+        /// What happened, in words.
+        detail: String,
+    },
+    /// How the agent's resume hook ended.
+    ResumeResult {
+        /// It succeeded (or there is none).
+        success: bool,
+        /// What happened, in words.
+        detail: String,
+    },
     /// The stream ended or broke (reason in words), or was ended by a protocol error.
     Closed(String),
 }
@@ -163,11 +192,32 @@ enum Command {
         traceparent: Option<String>,
         reply: oneshot::Sender<Result<TerminateAccepted, TerminateError>>,
     },
+    Drain {
+        node: NodeId,
+        request: DrainRequest,
+        /// Terminate with this reason once drained.
+        then_terminate: Option<String>,
+        reply: oneshot::Sender<Result<Drained, DrainError>>,
+    },
+    Resume {
+        node: NodeId,
+        reason: String,
+        reply: oneshot::Sender<Result<NodeSnapshot, ServiceError>>,
+    },
+    SetMaintenance {
+        node: NodeId,
+        enabled: bool,
+        reason: String,
+        reply: oneshot::Sender<Result<(NodeSnapshot, bool), ServiceError>>,
+    },
     List(oneshot::Sender<(Vec<NodeSnapshot>, u64)>),
     Get(NodeId, oneshot::Sender<Option<NodeSnapshot>>),
     Stats(oneshot::Sender<FleetStats>),
     ScalingView(oneshot::Sender<(FleetStats, Option<Candidate>)>),
 }
+
+/// What a drain request did.
+pub type Drained = DrainThenTerminate;
 
 /// A cloneable handle to the fleet actor.
 #[derive(Debug, Clone)]
@@ -228,6 +278,48 @@ impl FleetHandle {
             node,
             reason,
             traceparent,
+            reply,
+        })
+        .await
+    }
+
+    /// Drains a node (DRAINING, then DRAINED once its agent reports), and with
+    /// `then_terminate` terminates it once drained.
+    pub async fn drain(
+        &self,
+        node: NodeId,
+        request: DrainRequest,
+        then_terminate: Option<String>,
+    ) -> Result<Result<Drained, DrainError>, FleetStopped> {
+        self.ask(|reply| Command::Drain {
+            node,
+            request,
+            then_terminate,
+            reply,
+        })
+        .await
+    }
+
+    /// Returns a draining or drained node to service.
+    pub async fn resume(
+        &self,
+        node: NodeId,
+        reason: String,
+    ) -> Result<Result<NodeSnapshot, ServiceError>, FleetStopped> {
+        self.ask(|reply| Command::Resume { node, reason, reply }).await
+    }
+
+    /// Puts a node in maintenance or takes it out; says whether anything changed.
+    pub async fn set_maintenance(
+        &self,
+        node: NodeId,
+        enabled: bool,
+        reason: String,
+    ) -> Result<Result<(NodeSnapshot, bool), ServiceError>, FleetStopped> {
+        self.ask(|reply| Command::SetMaintenance {
+            node,
+            enabled,
+            reason,
             reply,
         })
         .await
@@ -454,6 +546,37 @@ impl FleetActor {
                 let outcome = self.registry.request_terminate(node, &reason, clock::now());
                 let _ = reply.send(outcome);
             }
+            Command::Drain {
+                node,
+                request,
+                then_terminate,
+                reply,
+            } => {
+                let outcome = match then_terminate {
+                    Some(reason) => self
+                        .registry
+                        .drain_then_terminate(node, &reason, request, clock::now()),
+                    None => self
+                        .registry
+                        .request_drain(node, request, clock::now())
+                        .map(DrainThenTerminate::Draining),
+                };
+                let _ = reply.send(outcome);
+            }
+            Command::Resume { node, reason, reply } => {
+                let _ = reply.send(self.registry.resume(node, &reason, clock::now()));
+            }
+            Command::SetMaintenance {
+                node,
+                enabled,
+                reason,
+                reply,
+            } => {
+                let outcome = self
+                    .registry
+                    .set_maintenance(node, enabled, &reason, clock::now());
+                let _ = reply.send(outcome);
+            }
             Command::List(reply) => {
                 // Publish what earlier commands of this batch changed first, so the
                 // snapshot reflects exactly the events up to the sequence it names.
@@ -482,6 +605,12 @@ impl FleetActor {
             SessionReport::Cpu(usage) => self.registry.cpu_sample(node, session, *usage, at),
             SessionReport::TerminateAck => self.registry.terminate_ack(node, session, at),
             SessionReport::Goodbye(reason) => self.registry.goodbye(node, session, reason, at),
+            SessionReport::DrainResult { success, detail } => {
+                self.registry.drain_result(node, session, *success, detail, at)
+            }
+            SessionReport::ResumeResult { success, detail } => {
+                self.registry.resume_result(node, session, *success, detail, at)
+            }
             SessionReport::Closed(cause) => {
                 self.sessions.remove(&session);
                 self.registry.stream_closed(node, session, cause, at);
@@ -496,6 +625,9 @@ impl FleetActor {
             }
             Err(error @ SessionError::NoTerminatePending) => {
                 warn!(node.id = %node, session = %session, %error, "terminate ack ignored");
+            }
+            Err(error @ SessionError::NoDrainPending) => {
+                info!(node.id = %node, session = %session, %error, "late drain result ignored");
             }
         }
     }
@@ -525,6 +657,7 @@ impl FleetActor {
                                 id: node.id,
                                 ip: node.ip,
                                 hostname: node.hostname.clone(),
+                                out_of_service: self.registry.out_of_service(node.id),
                             });
                         }
                         EventKind::NodeTerminated => {
@@ -553,6 +686,24 @@ impl FleetActor {
                             traceparent,
                         },
                     );
+                }
+                Effect::SendDrain {
+                    node,
+                    session,
+                    reason,
+                    deadline,
+                } => {
+                    info!(node.id = %node, session = %session, %reason, deadline_s = deadline.as_secs_f64(), "sending drain");
+                    self.signal(session, SessionSignal::Drain { reason, deadline });
+                }
+                Effect::SendResume {
+                    node,
+                    session,
+                    reason,
+                    deadline,
+                } => {
+                    info!(node.id = %node, session = %session, %reason, "sending resume");
+                    self.signal(session, SessionSignal::Resume { reason, deadline });
                 }
                 Effect::DetectorStalled { gap } => warn!(
                     gap_s = gap.as_secs_f64(),
@@ -596,12 +747,7 @@ impl FleetActor {
         let span = tracing::info_span!("failure_detection", node.id = %ids.join(","), failed = failed.len());
         let _entered = span.enter();
         let stats = self.registry.stats();
-        let live = stats.active_nodes
-            + stats
-                .nodes_by_state
-                .get(&NodeState::Suspect)
-                .copied()
-                .unwrap_or(0);
+        let live = self.registry.mass_failure_population();
         let outcome = healing::on_failures(&mut self.healer, failed, live, &stats, SystemTime::now());
         let metrics = &self.outputs.metrics;
         for cause in outcome.held {
@@ -661,6 +807,21 @@ fn log_event(event: &FleetEvent) {
         EventKind::TerminateCancelled => warn!(node.id = %id, node.ip = %ip, %reason, "terminate cancelled"),
         EventKind::NodeLeft => info!(node.id = %id, node.ip = %ip, %reason, "node left on its own"),
         EventKind::SessionFenced => warn!(node.id = %id, %reason, "older session fenced"),
+        EventKind::DrainRequested => info!(node.id = %id, node.ip = %ip, %reason, "drain requested"),
+        EventKind::NodeDrained => {
+            info!(node.id = %id, node.ip = %ip, %reason, "node drained: out of service")
+        }
+        EventKind::DrainFailed => {
+            warn!(node.id = %id, node.ip = %ip, %reason, "drain failed: the node stays in service")
+        }
+        EventKind::NodeResumed => {
+            info!(node.id = %id, node.ip = %ip, %reason, "node resumed: back in service")
+        }
+        EventKind::ResumeFailed => {
+            warn!(node.id = %id, node.ip = %ip, %reason, "resume failed: the node is out of service")
+        }
+        EventKind::MaintenanceStarted => info!(node.id = %id, node.ip = %ip, %reason, "maintenance started"),
+        EventKind::MaintenanceEnded => info!(node.id = %id, node.ip = %ip, %reason, "maintenance ended"),
         EventKind::NodeForgotten => debug!(node.id = %id, %reason, "node forgotten"),
         // The healer's own log lines say more; the others are not node events.
         EventKind::SelfHealingRequested
@@ -684,7 +845,7 @@ pub(crate) mod tests {
     use uuid::Uuid;
 
     use super::*;
-    use crate::edge::store::memory::MemoryStore;
+    use crate::{domain::node::NodeState, edge::store::memory::MemoryStore};
 
     pub(crate) fn settings() -> FleetSettings {
         FleetSettings {
@@ -695,6 +856,7 @@ pub(crate) mod tests {
                 termination_deadline: Duration::from_secs(5),
                 termination_grace_period: Duration::from_secs(2),
                 node_retention: Duration::from_secs(3600),
+                disruption: Default::default(),
             },
             heartbeat_interval: Duration::from_secs(1),
             healing: HealingPolicy {
@@ -982,6 +1144,8 @@ pub(crate) mod tests {
                 reason: "scale down".into(),
                 acknowledged: true,
             }),
+            drain: None,
+            maintenance: None,
         }
     }
 

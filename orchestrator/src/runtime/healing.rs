@@ -109,6 +109,9 @@ fn held_reason(cause: &HoldCause) -> String {
             "this node identity was healed at {} (self_healing_cooldown_minutes)",
             secbeat::wire::rfc3339(*last_healed)
         ),
+        HoldCause::Drained => {
+            "the node was drained: it carried no traffic and was taken out of service on purpose, so it is not replaced (resume or replace it by hand)".to_owned()
+        }
         HoldCause::MassFailure { failed, fleet_size } => format!(
             "mass failure: {failed} of {fleet_size} nodes failed within the window (mass_failure_fraction)"
         ),
@@ -142,6 +145,7 @@ mod tests {
             id: NodeId(Uuid::from_bytes([n; 16])),
             ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, n)),
             hostname: format!("edge-{n}"),
+            out_of_service: None,
         }
     }
 

@@ -24,6 +24,7 @@ use crate::{
         AccuracySummary, Forecast, ForecastConfig, Forecaster, Model, Point, history::LONG_HISTORY_SECONDS,
     },
     domain::node::FleetStats,
+    domain::registry::DrainRequest,
     domain::scaler::{FleetView, ScaleAction, Scaler, ScalingMode, ScalingPolicy, UpReason},
     edge::metrics::{DecisionLabel, Metrics},
     edge::store::{Write, writer::StoreWriter},
@@ -234,6 +235,7 @@ impl ScalingLoop {
 
         let view = FleetView {
             active_nodes: stats.active_nodes,
+            in_service_nodes: stats.in_service_nodes,
             avg_cpu: stats.avg_cpu_usage,
             least_loaded,
             unreported: stats.active_without_cpu,
@@ -374,10 +376,17 @@ impl ScalingLoop {
                 }
             }
             ScaleAction::ScaleDown(node) => {
+                // A mitigation node's route is withdrawn before it stops: the
+                // terminate follows the drain, and a failed drain sends none.
                 let reason = "scale down: fleet CPU below scale_down_cpu_threshold".to_owned();
-                match self.fleet.terminate(node.id, reason).await? {
+                let drain = DrainRequest {
+                    reason: format!("drain before terminate: {reason}"),
+                    deadline: None,
+                    force: false,
+                };
+                match self.fleet.drain(node.id, drain, Some(reason)).await? {
                     Ok(_) => {
-                        info!(node.id = %node.id, node.ip = %node.ip, cpu = node.cpu, "scale-down: least loaded node told to terminate")
+                        info!(node.id = %node.id, node.ip = %node.ip, cpu = node.cpu, "scale-down: least loaded node draining, then terminating")
                     }
                     Err(error) => {
                         warn!(node.id = %node.id, %error, "scale-down skipped: the node cannot be terminated");
@@ -563,11 +572,29 @@ mod tests {
         let decided = next_scale_decision(&mut running.events).await;
         assert_eq!(decided.decision, Some(ScaleDecision::ScaleDown));
         assert!(decided.reason.contains(&idle.to_string()), "{}", decided.reason);
-        // The idle node is told to terminate through the fleet actor's path.
+        // The idle node is drained, then told to terminate, through the fleet
+        // actor's path: nothing is terminated while its route is announced.
+        let Some(SessionSignal::Welcome { session, .. }) = idle_signals.recv().await else {
+            panic!("expected the welcome first")
+        };
         assert!(matches!(
             idle_signals.recv().await,
-            Some(SessionSignal::Welcome { .. })
+            Some(SessionSignal::Drain { .. })
         ));
+        assert!(
+            idle_signals.try_recv().is_err(),
+            "no terminate before the drain is done"
+        );
+        let drained = SessionReport::DrainResult {
+            success: true,
+            detail: "route withdrawn".into(),
+        };
+        running
+            .fleet
+            .handle
+            .report(idle, session, drained, clock::now())
+            .await
+            .unwrap();
         assert!(matches!(
             idle_signals.recv().await,
             Some(SessionSignal::Terminate { .. })

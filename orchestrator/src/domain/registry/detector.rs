@@ -10,7 +10,10 @@
 //! 4. nodes in a final state longer than `node_retention` are forgotten;
 //! 5. nodes restored after an orchestrator restart are left alone during their
 //!    reconnect grace; one that has not come back by then is FAILED, or
-//!    TERMINATED if it had been told to terminate.
+//!    TERMINATED if it had been told to terminate;
+//! 6. a drain not reported done by its deadline is given up (DRAIN_FAILED);
+//! 7. a node in maintenance that is away (stream ended, or silent) is SUSPECT
+//!    but not counted towards FAILED until it has been away `maintenance_max`.
 //!
 //! The detector only judges silence over time during which it ran itself. A
 //! check that comes later than twice its interval and later than half the
@@ -150,15 +153,32 @@ impl Registry {
             let termination = record.termination.take().expect("checked above");
             record.cancelled_termination = Some(termination.reason);
             if record.state == NodeState::Terminating {
-                record.state = NodeState::Connected;
+                record.state = record.live_state();
             }
             let reason = "terminate not acknowledged before the deadline".to_owned();
             self.publish(id, EventKind::TerminateCancelled, reason, now);
         }
 
+        if let Some(record) = self.nodes.get(&id)
+            && let Some(drain) = record
+                .drain
+                .as_ref()
+                .filter(|d| !d.completed && now >= d.deadline)
+        {
+            let reason = format!(
+                "the agent did not report the drain done within its deadline ({:.0}s)",
+                drain.timeout.as_secs_f64()
+            );
+            self.fail_drain(id, reason, now);
+        }
+
         let Some(record) = self.nodes.get_mut(&id) else {
             return;
         };
+        if record.maintenance.is_some() {
+            // A node in maintenance is waited for on the maintenance clock.
+            record.restart_grace_until = None;
+        }
         if let Some(grace_until) = record.restart_grace_until {
             if now < grace_until {
                 return;
@@ -199,6 +219,14 @@ impl Registry {
             record.state = NodeState::Suspect;
             record.suspect_checks = 0;
             record.state_reason = format!("no heartbeat for {:.1}s", silence.as_secs_f64());
+            if let Some(maintenance) = &mut record.maintenance {
+                maintenance.away_since = Some(record.last_seen);
+                record.state_reason = format!(
+                    "in maintenance, away: {}; FAILED if still away after maintenance_max ({:.0}s)",
+                    record.state_reason,
+                    self.config.disruption.maintenance_max.as_secs_f64()
+                );
+            }
             let reason = record.state_reason.clone();
             self.publish(id, EventKind::NodeSuspected, reason, now);
         }
@@ -207,6 +235,28 @@ impl Registry {
             return;
         };
         if record.state != NodeState::Suspect {
+            return;
+        }
+        if let Some(maintenance) = &record.maintenance {
+            let away_since = maintenance.away_since.unwrap_or(now);
+            let away = now.saturating_duration_since(away_since);
+            if away < self.config.disruption.maintenance_max {
+                return;
+            }
+            let reason = format!(
+                "in maintenance but away for {:.0}s, longer than maintenance_max ({:.0}s)",
+                away.as_secs_f64(),
+                self.config.disruption.maintenance_max.as_secs_f64()
+            );
+            if let Some(session) = record.session {
+                self.queue(Effect::CloseSession {
+                    node: id,
+                    session,
+                    reason: CloseReason::DeclaredFailed,
+                });
+            }
+            self.unexpected_failures_total += 1;
+            self.finish(id, NodeState::Failed, EventKind::NodeFailed, reason, now);
             return;
         }
         record.suspect_checks += 1;
@@ -235,12 +285,28 @@ fn next_due(config: &LifecycleConfig, record: &NodeRecord, now: Instant) -> Opti
     let due = if let Some(ended_at) = record.ended_at {
         ended_at.checked_add(config.node_retention)
     } else {
-        let pending_deadline = record
+        let terminate_deadline = record
             .termination
             .as_ref()
             .filter(|t| !t.acknowledged)
             .map(|t| t.deadline);
-        let judged_at = if let Some(grace_until) = record.restart_grace_until {
+        let drain_deadline = record
+            .drain
+            .as_ref()
+            .filter(|d| !d.completed && record.session.is_some())
+            .map(|d| d.deadline);
+        let pending_deadline = match (terminate_deadline, drain_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let away_until = record
+            .maintenance
+            .as_ref()
+            .filter(|_| record.state == NodeState::Suspect)
+            .map(|m| m.away_since.unwrap_or(now) + config.disruption.maintenance_max);
+        let judged_at = if let Some(away_until) = away_until {
+            Some(away_until)
+        } else if let Some(grace_until) = record.restart_grace_until {
             Some(grace_until)
         } else if record.state == NodeState::Suspect {
             // Suspect nodes count consecutive checks: every check.
@@ -285,6 +351,7 @@ mod tests {
             termination_deadline: Duration::from_secs(4),
             termination_grace_period: Duration::from_secs(1),
             node_retention: Duration::from_secs(10),
+            disruption: Default::default(),
         }
     }
 

@@ -12,6 +12,7 @@
 //! transitions (the periodic dead-node check over a schedule of due nodes).
 
 pub mod detector;
+pub mod disruption;
 
 use std::{
     cmp::Reverse,
@@ -22,9 +23,14 @@ use std::{
 use crate::{
     domain::event::{EventKind, EventNode, FleetEvent},
     domain::node::{
-        FleetStats, NodeId, NodeInfo, NodeSnapshot, NodeState, PersistedNode, PersistedTermination,
-        SessionId, TerminationSnapshot,
+        DrainSnapshot, FleetStats, MaintenanceSnapshot, NodeId, NodeInfo, NodeSnapshot, NodeState,
+        OutOfService, PersistedDrain, PersistedMaintenance, PersistedNode, PersistedTermination, SessionId,
+        TerminationSnapshot,
     },
+};
+
+pub use disruption::{
+    DisruptionConfig, DrainAccepted, DrainError, DrainRequest, DrainThenTerminate, ServiceError,
 };
 
 /// The lifecycle parameters the registry and detector apply.
@@ -43,6 +49,8 @@ pub struct LifecycleConfig {
     pub termination_grace_period: Duration,
     /// How long nodes in a final state stay listed before they are forgotten.
     pub node_retention: Duration,
+    /// Drains, maintenance, the disruption budget and the protect label.
+    pub disruption: DisruptionConfig,
 }
 
 /// Something the caller must do on the registry's behalf, in order.
@@ -66,6 +74,28 @@ pub enum Effect {
     DetectorStalled {
         /// Time since the previous check.
         gap: Duration,
+    },
+    /// Send Drain down this session.
+    SendDrain {
+        /// The node.
+        node: NodeId,
+        /// Its live session.
+        session: SessionId,
+        /// Why.
+        reason: String,
+        /// The hook's time budget.
+        deadline: Duration,
+    },
+    /// Send Resume down this session.
+    SendResume {
+        /// The node.
+        node: NodeId,
+        /// Its live session.
+        session: SessionId,
+        /// Why.
+        reason: String,
+        /// The hook's time budget.
+        deadline: Duration,
     },
     /// End this session from the orchestrator's side.
     CloseSession {
@@ -115,6 +145,9 @@ pub enum SessionError {
     /// A TerminateAck arrived although no terminate was ever sent.
     #[error("no terminate is pending")]
     NoTerminatePending,
+    /// A drain result arrived with no drain pending (late, or repeated).
+    #[error("no drain is pending")]
+    NoDrainPending,
 }
 
 /// Why a terminate request cannot be carried out.
@@ -182,6 +215,11 @@ pub(crate) struct NodeRecord {
     pub(crate) termination: Option<Termination>,
     /// The reason of a terminate cancelled at its deadline, so a late ack can revive it.
     pub(crate) cancelled_termination: Option<String>,
+    /// A drain in progress or done; kept across reconnects (and, for a failed
+    /// or departed node, as what it was when it went).
+    pub(crate) drain: Option<disruption::DrainMark>,
+    /// Maintenance, set by an operator until they end it.
+    pub(crate) maintenance: Option<disruption::Maintenance>,
     /// When the node entered a final state.
     pub(crate) ended_at: Option<Instant>,
     /// Restored after an orchestrator restart and not yet reconnected: it is not
@@ -194,10 +232,38 @@ pub(crate) struct NodeRecord {
 impl NodeRecord {
     /// The state a node with a live, healthy stream is in.
     pub(crate) fn live_state(&self) -> NodeState {
-        if self.termination.is_some() {
-            NodeState::Terminating
+        match (&self.termination, &self.drain) {
+            (Some(_), _) => NodeState::Terminating,
+            (None, Some(drain)) if drain.completed => NodeState::Drained,
+            (None, Some(_)) => NodeState::Draining,
+            (None, None) => NodeState::Connected,
+        }
+    }
+
+    /// Live, healthy, and carrying traffic: counted in fleet CPU.
+    pub(crate) fn in_service(&self) -> bool {
+        self.session.is_some()
+            && matches!(self.state, NodeState::Connected | NodeState::Terminating)
+            && self.drain.is_none()
+            && self.maintenance.is_none()
+    }
+
+    /// Counted against the disruption budget.
+    pub(crate) fn disrupted(&self) -> bool {
+        matches!(
+            self.state,
+            NodeState::Draining | NodeState::Drained | NodeState::Terminating
+        )
+    }
+
+    /// What the healer must know of a node that just failed.
+    pub(crate) fn out_of_service(&self) -> Option<OutOfService> {
+        if self.drain.as_ref().is_some_and(|drain| drain.completed) {
+            Some(OutOfService::Drained)
+        } else if self.maintenance.is_some() {
+            Some(OutOfService::Maintenance)
         } else {
-            NodeState::Connected
+            None
         }
     }
 }
@@ -280,6 +346,23 @@ impl Registry {
             .is_some_and(|record| record.ended_at.is_none())
     }
 
+    /// Live nodes not in maintenance: the fleet the mass-failure guard compares
+    /// failures against (a node in maintenance may be away on purpose).
+    pub fn mass_failure_population(&self) -> u32 {
+        let count = self
+            .nodes
+            .values()
+            .filter(|record| record.ended_at.is_none() && record.maintenance.is_none())
+            .count();
+        u32::try_from(count).unwrap_or(u32::MAX)
+    }
+
+    /// Whether the node was out of service (drained, in maintenance); asked of
+    /// a node that just failed.
+    pub fn out_of_service(&self, node: NodeId) -> Option<OutOfService> {
+        self.nodes.get(&node)?.out_of_service()
+    }
+
     /// Drains the effects queued since the last call, oldest first.
     pub fn take_effects(&mut self) -> Vec<Effect> {
         std::mem::take(&mut self.effects)
@@ -304,6 +387,8 @@ impl Registry {
                 suspect_checks: 0,
                 termination: None,
                 cancelled_termination: None,
+                drain: None,
+                maintenance: None,
                 ended_at: None,
                 restart_grace_until: None,
                 due: None,
@@ -336,6 +421,19 @@ impl Registry {
             self.departed -= 1;
         }
         record.restart_grace_until = None;
+        if let Some(maintenance) = &mut record.maintenance {
+            maintenance.away_since = None;
+        }
+        // A drain mark outlives the session: the node was taken out of service
+        // and stays out until resumed. Its agent is told again (a restarted or
+        // rebooted node may have announced its route again), with a fresh
+        // deadline; until it reports, the node is DRAINING.
+        let redrain = record.drain.as_mut().map(|drain| {
+            drain.completed = false;
+            drain.requested_at = now;
+            drain.deadline = now + drain.timeout;
+            (drain.reason.clone(), drain.timeout)
+        });
         record.state = record.live_state();
         record.state_reason.clear();
         self.schedule(id, now);
@@ -359,6 +457,14 @@ impl Registry {
             format!("was {previous_state}"),
             now,
         );
+        if let Some((reason, deadline)) = redrain {
+            self.effects.push(Effect::SendDrain {
+                node: id,
+                session,
+                reason,
+                deadline,
+            });
+        }
         if let Some(reason) = resend {
             let grace_period = self.config.termination_grace_period;
             self.effects.push(Effect::SendTerminate {
@@ -414,6 +520,14 @@ impl Registry {
                     acknowledged: t.acknowledged,
                 }),
                 cancelled_termination: None,
+                drain: node
+                    .drain
+                    .map(|drain| disruption::DrainMark::restored(drain, now)),
+                maintenance: node.maintenance.map(|maintenance| disruption::Maintenance {
+                    reason: maintenance.reason,
+                    since: now,
+                    away_since: (!final_state).then_some(now),
+                }),
                 ended_at: final_state.then_some(now),
                 restart_grace_until: (!final_state).then_some(now + grace),
                 due: None,
@@ -442,6 +556,18 @@ impl Registry {
                 reason: t.reason.clone(),
                 acknowledged: t.acknowledged,
             }),
+            drain: record.drain.as_ref().map(|drain| PersistedDrain {
+                reason: drain.reason.clone(),
+                completed: drain.completed,
+                timeout_seconds: drain.timeout.as_secs_f64(),
+                then_terminate: drain.then_terminate.clone(),
+            }),
+            maintenance: record
+                .maintenance
+                .as_ref()
+                .map(|maintenance| PersistedMaintenance {
+                    reason: maintenance.reason.clone(),
+                }),
         })
     }
 
@@ -539,6 +665,14 @@ impl Registry {
         record.state = NodeState::Suspect;
         record.suspect_checks = 0;
         record.state_reason = format!("stream ended without goodbye ({cause})");
+        if let Some(maintenance) = &mut record.maintenance {
+            maintenance.away_since = Some(now);
+            record.state_reason = format!(
+                "in maintenance, away: {}; FAILED if still away after maintenance_max ({:.0}s)",
+                record.state_reason,
+                self.config.disruption.maintenance_max.as_secs_f64()
+            );
+        }
         let reason = record.state_reason.clone();
         self.schedule(node, now);
         self.publish(node, EventKind::NodeSuspected, reason, now);
@@ -574,8 +708,8 @@ impl Registry {
             acknowledged: false,
         });
         record.cancelled_termination = None;
-        if record.state == NodeState::Connected {
-            record.state = NodeState::Terminating;
+        if record.state != NodeState::Suspect {
+            record.state = record.live_state();
         }
         self.schedule(node, now);
         self.effects.push(Effect::SendTerminate {
@@ -618,8 +752,13 @@ impl Registry {
         let (mut cpu_sum, mut cpu_count) = (0.0, 0u32);
         for record in self.nodes.values() {
             *stats.nodes_by_state.entry(record.state).or_default() += 1;
-            if matches!(record.state, NodeState::Connected | NodeState::Terminating) {
+            stats.disrupted_nodes += u32::from(record.disrupted());
+            stats.maintenance_nodes += u32::from(record.maintenance.is_some() && record.ended_at.is_none());
+            if record.session.is_some() && record.state != NodeState::Suspect {
                 stats.active_nodes += 1;
+            }
+            if record.in_service() {
+                stats.in_service_nodes += 1;
                 match record.last_cpu {
                     Some(cpu) => {
                         cpu_sum += cpu;
@@ -629,18 +768,25 @@ impl Registry {
                 }
             }
         }
+        stats.disruption_allowed =
+            u32::try_from(self.config.disruption.budget.allowed(self.live_count())).unwrap_or(u32::MAX);
         if cpu_count > 0 {
             stats.avg_cpu_usage = Some(cpu_sum / f64::from(cpu_count));
         }
         stats
     }
 
-    /// The connected (not terminating) node with the lowest latest CPU: the one a
-    /// scale-down removes. Ties go to the lowest node id.
+    /// The in-service connected node with the lowest latest CPU: the one a
+    /// scale-down removes. Never a node that is terminating, draining, drained,
+    /// in maintenance or protected (`protect_label`). Ties go to the lowest node id.
     pub fn least_loaded(&self) -> Option<crate::domain::scaler::Candidate> {
+        let protect = self.config.disruption.protect_label.as_ref();
         self.nodes
             .iter()
-            .filter(|(_, record)| record.state == NodeState::Connected && record.session.is_some())
+            .filter(|(_, record)| record.state == NodeState::Connected && record.in_service())
+            .filter(|(_, record)| {
+                protect.is_none_or(|(key, value)| record.info.labels.get(key) != Some(value))
+            })
             .filter_map(|(id, record)| record.last_cpu.map(|cpu| (*id, record.info.ip, cpu)))
             .min_by(|a, b| a.2.total_cmp(&b.2).then(a.0.cmp(&b.0)))
             .map(|(id, ip, cpu)| crate::domain::scaler::Candidate { id, ip, cpu })
@@ -654,6 +800,9 @@ impl Registry {
         }
         record.last_seen = now;
         if record.state == NodeState::Suspect {
+            if let Some(maintenance) = &mut record.maintenance {
+                maintenance.away_since = None;
+            }
             record.state = record.live_state();
             record.suspect_checks = 0;
             record.state_reason.clear();
@@ -697,6 +846,14 @@ impl Registry {
         record.suspect_checks = 0;
         record.termination = None;
         record.cancelled_termination = None;
+        if state == NodeState::Terminated {
+            // It went as told: nothing is left to resume or to wait for.
+            record.drain = None;
+            record.maintenance = None;
+        }
+        if let Some(maintenance) = &mut record.maintenance {
+            maintenance.away_since = None;
+        }
         if record.ended_at.replace(now).is_none() {
             self.departed += 1;
         }
@@ -738,6 +895,21 @@ impl Registry {
                 acknowledged: t.acknowledged,
                 deadline: self.anchor.wall(t.deadline),
             }),
+            maintenance: record.maintenance.as_ref().map(|m| MaintenanceSnapshot {
+                reason: m.reason.clone(),
+                since: self.anchor.wall(m.since),
+                away_since: m.away_since.map(|at| self.anchor.wall(at)),
+                fails_at: m
+                    .away_since
+                    .map(|at| self.anchor.wall(at + self.config.disruption.maintenance_max)),
+            }),
+            drain: record.drain.as_ref().map(|d| DrainSnapshot {
+                reason: d.reason.clone(),
+                requested_at: self.anchor.wall(d.requested_at),
+                deadline: self.anchor.wall(d.deadline),
+                completed: d.completed,
+                then_terminate: d.then_terminate.clone(),
+            }),
         }
     }
 }
@@ -769,6 +941,7 @@ mod tests {
                 termination_deadline: DEADLINE,
                 termination_grace_period: Duration::from_secs(5),
                 node_retention: Duration::from_secs(600),
+                disruption: DisruptionConfig::default(),
             };
             let now = Instant::now();
             Self {

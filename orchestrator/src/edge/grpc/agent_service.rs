@@ -265,6 +265,14 @@ impl SessionRelay {
                 reason,
                 grace_period: Some(wire::duration_to_proto(grace_period)),
             }),
+            SessionSignal::Drain { reason, deadline } => control_message::Kind::Drain(pb::Drain {
+                reason,
+                deadline: Some(wire::duration_to_proto(deadline)),
+            }),
+            SessionSignal::Resume { reason, deadline } => control_message::Kind::Resume(pb::Resume {
+                reason,
+                deadline: Some(wire::duration_to_proto(deadline)),
+            }),
             SessionSignal::Close(reason) => {
                 let status = status::closed(&reason);
                 let end = status.message().to_owned();

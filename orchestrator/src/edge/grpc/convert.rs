@@ -80,20 +80,33 @@ pub fn session_report(message: pb::AgentMessage, now: SystemTime) -> Result<Sess
         }),
         Some(Kind::CpuSamples(batch)) => Ok(SessionReport::Cpu(cpu_samples(&batch, now)?)),
         Some(Kind::TerminateAck(_)) => Ok(SessionReport::TerminateAck),
-        Some(Kind::Goodbye(goodbye)) => {
-            let mut reason = wire::escape_controls(&goodbye.reason).into_owned();
-            if reason.len() > MAX_REASON {
-                let cut = (0..=MAX_REASON)
-                    .rev()
-                    .find(|i| reason.is_char_boundary(*i))
-                    .unwrap_or(0);
-                reason.truncate(cut);
-            }
-            Ok(SessionReport::Goodbye(reason))
-        }
+        Some(Kind::Goodbye(goodbye)) => Ok(SessionReport::Goodbye(agent_words(&goodbye.reason))),
+        Some(Kind::DrainResult(result)) => Ok(SessionReport::DrainResult {
+            success: result.success,
+            detail: agent_words(&result.detail),
+        }),
+        Some(Kind::ResumeResult(result)) => Ok(SessionReport::ResumeResult {
+            success: result.success,
+            detail: agent_words(&result.detail),
+        }),
         Some(Kind::Hello(_)) => Err(ProtocolError::HelloAgain),
         None => Err(ProtocolError::Empty),
     }
+}
+
+/// Words from an agent (a goodbye reason, a hook's outcome) as they may reach
+/// logs and events: control characters escaped, cut to 256 bytes on a char
+/// boundary.
+fn agent_words(text: &str) -> String {
+    let mut words = wire::escape_controls(text).into_owned();
+    if words.len() > MAX_REASON {
+        let cut = (0..=MAX_REASON)
+            .rev()
+            .find(|i| words.is_char_boundary(*i))
+            .unwrap_or(0);
+        words.truncate(cut);
+    }
+    words
 }
 
 /// The latest usage of a CpuSamples batch, every sample checked.
@@ -163,6 +176,8 @@ fn kind_name(kind: Option<&Kind>) -> &'static str {
         Some(Kind::CpuSamples(_)) => "cpu_samples",
         Some(Kind::TerminateAck(_)) => "terminate_ack",
         Some(Kind::Goodbye(_)) => "goodbye",
+        Some(Kind::DrainResult(_)) => "drain_result",
+        Some(Kind::ResumeResult(_)) => "resume_result",
         None => "an empty message",
     }
 }
@@ -248,6 +263,8 @@ pub fn node_state(state: NodeState) -> pb::NodeState {
         NodeState::Terminating => pb::NodeState::Terminating,
         NodeState::Terminated => pb::NodeState::Terminated,
         NodeState::Left => pb::NodeState::Left,
+        NodeState::Draining => pb::NodeState::Draining,
+        NodeState::Drained => pb::NodeState::Drained,
     }
 }
 
@@ -271,6 +288,19 @@ pub fn node(snapshot: &NodeSnapshot) -> pb::Node {
             acknowledged: t.acknowledged,
             deadline: Some(wire::timestamp_to_proto(t.deadline)),
         }),
+        maintenance: snapshot.maintenance.as_ref().map(|m| pb::MaintenanceInfo {
+            reason: m.reason.clone(),
+            since: Some(wire::timestamp_to_proto(m.since)),
+            away_since: m.away_since.map(wire::timestamp_to_proto),
+            fails_at: m.fails_at.map(wire::timestamp_to_proto),
+        }),
+        drain: snapshot.drain.as_ref().map(|d| pb::DrainInfo {
+            reason: d.reason.clone(),
+            requested_at: Some(wire::timestamp_to_proto(d.requested_at)),
+            deadline: Some(wire::timestamp_to_proto(d.deadline)),
+            completed: d.completed,
+            then_terminate: d.then_terminate.clone().unwrap_or_default(),
+        }),
     }
 }
 
@@ -286,6 +316,10 @@ pub fn fleet_stats(stats: &FleetStats) -> pb::GetFleetStatsResponse {
             .collect(),
         unexpected_failures_total: stats.unexpected_failures_total,
         graceful_terminations_total: stats.graceful_terminations_total,
+        in_service_nodes: stats.in_service_nodes,
+        disrupted_nodes: stats.disrupted_nodes,
+        disruption_allowed: stats.disruption_allowed,
+        maintenance_nodes: stats.maintenance_nodes,
     }
 }
 
@@ -312,6 +346,13 @@ pub fn fleet_event(event: &FleetEvent) -> pb::FleetEvent {
         EventKind::WebhookDeadLettered => pb::FleetEventType::WebhookDeadLettered,
         EventKind::LeaderElected => pb::FleetEventType::LeaderElected,
         EventKind::LeaderLost => pb::FleetEventType::LeaderLost,
+        EventKind::DrainRequested => pb::FleetEventType::DrainRequested,
+        EventKind::NodeDrained => pb::FleetEventType::NodeDrained,
+        EventKind::DrainFailed => pb::FleetEventType::DrainFailed,
+        EventKind::NodeResumed => pb::FleetEventType::NodeResumed,
+        EventKind::ResumeFailed => pb::FleetEventType::ResumeFailed,
+        EventKind::MaintenanceStarted => pb::FleetEventType::MaintenanceStarted,
+        EventKind::MaintenanceEnded => pb::FleetEventType::MaintenanceEnded,
     };
     let node = event.node.as_ref();
     pb::FleetEvent {

@@ -7,10 +7,52 @@ use tracing::{Instrument, info, info_span};
 
 use super::{convert, status, watch};
 use crate::{
+    domain::registry::{DrainRequest, DrainThenTerminate, disruption::MAX_DRAIN_DEADLINE},
     edge::auth::{Authority, Need},
     error::UnknownNode,
     runtime::role::Role,
 };
+
+/// Longest operator-given reason.
+const MAX_REASON: usize = 256;
+
+/// An operator's reason: "operator request" when blank, INVALID_ARGUMENT naming
+/// `field` when too long or carrying control characters.
+fn reason(field: &'static str, given: String) -> Result<String, Status> {
+    if given.trim().is_empty() {
+        return Ok("operator request".to_owned());
+    }
+    if given.len() > MAX_REASON {
+        return Err(status::invalid(WireError::new(
+            field,
+            format!("longer than {MAX_REASON} bytes"),
+        )));
+    }
+    secbeat::wire::check_printable(field, &given).map_err(status::invalid)?;
+    Ok(given)
+}
+
+/// A drain deadline: unset means the orchestrator's `drain_deadline`; else
+/// more than zero and at most an hour.
+fn drain_deadline(
+    field: &'static str,
+    given: Option<prost_types::Duration>,
+) -> Result<Option<std::time::Duration>, Status> {
+    let Some(given) = given else {
+        return Ok(None);
+    };
+    let deadline = secbeat::wire::duration_from_proto(field, Some(given)).map_err(status::invalid)?;
+    if deadline.is_zero() || deadline > MAX_DRAIN_DEADLINE {
+        return Err(status::invalid(WireError::new(
+            field,
+            format!(
+                "must be more than 0 and at most {}s",
+                MAX_DRAIN_DEADLINE.as_secs()
+            ),
+        )));
+    }
+    Ok(Some(deadline))
+}
 
 /// The `FleetService` implementation.
 #[derive(Debug, Clone)]
@@ -72,30 +114,102 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             .map(str::to_owned);
         let request = request.into_inner();
         let id = convert::node_id("node_id", &request.node_id).map_err(status::invalid)?;
-        let reason = if request.reason.trim().is_empty() {
-            "operator request".to_owned()
-        } else {
-            request.reason
-        };
-        if reason.len() > 256 {
-            return Err(status::invalid(WireError::new("reason", "longer than 256 bytes")));
-        }
-        let span = info_span!("terminate_node", node.id = %id, reason = %reason);
+        let reason = reason("reason", request.reason)?;
+        let deadline = drain_deadline("drain_deadline", request.drain_deadline)?;
+        let span = info_span!("terminate_node", node.id = %id, reason = %reason, drain = request.drain);
         if let Some(parent) = &parent {
             secbeat::telemetry::set_parent(&span, parent);
         }
-        span.in_scope(|| info!(node.id = %id, %reason, "terminate node requested"));
-        let accepted = self
+        span.in_scope(|| info!(node.id = %id, %reason, drain = request.drain, "terminate node requested"));
+        let fleet = &self.role.leading()?.fleet;
+        if !request.drain {
+            let accepted = fleet.terminate(id, reason).instrument(span).await??;
+            return Ok(Response::new(pb::TerminateNodeResponse {
+                node: Some(convert::node(&accepted.node)),
+                already_terminating: accepted.already_terminating,
+                grace_period: Some(secbeat::wire::duration_to_proto(accepted.grace_period)),
+                draining_first: false,
+            }));
+        }
+        let drain = DrainRequest {
+            reason: format!("drain before terminate: {reason}"),
+            deadline,
+            force: request.force,
+        };
+        let response = match fleet.drain(id, drain, Some(reason)).instrument(span).await?? {
+            DrainThenTerminate::Terminating(accepted) => pb::TerminateNodeResponse {
+                node: Some(convert::node(&accepted.node)),
+                already_terminating: accepted.already_terminating,
+                grace_period: Some(secbeat::wire::duration_to_proto(accepted.grace_period)),
+                draining_first: false,
+            },
+            DrainThenTerminate::Draining(accepted) => pb::TerminateNodeResponse {
+                node: Some(convert::node(&accepted.node)),
+                already_terminating: false,
+                grace_period: None,
+                draining_first: true,
+            },
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn drain_node(
+        &self,
+        request: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::DrainNodeResponse>, Status> {
+        self.allow(&request, Need::Operate)?;
+        let request = request.into_inner();
+        let id = convert::node_id("node_id", &request.node_id).map_err(status::invalid)?;
+        let drain = DrainRequest {
+            reason: reason("reason", request.reason)?,
+            deadline: drain_deadline("deadline", request.deadline)?,
+            force: request.force,
+        };
+        info!(node.id = %id, reason = %drain.reason, force = drain.force, "drain node requested");
+        let accepted = match self.role.leading()?.fleet.drain(id, drain, None).await?? {
+            DrainThenTerminate::Draining(accepted) => accepted,
+            DrainThenTerminate::Terminating(_) => unreachable!("a plain drain never terminates"),
+        };
+        Ok(Response::new(pb::DrainNodeResponse {
+            node: Some(convert::node(&accepted.node)),
+            already_draining: accepted.already_draining,
+            deadline: Some(secbeat::wire::duration_to_proto(accepted.deadline)),
+        }))
+    }
+
+    async fn resume_node(
+        &self,
+        request: Request<pb::ResumeNodeRequest>,
+    ) -> Result<Response<pb::ResumeNodeResponse>, Status> {
+        self.allow(&request, Need::Operate)?;
+        let request = request.into_inner();
+        let id = convert::node_id("node_id", &request.node_id).map_err(status::invalid)?;
+        let reason = reason("reason", request.reason)?;
+        info!(node.id = %id, %reason, "resume node requested");
+        let node = self.role.leading()?.fleet.resume(id, reason).await??;
+        Ok(Response::new(pb::ResumeNodeResponse {
+            node: Some(convert::node(&node)),
+        }))
+    }
+
+    async fn set_maintenance(
+        &self,
+        request: Request<pb::SetMaintenanceRequest>,
+    ) -> Result<Response<pb::SetMaintenanceResponse>, Status> {
+        self.allow(&request, Need::Operate)?;
+        let request = request.into_inner();
+        let id = convert::node_id("node_id", &request.node_id).map_err(status::invalid)?;
+        let reason = reason("reason", request.reason)?;
+        info!(node.id = %id, enabled = request.enabled, %reason, "maintenance change requested");
+        let (node, changed) = self
             .role
             .leading()?
             .fleet
-            .terminate(id, reason)
-            .instrument(span)
+            .set_maintenance(id, request.enabled, reason)
             .await??;
-        Ok(Response::new(pb::TerminateNodeResponse {
-            node: Some(convert::node(&accepted.node)),
-            already_terminating: accepted.already_terminating,
-            grace_period: Some(secbeat::wire::duration_to_proto(accepted.grace_period)),
+        Ok(Response::new(pb::SetMaintenanceResponse {
+            node: Some(convert::node(&node)),
+            changed,
         }))
     }
 
@@ -140,6 +254,7 @@ mod tests {
             termination_deadline: std::time::Duration::from_secs(30),
             termination_grace_period: std::time::Duration::from_secs(30),
             node_retention: std::time::Duration::from_secs(3600),
+            disruption: Default::default(),
         };
         fleet::FleetSettings {
             lifecycle,

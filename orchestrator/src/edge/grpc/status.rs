@@ -5,7 +5,7 @@ use secbeat::wire::WireError;
 use tonic::Status;
 
 use crate::{
-    domain::registry::{CloseReason, TerminateError},
+    domain::registry::{CloseReason, DrainError, ServiceError, TerminateError},
     edge::{auth::Denied, grpc::convert::ProtocolError},
     error::{Fault, NoPrediction, UnknownNode},
     runtime::{
@@ -34,6 +34,8 @@ into_status!(
     FleetStopped,
     ConnectError,
     TerminateError,
+    DrainError,
+    ServiceError,
     Denied,
     SubscribeError,
     UnknownNode,

@@ -80,6 +80,10 @@ pub async fn fleet_stats(State(state): State<AppState>) -> Result<Json<Value>, A
         "nodes_by_state": nodes_by_state,
         "unexpected_failures_total": stats.unexpected_failures_total,
         "graceful_terminations_total": stats.graceful_terminations_total,
+        "in_service_nodes": stats.in_service_nodes,
+        "disrupted_nodes": stats.disrupted_nodes,
+        "disruption_allowed": stats.disruption_allowed,
+        "maintenance_nodes": stats.maintenance_nodes,
         "cpu_history_points": latest.as_ref().and_then(|p| p.forecast.as_ref()).map_or(0, |f| f.data_points),
         "prediction": latest.as_deref().map(prediction_json),
         "accuracy": latest.as_deref().map(accuracy_json),
@@ -134,6 +138,8 @@ struct NodeJson {
     labels: std::collections::BTreeMap<String, String>,
     session_id: Option<u64>,
     termination: Option<Value>,
+    maintenance: Option<Value>,
+    drain: Option<Value>,
 }
 
 fn node_json(node: &NodeSnapshot) -> NodeJson {
@@ -155,6 +161,23 @@ fn node_json(node: &NodeSnapshot) -> NodeJson {
                 "requested_at": secbeat::wire::rfc3339(t.requested_at),
                 "acknowledged": t.acknowledged,
                 "deadline": secbeat::wire::rfc3339(t.deadline),
+            })
+        }),
+        maintenance: node.maintenance.as_ref().map(|m| {
+            json!({
+                "reason": m.reason,
+                "since": secbeat::wire::rfc3339(m.since),
+                "away_since": m.away_since.map(secbeat::wire::rfc3339),
+                "fails_at": m.fails_at.map(secbeat::wire::rfc3339),
+            })
+        }),
+        drain: node.drain.as_ref().map(|d| {
+            json!({
+                "reason": d.reason,
+                "requested_at": secbeat::wire::rfc3339(d.requested_at),
+                "deadline": secbeat::wire::rfc3339(d.deadline),
+                "completed": d.completed,
+                "then_terminate": d.then_terminate,
             })
         }),
     }

@@ -31,6 +31,16 @@ pub(crate) fn node(n: u16, state: NodeState) -> PersistedNode {
         state,
         state_reason: String::new(),
         termination: None,
+        // Some records carry a drain mark or maintenance: both round-trip.
+        drain: (n % 3 == 1).then(|| crate::domain::node::PersistedDrain {
+            reason: format!("drain {n}"),
+            completed: n.is_multiple_of(2),
+            timeout_seconds: 60.0,
+            then_terminate: n.is_multiple_of(5).then(|| "scale down".to_owned()),
+        }),
+        maintenance: (n % 4 == 2).then(|| crate::domain::node::PersistedMaintenance {
+            reason: format!("kernel patch {n}"),
+        }),
     }
 }
 

@@ -331,6 +331,8 @@ mod tests {
             state,
             state_reason: String::new(),
             termination: None,
+            drain: None,
+            maintenance: None,
         }
     }
 

@@ -195,6 +195,7 @@ mod tests {
             id: NodeId(Uuid::parse_str("550e8400-e29b-41d4-a716-446655440000").unwrap()),
             ip: IpAddr::V4(Ipv4Addr::new(10, 0, 1, 42)),
             hostname: "edge-42".into(),
+            out_of_service: None,
         }
     }
 
