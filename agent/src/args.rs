@@ -45,6 +45,12 @@ pub struct AgentArgs {
     /// Shell command run on Terminate (reason in $SECBEAT_TERMINATE_REASON), killed after the grace period
     #[arg(long, env = "SECBEAT_ON_TERMINATE", value_name = "CMD")]
     pub on_terminate: Option<String>,
+    /// Shell command run on Drain, where the node's route is withdrawn (reason in $SECBEAT_DRAIN_REASON); it must exit 0 within the drain's deadline for the node to count as DRAINED. Unset: a drain succeeds at once
+    #[arg(long, env = "SECBEAT_ON_DRAIN", value_name = "CMD")]
+    pub on_drain: Option<String>,
+    /// Shell command run on Resume, where the node's route is announced again (reason in $SECBEAT_RESUME_REASON); a failure leaves the node DRAINED. Unset: a resume succeeds at once
+    #[arg(long, env = "SECBEAT_ON_RESUME", value_name = "CMD")]
+    pub on_resume: Option<String>,
     /// CPU source: proc (/proc/stat deltas), const:FRACTION (e.g. const:0.85), or trace:FILE.csv (timestamp,percent)
     #[arg(
         long,

@@ -165,6 +165,8 @@ impl Agent {
             ip: args.ip.map(|ip| ip.to_string()).unwrap_or_default(),
             labels: args.labels,
             on_terminate: args.on_terminate,
+            on_drain: args.on_drain,
+            on_resume: args.on_resume,
             connect_timeout,
             token: args.token,
         };

@@ -26,7 +26,7 @@ use crate::metrics::AgentMetrics;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use crate::{cpu::CpuSource, recover::Recovery};
+use crate::{cpu::CpuSource, hook::HookKind, recover::Recovery};
 
 /// Shortest heartbeat interval the agent accepts from a Welcome.
 const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(20);
@@ -50,6 +50,10 @@ pub struct SessionSettings {
     pub labels: Vec<(String, String)>,
     /// Shell command run on Terminate, bounded by the grace period.
     pub on_terminate: Option<String>,
+    /// Shell command run on Drain (withdraw the route), bounded by its deadline.
+    pub on_drain: Option<String>,
+    /// Shell command run on Resume (announce the route), bounded by its deadline.
+    pub on_resume: Option<String>,
     /// Bound on answering the Hello and on waiting for the Welcome (the endpoint
     /// carries the same bound for the TCP connect).
     pub connect_timeout: Duration,
@@ -81,6 +85,30 @@ pub enum SessionEnd {
 
 type Outbound = mpsc::Sender<pb::AgentMessage>;
 type Hook = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// A running drain or resume hook, and what it reports when done.
+type ServiceHook = Pin<Box<dyn Future<Output = pb::AgentMessage> + Send>>;
+
+/// The time a drain or resume hook gets: its deadline, less a little (a tenth,
+/// at most a second) so that the report reaches the orchestrator before it gives up.
+fn hook_limit(deadline: Duration) -> Duration {
+    deadline.saturating_sub((deadline / 10).min(Duration::from_secs(1)))
+}
+
+/// Runs a drain or resume hook and builds the report the orchestrator waits for.
+fn service_hook(kind: HookKind, command: Option<String>, reason: String, deadline: Duration) -> ServiceHook {
+    Box::pin(async move {
+        let limit = hook_limit(deadline);
+        let outcome = crate::hook::run(kind, command.as_deref(), &reason, limit).await;
+        let result = pb::HookResult {
+            success: outcome.success(),
+            detail: outcome.describe(kind, limit),
+        };
+        match kind {
+            HookKind::Resume => message(Kind::ResumeResult(result)),
+            _ => message(Kind::DrainResult(result)),
+        }
+    })
+}
 
 /// Runs one session to its end.
 pub async fn run(
@@ -225,6 +253,9 @@ impl Established {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sequence = 0u64;
         let mut hook: Option<Hook> = None;
+        // At most one drain or resume hook at a time: a newer command replaces
+        // (and so kills) the older one's process group.
+        let mut service: Option<ServiceHook> = None;
         loop {
             tokio::select! {
                 // A pending shutdown goes before anything else: its goodbye is what
@@ -270,8 +301,20 @@ impl Established {
                         let _ = self.outbound.send(message(Kind::TerminateAck(ack))).await;
                         let command = settings.on_terminate.clone();
                         hook = Some(Box::pin(async move {
-                            crate::hook::run(command.as_deref(), &terminate.reason, grace).await;
+                            crate::hook::run(HookKind::Terminate, command.as_deref(), &terminate.reason, grace).await;
                         }.instrument(span)));
+                    }
+                    Ok(Some(pb::ControlMessage { kind: Some(control_message::Kind::Drain(drain)) })) => {
+                        let deadline = wire::duration_from_proto("drain.deadline", drain.deadline)
+                            .unwrap_or(Duration::from_secs(60));
+                        info!(reason = %drain.reason, deadline_s = deadline.as_secs_f64(), "drain received: taking the node out of service");
+                        service = Some(service_hook(HookKind::Drain, settings.on_drain.clone(), drain.reason, deadline));
+                    }
+                    Ok(Some(pb::ControlMessage { kind: Some(control_message::Kind::Resume(resume)) })) => {
+                        let deadline = wire::duration_from_proto("resume.deadline", resume.deadline)
+                            .unwrap_or(Duration::from_secs(60));
+                        info!(reason = %resume.reason, "resume received: returning the node to service");
+                        service = Some(service_hook(HookKind::Resume, settings.on_resume.clone(), resume.reason, deadline));
                     }
                     Ok(Some(pb::ControlMessage { kind: Some(control_message::Kind::Welcome(_)) })) => {
                         warn!("unexpected second welcome ignored");
@@ -289,6 +332,13 @@ impl Established {
                     Ok(None) => return lost("orchestrator ended the stream".to_owned()),
                     Err(status) => return ended_by(status, true),
                 },
+                report = async { service.as_mut().expect("guarded").await }, if service.is_some() => {
+                    service = None;
+                    debug!(?report, "hook done: reporting");
+                    if self.outbound.send(report).await.is_err() {
+                        return lost("stream closed".to_owned());
+                    }
+                }
                 () = async { hook.as_mut().expect("guarded").await }, if hook.is_some() => {
                     self.goodbye("terminated").await;
                     info!("terminated as commanded: exiting");
@@ -414,6 +464,8 @@ mod tests {
             ip: "192.0.2.7".into(),
             labels: vec![("pop".into(), "fra1".into())],
             on_terminate: None,
+            on_drain: None,
+            on_resume: None,
             connect_timeout: Duration::from_secs(5),
             token: None,
         };
@@ -509,12 +561,107 @@ mod tests {
                 Kind::TerminateAck(ack) => assert_eq!(ack.reason, "scale down"),
                 Kind::Goodbye(goodbye) => break goodbye,
                 Kind::Heartbeat(_) | Kind::CpuSamples(_) => {}
-                Kind::Hello(_) => panic!("a second hello"),
+                other => panic!("unexpected {other:?}"),
             }
         };
         assert_eq!(goodbye.reason, "terminated");
         drop(control);
         assert!(matches!(session.await.unwrap(), SessionEnd::Terminated));
+    }
+
+    /// The next message that is not a heartbeat (they continue meanwhile).
+    async fn next_besides_heartbeats(inbound: &mut Streaming<pb::AgentMessage>) -> Kind {
+        loop {
+            match next(inbound).await {
+                Kind::Heartbeat(_) | Kind::CpuSamples(_) => {}
+                other => return other,
+            }
+        }
+    }
+
+    fn command(kind: control_message::Kind) -> Result<pb::ControlMessage, Status> {
+        Ok(pb::ControlMessage { kind: Some(kind) })
+    }
+
+    #[tokio::test]
+    async fn drain_and_resume_run_their_hooks_and_report_while_heartbeats_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let withdrawn = dir.path().join("withdrawn");
+        let (endpoint, mut settings, mut streams) = scripted().await;
+        settings.on_drain = Some(format!(
+            "echo \"$SECBEAT_DRAIN_REASON\" > {}",
+            withdrawn.display()
+        ));
+        settings.on_resume = Some("echo no bgp daemon >&2; exit 4".into());
+        let session = start(&endpoint, settings, CancellationToken::new());
+        let Accepted {
+            mut inbound, control, ..
+        } = streams.recv().await.unwrap();
+        assert!(matches!(next(&mut inbound).await, Kind::Hello(_)));
+        control.send(welcome(Duration::from_millis(20))).await.unwrap();
+
+        let drain = pb::Drain {
+            reason: "kernel patch".into(),
+            deadline: Some(wire::duration_to_proto(Duration::from_secs(10))),
+        };
+        control
+            .send(command(control_message::Kind::Drain(drain)))
+            .await
+            .unwrap();
+        let Kind::DrainResult(result) = next_besides_heartbeats(&mut inbound).await else {
+            panic!("a drain result")
+        };
+        assert!(result.success, "{}", result.detail);
+        assert_eq!(result.detail, "on-drain hook finished");
+        assert_eq!(
+            std::fs::read_to_string(&withdrawn).unwrap().trim(),
+            "kernel patch"
+        );
+
+        let resume = pb::Resume {
+            reason: "patched".into(),
+            deadline: Some(wire::duration_to_proto(Duration::from_secs(10))),
+        };
+        control
+            .send(command(control_message::Kind::Resume(resume)))
+            .await
+            .unwrap();
+        let Kind::ResumeResult(result) = next_besides_heartbeats(&mut inbound).await else {
+            panic!("a resume result")
+        };
+        assert!(!result.success);
+        assert_eq!(result.detail, "on-resume hook failed: exit status: 4");
+        // Still connected and heartbeating: a drain is not a shutdown.
+        assert!(matches!(next(&mut inbound).await, Kind::Heartbeat(_)));
+        drop(control);
+        assert!(matches!(session.await.unwrap(), SessionEnd::Lost { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_drain_hook_is_cut_short_of_its_deadline_so_the_report_arrives_in_time() {
+        assert_eq!(hook_limit(Duration::from_secs(60)), Duration::from_secs(59));
+        assert_eq!(hook_limit(Duration::from_secs(2)), Duration::from_millis(1800));
+        let (endpoint, mut settings, mut streams) = scripted().await;
+        settings.on_drain = Some("sleep 600".into());
+        let _session = start(&endpoint, settings, CancellationToken::new());
+        let Accepted {
+            mut inbound, control, ..
+        } = streams.recv().await.unwrap();
+        assert!(matches!(next(&mut inbound).await, Kind::Hello(_)));
+        control.send(welcome(Duration::from_millis(20))).await.unwrap();
+        let drain = pb::Drain {
+            reason: "x".into(),
+            deadline: Some(wire::duration_to_proto(Duration::from_millis(300))),
+        };
+        control
+            .send(command(control_message::Kind::Drain(drain)))
+            .await
+            .unwrap();
+        let Kind::DrainResult(result) = next_besides_heartbeats(&mut inbound).await else {
+            panic!("a drain result")
+        };
+        assert!(!result.success);
+        assert!(result.detail.contains("outlived"), "{}", result.detail);
     }
 
     #[tokio::test]

@@ -110,6 +110,7 @@ async fn a_terminated_node_is_counted_as_graceful_and_never_healed() {
     let request = pb::TerminateNodeRequest {
         node_id: told.id(),
         reason: "scale down".into(),
+        ..Default::default()
     };
     fleet.terminate_node(request).await.unwrap();
     let status = told.process.wait_exit(STARTUP).await.unwrap();
@@ -162,6 +163,7 @@ async fn a_terminate_that_is_never_acked_does_not_protect_a_node_that_then_dies(
     let request = pb::TerminateNodeRequest {
         node_id: frozen.id(),
         reason: "scale down".into(),
+        ..Default::default()
     };
     fleet.terminate_node(request).await.unwrap();
     next_event_matching(&mut events, STARTUP, |e| {

@@ -120,6 +120,7 @@ async fn terminate_node_makes_the_agent_exit_zero_as_an_expected_exit() {
     let request = pb::TerminateNodeRequest {
         node_id: agent.id(),
         reason: "e2e scale-down".into(),
+        ..Default::default()
     };
     let response = fleet.terminate_node(request).await.unwrap().into_inner();
     assert!(!response.already_terminating);
@@ -385,6 +386,7 @@ async fn a_hook_that_overruns_the_grace_period_is_cut_short_and_the_exit_stays_e
     let request = pb::TerminateNodeRequest {
         node_id: agent.id(),
         reason: "drain".into(),
+        ..Default::default()
     };
     fleet.terminate_node(request).await.unwrap();
     let status = agent.process.wait_exit(Duration::from_secs(10)).await.unwrap();

@@ -177,6 +177,7 @@ async fn terminate_node_errors_are_precise() {
     let unknown = pb::TerminateNodeRequest {
         node_id: Uuid::new_v4().to_string(),
         reason: String::new(),
+        ..Default::default()
     };
     assert_eq!(
         fleet.terminate_node(unknown).await.unwrap_err().code(),
@@ -185,6 +186,7 @@ async fn terminate_node_errors_are_precise() {
     let malformed = pb::TerminateNodeRequest {
         node_id: "x".into(),
         reason: String::new(),
+        ..Default::default()
     };
     assert_eq!(
         fleet.terminate_node(malformed).await.unwrap_err().code(),
@@ -203,6 +205,7 @@ async fn terminate_node_errors_are_precise() {
     let gone = pb::TerminateNodeRequest {
         node_id: agent.id(),
         reason: String::new(),
+        ..Default::default()
     };
     assert_eq!(
         fleet.terminate_node(gone).await.unwrap_err().code(),
@@ -222,6 +225,7 @@ async fn an_unacknowledged_terminate_is_cancelled_and_a_later_crash_is_a_failure
     let request = pb::TerminateNodeRequest {
         node_id: id.to_string(),
         reason: "ignored".into(),
+        ..Default::default()
     };
     fleet.terminate_node(request).await.unwrap();
     let command = stream.inbound.message().await.unwrap().unwrap();

@@ -164,6 +164,7 @@ async fn operator_calls_need_an_operator_credential() {
     let terminate = || pb::TerminateNodeRequest {
         node_id: id.clone(),
         reason: "security test".into(),
+        ..Default::default()
     };
 
     let mut as_agent = pki

@@ -24,6 +24,7 @@ async fn a_terminate_is_one_trace_across_orchestrator_and_agent() {
     let request = pb::TerminateNodeRequest {
         node_id: id.clone(),
         reason: "traced".into(),
+        ..Default::default()
     };
     fleet.terminate_node(request).await.unwrap();
     assert!(agent.process.wait_exit(STARTUP).await.unwrap().success());

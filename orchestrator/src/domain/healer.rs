@@ -472,4 +472,51 @@ mod tests {
         let decisions = healer.on_failures(vec![node(9)], 100, at(0));
         assert_eq!(held(&decisions), vec![(node(9).id, "hourly_budget")]);
     }
+
+    fn out_of_service(n: u8, why: OutOfService) -> FailedNode {
+        FailedNode {
+            out_of_service: Some(why),
+            ..node(n)
+        }
+    }
+
+    #[test]
+    fn a_drained_node_that_fails_is_held_and_spends_no_budget() {
+        let mut healer = Healer::new(policy(), Vec::new());
+        let decisions = healer.on_failures(vec![out_of_service(1, OutOfService::Drained)], 10, at(0));
+        assert_eq!(held(&decisions), vec![(node(1).id, "drained")]);
+        // Four drained failures at once are not a mass failure either.
+        let drained = (2..=5)
+            .map(|n| out_of_service(n, OutOfService::Drained))
+            .collect();
+        let decisions = healer.on_failures(drained, 1, at(1));
+        assert!(decisions.iter().all(|d| matches!(
+            d,
+            HealDecision::Hold {
+                cause: HoldCause::Drained,
+                ..
+            }
+        )));
+        let decisions = healer.on_failures(vec![node(6)], 10, at(2));
+        assert_eq!(healed(&decisions), vec![node(6).id], "the budget is untouched");
+    }
+
+    #[test]
+    fn maintenance_failures_are_healed_but_not_counted_towards_a_mass_failure() {
+        let mut healer = Healer::new(policy(), Vec::new());
+        // Three failures in a window of a fleet of three would be a mass failure;
+        // two of them were in maintenance, away too long, so they are not counted.
+        let failed = vec![
+            out_of_service(1, OutOfService::Maintenance),
+            out_of_service(2, OutOfService::Maintenance),
+            node(3),
+        ];
+        let decisions = healer.on_failures(failed, 1, at(0));
+        assert!(
+            !decisions
+                .iter()
+                .any(|d| matches!(d, HealDecision::MassFailure { .. }))
+        );
+        assert_eq!(healed(&decisions), vec![node(1).id, node(2).id, node(3).id]);
+    }
 }

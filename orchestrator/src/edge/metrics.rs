@@ -76,6 +76,14 @@ pub struct Metrics {
     pub nodes: Family<StateLabel, Gauge>,
     /// Nodes with a live stream (set at scrape time).
     pub active_nodes: Gauge,
+    /// Live nodes in service: not draining, drained or in maintenance (scrape time).
+    pub in_service_nodes: Gauge,
+    /// Nodes DRAINING, DRAINED or TERMINATING (scrape time).
+    pub disrupted_nodes: Gauge,
+    /// How many nodes max_disrupted_nodes allows disrupted now (scrape time).
+    pub disruption_allowed_nodes: Gauge,
+    /// Live nodes in maintenance (scrape time).
+    pub maintenance_nodes: Gauge,
     /// Predictions made (one per scaling check with enough history).
     pub ml_predictions_made: Counter,
     /// Share of recent scored predictions within +-0.10 of the actual.
@@ -182,6 +190,10 @@ impl Metrics {
             store_write_errors: Counter::default(),
             nodes: Family::default(),
             active_nodes: Gauge::default(),
+            in_service_nodes: Gauge::default(),
+            disrupted_nodes: Gauge::default(),
+            disruption_allowed_nodes: Gauge::default(),
+            maintenance_nodes: Gauge::default(),
             ml_predictions_made: Counter::default(),
             ml_prediction_accuracy_ratio: Gauge::default(),
             ml_baseline_accuracy_ratio: Gauge::default(),
@@ -314,8 +326,28 @@ impl Metrics {
         );
         r.register(
             "orchestrator_active_nodes",
-            "Nodes with a live stream (connected or terminating)",
+            "Nodes with a live, healthy stream (connected, terminating, draining or drained)",
             metrics.active_nodes.clone(),
+        );
+        r.register(
+            "orchestrator_in_service_nodes",
+            "Live nodes carrying traffic: not draining, drained or in maintenance",
+            metrics.in_service_nodes.clone(),
+        );
+        r.register(
+            "orchestrator_disrupted_nodes",
+            "Nodes draining, drained or terminating (what max_disrupted_nodes caps)",
+            metrics.disrupted_nodes.clone(),
+        );
+        r.register(
+            "orchestrator_disruption_allowed_nodes",
+            "Nodes max_disrupted_nodes allows to be disrupted at once now",
+            metrics.disruption_allowed_nodes.clone(),
+        );
+        r.register(
+            "orchestrator_maintenance_nodes",
+            "Live nodes in maintenance",
+            metrics.maintenance_nodes.clone(),
         );
         let ml: [(&str, &str, &Gauge<f64, AtomicU64>); 8] = [
             (
@@ -470,6 +502,11 @@ impl Metrics {
     /// Sets the fleet-state gauges from a snapshot (at scrape time).
     pub fn observe_fleet(&self, stats: &FleetStats) {
         self.active_nodes.set(i64::from(stats.active_nodes));
+        self.in_service_nodes.set(i64::from(stats.in_service_nodes));
+        self.disrupted_nodes.set(i64::from(stats.disrupted_nodes));
+        self.disruption_allowed_nodes
+            .set(i64::from(stats.disruption_allowed));
+        self.maintenance_nodes.set(i64::from(stats.maintenance_nodes));
         for state in crate::domain::node::NodeState::ALL {
             let count = stats.nodes_by_state.get(&state).copied().unwrap_or(0);
             self.nodes

@@ -163,8 +163,10 @@ impl Registry {
             && let Some(drain) = record
                 .drain
                 .as_ref()
-                .filter(|d| !d.completed && now >= d.deadline)
+                .filter(|d| !d.completed && now >= d.deadline && record.session.is_some())
         {
+            // Without a session the mark waits: the node is told to drain again,
+            // with a fresh deadline, when it reconnects.
             let reason = format!(
                 "the agent did not report the drain done within its deadline ({:.0}s)",
                 drain.timeout.as_secs_f64()
@@ -175,10 +177,6 @@ impl Registry {
         let Some(record) = self.nodes.get_mut(&id) else {
             return;
         };
-        if record.maintenance.is_some() {
-            // A node in maintenance is waited for on the maintenance clock.
-            record.restart_grace_until = None;
-        }
         if let Some(grace_until) = record.restart_grace_until {
             if now < grace_until {
                 return;
@@ -351,7 +349,12 @@ mod tests {
             termination_deadline: Duration::from_secs(4),
             termination_grace_period: Duration::from_secs(1),
             node_retention: Duration::from_secs(10),
-            disruption: Default::default(),
+            disruption: crate::domain::registry::DisruptionConfig {
+                drain_deadline: Duration::from_secs(2),
+                maintenance_max: Duration::from_secs(5),
+                budget: crate::domain::node::DisruptionBudget::Nodes(3),
+                protect_label: None,
+            },
         }
     }
 
@@ -433,6 +436,12 @@ mod tests {
         Advance(u16),
         Check,
         Restart(u16),
+        Drain(u8),
+        DrainThenTerminate(u8),
+        DrainDone(u8, bool),
+        Resume(u8),
+        ResumeDone(u8, bool),
+        Maintenance(u8, bool),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -447,6 +456,12 @@ mod tests {
             4 => (1..3000u16).prop_map(Op::Advance),
             4 => Just(Op::Check),
             1 => (0..8000u16).prop_map(Op::Restart),
+            1 => node.clone().prop_map(Op::Drain),
+            1 => node.clone().prop_map(Op::DrainThenTerminate),
+            1 => (node.clone(), any::<bool>()).prop_map(|(n, ok)| Op::DrainDone(n, ok)),
+            1 => node.clone().prop_map(Op::Resume),
+            1 => (node.clone(), any::<bool>()).prop_map(|(n, ok)| Op::ResumeDone(n, ok)),
+            1 => (node, any::<bool>()).prop_map(|(n, on)| Op::Maintenance(n, on)),
         ]
     }
 
@@ -481,6 +496,38 @@ mod tests {
             Op::Check => {
                 registry.check(now);
             }
+            Op::Drain(n) => {
+                let request = crate::domain::registry::DrainRequest {
+                    reason: "operator".into(),
+                    deadline: None,
+                    force: false,
+                };
+                let _ = registry.request_drain(id(n), request, now);
+            }
+            Op::DrainThenTerminate(n) => {
+                let request = crate::domain::registry::DrainRequest {
+                    reason: "scale down".into(),
+                    deadline: None,
+                    force: true,
+                };
+                let _ = registry.drain_then_terminate(id(n), "scale down", request, now);
+            }
+            Op::DrainDone(n, ok) => {
+                if let Some(session) = sessions[*n as usize] {
+                    let _ = registry.drain_result(id(n), session, *ok, "hook", now);
+                }
+            }
+            Op::Resume(n) => {
+                let _ = registry.resume(id(n), "operator", now);
+            }
+            Op::ResumeDone(n, ok) => {
+                if let Some(session) = sessions[*n as usize] {
+                    let _ = registry.resume_result(id(n), session, *ok, "hook", now);
+                }
+            }
+            Op::Maintenance(n, on) => {
+                let _ = registry.set_maintenance(id(n), *on, "reboot", now);
+            }
             Op::Advance(_) | Op::Restart(_) => {}
         }
     }
@@ -499,8 +546,10 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever happens, checking only the due nodes decides exactly what
-        /// checking every node decides: same states, same events.
+        /// Whatever happens (drains, resumes and maintenance included), checking
+        /// only the due nodes decides exactly what checking every node decides:
+        /// same states, same events. And no transition is lost: every change of
+        /// a node's state comes with an event that names the new state.
         #[test]
         fn the_schedule_decides_what_a_full_scan_decides(ops in proptest::collection::vec(op(), 1..120)) {
             let start = Instant::now();
@@ -509,6 +558,9 @@ mod tests {
             let (mut s1, mut s2) = ([None; 6], [None; 6]);
             let mut now = start;
             for op in &ops {
+                let before: Vec<_> = (0..6u8)
+                    .map(|n| scheduled.snapshot(info(n).id).map(|s| s.state))
+                    .collect();
                 match op {
                     Op::Advance(ms) => now += Duration::from_millis(u64::from(*ms)),
                     Op::Restart(grace_ms) => {
@@ -537,9 +589,21 @@ mod tests {
                         apply(&mut scanned, &mut s2, op, now);
                     }
                 }
-                prop_assert_eq!(published(&mut scheduled), published(&mut scanned), "after {:?}", op);
+                let events = published(&mut scheduled);
+                prop_assert_eq!(&events, &published(&mut scanned), "after {:?}", op);
                 for n in 0..6u8 {
                     let id = info(n).id;
+                    let after = scheduled.snapshot(id).map(|s| s.state);
+                    if after != before[n as usize]
+                        && !matches!(op, Op::Restart(_))
+                        && let Some(state) = after
+                    {
+                        prop_assert!(
+                            events.iter().any(|(node, _, said)| *node == id && *said == state),
+                            "node {} went {:?} -> {:?} on {:?} without an event saying so: {:?}",
+                            n, before[n as usize], after, op, events
+                        );
+                    }
                     let a = scheduled.snapshot(id).map(|s| (s.state, s.termination.is_some()));
                     let b = scanned.snapshot(id).map(|s| (s.state, s.termination.is_some()));
                     prop_assert_eq!(a, b, "node {} after {:?}", n, op);

@@ -465,6 +465,8 @@ impl Registry {
                     since: now,
                     away_since: (record.state == NodeState::Suspect).then_some(now),
                 });
+                // From now on the maintenance clock says how long it may be away.
+                record.restart_grace_until = None;
                 self.publish(node, EventKind::MaintenanceStarted, reason.to_owned(), now);
                 true
             }
@@ -481,5 +483,526 @@ impl Registry {
         };
         self.schedule(node, now);
         Ok((self.snapshot(node).expect("record exists"), changed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Drains, resumes and maintenance on fabricated instants.
+
+    use std::{
+        net::{IpAddr, Ipv4Addr},
+        time::SystemTime,
+    };
+
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::domain::{
+        node::{NodeInfo, OutOfService},
+        registry::{LifecycleConfig, TerminateError},
+    };
+
+    struct Fixture {
+        registry: Registry,
+        now: Instant,
+    }
+
+    fn config(budget: DisruptionBudget) -> LifecycleConfig {
+        LifecycleConfig {
+            heartbeat_timeout: Duration::from_secs(30),
+            dead_node_check_interval: Duration::from_secs(10),
+            required_consecutive_failures: 2,
+            termination_deadline: Duration::from_secs(20),
+            termination_grace_period: Duration::from_secs(5),
+            node_retention: Duration::from_secs(600),
+            disruption: DisruptionConfig {
+                drain_deadline: Duration::from_secs(60),
+                maintenance_max: Duration::from_secs(300),
+                budget,
+                protect_label: Some(("secbeat.io/protect".into(), "true".into())),
+            },
+        }
+    }
+
+    fn node(n: u128) -> NodeId {
+        NodeId(Uuid::from_u128(n))
+    }
+
+    fn info(n: u128, labels: &[(&str, &str)]) -> NodeInfo {
+        NodeInfo {
+            id: node(n),
+            hostname: format!("edge-{n}"),
+            ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, n as u8)),
+            agent_version: "test".into(),
+            labels: labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+        }
+    }
+
+    fn drain(reason: &str) -> DrainRequest {
+        DrainRequest {
+            reason: reason.into(),
+            deadline: None,
+            force: false,
+        }
+    }
+
+    impl Fixture {
+        fn new(budget: DisruptionBudget) -> Self {
+            let now = Instant::now();
+            Self {
+                registry: Registry::new(config(budget), now, SystemTime::UNIX_EPOCH),
+                now,
+            }
+        }
+
+        /// `count` connected nodes (ids 1..=count) with a CPU sample each.
+        fn with_nodes(budget: DisruptionBudget, count: u128) -> (Self, Vec<SessionId>) {
+            let mut f = Self::new(budget);
+            let sessions = (1..=count).map(|n| f.join(n, &[], 0.5)).collect();
+            f.registry.take_effects();
+            (f, sessions)
+        }
+
+        fn join(&mut self, n: u128, labels: &[(&str, &str)], cpu: f64) -> SessionId {
+            let session = self.registry.connect(info(n, labels), self.now);
+            self.registry.cpu_sample(node(n), session, cpu, self.now).unwrap();
+            session
+        }
+
+        fn advance(&mut self, secs: u64) {
+            self.now += Duration::from_secs(secs);
+        }
+
+        fn check(&mut self) {
+            self.registry.check(self.now);
+        }
+
+        fn state(&self, n: u128) -> NodeState {
+            self.registry.snapshot(node(n)).expect("known").state
+        }
+
+        fn events(&mut self) -> Vec<EventKind> {
+            self.registry
+                .take_effects()
+                .into_iter()
+                .filter_map(|effect| match effect {
+                    Effect::Publish(event) => Some(event.kind),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        /// Everything queued, events reduced to their kind.
+        fn effects(&mut self) -> Vec<String> {
+            self.registry
+                .take_effects()
+                .into_iter()
+                .map(|effect| match effect {
+                    Effect::Publish(event) => format!("{:?}", event.kind),
+                    Effect::SendDrain { .. } => "SendDrain".into(),
+                    Effect::SendResume { .. } => "SendResume".into(),
+                    Effect::SendTerminate { .. } => "SendTerminate".into(),
+                    Effect::CloseSession { .. } => "CloseSession".into(),
+                    Effect::DetectorStalled { .. } => "DetectorStalled".into(),
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn a_drain_sends_drain_and_a_reported_success_makes_the_node_drained_and_out_of_service() {
+        let (mut f, sessions) = Fixture::with_nodes(DisruptionBudget::Nodes(5), 2);
+        let accepted = f
+            .registry
+            .request_drain(node(1), drain("kernel patch"), f.now)
+            .unwrap();
+        assert!(!accepted.already_draining);
+        assert_eq!(
+            accepted.deadline,
+            Duration::from_secs(60),
+            "drain_deadline by default"
+        );
+        assert_eq!(accepted.node.state, NodeState::Draining);
+        assert_eq!(f.effects(), ["SendDrain", "DrainRequested"]);
+        assert_eq!(
+            f.registry.stats().in_service_nodes,
+            1,
+            "a draining node carries no traffic"
+        );
+        assert_eq!(f.registry.stats().active_nodes, 2, "but is live");
+
+        f.registry
+            .drain_result(node(1), sessions[0], true, "route withdrawn", f.now)
+            .unwrap();
+        assert_eq!(f.state(1), NodeState::Drained);
+        assert_eq!(f.events(), [EventKind::NodeDrained]);
+        let stats = f.registry.stats();
+        assert_eq!(stats.avg_cpu_usage, Some(0.5));
+        assert_eq!((stats.in_service_nodes, stats.disrupted_nodes), (1, 1));
+        assert_eq!(
+            f.registry.least_loaded().unwrap().id,
+            node(2),
+            "never a drained node"
+        );
+        let again = f.registry.request_drain(node(1), drain("again"), f.now).unwrap();
+        assert!(again.already_draining);
+        assert!(f.effects().is_empty(), "nothing is sent twice");
+        assert_eq!(
+            f.registry.drain_result(node(1), sessions[0], true, "late", f.now),
+            Err(SessionError::NoDrainPending)
+        );
+    }
+
+    #[test]
+    fn a_failed_hook_puts_the_node_back_in_service_and_tells_its_agent_to_resume() {
+        let (mut f, sessions) = Fixture::with_nodes(DisruptionBudget::Nodes(5), 1);
+        f.registry.request_drain(node(1), drain("x"), f.now).unwrap();
+        f.effects();
+        f.registry
+            .drain_result(node(1), sessions[0], false, "exit status: 3", f.now)
+            .unwrap();
+        assert_eq!(f.state(1), NodeState::Connected);
+        assert_eq!(f.effects(), ["DrainFailed", "SendResume"]);
+        assert!(f.registry.snapshot(node(1)).unwrap().drain.is_none());
+    }
+
+    #[test]
+    fn a_drain_not_reported_by_its_deadline_fails() {
+        let (mut f, sessions) = Fixture::with_nodes(DisruptionBudget::Nodes(5), 1);
+        let request = DrainRequest {
+            deadline: Some(Duration::from_secs(15)),
+            ..drain("x")
+        };
+        f.registry.request_drain(node(1), request, f.now).unwrap();
+        f.effects();
+        f.advance(10);
+        f.registry.heartbeat(node(1), sessions[0], f.now).unwrap();
+        f.check();
+        assert_eq!(f.state(1), NodeState::Draining);
+        f.advance(5);
+        f.registry.heartbeat(node(1), sessions[0], f.now).unwrap();
+        f.check();
+        assert_eq!(f.state(1), NodeState::Connected);
+        assert_eq!(f.effects(), ["DrainFailed", "SendResume"]);
+    }
+
+    #[test]
+    fn drain_then_terminate_sends_the_terminate_only_once_drained() {
+        let (mut f, sessions) = Fixture::with_nodes(DisruptionBudget::Nodes(5), 2);
+        let started = f
+            .registry
+            .drain_then_terminate(node(1), "scale down", drain("before terminate"), f.now)
+            .unwrap();
+        assert!(matches!(started, DrainThenTerminate::Draining(_)));
+        assert_eq!(f.effects(), ["SendDrain", "DrainRequested"]);
+        f.registry
+            .drain_result(node(1), sessions[0], true, "withdrawn", f.now)
+            .unwrap();
+        assert_eq!(
+            f.effects(),
+            ["NodeDrained", "SendTerminate", "TerminateRequested"]
+        );
+        assert_eq!(f.state(1), NodeState::Terminating);
+        f.registry.terminate_ack(node(1), sessions[0], f.now).unwrap();
+        f.registry
+            .goodbye(node(1), sessions[0], "terminated", f.now)
+            .unwrap();
+        assert_eq!(f.state(1), NodeState::Terminated);
+
+        // A failed drain sends no terminate at all.
+        f.registry
+            .drain_then_terminate(node(2), "scale down", drain("before terminate"), f.now)
+            .unwrap();
+        f.effects();
+        f.registry
+            .drain_result(node(2), sessions[1], false, "bgp down", f.now)
+            .unwrap();
+        let effects = f.effects();
+        assert_eq!(effects, ["DrainFailed", "SendResume"]);
+        assert_eq!(f.state(2), NodeState::Connected);
+
+        // A node drained already is terminated at once.
+        let (mut f, sessions) = Fixture::with_nodes(DisruptionBudget::Nodes(5), 1);
+        f.registry.request_drain(node(1), drain("x"), f.now).unwrap();
+        f.registry
+            .drain_result(node(1), sessions[0], true, "ok", f.now)
+            .unwrap();
+        f.effects();
+        let done = f
+            .registry
+            .drain_then_terminate(node(1), "retire", drain("x"), f.now)
+            .unwrap();
+        assert!(matches!(done, DrainThenTerminate::Terminating(_)));
+        assert_eq!(f.effects(), ["SendTerminate", "TerminateRequested"]);
+    }
+
+    #[test]
+    fn the_budget_refuses_a_third_drain_at_two_unless_forced() {
+        let (mut f, _) = Fixture::with_nodes(DisruptionBudget::Nodes(2), 5);
+        f.registry.request_drain(node(1), drain("a"), f.now).unwrap();
+        f.registry.request_terminate(node(2), "operator", f.now).unwrap();
+        let refused = f.registry.request_drain(node(3), drain("c"), f.now).unwrap_err();
+        assert_eq!(
+            refused,
+            DrainError::Budget {
+                budget: DisruptionBudget::Nodes(2),
+                allowed: 2,
+                live: 5,
+                disrupted: 2
+            }
+        );
+        assert!(
+            refused.to_string().contains("max_disrupted_nodes (2)"),
+            "{refused}"
+        );
+        assert_eq!(f.state(3), NodeState::Connected, "a refusal changes nothing");
+        let forced = DrainRequest {
+            force: true,
+            ..drain("c")
+        };
+        f.registry.request_drain(node(3), forced, f.now).unwrap();
+        assert_eq!(f.state(3), NodeState::Draining);
+        // Scale-down goes through the same budget.
+        let refused = f
+            .registry
+            .drain_then_terminate(node(4), "scale down", drain("x"), f.now)
+            .unwrap_err();
+        assert!(matches!(refused, DrainError::Budget { disrupted: 3, .. }));
+
+        // A percent is of the live fleet, rounded up: 10% of 5 is 1.
+        let (mut f, _) = Fixture::with_nodes(DisruptionBudget::Percent(10.0), 5);
+        f.registry.request_drain(node(1), drain("a"), f.now).unwrap();
+        assert!(f.registry.request_drain(node(2), drain("b"), f.now).is_err());
+        assert_eq!(f.registry.stats().disruption_allowed, 1);
+    }
+
+    #[test]
+    fn resume_returns_a_drained_node_to_service_and_a_failing_hook_drains_it_again() {
+        let (mut f, sessions) = Fixture::with_nodes(DisruptionBudget::Nodes(5), 1);
+        assert_eq!(
+            f.registry.resume(node(1), "x", f.now).unwrap_err(),
+            ServiceError::NotDrained {
+                node: node(1),
+                state: NodeState::Connected
+            }
+        );
+        f.registry.request_drain(node(1), drain("x"), f.now).unwrap();
+        f.registry
+            .drain_result(node(1), sessions[0], true, "ok", f.now)
+            .unwrap();
+        f.effects();
+        let resumed = f.registry.resume(node(1), "patched", f.now).unwrap();
+        assert_eq!(resumed.state, NodeState::Connected);
+        assert_eq!(f.effects(), ["SendResume", "NodeResumed"]);
+        f.registry
+            .resume_result(node(1), sessions[0], true, "announced", f.now)
+            .unwrap();
+        assert_eq!(f.state(1), NodeState::Connected);
+        assert!(f.effects().is_empty());
+
+        f.registry.request_drain(node(1), drain("x"), f.now).unwrap();
+        f.registry
+            .drain_result(node(1), sessions[0], true, "ok", f.now)
+            .unwrap();
+        f.registry.resume(node(1), "patched", f.now).unwrap();
+        f.effects();
+        f.registry
+            .resume_result(node(1), sessions[0], false, "exit status: 4", f.now)
+            .unwrap();
+        assert_eq!(f.state(1), NodeState::Drained, "its route could not be announced");
+        assert_eq!(f.events(), [EventKind::ResumeFailed]);
+    }
+
+    #[test]
+    fn a_node_in_maintenance_may_vanish_and_come_back_without_failing() {
+        let (mut f, sessions) = Fixture::with_nodes(DisruptionBudget::Nodes(5), 2);
+        let (snapshot, changed) = f
+            .registry
+            .set_maintenance(node(1), true, "reboot", f.now)
+            .unwrap();
+        assert!(changed && snapshot.maintenance.is_some());
+        assert_eq!(f.events(), [EventKind::MaintenanceStarted]);
+        assert!(
+            !f.registry
+                .set_maintenance(node(1), true, "again", f.now)
+                .unwrap()
+                .1
+        );
+        assert_eq!(f.registry.stats().avg_cpu_usage, Some(0.5));
+        assert_eq!(f.registry.stats().in_service_nodes, 1);
+        assert_eq!(f.registry.mass_failure_population(), 1);
+
+        f.registry.stream_closed(node(1), sessions[0], "killed", f.now);
+        assert_eq!(f.state(1), NodeState::Suspect);
+        for _ in 0..20 {
+            f.advance(10);
+            f.registry.heartbeat(node(2), sessions[1], f.now).unwrap();
+            f.check();
+        }
+        assert_eq!(
+            f.state(1),
+            NodeState::Suspect,
+            "200 s away is within maintenance_max"
+        );
+        let away = f.registry.snapshot(node(1)).unwrap().maintenance.unwrap();
+        assert!(away.away_since.is_some() && away.fails_at.is_some());
+        f.registry.take_effects();
+        f.registry.connect(info(1, &[]), f.now);
+        assert_eq!(f.state(1), NodeState::Connected);
+        assert_eq!(f.events(), [EventKind::NodeReconnected]);
+        assert_eq!(f.registry.stats().unexpected_failures_total, 0);
+    }
+
+    #[test]
+    fn a_node_away_longer_than_maintenance_max_fails_once_as_out_of_service() {
+        let (mut f, sessions) = Fixture::with_nodes(DisruptionBudget::Nodes(5), 1);
+        f.registry
+            .set_maintenance(node(1), true, "reboot", f.now)
+            .unwrap();
+        f.advance(31);
+        f.check();
+        assert_eq!(f.state(1), NodeState::Suspect, "silent, in maintenance");
+        let _ = sessions;
+        f.advance(268);
+        f.check();
+        assert_eq!(f.state(1), NodeState::Suspect, "away 299 s");
+        f.advance(1);
+        f.check();
+        assert_eq!(f.state(1), NodeState::Failed);
+        assert_eq!(
+            f.registry.out_of_service(node(1)),
+            Some(OutOfService::Maintenance)
+        );
+        f.advance(10);
+        f.check();
+        assert_eq!(f.registry.stats().unexpected_failures_total, 1, "once");
+    }
+
+    #[test]
+    fn ending_maintenance_of_a_node_away_starts_the_normal_count() {
+        let (mut f, sessions) = Fixture::with_nodes(DisruptionBudget::Nodes(5), 1);
+        f.registry
+            .set_maintenance(node(1), true, "reboot", f.now)
+            .unwrap();
+        f.registry.stream_closed(node(1), sessions[0], "killed", f.now);
+        f.check();
+        f.check();
+        f.check();
+        assert_eq!(f.state(1), NodeState::Suspect);
+        let (_, changed) = f.registry.set_maintenance(node(1), false, "done", f.now).unwrap();
+        assert!(changed);
+        f.check();
+        assert_eq!(f.state(1), NodeState::Suspect, "one check is not enough");
+        f.check();
+        assert_eq!(f.state(1), NodeState::Failed);
+        assert_eq!(f.registry.out_of_service(node(1)), None, "healed as any failure");
+    }
+
+    #[test]
+    fn a_drained_node_that_fails_is_out_of_service_and_a_reconnect_drains_it_again() {
+        let (mut f, sessions) = Fixture::with_nodes(DisruptionBudget::Nodes(5), 1);
+        f.registry.request_drain(node(1), drain("retire"), f.now).unwrap();
+        f.registry
+            .drain_result(node(1), sessions[0], true, "ok", f.now)
+            .unwrap();
+        f.registry.stream_closed(node(1), sessions[0], "killed", f.now);
+        f.check();
+        f.check();
+        assert_eq!(f.state(1), NodeState::Failed);
+        assert_eq!(f.registry.out_of_service(node(1)), Some(OutOfService::Drained));
+        f.effects();
+        f.registry.connect(info(1, &[]), f.now);
+        assert_eq!(f.state(1), NodeState::Draining, "still taken out of service");
+        assert_eq!(f.effects(), ["NodeReconnected", "SendDrain"]);
+    }
+
+    #[test]
+    fn protected_nodes_and_nodes_out_of_service_are_never_scaled_down() {
+        let mut f = Fixture::new(DisruptionBudget::Nodes(5));
+        f.join(1, &[("secbeat.io/protect", "true")], 0.01);
+        f.join(2, &[], 0.02);
+        f.join(3, &[], 0.03);
+        f.join(4, &[("secbeat.io/protect", "false")], 0.04);
+        assert_eq!(f.registry.least_loaded().unwrap().id, node(2));
+        f.registry.set_maintenance(node(2), true, "x", f.now).unwrap();
+        assert_eq!(f.registry.least_loaded().unwrap().id, node(3));
+        f.registry.request_drain(node(3), drain("x"), f.now).unwrap();
+        assert_eq!(
+            f.registry.least_loaded().unwrap().id,
+            node(4),
+            "protect=false protects nothing"
+        );
+    }
+
+    #[test]
+    fn maintenance_and_resume_of_gone_or_unknown_nodes_are_refused() {
+        let (mut f, sessions) = Fixture::with_nodes(DisruptionBudget::Nodes(5), 1);
+        assert_eq!(
+            f.registry.set_maintenance(node(9), true, "x", f.now).unwrap_err(),
+            ServiceError::NotFound(node(9))
+        );
+        f.registry
+            .goodbye(node(1), sessions[0], "shutdown", f.now)
+            .unwrap();
+        assert!(matches!(
+            f.registry.set_maintenance(node(1), true, "x", f.now),
+            Err(ServiceError::Ended { .. })
+        ));
+        assert!(matches!(
+            f.registry.request_drain(node(1), drain("x"), f.now),
+            Err(DrainError::NotConnected { .. })
+        ));
+        assert_eq!(
+            f.registry.request_drain(node(9), drain("x"), f.now).unwrap_err(),
+            DrainError::NotFound(node(9))
+        );
+        let error: DrainError = TerminateError::NotFound(node(9)).into();
+        assert_eq!(error, DrainError::NotFound(node(9)));
+    }
+
+    /// How to bring a fresh node 1 into each state, and one input that takes it
+    /// out again: every state is reachable and leavable.
+    #[test]
+    fn every_state_is_reachable_and_leavable() {
+        for target in NodeState::ALL {
+            let (mut f, sessions) = Fixture::with_nodes(DisruptionBudget::Nodes(5), 1);
+            let s = sessions[0];
+            let id = node(1);
+            match target {
+                NodeState::Connected => {}
+                NodeState::Suspect => f.registry.stream_closed(id, s, "reset", f.now),
+                NodeState::Failed => {
+                    f.registry.stream_closed(id, s, "reset", f.now);
+                    f.check();
+                    f.check();
+                }
+                NodeState::Terminating => {
+                    f.registry.request_terminate(id, "x", f.now).unwrap();
+                }
+                NodeState::Terminated => {
+                    f.registry.request_terminate(id, "x", f.now).unwrap();
+                    f.registry.goodbye(id, s, "terminated", f.now).unwrap();
+                }
+                NodeState::Left => f.registry.goodbye(id, s, "shutdown", f.now).unwrap(),
+                NodeState::Draining => {
+                    f.registry.request_drain(id, drain("x"), f.now).unwrap();
+                }
+                NodeState::Drained => {
+                    f.registry.request_drain(id, drain("x"), f.now).unwrap();
+                    f.registry.drain_result(id, s, true, "ok", f.now).unwrap();
+                }
+            }
+            assert_eq!(f.state(1), target, "reaching {target}");
+            match target {
+                NodeState::Connected | NodeState::Draining | NodeState::Drained | NodeState::Terminating => {
+                    f.registry.stream_closed(id, s, "reset", f.now);
+                }
+                NodeState::Suspect | NodeState::Failed | NodeState::Terminated | NodeState::Left => {
+                    f.registry.connect(info(1, &[]), f.now);
+                }
+            }
+            assert_ne!(f.state(1), target, "leaving {target}");
+        }
     }
 }

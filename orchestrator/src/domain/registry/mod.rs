@@ -486,6 +486,7 @@ impl Registry {
         let deadline = now + self.config.termination_deadline;
         for node in nodes {
             let final_state = node.state.is_final();
+            let in_maintenance = node.maintenance.is_some();
             let record = NodeRecord {
                 info: NodeInfo {
                     id: node.id,
@@ -529,7 +530,8 @@ impl Registry {
                     away_since: (!final_state).then_some(now),
                 }),
                 ended_at: final_state.then_some(now),
-                restart_grace_until: (!final_state).then_some(now + grace),
+                // A node in maintenance is waited for on the maintenance clock.
+                restart_grace_until: (!final_state && !in_maintenance).then_some(now + grace),
                 due: None,
             };
             let id = node.id;
