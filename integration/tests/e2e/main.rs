@@ -3,6 +3,7 @@
 
 mod deploy;
 mod descriptors;
+mod disruption;
 mod faults;
 mod grpcurl;
 mod ha;
