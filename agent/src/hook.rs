@@ -138,7 +138,12 @@ pub async fn run(kind: HookKind, command: Option<&str>, reason: &str, limit: Dur
             HookOutcome::Failed(format!("could not be awaited: {error}"))
         }
         Err(_) => {
-            warn!(%command, limit_s = limit.as_secs_f64(), "{hook} command outlived its time; killing its process group");
+            let limit_name = if kind == HookKind::Terminate {
+                "the grace period"
+            } else {
+                "its deadline"
+            };
+            warn!(%command, limit_s = limit.as_secs_f64(), "{hook} command outlived {limit_name}; killing its process group");
             group.kill();
             // Also kill and reap the shell itself, so the agent never waits on it
             // even if the group could not be signalled.

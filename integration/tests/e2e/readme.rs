@@ -8,12 +8,20 @@ use secbeat_integration::{FAST_CONFIG, Orchestrator, grpcurl, http_request};
 
 const README: &str = include_str!("../../../README.md");
 
-/// The first `sh` block after the "## Operator guide" heading.
+/// The first `sh` block of the taking-out-of-service section, then of the
+/// operator guide (whose last line terminates the node).
 fn operator_guide_commands() -> Vec<String> {
+    let mut commands = section_commands("## Taking nodes out of service");
+    commands.extend(section_commands("## Operator guide"));
+    commands
+}
+
+/// The first `sh` block after `heading`.
+fn section_commands(heading: &str) -> Vec<String> {
     let section = README
-        .split("## Operator guide")
+        .split(heading)
         .nth(1)
-        .expect("README has an Operator guide section");
+        .unwrap_or_else(|| panic!("README has a {heading} section"));
     let block = section
         .split("```sh\n")
         .nth(1)
@@ -88,6 +96,15 @@ async fn every_command_in_the_operator_guide_works() {
         }
         if command.contains("GetNode") {
             assert!(stdout.contains(&agent.id()), "{stdout}");
+        }
+        if command.contains("DrainNode") {
+            assert!(stdout.contains("NODE_STATE_DRAINING"), "{stdout}");
+        }
+        if command.contains("ResumeNode") {
+            assert!(stdout.contains("NODE_STATE_CONNECTED"), "{stdout}");
+        }
+        if command.contains("SetMaintenance") {
+            assert!(stdout.contains("\"changed\": true"), "{stdout}");
         }
     }
 }
