@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod args;
+pub mod boot;
 pub mod cpu;
 pub mod hook;
 pub mod identity;
@@ -59,6 +60,8 @@ pub struct Agent {
     backoff: Backoff,
     metrics: AgentMetrics,
     metrics_listener: Option<std::net::TcpListener>,
+    /// Why the previous established session ended, told in the next Hello.
+    last_disconnect: String,
 }
 
 impl Agent {
@@ -167,6 +170,7 @@ impl Agent {
             on_terminate: args.on_terminate,
             on_drain: args.on_drain,
             on_resume: args.on_resume,
+            boot: boot::Boot::of_this_host(),
             connect_timeout,
             token: args.token,
         };
@@ -189,6 +193,7 @@ impl Agent {
             backoff,
             metrics: AgentMetrics::new(),
             metrics_listener,
+            last_disconnect: String::new(),
         })
     }
 
@@ -208,9 +213,16 @@ impl Agent {
         loop {
             let span = tracing::info_span!("agent_session", node.id = %self.settings.node_id);
             let endpoint = self.orchestrators.current().clone();
-            let ended = session::run(&endpoint, &self.settings, &mut self.cpu, &self.metrics, &shutdown)
-                .instrument(span)
-                .await;
+            let ended = session::run(
+                &endpoint,
+                &self.settings,
+                &self.last_disconnect,
+                &mut self.cpu,
+                &self.metrics,
+                &shutdown,
+            )
+            .instrument(span)
+            .await;
             match ended {
                 SessionEnd::Terminated => return Exit::Clean,
                 SessionEnd::ShutDown => return Exit::Clean,
@@ -234,6 +246,7 @@ impl Agent {
                     }
                     self.metrics.sessions_lost.inc();
                     if established {
+                        self.last_disconnect = cause.clone();
                         self.backoff.reset();
                         self.orchestrators.connected();
                     }

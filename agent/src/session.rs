@@ -54,6 +54,8 @@ pub struct SessionSettings {
     pub on_drain: Option<String>,
     /// Shell command run on Resume (announce the route), bounded by its deadline.
     pub on_resume: Option<String>,
+    /// The host's boot, told in every Hello.
+    pub boot: crate::boot::Boot,
     /// Bound on answering the Hello and on waiting for the Welcome (the endpoint
     /// carries the same bound for the TCP connect).
     pub connect_timeout: Duration,
@@ -114,6 +116,7 @@ fn service_hook(kind: HookKind, command: Option<String>, reason: String, deadlin
 pub async fn run(
     endpoint: &Endpoint,
     settings: &SessionSettings,
+    last_disconnect: &str,
     cpu: &mut CpuSource,
     metrics: &AgentMetrics,
     shutdown: &CancellationToken,
@@ -145,6 +148,9 @@ pub async fn run(
         ip: settings.ip.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         labels: settings.labels.iter().cloned().collect(),
+        boot_id: settings.boot.id.clone().unwrap_or_default(),
+        boot_time: settings.boot.time.map(wire::timestamp_to_proto),
+        last_disconnect: last_disconnect.chars().take(256).collect(),
     };
     let _ = outbound.send(message(Kind::Hello(hello))).await;
     let mut client = AgentServiceClient::new(channel);
@@ -466,6 +472,10 @@ mod tests {
             on_terminate: None,
             on_drain: None,
             on_resume: None,
+            boot: crate::boot::Boot {
+                id: Some("0c5b5d9e-5a0e-4a39-8d2f-6b8f7f3f2a11".into()),
+                time: None,
+            },
             connect_timeout: Duration::from_secs(5),
             token: None,
         };
@@ -511,7 +521,15 @@ mod tests {
         tokio::spawn(async move {
             let mut cpu = CpuSource::Const(0.42);
             let metrics = AgentMetrics::new();
-            run(&endpoint, &settings, &mut cpu, &metrics, &shutdown).await
+            run(
+                &endpoint,
+                &settings,
+                "reset by peer",
+                &mut cpu,
+                &metrics,
+                &shutdown,
+            )
+            .await
         })
     }
 
@@ -537,6 +555,11 @@ mod tests {
             ("edge-test", "192.0.2.7")
         );
         assert_eq!(hello.labels.get("pop").map(String::as_str), Some("fra1"));
+        assert_eq!(hello.boot_id, "0c5b5d9e-5a0e-4a39-8d2f-6b8f7f3f2a11");
+        assert_eq!(
+            hello.last_disconnect, "reset by peer",
+            "what ended the previous session"
+        );
 
         control.send(welcome(Duration::from_millis(20))).await.unwrap();
         // Every interval: one heartbeat with the next sequence, carrying the sample.

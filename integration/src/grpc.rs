@@ -22,7 +22,7 @@ pub async fn node(fleet: &mut FleetServiceClient<Channel>, node_id: &str) -> Opt
 /// The fleet's current figures.
 pub async fn fleet_stats(fleet: &mut FleetServiceClient<Channel>) -> pb::GetFleetStatsResponse {
     fleet
-        .get_fleet_stats(pb::GetFleetStatsRequest {})
+        .get_fleet_stats(pb::GetFleetStatsRequest::default())
         .await
         .expect("GetFleetStats")
         .into_inner()
@@ -106,6 +106,7 @@ pub fn hello(node_id: Uuid) -> pb::AgentMessage {
             ip: "192.0.2.10".into(),
             agent_version: "test".into(),
             labels: Default::default(),
+            ..Default::default()
         })),
     }
 }

@@ -23,6 +23,7 @@ fn main() -> std::io::Result<()> {
                 ip: "10.0.1.42".into(),
                 agent_version: "0.1.0".into(),
                 labels: [("zone".to_owned(), "a".to_owned())].into(),
+                ..Default::default()
             }),
         ),
         (

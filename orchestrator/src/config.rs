@@ -341,6 +341,10 @@ config_keys! {
     mass_failure_window: Duration = Duration::from_secs(60), Float "SECS", serde(with = "seconds");
     /// Fewer failures than this in a window are never a mass failure.
     mass_failure_min_nodes: u32 = 3, Int "N";
+    /// The node label whose values are the failure domains (e.g. pop): the
+    /// mass-failure guard and the hourly budget then apply per domain, and nodes
+    /// without the label form one domain. Empty: the whole fleet is one domain.
+    failure_domain_label: String = String::new(), Text "LABEL";
     /// After a restart, time known nodes get to reconnect before they are judged,
     /// seconds (those that do not are FAILED, or TERMINATED if told to terminate).
     restart_reconnect_grace: Duration = Duration::from_secs(60), Float "SECS", serde(with = "seconds");
@@ -710,6 +714,17 @@ impl Config {
             ));
         }
         self.protect_label()?;
+        let label = self.failure_domain_label.trim();
+        if label.len() > 128
+            || label
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace() || "=!,".contains(c))
+        {
+            return Err(ConfigError::new(
+                "failure_domain_label",
+                format!("{label:?} is not a label key (e.g. pop)"),
+            ));
+        }
         self.validate_security()?;
         self.validate_high_availability()?;
         let fraction = self.mass_failure_fraction;
@@ -972,6 +987,9 @@ impl Config {
                 maintenance_max: self.maintenance_max,
                 budget: self.max_disrupted_nodes,
                 protect_label: self.protect_label().expect("validated at load"),
+                failure_domain_label: Some(self.failure_domain_label.trim())
+                    .filter(|label| !label.is_empty())
+                    .map(str::to_owned),
             },
             heartbeat_timeout: self.heartbeat_timeout,
             dead_node_check_interval: self.dead_node_check_interval,
@@ -1194,6 +1212,7 @@ mod tests {
             ("max_disrupted_nodes = \"150%\"", "max_disrupted_nodes"),
             ("max_disrupted_nodes = -2", "max_disrupted_nodes"),
             ("protect_label = \"protected\"", "protect_label"),
+            ("failure_domain_label = \"pop=fra1\"", "failure_domain_label"),
             ("drain_deadline = 0", "drain_deadline"),
             ("drain_deadline = 7200", "drain_deadline"),
             ("maintenance_max = 0", "maintenance_max"),

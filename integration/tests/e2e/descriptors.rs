@@ -199,7 +199,7 @@ async fn wait_for_heartbeats(orchestrator: &Orchestrator, count: u64) {
         let mut fleet = fleet.clone();
         async move {
             let nodes = fleet
-                .list_nodes(secbeat::pb::ListNodesRequest {})
+                .list_nodes(secbeat::pb::ListNodesRequest::default())
                 .await
                 .ok()?
                 .into_inner()

@@ -72,7 +72,7 @@ async fn with_tokens_and_no_client_ca_an_anonymous_or_viewer_stream_cannot_take_
         let id = agent.id();
         async move {
             let nodes = viewer
-                .list_nodes(pb::ListNodesRequest {})
+                .list_nodes(pb::ListNodesRequest::default())
                 .await
                 .ok()?
                 .into_inner()
@@ -119,13 +119,18 @@ async fn with_tokens_and_no_client_ca_an_anonymous_or_viewer_stream_cannot_take_
     // The agent token opens no operator call.
     let mut agent_as_operator = fleet_as(&orchestrator, AGENT_TOKEN).await;
     let refused = agent_as_operator
-        .list_nodes(pb::ListNodesRequest {})
+        .list_nodes(pb::ListNodesRequest::default())
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
     // A lowercase scheme is a valid scheme (RFC 7235).
     let mut lowercase = fleet_with(&orchestrator, &format!("bearer {VIEWER_TOKEN}")).await;
-    assert!(lowercase.list_nodes(pb::ListNodesRequest {}).await.is_ok());
+    assert!(
+        lowercase
+            .list_nodes(pb::ListNodesRequest::default())
+            .await
+            .is_ok()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,7 +155,7 @@ async fn departed_nodes_do_not_hold_a_slot_under_max_nodes() {
     wait_for_state(&mut fleet, &leaving.id(), NodeState::Left, STARTUP).await;
     let (replacement, _) = orchestrator.connected_agent(&[]).await.unwrap();
     let nodes = fleet
-        .list_nodes(pb::ListNodesRequest {})
+        .list_nodes(pb::ListNodesRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -226,6 +231,7 @@ async fn agent_supplied_text_cannot_forge_a_log_line_or_reach_a_terminal_raw() {
                 ip: String::new(),
                 agent_version: "test".into(),
                 labels,
+                ..Default::default()
             })),
         };
         let refused = raw_connect(&mut client, vec![message]).await.err().unwrap();

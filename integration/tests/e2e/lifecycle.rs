@@ -20,7 +20,7 @@ async fn two_agents_connect_and_report_cpu_fractions() {
         let mut fleet = fleet.clone();
         async move {
             let nodes = fleet
-                .list_nodes(pb::ListNodesRequest {})
+                .list_nodes(pb::ListNodesRequest::default())
                 .await
                 .ok()?
                 .into_inner()

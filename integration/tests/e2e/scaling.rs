@@ -240,7 +240,7 @@ async fn grpcurl_reads_and_watches_predictions_as_json() {
     assert!(ok && listed.contains("secbeat.v1.PredictionService"), "{listed}");
     let mut fleet = orchestrator.fleet().await.unwrap();
     let stats = fleet
-        .get_fleet_stats(pb::GetFleetStatsRequest {})
+        .get_fleet_stats(pb::GetFleetStatsRequest::default())
         .await
         .unwrap()
         .into_inner();

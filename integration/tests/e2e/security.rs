@@ -111,7 +111,10 @@ async fn mtls_admits_an_agent_only_for_the_node_id_in_its_certificate() {
 
     // Plain text to the TLS port fails.
     let mut plain = orchestrator.fleet().await.unwrap();
-    let refused = plain.list_nodes(pb::ListNodesRequest {}).await.unwrap_err();
+    let refused = plain
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap_err();
     assert_ne!(refused.code(), tonic::Code::Ok);
 
     // No client certificate: refused, and the agent stops (it would not help to retry).
@@ -143,7 +146,7 @@ async fn mtls_admits_an_agent_only_for_the_node_id_in_its_certificate() {
     )
     .await;
     let listed = operator
-        .list_nodes(pb::ListNodesRequest {})
+        .list_nodes(pb::ListNodesRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -172,11 +175,17 @@ async fn operator_calls_need_an_operator_credential() {
         .await;
     let denied = as_agent.terminate_node(terminate()).await.unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
-    let denied = as_agent.list_nodes(pb::ListNodesRequest {}).await.unwrap_err();
+    let denied = as_agent
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
 
     let mut nobody = pki.fleet(&orchestrator, None).await;
-    let denied = nobody.list_nodes(pb::ListNodesRequest {}).await.unwrap_err();
+    let denied = nobody
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::Unauthenticated);
 
     let mut viewer = pki.fleet(&orchestrator, Some("viewer-grafana")).await;

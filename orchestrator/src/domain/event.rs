@@ -65,11 +65,16 @@ pub enum EventKind {
     MaintenanceStarted,
     /// The node left maintenance.
     MaintenanceEnded,
+    /// Much of a failure domain failed at once: one MASS_NODE_FAILURE alert, its
+    /// failures held.
+    MassNodeFailure,
+    /// Healing or scaling was paused or resumed (`SetAutomation`).
+    AutomationChanged,
 }
 
 impl EventKind {
     /// Every kind, for tests and exhaustive tables.
-    pub const ALL: [EventKind; 27] = [
+    pub const ALL: [EventKind; 29] = [
         EventKind::NodeJoined,
         EventKind::NodeReconnected,
         EventKind::NodeSuspected,
@@ -97,6 +102,8 @@ impl EventKind {
         EventKind::ResumeFailed,
         EventKind::MaintenanceStarted,
         EventKind::MaintenanceEnded,
+        EventKind::MassNodeFailure,
+        EventKind::AutomationChanged,
     ];
 }
 
@@ -111,6 +118,8 @@ pub struct EventNode {
     pub hostname: String,
     /// The node's state after the event.
     pub state: NodeState,
+    /// The node's labels (so watchers can filter by selector).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// The webhook a delivery event is about.
@@ -165,6 +174,11 @@ pub struct FleetEvent {
     pub webhook: Option<WebhookRef>,
     /// The decision (scale events).
     pub decision: Option<ScaleDecision>,
+    /// The failure domain (mass-failure and healing events), e.g. `pop=fra1`.
+    pub failure_domain: Option<String>,
+    /// For NODE_RECONNECTED: whether the node rebooted since its previous
+    /// session (None when either session did not say).
+    pub rebooted: Option<bool>,
 }
 
 impl FleetEvent {
@@ -178,6 +192,8 @@ impl FleetEvent {
             reason,
             webhook: None,
             decision: None,
+            failure_domain: None,
+            rebooted: None,
         }
     }
 

@@ -3,26 +3,36 @@
 //!
 //! It is sans-IO: failures come in with the wall-clock `now` (the ledger outlives
 //! restarts, so monotonic instants will not do), decisions come out. Three limits:
-//! - an hourly budget (`max_self_healing_per_hour`), over a rolling hour;
+//! - an hourly budget (`max_self_healing_per_hour`), over a rolling hour, per
+//!   failure domain;
 //! - a cooldown per node identity (`self_healing_cooldown_minutes`), so a node that
 //!   crash-loops is not replaced over and over;
-//! - a mass-failure guard: when more than `mass_failure_fraction` of the fleet
-//!   (and at least `mass_failure_min_nodes` nodes) failed within
-//!   `mass_failure_window`, the orchestrator suspects itself or the network rather
-//!   than the nodes. It raises one alert, listing every node failed in the window,
-//!   and heals none of them; the guard stays up until a window passes without a
-//!   failure. The operator (or the alert's receiver) decides what to replace.
+//! - a mass-failure guard, per failure domain: when more than
+//!   `mass_failure_fraction` of a domain's nodes (and at least
+//!   `mass_failure_min_nodes` nodes) failed within `mass_failure_window`, the
+//!   orchestrator suspects the network (a PoP's uplink) or itself rather than the
+//!   nodes. It raises one alert for that domain, listing every node failed in the
+//!   window, and heals none of them; the guard stays up until a window passes
+//!   without a failure there. Other domains keep healing normally.
+//!
+//! Failure domains are the values of `failure_domain_label` (a PoP, say): the
+//! registry names each node's (`pop=fra1`; `!pop` for nodes without the label;
+//! the empty name, the whole fleet, when no label is configured).
 //!
 //! Nodes out of service when they failed: a DRAINED node carried no traffic and
 //! an operator took it out, so it is not healed (held, cause `drained`); a node in
 //! maintenance that stayed away past `maintenance_max` is healed as usual, but
 //! neither it nor its absence counts towards a mass failure.
 //!
+//! Paused (`SetAutomation`): every failure is held with the cause `paused` and
+//! kept; on resume, the caller hands back those still FAILED and they are decided
+//! as if they failed then (budget, cooldown and guard apply).
+//!
 //! Nothing is dropped silently: every failure yields a [`HealDecision`], and a held one
 //! says which limit held it.
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeMap, VecDeque},
     net::IpAddr,
     time::{Duration, SystemTime},
 };
@@ -35,11 +45,11 @@ const HOUR: Duration = Duration::from_secs(3600);
 /// The healer's limits.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealingPolicy {
-    /// Heals allowed in any rolling hour.
+    /// Heals allowed in any rolling hour, per failure domain.
     pub max_per_hour: u32,
     /// Minimum time between two heals of the same node identity.
     pub cooldown: Duration,
-    /// Share of the fleet that must fail within the window to count as a mass
+    /// Share of a domain that must fail within the window to count as a mass
     /// failure (strictly more than this); 1.0 turns the guard off.
     pub mass_failure_fraction: f64,
     /// The window over which failures are counted together.
@@ -60,23 +70,31 @@ pub struct FailedNode {
     pub hostname: String,
     /// Whether it was out of service (drained, in maintenance) when it failed.
     pub out_of_service: Option<OutOfService>,
+    /// Its failure domain (`pop=fra1`; empty without `failure_domain_label`).
+    pub domain: String,
+    /// Its labels (events about it carry them, for selectors).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// One past heal, as the ledger keeps it (persisted).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HealRecord {
     /// When the heal was requested.
     pub at: SystemTime,
     /// The node it replaced.
     pub node: NodeId,
+    /// The node's failure domain (empty in records from before domains, and
+    /// without `failure_domain_label`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub domain: String,
 }
 
 /// Which limit held a failure back.
 #[derive(Debug, Clone, PartialEq)]
 pub enum HoldCause {
-    /// The hourly budget is used up.
+    /// The domain's hourly budget is used up.
     HourlyBudget {
-        /// Heals in the last hour.
+        /// Heals in the last hour in the node's domain.
         used: u32,
     },
     /// The same node identity was healed too recently.
@@ -87,11 +105,13 @@ pub enum HoldCause {
     /// The node was drained: it carried no traffic and an operator took it out
     /// of service, so it is not replaced.
     Drained,
-    /// Part of a mass failure.
+    /// Healing is paused (`SetAutomation`).
+    Paused,
+    /// Part of a mass failure of its domain.
     MassFailure {
-        /// Failures in the window.
+        /// Failures in the window, in the domain.
         failed: u32,
-        /// Fleet size the fraction is taken of.
+        /// The domain's size the fraction is taken of.
         fleet_size: u32,
     },
 }
@@ -103,6 +123,7 @@ impl HoldCause {
             HoldCause::HourlyBudget { .. } => "hourly_budget",
             HoldCause::Cooldown { .. } => "cooldown",
             HoldCause::Drained => "drained",
+            HoldCause::Paused => "paused",
             HoldCause::MassFailure { .. } => "mass_failure",
         }
     }
@@ -125,25 +146,47 @@ pub enum HealDecision {
         /// Why not.
         cause: HoldCause,
     },
-    /// Raise one MASS_NODE_FAILURE alert.
+    /// Raise one MASS_NODE_FAILURE alert for a domain.
     MassFailure {
-        /// Every node failed within the window, oldest first.
+        /// Every node of the domain failed within the window, oldest first.
         failed: Vec<FailedNode>,
-        /// Nodes live before these failures.
+        /// The domain's nodes live before these failures.
         fleet_size: u32,
+        /// The domain (`pop=fra1`; empty: the whole fleet).
+        domain: String,
     },
 }
 
-/// The healer's state: the ledger of heals and the failures of the current window.
+/// One failure domain's recent failures and guard.
+#[derive(Debug, Default)]
+struct DomainWatch {
+    /// Failures of the last window, oldest first.
+    recent: VecDeque<(SystemTime, FailedNode)>,
+    /// The mass-failure guard is up until then (extended by each failure).
+    guard_until: Option<SystemTime>,
+}
+
+/// How healing stands in one failure domain, for operators.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DomainHealing {
+    /// Heals requested in the last hour.
+    pub heals_last_hour: u32,
+    /// Heals the hourly budget still allows.
+    pub budget_left: u32,
+    /// Whether the mass-failure guard holds the domain's failures now.
+    pub mass_failure_guard: bool,
+}
+
+/// The healer's state: the ledger of heals and each domain's recent failures.
 #[derive(Debug)]
 pub struct Healer {
     policy: HealingPolicy,
     /// Heals of the last `max(hour, cooldown)`, oldest first.
     ledger: VecDeque<HealRecord>,
-    /// Failures of the last window, oldest first.
-    recent: VecDeque<(SystemTime, FailedNode)>,
-    /// The mass-failure guard is up until then (extended by each failure).
-    guard_until: Option<SystemTime>,
+    /// Per failure domain.
+    domains: BTreeMap<String, DomainWatch>,
+    /// Healing is paused: failures are held and kept here.
+    paused: Option<Vec<FailedNode>>,
 }
 
 impl Healer {
@@ -153,8 +196,8 @@ impl Healer {
         Self {
             policy,
             ledger: ledger.into(),
-            recent: VecDeque::new(),
-            guard_until: None,
+            domains: BTreeMap::new(),
+            paused: None,
         }
     }
 
@@ -168,12 +211,44 @@ impl Healer {
         HOUR.max(self.policy.cooldown)
     }
 
+    /// Whether healing is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.is_some()
+    }
+
+    /// Pauses healing: from now on every failure is held (cause `paused`).
+    pub fn pause(&mut self) {
+        self.paused.get_or_insert_with(Vec::new);
+    }
+
+    /// Resumes healing; returns the failures held while paused, for the caller to
+    /// hand back (those still FAILED) through [`Healer::on_failures`].
+    pub fn resume(&mut self) -> Vec<FailedNode> {
+        self.paused.take().unwrap_or_default()
+    }
+
+    /// How healing stands in each domain that has had failures or heals.
+    pub fn domains(&self, now: SystemTime) -> BTreeMap<String, DomainHealing> {
+        let mut out: BTreeMap<String, DomainHealing> = BTreeMap::new();
+        for record in self.ledger.iter().filter(|r| age(r.at, now) < HOUR) {
+            out.entry(record.domain.clone()).or_default().heals_last_hour += 1;
+        }
+        for (domain, watch) in &self.domains {
+            out.entry(domain.clone()).or_default().mass_failure_guard =
+                watch.guard_until.is_some_and(|until| now < until);
+        }
+        for healing in out.values_mut() {
+            healing.budget_left = self.policy.max_per_hour.saturating_sub(healing.heals_last_hour);
+        }
+        out
+    }
+
     /// Decides about failures declared together (one detector round), given the
-    /// number of nodes still live after them.
+    /// number of nodes still live after them in each failure domain.
     pub fn on_failures(
         &mut self,
         failed: Vec<FailedNode>,
-        live_nodes: u32,
+        live: &BTreeMap<String, u32>,
         now: SystemTime,
     ) -> Vec<HealDecision> {
         if failed.is_empty() {
@@ -188,27 +263,53 @@ impl Healer {
             node,
             cause: HoldCause::Drained,
         }));
-        if failed.is_empty() {
+        if let Some(held) = &mut self.paused {
+            held.extend(failed.iter().cloned());
+            decisions.extend(failed.into_iter().map(|node| HealDecision::Hold {
+                node,
+                cause: HoldCause::Paused,
+            }));
             return decisions;
         }
-        self.recent.extend(
+        let mut by_domain: BTreeMap<String, Vec<FailedNode>> = BTreeMap::new();
+        for node in failed {
+            by_domain.entry(node.domain.clone()).or_default().push(node);
+        }
+        for (domain, failed) in by_domain {
+            let live = live.get(&domain).copied().unwrap_or(0);
+            self.decide_domain(domain, failed, live, now, &mut decisions);
+        }
+        decisions
+    }
+
+    fn decide_domain(
+        &mut self,
+        domain: String,
+        failed: Vec<FailedNode>,
+        live: u32,
+        now: SystemTime,
+        decisions: &mut Vec<HealDecision>,
+    ) {
+        let watch = self.domains.entry(domain.clone()).or_default();
+        watch.recent.extend(
             failed
                 .iter()
                 .filter(|node| node.out_of_service.is_none())
                 .map(|node| (now, node.clone())),
         );
-        let in_window = u32::try_from(self.recent.len()).unwrap_or(u32::MAX);
-        let fleet_size = live_nodes.saturating_add(in_window);
+        let in_window = u32::try_from(watch.recent.len()).unwrap_or(u32::MAX);
+        let fleet_size = live.saturating_add(in_window);
 
-        let guard_up = self.guard_until.is_some_and(|until| now < until);
+        let guard_up = watch.guard_until.is_some_and(|until| now < until);
         let mass = in_window >= self.policy.mass_failure_min_nodes
             && f64::from(in_window) > self.policy.mass_failure_fraction * f64::from(fleet_size);
         if guard_up || mass {
-            self.guard_until = Some(now + self.policy.mass_failure_window);
+            watch.guard_until = Some(now + self.policy.mass_failure_window);
             if !guard_up {
                 decisions.push(HealDecision::MassFailure {
-                    failed: self.recent.iter().map(|(_, node)| node.clone()).collect(),
+                    failed: watch.recent.iter().map(|(_, node)| node.clone()).collect(),
                     fleet_size,
+                    domain,
                 });
             }
             let cause = HoldCause::MassFailure {
@@ -219,10 +320,9 @@ impl Healer {
                 node,
                 cause: cause.clone(),
             }));
-            return decisions;
+            return;
         }
         decisions.extend(failed.into_iter().map(|node| self.decide(node, now)));
-        decisions
     }
 
     fn decide(&mut self, node: FailedNode, now: SystemTime) -> HealDecision {
@@ -243,7 +343,7 @@ impl Healer {
         let used = self
             .ledger
             .iter()
-            .filter(|record| age(record.at, now) < HOUR)
+            .filter(|record| record.domain == node.domain && age(record.at, now) < HOUR)
             .count();
         let used = u32::try_from(used).unwrap_or(u32::MAX);
         if used >= self.policy.max_per_hour {
@@ -255,8 +355,9 @@ impl Healer {
         let record = HealRecord {
             at: now,
             node: node.id,
+            domain: node.domain.clone(),
         };
-        self.ledger.push_back(record);
+        self.ledger.push_back(record.clone());
         HealDecision::Heal { node, record }
     }
 
@@ -270,9 +371,16 @@ impl Healer {
             self.ledger.pop_front();
         }
         let window = self.policy.mass_failure_window;
-        while self.recent.front().is_some_and(|(at, _)| age(*at, now) >= window) {
-            self.recent.pop_front();
-        }
+        self.domains.retain(|_, watch| {
+            while watch
+                .recent
+                .front()
+                .is_some_and(|(at, _)| age(*at, now) >= window)
+            {
+                watch.recent.pop_front();
+            }
+            !watch.recent.is_empty() || watch.guard_until.is_some_and(|until| now < until)
+        });
     }
 }
 
@@ -305,7 +413,14 @@ mod tests {
             ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, n)),
             hostname: format!("edge-{n}"),
             out_of_service: None,
+            domain: String::new(),
+            labels: Default::default(),
         }
+    }
+
+    /// The whole fleet as one domain, with `n` live nodes.
+    fn live(n: u32) -> BTreeMap<String, u32> {
+        [(String::new(), n)].into()
     }
 
     fn at(seconds: u64) -> SystemTime {
@@ -335,14 +450,15 @@ mod tests {
     #[test]
     fn one_failure_in_a_healthy_fleet_is_healed_once_and_recorded() {
         let mut healer = Healer::new(policy(), Vec::new());
-        let decisions = healer.on_failures(vec![node(1)], 9, at(0));
+        let decisions = healer.on_failures(vec![node(1)], &live(9), at(0));
         assert_eq!(
             decisions,
             vec![HealDecision::Heal {
                 node: node(1),
                 record: HealRecord {
                     at: at(0),
-                    node: node(1).id
+                    node: node(1).id,
+                    domain: String::new(),
                 },
             }]
         );
@@ -353,13 +469,13 @@ mod tests {
         let mut healer = Healer::new(policy(), Vec::new());
         for n in 1..=5 {
             // Spread out so the mass-failure guard stays out of it.
-            let decisions = healer.on_failures(vec![node(n)], 100, at(u64::from(n) * 120));
+            let decisions = healer.on_failures(vec![node(n)], &live(100), at(u64::from(n) * 120));
             assert_eq!(healed(&decisions), vec![node(n).id]);
         }
-        let sixth = healer.on_failures(vec![node(6)], 100, at(720));
+        let sixth = healer.on_failures(vec![node(6)], &live(100), at(720));
         assert_eq!(held(&sixth), vec![(node(6).id, "hourly_budget")]);
         // The first heal (at 120 s) leaves the rolling hour at 3720 s.
-        let later = healer.on_failures(vec![node(7)], 100, at(3720));
+        let later = healer.on_failures(vec![node(7)], &live(100), at(3720));
         assert_eq!(healed(&later), vec![node(7).id]);
     }
 
@@ -367,12 +483,12 @@ mod tests {
     fn the_same_identity_is_not_replaced_again_within_the_cooldown() {
         let mut healer = Healer::new(policy(), Vec::new());
         assert_eq!(
-            healed(&healer.on_failures(vec![node(1)], 9, at(0))),
+            healed(&healer.on_failures(vec![node(1)], &live(9), at(0))),
             vec![node(1).id]
         );
-        let again = healer.on_failures(vec![node(1)], 9, at(14 * 60));
+        let again = healer.on_failures(vec![node(1)], &live(9), at(14 * 60));
         assert_eq!(held(&again), vec![(node(1).id, "cooldown")]);
-        let after = healer.on_failures(vec![node(1)], 9, at(15 * 60));
+        let after = healer.on_failures(vec![node(1)], &live(9), at(15 * 60));
         assert_eq!(healed(&after), vec![node(1).id]);
     }
 
@@ -380,7 +496,7 @@ mod tests {
     fn the_ledger_survives_a_restart() {
         let mut before = Healer::new(policy(), Vec::new());
         let records: Vec<HealRecord> = (1..=5)
-            .flat_map(|n| before.on_failures(vec![node(n)], 100, at(u64::from(n) * 100)))
+            .flat_map(|n| before.on_failures(vec![node(n)], &live(100), at(u64::from(n) * 100)))
             .filter_map(|decision| match decision {
                 HealDecision::Heal { record, .. } => Some(record),
                 _ => None,
@@ -388,9 +504,9 @@ mod tests {
             .collect();
         assert_eq!(records.len(), 5);
         let mut after = Healer::new(policy(), records);
-        let decisions = after.on_failures(vec![node(9)], 100, at(900));
+        let decisions = after.on_failures(vec![node(9)], &live(100), at(900));
         assert_eq!(held(&decisions), vec![(node(9).id, "hourly_budget")]);
-        let decisions = after.on_failures(vec![node(1)], 100, at(901));
+        let decisions = after.on_failures(vec![node(1)], &live(100), at(901));
         assert_eq!(held(&decisions), vec![(node(1).id, "cooldown")]);
     }
 
@@ -398,12 +514,13 @@ mod tests {
     fn most_of_the_fleet_failing_together_raises_one_alert_and_heals_none_of_it() {
         let mut healer = Healer::new(policy(), Vec::new());
         let all = vec![node(1), node(2), node(3), node(4)];
-        let decisions = healer.on_failures(all.clone(), 1, at(0));
+        let decisions = healer.on_failures(all.clone(), &live(1), at(0));
         assert_eq!(
             decisions[0],
             HealDecision::MassFailure {
                 failed: all,
-                fleet_size: 5
+                fleet_size: 5,
+                domain: String::new(),
             }
         );
         assert_eq!(held(&decisions).len(), 4);
@@ -414,24 +531,24 @@ mod tests {
     fn a_mass_failure_spread_over_rounds_is_still_one_alert() {
         let mut healer = Healer::new(policy(), Vec::new());
         // 2 of 5: not (yet) a mass failure, healed.
-        let first = healer.on_failures(vec![node(1), node(2)], 3, at(0));
+        let first = healer.on_failures(vec![node(1), node(2)], &live(3), at(0));
         assert_eq!(healed(&first).len(), 2);
         // A third within the window: 3 of 5 > 0.5 -> alert listing all three.
-        let second = healer.on_failures(vec![node(3)], 2, at(10));
+        let second = healer.on_failures(vec![node(3)], &live(2), at(10));
         let alerts: Vec<_> = second
             .iter()
             .filter(|decision| matches!(decision, HealDecision::MassFailure { .. }))
             .collect();
         assert_eq!(alerts.len(), 1);
         assert!(
-            matches!(alerts[0], HealDecision::MassFailure { failed, fleet_size: 5 } if failed.len() == 3)
+            matches!(alerts[0], HealDecision::MassFailure { failed, fleet_size: 5, .. } if failed.len() == 3)
         );
         // The guard stays up: the fourth is held without another alert.
-        let third = healer.on_failures(vec![node(4)], 1, at(20));
+        let third = healer.on_failures(vec![node(4)], &live(1), at(20));
         assert_eq!(held(&third), vec![(node(4).id, "mass_failure")]);
         assert_eq!(third.len(), 1);
         // A quiet window later, a lone failure heals again.
-        let later = healer.on_failures(vec![node(5)], 10, at(20 + 61));
+        let later = healer.on_failures(vec![node(5)], &live(10), at(20 + 61));
         assert_eq!(healed(&later), vec![node(5).id]);
     }
 
@@ -440,11 +557,11 @@ mod tests {
         let mut healer = Healer::new(policy(), Vec::new());
         // One of one is 100 %, but below mass_failure_min_nodes.
         assert_eq!(
-            healed(&healer.on_failures(vec![node(1)], 0, at(0))),
+            healed(&healer.on_failures(vec![node(1)], &live(0), at(0))),
             vec![node(1).id]
         );
         assert_eq!(
-            healed(&healer.on_failures(vec![node(2)], 1, at(1))),
+            healed(&healer.on_failures(vec![node(2)], &live(1), at(1))),
             vec![node(2).id]
         );
     }
@@ -460,16 +577,16 @@ mod tests {
             Vec::new(),
         );
         let all: Vec<_> = (1..=10).map(node).collect();
-        assert_eq!(healed(&healer.on_failures(all, 0, at(0))).len(), 10);
+        assert_eq!(healed(&healer.on_failures(all, &live(0), at(0))).len(), 10);
     }
 
     #[test]
     fn a_wall_clock_that_jumps_back_does_not_panic_or_free_the_budget() {
         let mut healer = Healer::new(policy(), Vec::new());
         for n in 1..=5 {
-            healer.on_failures(vec![node(n)], 100, at(1000 + u64::from(n) * 100));
+            healer.on_failures(vec![node(n)], &live(100), at(1000 + u64::from(n) * 100));
         }
-        let decisions = healer.on_failures(vec![node(9)], 100, at(0));
+        let decisions = healer.on_failures(vec![node(9)], &live(100), at(0));
         assert_eq!(held(&decisions), vec![(node(9).id, "hourly_budget")]);
     }
 
@@ -483,13 +600,13 @@ mod tests {
     #[test]
     fn a_drained_node_that_fails_is_held_and_spends_no_budget() {
         let mut healer = Healer::new(policy(), Vec::new());
-        let decisions = healer.on_failures(vec![out_of_service(1, OutOfService::Drained)], 10, at(0));
+        let decisions = healer.on_failures(vec![out_of_service(1, OutOfService::Drained)], &live(10), at(0));
         assert_eq!(held(&decisions), vec![(node(1).id, "drained")]);
         // Four drained failures at once are not a mass failure either.
         let drained = (2..=5)
             .map(|n| out_of_service(n, OutOfService::Drained))
             .collect();
-        let decisions = healer.on_failures(drained, 1, at(1));
+        let decisions = healer.on_failures(drained, &live(1), at(1));
         assert!(decisions.iter().all(|d| matches!(
             d,
             HealDecision::Hold {
@@ -497,7 +614,7 @@ mod tests {
                 ..
             }
         )));
-        let decisions = healer.on_failures(vec![node(6)], 10, at(2));
+        let decisions = healer.on_failures(vec![node(6)], &live(10), at(2));
         assert_eq!(healed(&decisions), vec![node(6).id], "the budget is untouched");
     }
 
@@ -511,12 +628,98 @@ mod tests {
             out_of_service(2, OutOfService::Maintenance),
             node(3),
         ];
-        let decisions = healer.on_failures(failed, 1, at(0));
+        let decisions = healer.on_failures(failed, &live(1), at(0));
         assert!(
             !decisions
                 .iter()
                 .any(|d| matches!(d, HealDecision::MassFailure { .. }))
         );
         assert_eq!(healed(&decisions), vec![node(1).id, node(2).id, node(3).id]);
+    }
+
+    fn in_domain(n: u8, domain: &str) -> FailedNode {
+        FailedNode {
+            domain: domain.to_owned(),
+            ..node(n)
+        }
+    }
+
+    #[test]
+    fn a_pop_losing_most_of_its_nodes_is_held_with_one_alert_while_another_pop_heals() {
+        let mut healer = Healer::new(policy(), Vec::new());
+        let live: BTreeMap<String, u32> = [("pop=fra1".to_owned(), 1), ("pop=ams1".to_owned(), 5)].into();
+        let failed = vec![
+            in_domain(1, "pop=fra1"),
+            in_domain(2, "pop=fra1"),
+            in_domain(3, "pop=fra1"),
+            in_domain(4, "pop=ams1"),
+        ];
+        let decisions = healer.on_failures(failed, &live, at(0));
+        let alerts: Vec<_> = decisions
+            .iter()
+            .filter_map(|d| match d {
+                HealDecision::MassFailure {
+                    domain,
+                    failed,
+                    fleet_size,
+                } => Some((domain.clone(), failed.len(), *fleet_size)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(alerts, vec![("pop=fra1".to_owned(), 3, 4)]);
+        assert_eq!(healed(&decisions), vec![node(4).id], "the other PoP heals");
+        assert_eq!(
+            held(&decisions),
+            vec![
+                (node(1).id, "mass_failure"),
+                (node(2).id, "mass_failure"),
+                (node(3).id, "mass_failure")
+            ]
+        );
+        let status = healer.domains(at(1));
+        assert!(status["pop=fra1"].mass_failure_guard);
+        assert!(!status["pop=ams1"].mass_failure_guard);
+        assert_eq!(status["pop=ams1"].heals_last_hour, 1);
+        assert_eq!(status["pop=ams1"].budget_left, 4);
+        // A later failure in fra1 is held by its guard; ams1 still heals.
+        let later = healer.on_failures(
+            vec![in_domain(5, "pop=fra1"), in_domain(6, "pop=ams1")],
+            &live,
+            at(10),
+        );
+        assert_eq!(healed(&later), vec![node(6).id]);
+        assert_eq!(held(&later), vec![(node(5).id, "mass_failure")]);
+    }
+
+    #[test]
+    fn the_hourly_budget_is_per_domain() {
+        let mut healer = Healer::new(policy(), Vec::new());
+        let live: BTreeMap<String, u32> = [("pop=a".to_owned(), 100), ("pop=b".to_owned(), 100)].into();
+        for n in 1..=5 {
+            let decisions = healer.on_failures(vec![in_domain(n, "pop=a")], &live, at(u64::from(n) * 120));
+            assert_eq!(healed(&decisions).len(), 1);
+        }
+        let sixth = healer.on_failures(vec![in_domain(6, "pop=a")], &live, at(720));
+        assert_eq!(held(&sixth), vec![(node(6).id, "hourly_budget")]);
+        let other = healer.on_failures(vec![in_domain(7, "pop=b")], &live, at(721));
+        assert_eq!(healed(&other), vec![node(7).id], "pop=b has its own budget");
+    }
+
+    #[test]
+    fn paused_healing_holds_and_keeps_failures_and_gives_them_back_on_resume() {
+        let mut healer = Healer::new(policy(), Vec::new());
+        healer.pause();
+        assert!(healer.is_paused());
+        let decisions = healer.on_failures(vec![node(1), node(2)], &live(10), at(0));
+        assert_eq!(
+            held(&decisions),
+            vec![(node(1).id, "paused"), (node(2).id, "paused")]
+        );
+        let back = healer.resume();
+        assert!(!healer.is_paused());
+        assert_eq!(back, vec![node(1), node(2)]);
+        let decisions = healer.on_failures(back, &live(10), at(60));
+        assert_eq!(healed(&decisions), vec![node(1).id, node(2).id]);
+        assert!(healer.resume().is_empty(), "nothing is given back twice");
     }
 }

@@ -9,6 +9,7 @@
 //!   (`runtime::healing` turns its decisions into events and durable writes).
 //! - [`forecast`]: fleet CPU history, models, scoring and confidence; backtests.
 //! - [`scaler`]: forecast + fleet view -> scale up / down / hold.
+//! - [`selector`]: label selectors and node filters for queries.
 
 pub mod event;
 pub mod forecast;
@@ -16,3 +17,4 @@ pub mod healer;
 pub mod node;
 pub mod registry;
 pub mod scaler;
+pub mod selector;

@@ -102,6 +102,20 @@ pub struct NodeInfo {
     pub agent_version: String,
     /// Free-form labels.
     pub labels: BTreeMap<String, String>,
+    /// What the agent said of its host's boot and its previous session.
+    pub host: HostFacts,
+}
+
+/// What an agent says of its host and of how its previous session ended, so the
+/// orchestrator tells a reboot from a blip. Empty from older agents.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostFacts {
+    /// The host's boot id (changes with every boot).
+    pub boot_id: Option<String>,
+    /// When the host booted.
+    pub boot_time: Option<SystemTime>,
+    /// Why the agent's previous session ended, as it saw it.
+    pub last_disconnect: String,
 }
 
 /// A point-in-time copy of one node's record, for queries.
@@ -285,6 +299,38 @@ pub struct FleetStats {
     pub unexpected_failures_total: u64,
     /// Expected terminations since start.
     pub graceful_terminations_total: u64,
+    /// Per failure domain (only with `failure_domain_label`).
+    pub domains: BTreeMap<String, DomainStats>,
+    /// Which automation runs.
+    pub automation: Automation,
+}
+
+/// One failure domain's figures.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DomainStats {
+    /// Known nodes per state.
+    pub nodes_by_state: BTreeMap<NodeState, u32>,
+    /// Nodes with a live, healthy stream.
+    pub active_nodes: u32,
+    /// Of them, in service.
+    pub in_service_nodes: u32,
+    /// Mean latest CPU of its in-service nodes that reported one.
+    pub avg_cpu_usage: Option<f64>,
+    /// How healing stands there (the budget and the guard are per domain).
+    pub healing: crate::domain::healer::DomainHealing,
+}
+
+/// The failure domain a node with `labels` belongs to under `label`: `pop=fra1`,
+/// `!pop` for nodes without it (they form one domain), the empty name (the whole
+/// fleet) when no label is configured.
+pub fn failure_domain(label: Option<&str>, labels: &BTreeMap<String, String>) -> String {
+    match label {
+        None => String::new(),
+        Some(key) => match labels.get(key) {
+            Some(value) => format!("{key}={value}"),
+            None => format!("!{key}"),
+        },
+    }
 }
 
 /// What of a node survives an orchestrator restart (the store keeps it).
@@ -312,6 +358,10 @@ pub struct PersistedNode {
     /// Maintenance (absent in records written before maintenance existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maintenance: Option<PersistedMaintenance>,
+    /// The host's boot id when last seen, so a reconnect after a restart still
+    /// tells a reboot (absent from older agents and older records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
 }
 
 /// A drain mark as persisted: a node drained before a restart or failover is
@@ -328,6 +378,25 @@ pub struct PersistedDrain {
     /// The terminate that follows it, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub then_terminate: Option<String>,
+}
+
+/// Which automation runs: an operator may pause self-healing or scaling at run
+/// time (`SetAutomation`); persisted, so a restart or a new leader keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Automation {
+    /// Self-healing on.
+    pub healing: bool,
+    /// Scaling on.
+    pub scaling: bool,
+}
+
+impl Default for Automation {
+    fn default() -> Self {
+        Self {
+            healing: true,
+            scaling: true,
+        }
+    }
 }
 
 /// Maintenance as persisted.
@@ -371,6 +440,9 @@ impl PersistedNode {
         if let Some(maintenance) = &self.maintenance {
             maintenance.reason.hash(&mut hasher);
         }
+        // A reboot is worth one write (an orchestrator restart's reconnect storm
+        // changes no boot id), so a later reconnect can still be told apart.
+        self.boot_id.hash(&mut hasher);
         hasher.finish()
     }
 }
@@ -402,6 +474,7 @@ mod tests {
             termination: None,
             drain: None,
             maintenance: None,
+            boot_id: None,
         }
     }
 

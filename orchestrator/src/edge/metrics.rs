@@ -29,6 +29,13 @@ pub struct CauseLabel {
     pub cause: String,
 }
 
+/// An `automation` label (healing or scaling).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AutomationLabel {
+    /// healing or scaling.
+    pub automation: String,
+}
+
 /// A `state` label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
@@ -84,6 +91,8 @@ pub struct Metrics {
     pub disruption_allowed_nodes: Gauge,
     /// Live nodes in maintenance (scrape time).
     pub maintenance_nodes: Gauge,
+    /// 1 while healing or scaling is paused by an operator (SetAutomation).
+    pub automation_paused: Family<AutomationLabel, Gauge>,
     /// Predictions made (one per scaling check with enough history).
     pub ml_predictions_made: Counter,
     /// Share of recent scored predictions within +-0.10 of the actual.
@@ -194,6 +203,7 @@ impl Metrics {
             disrupted_nodes: Gauge::default(),
             disruption_allowed_nodes: Gauge::default(),
             maintenance_nodes: Gauge::default(),
+            automation_paused: Family::default(),
             ml_predictions_made: Counter::default(),
             ml_prediction_accuracy_ratio: Gauge::default(),
             ml_baseline_accuracy_ratio: Gauge::default(),
@@ -348,6 +358,11 @@ impl Metrics {
             "orchestrator_maintenance_nodes",
             "Live nodes in maintenance",
             metrics.maintenance_nodes.clone(),
+        );
+        r.register(
+            "orchestrator_automation_paused",
+            "1 while an operator has paused this automation (SetAutomation)",
+            metrics.automation_paused.clone(),
         );
         let ml: [(&str, &str, &Gauge<f64, AtomicU64>); 8] = [
             (
@@ -507,6 +522,16 @@ impl Metrics {
         self.disruption_allowed_nodes
             .set(i64::from(stats.disruption_allowed));
         self.maintenance_nodes.set(i64::from(stats.maintenance_nodes));
+        for (automation, on) in [
+            ("healing", stats.automation.healing),
+            ("scaling", stats.automation.scaling),
+        ] {
+            self.automation_paused
+                .get_or_create(&AutomationLabel {
+                    automation: automation.to_owned(),
+                })
+                .set(i64::from(!on));
+        }
         for state in crate::domain::node::NodeState::ALL {
             let count = stats.nodes_by_state.get(&state).copied().unwrap_or(0);
             self.nodes

@@ -184,6 +184,8 @@ mod tests {
             reason: n.to_string(),
             webhook: None,
             decision: None,
+            failure_domain: None,
+            rebooted: None,
         }
     }
 

@@ -26,12 +26,15 @@ use crate::{
     clock,
     domain::event::{EventKind, FleetEvent},
     domain::healer::{FailedNode, HealRecord, Healer, HealingPolicy},
-    domain::node::{FleetStats, NodeId, NodeInfo, NodeSnapshot, PersistedNode, SessionId},
+    domain::node::{
+        Automation, FleetStats, NodeId, NodeInfo, NodeSnapshot, NodeState, PersistedNode, SessionId,
+    },
     domain::registry::{
         CloseReason, DrainError, DrainRequest, DrainThenTerminate, Effect, LifecycleConfig, Registry,
         ServiceError, SessionError, TerminateAccepted, TerminateError,
     },
     domain::scaler::Candidate,
+    domain::selector::{NodeFilter, Selector},
     edge::metrics::{CauseLabel, Metrics},
     edge::store::{Write, writer::StoreWriter},
     runtime::{bus::EventBus, healing},
@@ -210,14 +213,29 @@ enum Command {
         reason: String,
         reply: oneshot::Sender<Result<(NodeSnapshot, bool), ServiceError>>,
     },
-    List(oneshot::Sender<(Vec<NodeSnapshot>, u64)>),
+    SetAutomation {
+        change: AutomationChange,
+        reply: oneshot::Sender<(Automation, u32)>,
+    },
+    List(NodeFilter, oneshot::Sender<(Vec<NodeSnapshot>, u64)>),
     Get(NodeId, oneshot::Sender<Option<NodeSnapshot>>),
-    Stats(oneshot::Sender<FleetStats>),
+    Stats(Selector, oneshot::Sender<FleetStats>),
     ScalingView(oneshot::Sender<(FleetStats, Option<Candidate>)>),
 }
 
 /// What a drain request did.
 pub type Drained = DrainThenTerminate;
+
+/// An operator's change to automation; None keeps the current value.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AutomationChange {
+    /// Self-healing on or paused.
+    pub healing: Option<bool>,
+    /// Scaling on or paused.
+    pub scaling: Option<bool>,
+    /// Why.
+    pub reason: String,
+}
 
 /// A cloneable handle to the fleet actor.
 #[derive(Debug, Clone)]
@@ -325,10 +343,23 @@ impl FleetHandle {
         .await
     }
 
+    /// Pauses or resumes healing and scaling; returns how automation stands
+    /// after, and how many failures held while healing was paused were handed
+    /// back to the healer.
+    pub async fn set_automation(&self, change: AutomationChange) -> Result<(Automation, u32), FleetStopped> {
+        self.ask(|reply| Command::SetAutomation { change, reply }).await
+    }
+
     /// Every known node, and the sequence of the last event the list reflects:
     /// watching the bus from that sequence misses no later change.
     pub async fn list(&self) -> Result<(Vec<NodeSnapshot>, u64), FleetStopped> {
-        self.ask(Command::List).await
+        self.list_matching(NodeFilter::default()).await
+    }
+
+    /// The nodes `filter` wants, and the sequence of the last event the list
+    /// reflects.
+    pub async fn list_matching(&self, filter: NodeFilter) -> Result<(Vec<NodeSnapshot>, u64), FleetStopped> {
+        self.ask(|reply| Command::List(filter, reply)).await
     }
 
     /// One node.
@@ -338,7 +369,12 @@ impl FleetHandle {
 
     /// Fleet-wide figures.
     pub async fn stats(&self) -> Result<FleetStats, FleetStopped> {
-        self.ask(Command::Stats).await
+        self.stats_matching(Selector::everything()).await
+    }
+
+    /// Figures over the nodes `selector` matches.
+    pub async fn stats_matching(&self, selector: Selector) -> Result<FleetStats, FleetStopped> {
+        self.ask(|reply| Command::Stats(selector, reply)).await
     }
 
     /// Fleet-wide figures and the least loaded connected node, for a scaling check.
@@ -378,6 +414,8 @@ pub struct Restored {
     pub nodes: Vec<PersistedNode>,
     /// The self-healing ledger.
     pub heals: Vec<HealRecord>,
+    /// Which automation runs.
+    pub automation: Automation,
 }
 
 /// Where the actor's results go.
@@ -423,9 +461,18 @@ pub fn spawn(
     if !restored.nodes.is_empty() {
         registry.restore(restored.nodes, now, settings.restart_reconnect_grace);
     }
+    let mut healer = Healer::new(settings.healing.clone(), restored.heals);
+    if !restored.automation.healing {
+        warn!("self-healing is paused (SetAutomation): failures are held until an operator resumes it");
+        healer.pause();
+    }
+    if !restored.automation.scaling {
+        warn!("scaling is paused (SetAutomation): checks predict and decide, and act on nothing");
+    }
     let actor = FleetActor {
         registry,
-        healer: Healer::new(settings.healing.clone(), restored.heals),
+        healer,
+        automation: restored.automation,
         sessions: HashMap::new(),
         heartbeat_interval: settings.heartbeat_interval,
         outputs,
@@ -440,6 +487,9 @@ pub fn spawn(
 struct FleetActor {
     registry: Registry,
     healer: Healer,
+    /// Which automation runs (the healer knows its own pause; the scaling loop
+    /// reads this at each check).
+    automation: Automation,
     sessions: HashMap<SessionId, SignalSender>,
     heartbeat_interval: Duration,
     outputs: Outputs,
@@ -577,23 +627,100 @@ impl FleetActor {
                     .set_maintenance(node, enabled, &reason, clock::now());
                 let _ = reply.send(outcome);
             }
-            Command::List(reply) => {
+            Command::SetAutomation { change, reply } => {
+                let resumed = self.set_automation(change);
+                let _ = reply.send((self.automation, resumed));
+            }
+            Command::List(filter, reply) => {
                 // Publish what earlier commands of this batch changed first, so the
                 // snapshot reflects exactly the events up to the sequence it names.
                 self.apply_effects();
                 let sequence = self.outputs.bus.last_sequence();
-                let _ = reply.send((self.registry.list(), sequence));
+                let _ = reply.send((self.registry.list_matching(&filter), sequence));
             }
             Command::Get(node, reply) => {
                 let _ = reply.send(self.registry.snapshot(node));
             }
-            Command::Stats(reply) => {
-                let _ = reply.send(self.registry.stats());
+            Command::Stats(selector, reply) => {
+                let _ = reply.send(self.stats(&selector));
             }
             Command::ScalingView(reply) => {
-                let _ = reply.send((self.registry.stats(), self.registry.least_loaded()));
+                let stats = self.stats(&Selector::everything());
+                let _ = reply.send((stats, self.registry.least_loaded()));
             }
         }
+    }
+
+    /// The registry's figures, with what the actor itself knows: automation and
+    /// how healing stands in each failure domain.
+    fn stats(&self, selector: &Selector) -> FleetStats {
+        let mut stats = self.registry.stats_matching(selector);
+        stats.automation = self.automation;
+        let healing = self.healer.domains(SystemTime::now());
+        for (name, domain) in &mut stats.domains {
+            domain.healing = healing.get(name).cloned().unwrap_or_default();
+            if domain.healing.heals_last_hour == 0 {
+                domain.healing.budget_left = self.healer.policy().max_per_hour;
+            }
+        }
+        stats
+    }
+
+    /// Applies an operator's automation change: persisted, evented, and on a
+    /// healing resume, the failures held meanwhile that are still FAILED go to
+    /// the healer (returns how many).
+    fn set_automation(&mut self, change: AutomationChange) -> u32 {
+        let before = self.automation;
+        let after = Automation {
+            healing: change.healing.unwrap_or(before.healing),
+            scaling: change.scaling.unwrap_or(before.scaling),
+        };
+        if after == before {
+            return 0;
+        }
+        self.automation = after;
+        let mut writes = vec![Write::PutAutomation(after)];
+        let now = SystemTime::now();
+        let mut resumed = 0;
+        for (what, was, is) in [
+            ("healing", before.healing, after.healing),
+            ("scaling", before.scaling, after.scaling),
+        ] {
+            if was == is {
+                continue;
+            }
+            let verb = if is { "resumed" } else { "paused" };
+            warn!(automation = what, reason = %change.reason, "{what} {verb} by an operator");
+            self.publish(FleetEvent::new(
+                EventKind::AutomationChanged,
+                format!("{what} {verb}: {}", change.reason),
+                now,
+            ));
+        }
+        if !before.healing && after.healing {
+            let held: Vec<_> = self
+                .healer
+                .resume()
+                .into_iter()
+                .filter(|node| {
+                    self.registry
+                        .snapshot(node.id)
+                        .is_some_and(|snapshot| snapshot.state == NodeState::Failed)
+                })
+                .collect();
+            resumed = u32::try_from(held.len()).unwrap_or(u32::MAX);
+            if !held.is_empty() {
+                info!(
+                    failures = held.len(),
+                    "healing resumed: failures held while paused are decided now"
+                );
+                self.heal(held, &mut writes);
+            }
+        } else if before.healing && !after.healing {
+            self.healer.pause();
+        }
+        self.outputs.store.write(writes);
+        resumed
     }
 
     fn handle_report(&mut self, node: NodeId, session: SessionId, report: SessionReport, at: Instant) {
@@ -653,12 +780,9 @@ impl FleetActor {
                     match event.kind {
                         EventKind::NodeFailed => {
                             self.outputs.metrics.unexpected_node_failures.inc();
-                            failed.push(FailedNode {
-                                id: node.id,
-                                ip: node.ip,
-                                hostname: node.hostname.clone(),
-                                out_of_service: self.registry.out_of_service(node.id),
-                            });
+                            if let Some(node) = self.registry.failed_node(node.id) {
+                                failed.push(node);
+                            }
                         }
                         EventKind::NodeTerminated => {
                             self.outputs.metrics.nodes_gracefully_terminated.inc();
@@ -748,7 +872,7 @@ impl FleetActor {
         let _entered = span.enter();
         let stats = self.registry.stats();
         let live = self.registry.mass_failure_population();
-        let outcome = healing::on_failures(&mut self.healer, failed, live, &stats, SystemTime::now());
+        let outcome = healing::on_failures(&mut self.healer, failed, &live, &stats, SystemTime::now());
         let metrics = &self.outputs.metrics;
         for cause in outcome.held {
             metrics
@@ -831,7 +955,9 @@ fn log_event(event: &FleetEvent) {
         | EventKind::WebhookFailed
         | EventKind::WebhookDeadLettered
         | EventKind::LeaderElected
-        | EventKind::LeaderLost => {}
+        | EventKind::LeaderLost
+        | EventKind::MassNodeFailure
+        | EventKind::AutomationChanged => {}
     }
 }
 
@@ -913,6 +1039,7 @@ pub(crate) mod tests {
             ip: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
             agent_version: "test".into(),
             labels: Default::default(),
+            host: Default::default(),
         }
     }
 
@@ -1146,6 +1273,7 @@ pub(crate) mod tests {
             }),
             drain: None,
             maintenance: None,
+            boot_id: None,
         }
     }
 
@@ -1302,6 +1430,7 @@ pub(crate) mod tests {
                 restored_node(4, NodeState::Failed, false),
             ],
             heals: Vec::new(),
+            automation: Default::default(),
         };
         let test = start(settings(), restored, &shutdown);
         let mut events = test.bus.subscribe(None).unwrap().live;

@@ -3,7 +3,7 @@
 //! the FAILED states) and what to count. A pure function, as the scaler's decisions
 //! are: the fleet actor only applies the [`HealingOutcome`].
 
-use std::time::SystemTime;
+use std::{collections::BTreeMap, time::SystemTime};
 
 use tracing::{error, info, warn};
 
@@ -33,12 +33,12 @@ pub struct HealingOutcome {
 }
 
 /// Hands failures declared together to the healer and says what follows. `live`
-/// is the fleet size the mass-failure guard compares against; `stats` goes into
-/// the webhook payloads.
+/// is each failure domain's size the mass-failure guard compares against; `stats`
+/// goes into the webhook payloads.
 pub fn on_failures(
     healer: &mut Healer,
     failed: Vec<FailedNode>,
-    live: u32,
+    live: &BTreeMap<String, u32>,
     stats: &FleetStats,
     now: SystemTime,
 ) -> HealingOutcome {
@@ -57,25 +57,41 @@ pub fn on_failures(
                 outcome.writes.push(Write::PutOutbox(entry));
             }
             HealDecision::Hold { node, cause } => {
-                let reason = held_reason(&cause);
+                let reason = held_reason(&cause, &node.domain);
                 warn!(node.id = %node.id, node.ip = %node.ip, cause = cause.label(), "self-healing held back: {reason}");
                 outcome.held.push(cause.label());
                 outcome
                     .events
                     .push(failed_event(&node, EventKind::SelfHealingHeld, reason, now));
             }
-            HealDecision::MassFailure { failed, fleet_size } => {
+            HealDecision::MassFailure {
+                failed,
+                fleet_size,
+                domain,
+            } => {
                 let event = WebhookEvent::MassNodeFailure {
                     failed: failed.clone(),
                     fleet_size,
                     window_seconds: healer.policy().mass_failure_window.as_secs_f64(),
+                    domain: domain.clone(),
                 };
                 let entry = webhook::outbox_entry(&event, stats, now);
+                let scope = domain_words(&domain);
                 error!(
-                    failed = failed.len(), fleet_size, webhook.id = %entry.id,
-                    "MASS NODE FAILURE: {} of {fleet_size} nodes failed within the window; the orchestrator suspects itself or the network, so self-healing is held and one MASS_NODE_FAILURE alert is sent",
+                    failed = failed.len(), fleet_size, failure_domain = %domain, webhook.id = %entry.id,
+                    "MASS NODE FAILURE{scope}: {} of {fleet_size} nodes failed within the window; the orchestrator suspects the network or itself, so self-healing is held there and one MASS_NODE_FAILURE alert is sent",
                     failed.len()
                 );
+                let reason = format!(
+                    "{} of {fleet_size} nodes{scope} failed within {:.0}s; their healing is held; MASS_NODE_FAILURE webhook {} queued",
+                    failed.len(),
+                    healer.policy().mass_failure_window.as_secs_f64(),
+                    entry.id
+                );
+                outcome.events.push(FleetEvent {
+                    failure_domain: Some(domain),
+                    ..FleetEvent::new(EventKind::MassNodeFailure, reason, now)
+                });
                 outcome.mass_alerts += 1;
                 outcome.writes.push(Write::PutOutbox(entry));
             }
@@ -93,17 +109,34 @@ fn failed_event(node: &FailedNode, kind: EventKind, reason: String, now: SystemT
         ip: node.ip,
         hostname: node.hostname.clone(),
         state: NodeState::Failed,
+        labels: node.labels.clone(),
     };
-    FleetEvent::about_node(kind, about, reason, now)
+    FleetEvent {
+        failure_domain: (!node.domain.is_empty()).then(|| node.domain.clone()),
+        ..FleetEvent::about_node(kind, about, reason, now)
+    }
+}
+
+/// " in pop=fra1" for a named failure domain, nothing for the whole fleet.
+fn domain_words(domain: &str) -> String {
+    if domain.is_empty() {
+        String::new()
+    } else {
+        format!(" in {domain}")
+    }
 }
 
 /// A held heal, in words.
-fn held_reason(cause: &HoldCause) -> String {
+fn held_reason(cause: &HoldCause, domain: &str) -> String {
+    let scope = domain_words(domain);
     match cause {
         HoldCause::HourlyBudget { used } => {
             format!(
-                "hourly self-healing budget used up ({used} heals in the last hour; max_self_healing_per_hour)"
+                "hourly self-healing budget used up{scope} ({used} heals in the last hour; max_self_healing_per_hour)"
             )
+        }
+        HoldCause::Paused => {
+            "self-healing is paused (SetAutomation); it is decided when healing resumes, if the node is still FAILED then".to_owned()
         }
         HoldCause::Cooldown { last_healed } => format!(
             "this node identity was healed at {} (self_healing_cooldown_minutes)",
@@ -113,7 +146,7 @@ fn held_reason(cause: &HoldCause) -> String {
             "the node was drained: it carried no traffic and was taken out of service on purpose, so it is not replaced (resume or replace it by hand)".to_owned()
         }
         HoldCause::MassFailure { failed, fleet_size } => format!(
-            "mass failure: {failed} of {fleet_size} nodes failed within the window (mass_failure_fraction)"
+            "mass failure{scope}: {failed} of {fleet_size} nodes failed within the window (mass_failure_fraction)"
         ),
     }
 }
@@ -146,7 +179,13 @@ mod tests {
             ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, n)),
             hostname: format!("edge-{n}"),
             out_of_service: None,
+            domain: String::new(),
+            labels: Default::default(),
         }
+    }
+
+    fn live(n: u32) -> BTreeMap<String, u32> {
+        [(String::new(), n)].into()
     }
 
     fn kinds(outcome: &HealingOutcome) -> Vec<(EventKind, NodeId)> {
@@ -168,7 +207,13 @@ mod tests {
     fn a_healed_failure_is_one_event_one_record_and_one_webhook_naming_the_node() {
         let mut healer = Healer::new(policy(), Vec::new());
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let outcome = on_failures(&mut healer, vec![failed(1)], 10, &FleetStats::default(), now);
+        let outcome = on_failures(
+            &mut healer,
+            vec![failed(1)],
+            &live(10),
+            &FleetStats::default(),
+            now,
+        );
         assert_eq!(
             kinds(&outcome),
             vec![(EventKind::SelfHealingRequested, failed(1).id)]
@@ -195,9 +240,21 @@ mod tests {
         let mut healer = Healer::new(policy(), Vec::new());
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         for n in 1..=2 {
-            on_failures(&mut healer, vec![failed(n)], 100, &FleetStats::default(), now);
+            on_failures(
+                &mut healer,
+                vec![failed(n)],
+                &live(100),
+                &FleetStats::default(),
+                now,
+            );
         }
-        let outcome = on_failures(&mut healer, vec![failed(3)], 100, &FleetStats::default(), now);
+        let outcome = on_failures(
+            &mut healer,
+            vec![failed(3)],
+            &live(100),
+            &FleetStats::default(),
+            now,
+        );
         assert_eq!(kinds(&outcome), vec![(EventKind::SelfHealingHeld, failed(3).id)]);
         assert_eq!(outcome.held, vec!["hourly_budget"]);
         assert!(outcome.events[0].reason.contains("max_self_healing_per_hour"));
@@ -215,14 +272,33 @@ mod tests {
     fn most_of_the_fleet_failing_at_once_is_one_alert_and_no_heal() {
         let mut healer = Healer::new(policy(), Vec::new());
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let in_fra1 = |n| FailedNode {
+            domain: "pop=fra1".into(),
+            ..failed(n)
+        };
+        let live: BTreeMap<String, u32> = [("pop=fra1".to_owned(), 1)].into();
         let outcome = on_failures(
             &mut healer,
-            (1..=4).map(failed).collect(),
-            1,
+            (1..=4).map(in_fra1).collect(),
+            &live,
             &FleetStats::default(),
             now,
         );
         assert_eq!(outcome.mass_alerts, 1);
+        let alert_event = &outcome.events[0];
+        assert_eq!(alert_event.kind, EventKind::MassNodeFailure);
+        assert_eq!(alert_event.failure_domain.as_deref(), Some("pop=fra1"));
+        assert!(
+            alert_event.reason.contains("in pop=fra1"),
+            "{}",
+            alert_event.reason
+        );
+        assert!(
+            outcome.events[1..]
+                .iter()
+                .all(|e| e.kind == EventKind::SelfHealingHeld
+                    && e.failure_domain.as_deref() == Some("pop=fra1"))
+        );
         assert_eq!(outcome.held, vec!["mass_failure"; 4]);
         let alerts: Vec<_> = outcome
             .writes
@@ -233,6 +309,7 @@ mod tests {
         let alert = body(alerts[0]);
         assert_eq!(alert["reason"], "MASS_NODE_FAILURE");
         assert_eq!(alert["failed_nodes"].as_array().unwrap().len(), 4);
+        assert_eq!(alert["failure_domain"], "pop=fra1");
         assert!(
             !outcome
                 .writes

@@ -344,6 +344,11 @@ impl ScalingLoop {
             debug!(decision = %described, "scaling check");
             return Ok(outcome);
         }
+        if !stats.automation.scaling {
+            info!(decision = %described, "scaling paused (SetAutomation): would act on this decision; nothing sent");
+            outcome.reason = format!("{} (scaling paused: not acted on)", outcome.reason);
+            return Ok(outcome);
+        }
         if self.scaler.policy().mode == ScalingMode::ForecastOnly {
             info!(decision = %described, "forecast_only: would act on this decision; nothing sent");
             outcome.reason = format!("{} (forecast_only: not acted on)", outcome.reason);

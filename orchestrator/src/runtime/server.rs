@@ -532,6 +532,7 @@ impl Terms<'_> {
         let restored = Restored {
             nodes: stored.nodes,
             heals: stored.heals,
+            automation: stored.automation,
         };
         let outputs = Outputs {
             store: store.clone(),

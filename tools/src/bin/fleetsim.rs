@@ -637,7 +637,7 @@ impl VirtualAgent {
             hostname: format!("sim-{}", &self.id.to_string()[..8]),
             ip: String::new(),
             agent_version: "fleetsim".into(),
-            labels: Default::default(),
+            ..Default::default()
         };
         let _ = outbound.send(message(Kind::Hello(hello))).await;
         // The ramp-up gate is waited for outside the bound: at fleet scale agents

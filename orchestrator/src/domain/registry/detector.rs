@@ -354,6 +354,7 @@ mod tests {
                 maintenance_max: Duration::from_secs(5),
                 budget: crate::domain::node::DisruptionBudget::Nodes(3),
                 protect_label: None,
+                failure_domain_label: None,
             },
         }
     }
@@ -365,6 +366,7 @@ mod tests {
             ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, n)),
             agent_version: "test".into(),
             labels: Default::default(),
+            host: Default::default(),
         }
     }
 

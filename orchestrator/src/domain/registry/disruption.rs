@@ -43,6 +43,9 @@ pub struct DisruptionConfig {
     pub budget: DisruptionBudget,
     /// A node carrying this label (key, value) is never chosen for scale-down.
     pub protect_label: Option<(String, String)>,
+    /// The label whose values are the failure domains (`pop`): the mass-failure
+    /// guard and the hourly healing budget apply per domain.
+    pub failure_domain_label: Option<String>,
 }
 
 impl Default for DisruptionConfig {
@@ -52,6 +55,7 @@ impl Default for DisruptionConfig {
             maintenance_max: Duration::from_secs(3600),
             budget: DisruptionBudget::Percent(10.0),
             protect_label: Some(("secbeat.io/protect".to_owned(), "true".to_owned())),
+            failure_domain_label: None,
         }
     }
 }
@@ -521,6 +525,7 @@ mod tests {
                 maintenance_max: Duration::from_secs(300),
                 budget,
                 protect_label: Some(("secbeat.io/protect".into(), "true".into())),
+                failure_domain_label: None,
             },
         }
     }
@@ -536,6 +541,7 @@ mod tests {
             ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, n as u8)),
             agent_version: "test".into(),
             labels: labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+            host: Default::default(),
         }
     }
 
@@ -831,7 +837,7 @@ mod tests {
         );
         assert_eq!(f.registry.stats().avg_cpu_usage, Some(0.5));
         assert_eq!(f.registry.stats().in_service_nodes, 1);
-        assert_eq!(f.registry.mass_failure_population(), 1);
+        assert_eq!(f.registry.mass_failure_population(), [(String::new(), 1)].into());
 
         f.registry.stream_closed(node(1), sessions[0], "killed", f.now);
         assert_eq!(f.state(1), NodeState::Suspect);

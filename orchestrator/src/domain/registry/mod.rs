@@ -16,7 +16,7 @@ pub mod disruption;
 
 use std::{
     cmp::Reverse,
-    collections::{BinaryHeap, HashMap},
+    collections::{BTreeMap, BinaryHeap, HashMap},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -25,8 +25,9 @@ use crate::{
     domain::node::{
         DrainSnapshot, FleetStats, MaintenanceSnapshot, NodeId, NodeInfo, NodeSnapshot, NodeState,
         OutOfService, PersistedDrain, PersistedMaintenance, PersistedNode, PersistedTermination, SessionId,
-        TerminationSnapshot,
+        TerminationSnapshot, failure_domain,
     },
+    domain::selector::{NodeFilter, Selector},
 };
 
 pub use disruption::{
@@ -346,15 +347,41 @@ impl Registry {
             .is_some_and(|record| record.ended_at.is_none())
     }
 
-    /// Live nodes not in maintenance: the fleet the mass-failure guard compares
-    /// failures against (a node in maintenance may be away on purpose).
-    pub fn mass_failure_population(&self) -> u32 {
-        let count = self
+    /// Live nodes not in maintenance, per failure domain: what the
+    /// mass-failure guard compares a domain's failures against (a node in
+    /// maintenance may be away on purpose).
+    pub fn mass_failure_population(&self) -> BTreeMap<String, u32> {
+        let mut population = BTreeMap::new();
+        for record in self
             .nodes
             .values()
             .filter(|record| record.ended_at.is_none() && record.maintenance.is_none())
-            .count();
-        u32::try_from(count).unwrap_or(u32::MAX)
+        {
+            *population.entry(self.domain_of(record)).or_default() += 1;
+        }
+        population
+    }
+
+    /// The failure domain of a node's record.
+    fn domain_of(&self, record: &NodeRecord) -> String {
+        failure_domain(
+            self.config.disruption.failure_domain_label.as_deref(),
+            &record.info.labels,
+        )
+    }
+
+    /// What the healer needs of a node that just failed: its failure domain,
+    /// labels, and whether it was out of service.
+    pub fn failed_node(&self, node: NodeId) -> Option<crate::domain::healer::FailedNode> {
+        let record = self.nodes.get(&node)?;
+        Some(crate::domain::healer::FailedNode {
+            id: node,
+            ip: record.info.ip,
+            hostname: record.info.hostname.clone(),
+            out_of_service: record.out_of_service(),
+            domain: self.domain_of(record),
+            labels: record.info.labels.clone(),
+        })
     }
 
     /// Whether the node was out of service (drained, in maintenance); asked of
@@ -401,6 +428,11 @@ impl Registry {
 
         let previous_state = record.state;
         let fenced = record.session.replace(session);
+        let rebooted = match (&record.info.host.boot_id, &info.host.boot_id) {
+            (Some(before), Some(now)) => Some(before != now),
+            _ => None,
+        };
+        let seen = info.host.last_disconnect.clone();
         record.info = info;
         // An acknowledged terminate ended that life; a new session is a new one. An
         // unacknowledged one still stands until its deadline, so it is sent again.
@@ -451,12 +483,19 @@ impl Registry {
                 now,
             );
         }
-        self.publish(
-            id,
-            EventKind::NodeReconnected,
-            format!("was {previous_state}"),
-            now,
-        );
+        let mut said = format!("was {previous_state}");
+        match rebooted {
+            Some(true) => said.push_str("; rebooted (boot id changed)"),
+            Some(false) => said.push_str("; same boot (a network or agent restart, not a reboot)"),
+            None => {}
+        }
+        if !seen.is_empty() {
+            said.push_str(&format!("; the agent saw: {seen}"));
+        }
+        self.publish(id, EventKind::NodeReconnected, said, now);
+        if let Some(Effect::Publish(event)) = self.effects.last_mut() {
+            event.rebooted = rebooted;
+        }
         if let Some((reason, deadline)) = redrain {
             self.effects.push(Effect::SendDrain {
                 node: id,
@@ -494,6 +533,10 @@ impl Registry {
                     ip: node.ip,
                     agent_version: node.agent_version,
                     labels: node.labels,
+                    host: crate::domain::node::HostFacts {
+                        boot_id: node.boot_id,
+                        ..Default::default()
+                    },
                 },
                 state: if final_state {
                     node.state
@@ -570,6 +613,7 @@ impl Registry {
                 .map(|maintenance| PersistedMaintenance {
                     reason: maintenance.reason.clone(),
                 }),
+            boot_id: record.info.host.boot_id.clone(),
         })
     }
 
@@ -735,9 +779,15 @@ impl Registry {
 
     /// Copies of every node's record, ordered by node id.
     pub fn list(&self) -> Vec<NodeSnapshot> {
+        self.list_matching(&NodeFilter::default())
+    }
+
+    /// Copies of the records of the nodes `filter` wants, ordered by node id.
+    pub fn list_matching(&self, filter: &NodeFilter) -> Vec<NodeSnapshot> {
         let mut nodes: Vec<_> = self
             .nodes
             .values()
+            .filter(|record| filter.matches(&record.info.labels, record.state))
             .map(|record| self.to_snapshot(record))
             .collect();
         nodes.sort_by_key(|node| node.info.id);
@@ -746,20 +796,32 @@ impl Registry {
 
     /// Fleet-wide figures.
     pub fn stats(&self) -> FleetStats {
+        self.stats_matching(&Selector::everything())
+    }
+
+    /// Figures over the nodes `selector` matches (the totals since start and the
+    /// disruption budget stay fleet-wide).
+    pub fn stats_matching(&self, selector: &Selector) -> FleetStats {
         let mut stats = FleetStats {
             unexpected_failures_total: self.unexpected_failures_total,
             graceful_terminations_total: self.graceful_terminations_total,
             ..FleetStats::default()
         };
         let (mut cpu_sum, mut cpu_count) = (0.0, 0u32);
-        for record in self.nodes.values() {
+        let by_domain = self.config.disruption.failure_domain_label.is_some();
+        let mut domain_cpu: BTreeMap<String, (f64, u32)> = BTreeMap::new();
+        let matching = self
+            .nodes
+            .values()
+            .filter(|record| selector.is_empty() || selector.matches(&record.info.labels));
+        for record in matching {
+            let active = record.session.is_some() && record.state != NodeState::Suspect;
+            let in_service = record.in_service();
             *stats.nodes_by_state.entry(record.state).or_default() += 1;
             stats.disrupted_nodes += u32::from(record.disrupted());
             stats.maintenance_nodes += u32::from(record.maintenance.is_some() && record.ended_at.is_none());
-            if record.session.is_some() && record.state != NodeState::Suspect {
-                stats.active_nodes += 1;
-            }
-            if record.in_service() {
+            stats.active_nodes += u32::from(active);
+            if in_service {
                 stats.in_service_nodes += 1;
                 match record.last_cpu {
                     Some(cpu) => {
@@ -768,6 +830,23 @@ impl Registry {
                     }
                     None => stats.active_without_cpu += 1,
                 }
+            }
+            if by_domain {
+                let name = self.domain_of(record);
+                let domain = stats.domains.entry(name.clone()).or_default();
+                *domain.nodes_by_state.entry(record.state).or_default() += 1;
+                domain.active_nodes += u32::from(active);
+                domain.in_service_nodes += u32::from(in_service);
+                if let (true, Some(cpu)) = (in_service, record.last_cpu) {
+                    let (sum, count) = domain_cpu.entry(name).or_default();
+                    *sum += cpu;
+                    *count += 1;
+                }
+            }
+        }
+        for (name, (sum, count)) in domain_cpu {
+            if let Some(domain) = stats.domains.get_mut(&name) {
+                domain.avg_cpu_usage = Some(sum / f64::from(count));
             }
         }
         stats.disruption_allowed =
@@ -873,6 +952,7 @@ impl Registry {
             ip: record.info.ip,
             hostname: record.info.hostname.clone(),
             state: record.state,
+            labels: record.info.labels.clone(),
         };
         let event = FleetEvent::about_node(kind, about, reason, self.anchor.wall(now));
         self.effects.push(Effect::Publish(event));
@@ -963,6 +1043,7 @@ mod tests {
                 ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9)),
                 agent_version: "test".into(),
                 labels: Default::default(),
+                host: Default::default(),
             };
             self.registry.connect(info, self.now)
         }

@@ -27,6 +27,7 @@ use super::{client::EtcdClient, created_at, delete, prefix_end, put};
 use crate::{
     domain::forecast::Point,
     domain::healer::HealRecord,
+    domain::node::Automation,
     edge::store::{
         PersistedNode, Store, StoreError, StoredState, Write, decode, encode, heal_key, history_key,
         unix_nanos,
@@ -164,6 +165,10 @@ impl EtcdStore {
             Some((name, value)) => decode(&table("meta"), name, value)?,
             None => 0,
         };
+        let automation = match meta.iter().find(|(name, _)| name == "automation") {
+            Some((name, value)) => decode(&table("meta"), name, value)?,
+            None => Automation::default(),
+        };
         Ok(StoredState {
             nodes,
             heals,
@@ -171,6 +176,7 @@ impl EtcdStore {
             dead_letters,
             history,
             event_epoch,
+            automation,
         })
     }
 
@@ -272,6 +278,12 @@ impl EtcdStore {
                 Write::PutEventEpoch(epoch) => {
                     let key = format!("{}meta/event_epoch", self.prefix).into_bytes();
                     ops.insert(key.clone(), Op::Put(encode(epoch)?));
+                    groups.join(key, None);
+                    healing = None;
+                }
+                Write::PutAutomation(automation) => {
+                    let key = format!("{}meta/automation", self.prefix).into_bytes();
+                    ops.insert(key.clone(), Op::Put(encode(automation)?));
                     groups.join(key, None);
                     healing = None;
                 }

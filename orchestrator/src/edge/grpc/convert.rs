@@ -13,7 +13,7 @@ use secbeat::{
 
 use crate::{
     domain::event::{EventKind, FleetEvent, ScaleDecision},
-    domain::node::{FleetStats, NodeId, NodeInfo, NodeSnapshot, NodeState},
+    domain::node::{FleetStats, HostFacts, NodeId, NodeInfo, NodeSnapshot, NodeState},
     runtime::fleet::SessionReport,
     runtime::scaling_loop::Prediction,
 };
@@ -186,6 +186,8 @@ fn kind_name(kind: Option<&Kind>) -> &'static str {
 const MAX_HOSTNAME: usize = 253;
 /// Longest accepted agent version string.
 const MAX_VERSION: usize = 64;
+/// Longest accepted boot id (a UUID is 36 bytes).
+const MAX_BOOT_ID: usize = 64;
 /// Most labels a node may carry.
 const MAX_LABELS: usize = 32;
 /// Longest label key or value.
@@ -245,12 +247,33 @@ pub fn node_info(hello: pb::Hello, peer: Option<SocketAddr>) -> Result<NodeInfo,
             format!("keys must be 1..={MAX_LABEL_LEN} bytes, values at most {MAX_LABEL_LEN}"),
         ));
     }
+    let boot_id = if hello.boot_id.is_empty() {
+        None
+    } else {
+        if hello.boot_id.len() > MAX_BOOT_ID {
+            return Err(WireError::new(
+                "hello.boot_id",
+                format!("longer than {MAX_BOOT_ID} bytes"),
+            ));
+        }
+        wire::check_printable("hello.boot_id", &hello.boot_id)?;
+        Some(hello.boot_id)
+    };
+    let boot_time = hello
+        .boot_time
+        .map(|time| wire::timestamp_from_proto("hello.boot_time", Some(time)))
+        .transpose()?;
     Ok(NodeInfo {
         id,
         hostname: hello.hostname,
         ip,
         agent_version: hello.agent_version,
         labels: hello.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        host: HostFacts {
+            boot_id,
+            boot_time,
+            last_disconnect: agent_words(&hello.last_disconnect),
+        },
     })
 }
 
@@ -266,6 +289,13 @@ pub fn node_state(state: NodeState) -> pb::NodeState {
         NodeState::Draining => pb::NodeState::Draining,
         NodeState::Drained => pb::NodeState::Drained,
     }
+}
+
+/// A wire node state as the domain's; None for UNSPECIFIED.
+pub fn node_state_from_proto(state: pb::NodeState) -> Option<NodeState> {
+    NodeState::ALL
+        .into_iter()
+        .find(|domain| node_state(*domain) == state)
 }
 
 /// The wire form of a node snapshot.
@@ -301,6 +331,14 @@ pub fn node(snapshot: &NodeSnapshot) -> pb::Node {
             completed: d.completed,
             then_terminate: d.then_terminate.clone().unwrap_or_default(),
         }),
+        boot_id: snapshot.info.host.boot_id.clone().unwrap_or_default(),
+        boot_time: snapshot.info.host.boot_time.map(wire::timestamp_to_proto),
+        uptime: snapshot
+            .info
+            .host
+            .boot_time
+            .and_then(|booted| SystemTime::now().duration_since(booted).ok())
+            .map(wire::duration_to_proto),
     }
 }
 
@@ -309,18 +347,39 @@ pub fn fleet_stats(stats: &FleetStats) -> pb::GetFleetStatsResponse {
     pb::GetFleetStatsResponse {
         active_nodes: stats.active_nodes,
         avg_cpu_usage: stats.avg_cpu_usage,
-        nodes_by_state: stats
-            .nodes_by_state
-            .iter()
-            .map(|(state, count)| (node_state(*state).as_str_name().to_owned(), *count))
-            .collect(),
+        nodes_by_state: by_state_name(&stats.nodes_by_state),
         unexpected_failures_total: stats.unexpected_failures_total,
         graceful_terminations_total: stats.graceful_terminations_total,
         in_service_nodes: stats.in_service_nodes,
         disrupted_nodes: stats.disrupted_nodes,
         disruption_allowed: stats.disruption_allowed,
         maintenance_nodes: stats.maintenance_nodes,
+        failure_domains: stats
+            .domains
+            .iter()
+            .map(|(name, domain)| {
+                let stats = pb::FailureDomainStats {
+                    nodes_by_state: by_state_name(&domain.nodes_by_state),
+                    active_nodes: domain.active_nodes,
+                    in_service_nodes: domain.in_service_nodes,
+                    avg_cpu_usage: domain.avg_cpu_usage,
+                    heals_last_hour: domain.healing.heals_last_hour,
+                    healing_budget_left: domain.healing.budget_left,
+                    mass_failure_guard: domain.healing.mass_failure_guard,
+                };
+                (name.clone(), stats)
+            })
+            .collect(),
+        healing_paused: !stats.automation.healing,
+        scaling_paused: !stats.automation.scaling,
     }
+}
+
+fn by_state_name(counts: &BTreeMap<NodeState, u32>) -> std::collections::HashMap<String, u32> {
+    counts
+        .iter()
+        .map(|(state, count)| (node_state(*state).as_str_name().to_owned(), *count))
+        .collect()
 }
 
 /// The wire form of an event.
@@ -353,6 +412,8 @@ pub fn fleet_event(event: &FleetEvent) -> pb::FleetEvent {
         EventKind::ResumeFailed => pb::FleetEventType::ResumeFailed,
         EventKind::MaintenanceStarted => pb::FleetEventType::MaintenanceStarted,
         EventKind::MaintenanceEnded => pb::FleetEventType::MaintenanceEnded,
+        EventKind::MassNodeFailure => pb::FleetEventType::MassNodeFailure,
+        EventKind::AutomationChanged => pb::FleetEventType::AutomationChanged,
     };
     let node = event.node.as_ref();
     pb::FleetEvent {
@@ -376,6 +437,8 @@ pub fn fleet_event(event: &FleetEvent) -> pb::FleetEvent {
             .decision
             .map_or(pb::ScaleDecision::Unspecified, scale_decision)
             .into(),
+        failure_domain: event.failure_domain.clone().unwrap_or_default(),
+        rebooted: event.rebooted,
     }
 }
 
@@ -433,6 +496,7 @@ mod tests {
             ip: String::new(),
             agent_version: "0.1.0".into(),
             labels: [("region".to_owned(), "eu".to_owned())].into(),
+            ..Default::default()
         }
     }
 

@@ -8,8 +8,10 @@ use tracing::{Instrument, info, info_span};
 use super::{convert, status, watch};
 use crate::{
     domain::registry::{DrainRequest, DrainThenTerminate, disruption::MAX_DRAIN_DEADLINE},
+    domain::selector::{NodeFilter, Selector},
     edge::auth::{Authority, Need},
     error::UnknownNode,
+    runtime::fleet::AutomationChange,
     runtime::role::Role,
 };
 
@@ -30,6 +32,14 @@ fn reason(field: &'static str, given: String) -> Result<String, Status> {
     }
     secbeat::wire::check_printable(field, &given).map_err(status::invalid)?;
     Ok(given)
+}
+
+/// A label selector field: INVALID_ARGUMENT naming it when it does not parse.
+fn selector(field: &'static str, text: &str) -> Result<Selector, Status> {
+    text.parse()
+        .map_err(|error: crate::domain::selector::SelectorError| {
+            status::invalid(WireError::new(field, error.to_string()))
+        })
 }
 
 /// A drain deadline: unset means the orchestrator's `drain_deadline`; else
@@ -83,7 +93,27 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         self.allow(&request, Need::Read)?;
-        let (nodes, sequence) = self.role.leading()?.fleet.list().await?;
+        let request = request.into_inner();
+        let mut states = Vec::with_capacity(request.states.len());
+        for raw in &request.states {
+            match pb::NodeState::try_from(*raw)
+                .ok()
+                .and_then(convert::node_state_from_proto)
+            {
+                Some(state) => states.push(state),
+                None => {
+                    return Err(status::invalid(WireError::new(
+                        "states",
+                        format!("{raw} is not a node state"),
+                    )));
+                }
+            }
+        }
+        let filter = NodeFilter {
+            selector: selector("label_selector", &request.label_selector)?,
+            states,
+        };
+        let (nodes, sequence) = self.role.leading()?.fleet.list_matching(filter).await?;
         Ok(Response::new(pb::ListNodesResponse {
             nodes: nodes.iter().map(convert::node).collect(),
             sequence,
@@ -192,6 +222,26 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         }))
     }
 
+    async fn set_automation(
+        &self,
+        request: Request<pb::SetAutomationRequest>,
+    ) -> Result<Response<pb::SetAutomationResponse>, Status> {
+        self.allow(&request, Need::Operate)?;
+        let request = request.into_inner();
+        let change = AutomationChange {
+            healing: request.healing,
+            scaling: request.scaling,
+            reason: reason("reason", request.reason)?,
+        };
+        info!(healing = ?change.healing, scaling = ?change.scaling, reason = %change.reason, "automation change requested");
+        let (automation, resumed) = self.role.leading()?.fleet.set_automation(change).await?;
+        Ok(Response::new(pb::SetAutomationResponse {
+            healing: automation.healing,
+            scaling: automation.scaling,
+            resumed_failures: resumed,
+        }))
+    }
+
     async fn set_maintenance(
         &self,
         request: Request<pb::SetMaintenanceRequest>,
@@ -218,7 +268,8 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         request: Request<pb::GetFleetStatsRequest>,
     ) -> Result<Response<pb::GetFleetStatsResponse>, Status> {
         self.allow(&request, Need::Read)?;
-        let stats = self.role.leading()?.fleet.stats().await?;
+        let selector = selector("label_selector", &request.into_inner().label_selector)?;
+        let stats = self.role.leading()?.fleet.stats_matching(selector).await?;
         Ok(Response::new(convert::fleet_stats(&stats)))
     }
 
@@ -227,11 +278,24 @@ impl pb::fleet_service_server::FleetService for FleetApi {
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         self.allow(&request, Need::Read)?;
-        let since = request.into_inner().since_sequence;
-        let subscription = self.role.leading()?.events.subscribe(since)?;
-        let backlog = subscription.backlog.iter().map(convert::fleet_event).collect();
-        let stream = watch::forward(subscription.live, backlog, "events", |event| {
-            Some(convert::fleet_event(event))
+        let request = request.into_inner();
+        let wanted = selector("label_selector", &request.label_selector)?;
+        let subscription = self.role.leading()?.events.subscribe(request.since_sequence)?;
+        let keep = move |event: &crate::domain::event::FleetEvent| {
+            wanted.is_empty()
+                || event
+                    .node
+                    .as_ref()
+                    .is_some_and(|node| wanted.matches(&node.labels))
+        };
+        let backlog = subscription
+            .backlog
+            .iter()
+            .filter(|event| keep(event))
+            .map(convert::fleet_event)
+            .collect();
+        let stream = watch::forward(subscription.live, backlog, "events", move |event| {
+            keep(event).then(|| convert::fleet_event(event))
         });
         Ok(Response::new(stream))
     }
@@ -270,6 +334,7 @@ mod tests {
             ip: "10.0.0.1".parse().unwrap(),
             agent_version: "test".into(),
             labels: Default::default(),
+            host: Default::default(),
         }
     }
 
@@ -345,7 +410,7 @@ mod tests {
         let early = node_info();
         handle.connect(early.clone(), tx, clock::now()).await.unwrap();
         let listed = api
-            .list_nodes(Request::new(pb::ListNodesRequest {}))
+            .list_nodes(Request::new(pb::ListNodesRequest::default()))
             .await
             .unwrap()
             .into_inner();
@@ -357,6 +422,7 @@ mod tests {
         let mut stream = api
             .watch_events(Request::new(pb::WatchEventsRequest {
                 since_sequence: Some(listed.sequence),
+                ..Default::default()
             }))
             .await
             .unwrap()
@@ -374,6 +440,7 @@ mod tests {
         let gone = api
             .watch_events(Request::new(pb::WatchEventsRequest {
                 since_sequence: Some(7),
+                ..Default::default()
             }))
             .await
             .unwrap_err();

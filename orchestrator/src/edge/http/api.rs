@@ -5,7 +5,7 @@
 
 use axum::{
     Json,
-    extract::{Path, State},
+    extract::{Path, Query, State, rejection::QueryRejection},
     http::StatusCode,
     response::{IntoResponse, Response},
 };
@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use crate::{
     domain::node::{NodeId, NodeSnapshot, NodeState},
+    domain::selector::{NodeFilter, Selector},
     error::{Fault, UnknownEndpoint, UnknownNode},
     runtime::scaling_loop::Prediction,
 };
@@ -62,10 +63,65 @@ pub async fn require_token(
     next.run(request).await
 }
 
-/// `GET /api/v1/fleet/stats`.
-pub async fn fleet_stats(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// The query of `/api/v1/nodes` and `/api/v1/fleet/stats`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeQuery {
+    /// A label selector (`pop=fra1,role!=canary`).
+    selector: Option<String>,
+    /// States, comma-separated (`connected,drained`); nodes only.
+    state: Option<String>,
+}
+
+impl NodeQuery {
+    /// The query, or a JSON 400 naming what is wrong with it.
+    fn from(query: Result<Query<NodeQuery>, QueryRejection>) -> Result<Self, ApiError> {
+        query
+            .map(|Query(query)| query)
+            .map_err(|rejection| ApiError(StatusCode::BAD_REQUEST, rejection.body_text()))
+    }
+
+    fn selector(&self) -> Result<Selector, ApiError> {
+        let text = self.selector.as_deref().unwrap_or_default();
+        text.parse()
+            .map_err(|error: crate::domain::selector::SelectorError| {
+                secbeat::wire::WireError::new("selector", error.to_string()).into()
+            })
+    }
+
+    fn states(&self) -> Result<Vec<NodeState>, ApiError> {
+        let Some(text) = self.state.as_deref() else {
+            return Ok(Vec::new());
+        };
+        text.split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .map(|name| {
+                let wanted = name.to_ascii_lowercase();
+                let wanted = wanted.strip_prefix("node_state_").unwrap_or(&wanted);
+                NodeState::ALL
+                    .into_iter()
+                    .find(|state| state.as_str() == wanted)
+                    .ok_or_else(|| {
+                        secbeat::wire::WireError::new(
+                            "state",
+                            format!("{name:?} is not a node state (connected, suspect, failed, terminating, terminated, left, draining, drained)"),
+                        )
+                        .into()
+                    })
+            })
+            .collect()
+    }
+}
+
+/// `GET /api/v1/fleet/stats[?selector=]`.
+pub async fn fleet_stats(
+    State(state): State<AppState>,
+    query: Result<Query<NodeQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
     let leading = state.role.leading()?;
-    let stats = leading.fleet.stats().await?;
+    let selector = NodeQuery::from(query)?.selector()?;
+    let stats = leading.fleet.stats_matching(selector).await?;
     let latest = leading.predictions.latest();
     let nodes_by_state: serde_json::Map<String, Value> = stats
         .nodes_by_state
@@ -84,6 +140,24 @@ pub async fn fleet_stats(State(state): State<AppState>) -> Result<Json<Value>, A
         "disrupted_nodes": stats.disrupted_nodes,
         "disruption_allowed": stats.disruption_allowed,
         "maintenance_nodes": stats.maintenance_nodes,
+        "healing_paused": !stats.automation.healing,
+        "scaling_paused": !stats.automation.scaling,
+        "failure_domains": stats.domains.iter().map(|(name, domain)| {
+            let by_state: serde_json::Map<String, Value> = domain
+                .nodes_by_state
+                .iter()
+                .map(|(state, count)| (state.as_str().to_owned(), json!(count)))
+                .collect();
+            (name.clone(), json!({
+                "nodes_by_state": by_state,
+                "active_nodes": domain.active_nodes,
+                "in_service_nodes": domain.in_service_nodes,
+                "avg_cpu_usage": domain.avg_cpu_usage,
+                "heals_last_hour": domain.healing.heals_last_hour,
+                "healing_budget_left": domain.healing.budget_left,
+                "mass_failure_guard": domain.healing.mass_failure_guard,
+            }))
+        }).collect::<serde_json::Map<String, Value>>(),
         "cpu_history_points": latest.as_ref().and_then(|p| p.forecast.as_ref()).map_or(0, |f| f.data_points),
         "prediction": latest.as_deref().map(prediction_json),
         "accuracy": latest.as_deref().map(accuracy_json),
@@ -183,9 +257,17 @@ fn node_json(node: &NodeSnapshot) -> NodeJson {
     }
 }
 
-/// `GET /api/v1/nodes`.
-pub async fn nodes(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let (nodes, sequence) = state.role.leading()?.fleet.list().await?;
+/// `GET /api/v1/nodes[?selector=&state=]`.
+pub async fn nodes(
+    State(state): State<AppState>,
+    query: Result<Query<NodeQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let query = NodeQuery::from(query)?;
+    let filter = NodeFilter {
+        selector: query.selector()?,
+        states: query.states()?,
+    };
+    let (nodes, sequence) = state.role.leading()?.fleet.list_matching(filter).await?;
     let nodes: Vec<NodeJson> = nodes.iter().map(node_json).collect();
     Ok(Json(json!({ "nodes": nodes, "sequence": sequence })))
 }

@@ -41,6 +41,7 @@ pub(crate) fn node(n: u16, state: NodeState) -> PersistedNode {
         maintenance: (n % 4 == 2).then(|| crate::domain::node::PersistedMaintenance {
             reason: format!("kernel patch {n}"),
         }),
+        boot_id: None,
     }
 }
 
@@ -68,6 +69,7 @@ pub(crate) fn everything_written_is_there_after_reopening(backing: &mut dyn Back
     let heal = HealRecord {
         at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
         node: node(1, NodeState::Failed).id,
+        domain: "pop=fra1".into(),
     };
     {
         let mut store = backing.open();
@@ -77,7 +79,7 @@ pub(crate) fn everything_written_is_there_after_reopening(backing: &mut dyn Back
                 Write::PutNode(terminating.clone()),
                 Write::PutOutbox(entry("msg_b", 20)),
                 Write::PutOutbox(entry("msg_a", 10)),
-                Write::PutHeal(heal),
+                Write::PutHeal(heal.clone()),
                 Write::PutEventEpoch(6),
             ])
             .unwrap();
@@ -130,10 +132,11 @@ pub(crate) fn pruning_keeps_only_recent_heals(backing: &mut dyn Backing) {
         .map(|s| HealRecord {
             at: at(s),
             node: NodeId(Uuid::from_u128(s.into())),
+            domain: String::new(),
         })
         .collect();
     store
-        .apply(&heals.iter().copied().map(Write::PutHeal).collect::<Vec<_>>())
+        .apply(&heals.iter().cloned().map(Write::PutHeal).collect::<Vec<_>>())
         .unwrap();
     store.apply(&[Write::PruneHeals { before: at(200) }]).unwrap();
     assert_eq!(store.load().unwrap().heals, heals[1..].to_vec());
@@ -171,8 +174,9 @@ pub(crate) fn a_large_batch_is_written_whole_and_a_repeated_one_changes_nothing(
     let heal = HealRecord {
         at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
         node: node(7, NodeState::Failed).id,
+        domain: String::new(),
     };
-    batch.push(Write::PutHeal(heal));
+    batch.push(Write::PutHeal(heal.clone()));
     batch.push(Write::PutOutbox(entry("msg_heal_7", 5)));
     store.apply(&batch).unwrap();
     store.apply(&batch).unwrap();

@@ -19,7 +19,10 @@ use std::time::SystemTime;
 
 pub use crate::domain::node::{PersistedNode, PersistedTermination};
 use crate::{
-    domain::forecast::Point, domain::healer::HealRecord, domain::node::NodeId, edge::webhook::OutboxEntry,
+    domain::forecast::Point,
+    domain::healer::HealRecord,
+    domain::node::{Automation, NodeId},
+    edge::webhook::OutboxEntry,
 };
 
 /// One change to durable state. A batch of them is applied atomically.
@@ -51,6 +54,8 @@ pub enum Write {
     },
     /// This run's event epoch (see [`crate::runtime::bus`]): one more than the last run's.
     PutEventEpoch(u64),
+    /// Which automation runs (`SetAutomation`).
+    PutAutomation(Automation),
 }
 
 /// Everything loaded at start-up.
@@ -68,6 +73,8 @@ pub struct StoredState {
     pub history: Vec<Point>,
     /// The event epoch of the last run (0: none yet).
     pub event_epoch: u64,
+    /// Which automation runs (both, unless an operator paused one).
+    pub automation: Automation,
 }
 
 /// A store failure, in words (the backend's error types stay inside the backend).
@@ -157,6 +164,7 @@ pub(crate) mod memory {
         dead_letters: u64,
         history: Vec<Point>,
         event_epoch: u64,
+        automation: Automation,
         /// Outbox ids deleted (delivered), in order.
         deleted: Vec<String>,
         /// Every node write, in order.
@@ -211,6 +219,7 @@ pub(crate) mod memory {
                 dead_letters: self.dead_letters,
                 history: self.history.clone(),
                 event_epoch: self.event_epoch,
+                automation: self.automation,
             }
         }
     }
@@ -247,6 +256,7 @@ pub(crate) mod memory {
                     Write::PutHistory(point) => inner.history.push(point),
                     Write::PruneHistory { before } => inner.history.retain(|point| point.t >= before),
                     Write::PutEventEpoch(epoch) => inner.event_epoch = epoch,
+                    Write::PutAutomation(automation) => inner.automation = automation,
                 }
             }
             Ok(())

@@ -10,7 +10,9 @@ use serde::de::DeserializeOwned;
 use super::{
     PersistedNode, Store, StoreError, StoredState, Write, decode, encode, heal_key, history_key, unix_nanos,
 };
-use crate::{domain::forecast::Point, domain::healer::HealRecord, edge::webhook::OutboxEntry};
+use crate::{
+    domain::forecast::Point, domain::healer::HealRecord, domain::node::Automation, edge::webhook::OutboxEntry,
+};
 
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes_v1");
 /// Keyed `<unix nanos, 20 digits>/<node id>` so key order is time order.
@@ -22,6 +24,7 @@ const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("history_v1")
 /// Single values by name (`event_epoch`).
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta_v1");
 const EVENT_EPOCH: &str = "event_epoch";
+const AUTOMATION: &str = "automation";
 
 /// The file name inside `state_dir`.
 pub const FILE_NAME: &str = "orchestrator.redb";
@@ -186,6 +189,10 @@ impl RedbStore {
             Some(value) => decode(META.name(), EVENT_EPOCH, value.value())?,
             None => 0,
         };
+        let automation = match meta.get(AUTOMATION).map_err(|e| err("read", e))? {
+            Some(value) => decode(META.name(), AUTOMATION, value.value())?,
+            None => Automation::default(),
+        };
         Ok(StoredState {
             nodes,
             heals,
@@ -193,6 +200,7 @@ impl RedbStore {
             dead_letters,
             history,
             event_epoch,
+            automation,
         })
     }
 
@@ -256,6 +264,10 @@ impl RedbStore {
                     }
                     Write::PutEventEpoch(epoch) => {
                         meta.insert(EVENT_EPOCH, encode(epoch)?.as_slice()).map_err(io)?;
+                    }
+                    Write::PutAutomation(automation) => {
+                        meta.insert(AUTOMATION, encode(automation)?.as_slice())
+                            .map_err(io)?;
                     }
                 }
             }

@@ -234,6 +234,7 @@ impl Writer {
 fn coalesce(pending: &mut Vec<Write>) {
     let mut nodes = HashSet::new();
     let (mut epoch, mut prune_heals, mut prune_history) = (false, false, false);
+    let mut automation = false;
     let mut history = 0usize;
     let mut kept: Vec<Write> = Vec::with_capacity(pending.len());
     for write in pending.drain(..).rev() {
@@ -241,6 +242,7 @@ fn coalesce(pending: &mut Vec<Write>) {
             Write::PutNode(node) => nodes.insert(node.id),
             Write::DeleteNode(id) => nodes.insert(*id),
             Write::PutEventEpoch(_) => !std::mem::replace(&mut epoch, true),
+            Write::PutAutomation(_) => !std::mem::replace(&mut automation, true),
             Write::PruneHeals { .. } => !std::mem::replace(&mut prune_heals, true),
             Write::PruneHistory { .. } => !std::mem::replace(&mut prune_history, true),
             Write::PutHistory(_) => {
@@ -333,6 +335,7 @@ mod tests {
             termination: None,
             drain: None,
             maintenance: None,
+            boot_id: None,
         }
     }
 

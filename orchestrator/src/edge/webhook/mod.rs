@@ -69,6 +69,8 @@ pub enum WebhookEvent {
         fleet_size: u32,
         /// The window, seconds.
         window_seconds: f64,
+        /// The failure domain (`pop=fra1`; empty: the whole fleet).
+        domain: String,
     },
     /// More capacity is needed.
     ScaleUp {
@@ -147,7 +149,9 @@ pub fn outbox_entry(event: &WebhookEvent, stats: &FleetStats, now: SystemTime) -
             failed,
             fleet_size,
             window_seconds,
+            domain,
         } => json!({
+            "failure_domain": domain,
             "failed_nodes": failed.iter().map(|node| node_json(node.id, node.ip)).collect::<Vec<_>>(),
             "fleet_size": fleet_size,
             "failed_fraction": failed.len() as f64 / f64::from((*fleet_size).max(1)),
@@ -196,6 +200,8 @@ mod tests {
             ip: IpAddr::V4(Ipv4Addr::new(10, 0, 1, 42)),
             hostname: "edge-42".into(),
             out_of_service: None,
+            domain: String::new(),
+            labels: Default::default(),
         }
     }
 
@@ -245,6 +251,7 @@ mod tests {
             failed: vec![failed(), failed()],
             fleet_size: 5,
             window_seconds: 60.0,
+            domain: "pop=fra1".into(),
         };
         let body: Value = serde_json::from_slice(&outbox_entry(&event, &stats(), at()).body).unwrap();
         assert_eq!(body["reason"], "MASS_NODE_FAILURE");
@@ -252,6 +259,7 @@ mod tests {
         assert_eq!(body["failed_nodes"][0]["ip"], "10.0.1.42");
         assert_eq!(body["fleet_size"], 5);
         assert_eq!(body["failed_fraction"], 0.4);
+        assert_eq!(body["failure_domain"], "pop=fra1");
     }
 
     #[test]
