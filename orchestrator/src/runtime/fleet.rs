@@ -1349,6 +1349,84 @@ pub(crate) mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn paused_healing_holds_a_failure_and_a_resume_heals_it_once_and_both_are_persisted() {
+        let shutdown = CancellationToken::new();
+        let test = start(settings(), Restored::default(), &shutdown);
+        let mut events = test.bus.subscribe(None).unwrap().live;
+        let pause = AutomationChange {
+            healing: Some(false),
+            reason: "investigating an upstream outage".into(),
+            ..Default::default()
+        };
+        let (automation, resumed) = test.handle.set_automation(pause).await.unwrap();
+        assert_eq!(
+            (automation.healing, automation.scaling, resumed),
+            (false, true, 0)
+        );
+        let changed = next_of(&mut events, EventKind::AutomationChanged).await;
+        assert!(changed.reason.contains("healing paused"), "{}", changed.reason);
+        assert!(!test.handle.stats().await.unwrap().automation.healing);
+
+        let (tx, _signals) = session_signals();
+        let node = NodeId(Uuid::new_v4());
+        test.handle.connect(info(node), tx, clock::now()).await.unwrap();
+        next_of(&mut events, EventKind::NodeFailed).await;
+        let held = next_of(&mut events, EventKind::SelfHealingHeld).await;
+        assert!(held.reason.contains("paused"), "{}", held.reason);
+        let state = test.store.wait_for(|state| !state.automation.healing);
+        assert!(state.outbox.is_empty(), "nothing healed while paused");
+
+        let resume = AutomationChange {
+            healing: Some(true),
+            reason: "outage over".into(),
+            ..Default::default()
+        };
+        let (automation, resumed) = test.handle.set_automation(resume.clone()).await.unwrap();
+        assert_eq!((automation.healing, resumed), (true, 1));
+        let requested = next_of(&mut events, EventKind::SelfHealingRequested).await;
+        assert_eq!(requested.node_id(), Some(node));
+        let state = test.store.wait_for(|state| !state.outbox.is_empty());
+        assert!(state.automation.healing);
+        assert_eq!(state.outbox.len(), 1);
+        assert_eq!(body(&state.outbox[0])["failed_node_id"], node.to_string());
+        // Resuming again changes nothing and heals nothing twice.
+        assert_eq!(test.handle.set_automation(resume).await.unwrap().1, 0);
+        shutdown.cancel();
+        test.actor.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_keeps_healing_paused() {
+        let shutdown = CancellationToken::new();
+        let restored = Restored {
+            automation: Automation {
+                healing: false,
+                scaling: false,
+            },
+            ..Restored::default()
+        };
+        let test = start(settings(), restored, &shutdown);
+        let stats = test.handle.stats().await.unwrap();
+        assert_eq!(
+            stats.automation,
+            Automation {
+                healing: false,
+                scaling: false
+            }
+        );
+        let mut events = test.bus.subscribe(None).unwrap().live;
+        let (tx, _signals) = session_signals();
+        test.handle
+            .connect(info(NodeId(Uuid::new_v4())), tx, clock::now())
+            .await
+            .unwrap();
+        let held = next_of(&mut events, EventKind::SelfHealingHeld).await;
+        assert!(held.reason.contains("paused"), "{}", held.reason);
+        shutdown.cancel();
+        test.actor.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn most_of_the_fleet_going_silent_at_once_raises_one_alert_and_heals_nobody() {
         let shutdown = CancellationToken::new();
         let test = start(settings(), Restored::default(), &shutdown);

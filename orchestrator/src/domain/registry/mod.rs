@@ -1478,4 +1478,135 @@ mod tests {
         f.check();
         assert_eq!(f.state(live), NodeState::Suspect);
     }
+
+    fn with_host(node: NodeId, labels: &[(&str, &str)], boot_id: Option<&str>, saw: &str) -> NodeInfo {
+        NodeInfo {
+            id: node,
+            hostname: "edge".into(),
+            ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9)),
+            agent_version: "test".into(),
+            labels: labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+            host: crate::domain::node::HostFacts {
+                boot_id: boot_id.map(str::to_owned),
+                boot_time: None,
+                last_disconnect: saw.into(),
+            },
+        }
+    }
+
+    fn reconnected(f: &mut Fixture) -> FleetEvent {
+        f.take()
+            .into_iter()
+            .find_map(|effect| match effect {
+                Effect::Publish(event) if event.kind == EventKind::NodeReconnected => Some(event),
+                _ => None,
+            })
+            .expect("a NODE_RECONNECTED event")
+    }
+
+    #[test]
+    fn a_reconnect_says_whether_the_node_rebooted_and_what_its_agent_saw() {
+        let mut f = Fixture::new();
+        let n = node();
+        let s = f.registry.connect(with_host(n, &[], Some("boot-a"), ""), f.now);
+        f.registry.stream_closed(n, s, "reset", f.now);
+        f.take();
+        let s = f
+            .registry
+            .connect(with_host(n, &[], Some("boot-a"), "stream reset"), f.now);
+        let event = reconnected(&mut f);
+        assert_eq!(event.rebooted, Some(false));
+        assert!(event.reason.contains("same boot"), "{}", event.reason);
+        assert!(
+            event.reason.contains("the agent saw: stream reset"),
+            "{}",
+            event.reason
+        );
+        f.registry.stream_closed(n, s, "reset", f.now);
+        f.registry.connect(with_host(n, &[], Some("boot-b"), ""), f.now);
+        let event = reconnected(&mut f);
+        assert_eq!(event.rebooted, Some(true));
+        assert!(event.reason.contains("rebooted"), "{}", event.reason);
+        // An older agent says nothing: nothing is claimed.
+        f.registry.connect(with_host(n, &[], None, ""), f.now);
+        assert_eq!(reconnected(&mut f).rebooted, None);
+        // The boot id survives a restart of the orchestrator.
+        let persisted = f.registry.persisted(n).unwrap();
+        assert_eq!(persisted.boot_id, None);
+        f.registry.connect(with_host(n, &[], Some("boot-b"), ""), f.now);
+        let persisted = f.registry.persisted(n).unwrap();
+        assert_eq!(persisted.boot_id.as_deref(), Some("boot-b"));
+        let mut restarted = Registry::new(f.registry.config().clone(), f.now, SystemTime::UNIX_EPOCH);
+        restarted.restore(vec![persisted], f.now, Duration::from_secs(10));
+        restarted.connect(with_host(n, &[], Some("boot-c"), ""), f.now);
+        let event = restarted
+            .take_effects()
+            .into_iter()
+            .find_map(|effect| match effect {
+                Effect::Publish(event) if event.kind == EventKind::NodeReconnected => Some(event),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(event.rebooted, Some(true));
+    }
+
+    #[test]
+    fn lists_and_stats_follow_selectors_and_states_and_domains_are_counted() {
+        let mut f = Fixture::new();
+        f.registry.config.disruption.failure_domain_label = Some("pop".into());
+        let fra = [node(), node()];
+        let ams = node();
+        let bare = node();
+        let mut sessions = Vec::new();
+        for id in fra {
+            sessions.push(f.registry.connect(
+                with_host(id, &[("pop", "fra1"), ("role", "edge")], None, ""),
+                f.now,
+            ));
+        }
+        let s_ams = f
+            .registry
+            .connect(with_host(ams, &[("pop", "ams1")], None, ""), f.now);
+        f.registry.connect(with_host(bare, &[], None, ""), f.now);
+        f.registry.cpu_sample(fra[0], sessions[0], 0.2, f.now).unwrap();
+        f.registry.cpu_sample(fra[1], sessions[1], 0.4, f.now).unwrap();
+        f.registry.cpu_sample(ams, s_ams, 0.9, f.now).unwrap();
+        f.registry.stream_closed(ams, s_ams, "reset", f.now);
+
+        let filter = |selector: &str, states: Vec<NodeState>| NodeFilter {
+            selector: selector.parse().unwrap(),
+            states,
+        };
+        let ids = |nodes: Vec<NodeSnapshot>| nodes.into_iter().map(|n| n.info.id).collect::<Vec<_>>();
+        let mut expected = fra.to_vec();
+        expected.sort();
+        assert_eq!(
+            ids(f.registry.list_matching(&filter("pop=fra1", vec![]))),
+            expected
+        );
+        assert_eq!(ids(f.registry.list_matching(&filter("!pop", vec![]))), vec![bare]);
+        assert_eq!(
+            ids(f.registry.list_matching(&filter("", vec![NodeState::Suspect]))),
+            vec![ams]
+        );
+        assert_eq!(f.registry.list_matching(&filter("pop!=fra1", vec![])).len(), 2);
+
+        let fra_stats = f.registry.stats_matching(&"pop=fra1".parse().unwrap());
+        assert_eq!(fra_stats.active_nodes, 2);
+        assert!((fra_stats.avg_cpu_usage.unwrap() - 0.3).abs() < 1e-12);
+        let stats = f.registry.stats();
+        assert_eq!(stats.domains.len(), 3);
+        assert_eq!(stats.domains["pop=fra1"].active_nodes, 2);
+        assert_eq!(stats.domains["pop=ams1"].nodes_by_state[&NodeState::Suspect], 1);
+        assert_eq!(
+            stats.domains["pop=ams1"].avg_cpu_usage, None,
+            "a suspect node's CPU is not counted"
+        );
+        assert_eq!(stats.domains["!pop"].active_nodes, 1);
+        let population = f.registry.mass_failure_population();
+        assert_eq!(population["pop=fra1"], 2);
+        assert_eq!(population["!pop"], 1);
+        let failed = f.registry.failed_node(ams).unwrap();
+        assert_eq!(failed.domain, "pop=ams1");
+    }
 }

@@ -11,7 +11,7 @@ use super::{PersistedNode, PersistedTermination, Store, Write};
 use crate::{
     domain::forecast::Point,
     domain::healer::HealRecord,
-    domain::node::{NodeId, NodeState},
+    domain::node::{Automation, NodeId, NodeState},
     edge::webhook::OutboxEntry,
 };
 
@@ -41,7 +41,7 @@ pub(crate) fn node(n: u16, state: NodeState) -> PersistedNode {
         maintenance: (n % 4 == 2).then(|| crate::domain::node::PersistedMaintenance {
             reason: format!("kernel patch {n}"),
         }),
-        boot_id: None,
+        boot_id: (n % 2 == 1).then(|| format!("boot-{n}")),
     }
 }
 
@@ -81,6 +81,10 @@ pub(crate) fn everything_written_is_there_after_reopening(backing: &mut dyn Back
                 Write::PutOutbox(entry("msg_a", 10)),
                 Write::PutHeal(heal.clone()),
                 Write::PutEventEpoch(6),
+                Write::PutAutomation(Automation {
+                    healing: true,
+                    scaling: true,
+                }),
             ])
             .unwrap();
         store
@@ -88,6 +92,10 @@ pub(crate) fn everything_written_is_there_after_reopening(backing: &mut dyn Back
                 Write::PutNode(node(1, NodeState::Failed)),
                 Write::PutNode(node(3, NodeState::Left)),
                 Write::DeleteNode(node(3, NodeState::Left).id),
+                Write::PutAutomation(Automation {
+                    healing: false,
+                    scaling: true,
+                }),
             ])
             .unwrap();
     }
@@ -101,6 +109,14 @@ pub(crate) fn everything_written_is_there_after_reopening(backing: &mut dyn Back
     assert_eq!(state.outbox[0], entry("msg_a", 10));
     assert_eq!(state.heals, vec![heal]);
     assert_eq!(state.event_epoch, 6);
+    assert_eq!(
+        state.automation,
+        Automation {
+            healing: false,
+            scaling: true
+        },
+        "the latest automation switch is kept"
+    );
 }
 
 pub(crate) fn delivered_entries_go_and_dead_letters_are_kept_aside(backing: &mut dyn Backing) {
