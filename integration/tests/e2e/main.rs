@@ -4,6 +4,7 @@
 mod deploy;
 mod descriptors;
 mod disruption;
+mod domains;
 mod faults;
 mod grpcurl;
 mod ha;
