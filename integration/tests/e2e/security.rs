@@ -192,6 +192,46 @@ async fn operator_calls_need_an_operator_credential() {
     wait_for_state(&mut viewer, &id, NodeState::Connected, STARTUP).await;
     let denied = viewer.terminate_node(terminate()).await.unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied, "viewers only read");
+    // Every call that changes the fleet needs the operator role.
+    let changes = [
+        viewer
+            .drain_node(pb::DrainNodeRequest {
+                node_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        viewer
+            .resume_node(pb::ResumeNodeRequest {
+                node_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        viewer
+            .set_maintenance(pb::SetMaintenanceRequest {
+                node_id: id.clone(),
+                enabled: true,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        viewer
+            .set_automation(pb::SetAutomationRequest {
+                healing: Some(false),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+    ];
+    for denied in changes {
+        assert_eq!(denied.unwrap_err().code(), tonic::Code::PermissionDenied);
+    }
+    let node = secbeat_integration::node(&mut viewer, &id).await.unwrap();
+    assert!(
+        node.maintenance.is_none() && node.drain.is_none(),
+        "nothing changed"
+    );
 
     // The real grpcurl: an operator certificate reads...
     let addr = format!("127.0.0.1:{}", orchestrator.grpc_addr.port());
