@@ -15,6 +15,14 @@ pub fn promtool() -> PathBuf {
         .expect("promtool not found: apt-get install prometheus (scripts/test does, as root) or set PROMTOOL")
 }
 
+/// The real Prometheus server (Debian's `prometheus`, the package promtool comes
+/// in): `$PROMETHEUS`, else `prometheus` on `PATH`.
+pub fn prometheus() -> PathBuf {
+    find_tool("PROMETHEUS", "prometheus").expect(
+        "prometheus not found: apt-get install prometheus (scripts/test does, as root) or set PROMETHEUS",
+    )
+}
+
 /// The real `docker-compose` (Debian's, which validates without an engine):
 /// `$DOCKER_COMPOSE`, else `docker-compose` on `PATH`.
 pub fn docker_compose() -> PathBuf {

@@ -11,6 +11,7 @@ mod ha;
 mod healing;
 mod lifecycle;
 mod measure;
+mod monitoring;
 mod operator;
 mod protocol;
 mod readme;
