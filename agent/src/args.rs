@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-/// The agent's command line (every flag also reads a `SECBEAT_*` variable).
+// The agent's command line (every flag also reads a `SECBEAT_*` variable); the
+// doc comment below is its --help, man page and description.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "secbeat-agent", version, verbatim_doc_comment)]
 /// SecBeat node agent.
@@ -10,8 +11,10 @@ use std::path::PathBuf;
 /// Keeps one gRPC stream to the orchestrator: Hello, then heartbeats and CPU
 /// samples at the interval the orchestrator's Welcome sets. Reconnects with capped,
 /// jittered exponential backoff. On a Terminate command: acknowledges, runs
-/// --on-terminate within the grace period, says Goodbye and exits 0. On SIGTERM or
-/// SIGINT: says Goodbye (reason "shutdown") and exits 0.
+/// --on-terminate within the grace period, says Goodbye and exits 0. On a Drain
+/// command: runs --on-drain (withdraw the node's route) within the drain's
+/// deadline and reports the outcome, staying connected; on Resume: --on-resume.
+/// On SIGTERM or SIGINT: says Goodbye (reason "shutdown") and exits 0.
 ///
 /// Exit codes: 0 terminated or shut down; 1 refused by the orchestrator (bad hello,
 /// another agent owns this node id, credentials); 64 bad flags or state.

@@ -10,7 +10,7 @@
 //! - [`edge`], what talks: gRPC, HTTP, the store, the webhook sender, the listener,
 //!   auth and metrics.
 //!
-//! Beside them: [`config`] (every key once), [`error`] (every fault's gRPC and HTTP
+//! Beside them: [`cli`] (the command line), [`config`] (every key once), [`error`] (every fault's gRPC and HTTP
 //! status, once) and [`clock`] (the one source of "now").
 //!
 //! Data flows one way: agent stream -> registry/detector -> events -> healer/scaler
@@ -18,6 +18,7 @@
 
 #![warn(missing_docs)]
 
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod domain;

@@ -13,6 +13,7 @@ mod lifecycle;
 mod measure;
 mod monitoring;
 mod operator;
+mod packaging;
 mod protocol;
 mod readme;
 mod scaling;
