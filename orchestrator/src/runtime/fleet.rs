@@ -30,8 +30,8 @@ use crate::{
         Automation, FleetStats, NodeId, NodeInfo, NodeSnapshot, NodeState, PersistedNode, SessionId,
     },
     domain::registry::{
-        CloseReason, DrainError, DrainRequest, DrainThenTerminate, Effect, LifecycleConfig, Registry,
-        ServiceError, SessionError, TerminateAccepted, TerminateError,
+        CloseReason, DrainAccepted, DrainError, DrainRequest, DrainThenTerminate, Effect, LifecycleConfig,
+        Registry, ServiceError, SessionError, TerminateAccepted, TerminateError,
     },
     domain::scaler::Candidate,
     domain::selector::{NodeFilter, Selector},
@@ -198,9 +198,13 @@ enum Command {
     Drain {
         node: NodeId,
         request: DrainRequest,
-        /// Terminate with this reason once drained.
-        then_terminate: Option<String>,
-        reply: oneshot::Sender<Result<Drained, DrainError>>,
+        reply: oneshot::Sender<Result<DrainAccepted, DrainError>>,
+    },
+    DrainThenTerminate {
+        node: NodeId,
+        reason: String,
+        request: DrainRequest,
+        reply: oneshot::Sender<Result<DrainThenTerminate, DrainError>>,
     },
     Resume {
         node: NodeId,
@@ -222,9 +226,6 @@ enum Command {
     Stats(Selector, oneshot::Sender<FleetStats>),
     ScalingView(oneshot::Sender<(FleetStats, Option<Candidate>)>),
 }
-
-/// What a drain request did.
-pub type Drained = DrainThenTerminate;
 
 /// An operator's change to automation; None keeps the current value.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -301,18 +302,27 @@ impl FleetHandle {
         .await
     }
 
-    /// Drains a node (DRAINING, then DRAINED once its agent reports), and with
-    /// `then_terminate` terminates it once drained.
+    /// Drains a node: DRAINING, then DRAINED once its agent reports.
     pub async fn drain(
         &self,
         node: NodeId,
         request: DrainRequest,
-        then_terminate: Option<String>,
-    ) -> Result<Result<Drained, DrainError>, FleetStopped> {
-        self.ask(|reply| Command::Drain {
+    ) -> Result<Result<DrainAccepted, DrainError>, FleetStopped> {
+        self.ask(|reply| Command::Drain { node, request, reply }).await
+    }
+
+    /// Drains a node and terminates it with `reason` once drained (at once if
+    /// it is drained already).
+    pub async fn drain_then_terminate(
+        &self,
+        node: NodeId,
+        reason: String,
+        request: DrainRequest,
+    ) -> Result<Result<DrainThenTerminate, DrainError>, FleetStopped> {
+        self.ask(|reply| Command::DrainThenTerminate {
             node,
+            reason,
             request,
-            then_terminate,
             reply,
         })
         .await
@@ -596,21 +606,18 @@ impl FleetActor {
                 let outcome = self.registry.request_terminate(node, &reason, clock::now());
                 let _ = reply.send(outcome);
             }
-            Command::Drain {
+            Command::Drain { node, request, reply } => {
+                let _ = reply.send(self.registry.request_drain(node, request, clock::now()));
+            }
+            Command::DrainThenTerminate {
                 node,
+                reason,
                 request,
-                then_terminate,
                 reply,
             } => {
-                let outcome = match then_terminate {
-                    Some(reason) => self
-                        .registry
-                        .drain_then_terminate(node, &reason, request, clock::now()),
-                    None => self
-                        .registry
-                        .request_drain(node, request, clock::now())
-                        .map(DrainThenTerminate::Draining),
-                };
+                let outcome = self
+                    .registry
+                    .drain_then_terminate(node, &reason, request, clock::now());
                 let _ = reply.send(outcome);
             }
             Command::Resume { node, reason, reply } => {

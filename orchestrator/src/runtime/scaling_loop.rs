@@ -389,7 +389,7 @@ impl ScalingLoop {
                     deadline: None,
                     force: false,
                 };
-                match self.fleet.drain(node.id, drain, Some(reason)).await? {
+                match self.fleet.drain_then_terminate(node.id, reason, drain).await? {
                     Ok(_) => {
                         info!(node.id = %node.id, node.ip = %node.ip, cpu = node.cpu, "scale-down: least loaded node draining, then terminating")
                     }

@@ -166,7 +166,8 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             deadline,
             force: request.force,
         };
-        let response = match fleet.drain(id, drain, Some(reason)).instrument(span).await?? {
+        let drained = fleet.drain_then_terminate(id, reason, drain);
+        let response = match drained.instrument(span).await?? {
             DrainThenTerminate::Terminating(accepted) => pb::TerminateNodeResponse {
                 node: Some(convert::node(&accepted.node)),
                 already_terminating: accepted.already_terminating,
@@ -196,10 +197,7 @@ impl pb::fleet_service_server::FleetService for FleetApi {
             force: request.force,
         };
         info!(node.id = %id, reason = %drain.reason, force = drain.force, "drain node requested");
-        let accepted = match self.role.leading()?.fleet.drain(id, drain, None).await?? {
-            DrainThenTerminate::Draining(accepted) => accepted,
-            DrainThenTerminate::Terminating(_) => unreachable!("a plain drain never terminates"),
-        };
+        let accepted = self.role.leading()?.fleet.drain(id, drain).await??;
         Ok(Response::new(pb::DrainNodeResponse {
             node: Some(convert::node(&accepted.node)),
             already_draining: accepted.already_draining,
