@@ -133,15 +133,16 @@ pub fn spawn(
 ) -> (PredictionHandle, tokio::task::JoinHandle<()>) {
     let ScalingOutputs { store, metrics, bus } = outputs;
     let mut forecaster = Forecaster::new(settings.forecast.clone());
-    let restored = history.len();
-    for point in history {
-        forecaster.observe(point);
-    }
+    let started = std::time::Instant::now();
+    let restored = forecaster.replay(history);
     if restored > 0 {
+        let accuracy = forecaster.accuracy();
         info!(
             points = restored,
             window_points = forecaster.history().len(),
-            "restored fleet CPU history from the state store"
+            scored = accuracy.scored,
+            replay_ms = started.elapsed().as_millis() as u64,
+            "restored fleet CPU history from the state store and replayed it through the forecaster: model records are warm"
         );
     }
     let (latest_tx, latest) = watch::channel(None);

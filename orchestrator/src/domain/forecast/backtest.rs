@@ -315,4 +315,57 @@ mod tests {
         assert!(files >= 6, "found {files} traces in {}", dir.display());
         assert!(auto_sum / (n as f64) < naive_sum / (n as f64));
     }
+
+    /// A restart in the middle of a trace (the persisted history replayed into a
+    /// fresh forecaster, then the trace goes on) changes no prediction after it.
+    #[test]
+    fn a_restart_anywhere_changes_no_prediction_after_it() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/nab");
+        let text = std::fs::read_to_string(dir.join("ec2_cpu_utilization_5f5533.csv")).unwrap();
+        let points = parse_csv(&text).unwrap();
+        let config = config_for(&points, Model::Auto);
+        use crate::domain::forecast::history;
+        let run = |forecaster: &mut Forecaster, points: &[Point]| -> Vec<(Option<f64>, f64, Model)> {
+            points
+                .iter()
+                .map(|point| {
+                    forecaster.observe(*point);
+                    let forecast = forecaster.predict(point.t).unwrap();
+                    (forecast.predicted, forecast.confidence, forecast.model)
+                })
+                .collect()
+        };
+        let straight = run(&mut Forecaster::new(config.clone()), &points);
+        // Restarts early, mid-way (after auto has its long records) and late.
+        for restart in [37, points.len() / 3, points.len() / 2 + 11, points.len() - 5] {
+            let mut before = Forecaster::new(config.clone());
+            run(&mut before, &points[..restart]);
+            let mut after = Forecaster::new(config.clone());
+            assert_eq!(after.replay(points[..restart].iter().copied()), restart);
+            assert_eq!(after.accuracy(), before.accuracy(), "restart at {restart}");
+            let resumed = run(&mut after, &points[restart..]);
+            assert_eq!(resumed, straight[restart..], "restart at {restart}");
+        }
+        // The store keeps eight days: a restart later than that replays only the
+        // last eight days. The records' memory is a few hundred checks, so what
+        // comes after still matches what an unbroken run predicts.
+        let kept = (history::LONG_HISTORY_SECONDS / 300.0) as usize;
+        let restart = points.len() - 200;
+        assert!(restart > kept, "the trace is longer than what the store keeps");
+        let mut after = Forecaster::new(config.clone());
+        after.replay(points[restart - kept..restart].iter().copied());
+        let resumed = run(&mut after, &points[restart..]);
+        let same_model = resumed
+            .iter()
+            .zip(&straight[restart..])
+            .filter(|(a, b)| a.2 == b.2)
+            .count();
+        let largest = resumed
+            .iter()
+            .zip(&straight[restart..])
+            .filter_map(|(a, b)| Some((a.0? - b.0?).abs()))
+            .fold(0.0, f64::max);
+        assert_eq!(same_model, resumed.len(), "the same model chosen at every check");
+        assert!(largest < 1e-6, "predictions differ by up to {largest}");
+    }
 }

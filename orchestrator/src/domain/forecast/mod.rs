@@ -301,6 +301,25 @@ impl Forecaster {
         self.accuracy.summary()
     }
 
+    /// Warm start: replays a persisted history as the scaling checks that made it
+    /// (each check observed its point, then predicted), so every model's scored
+    /// record, the accuracy summary and the predictions still waiting for their
+    /// target are rebuilt: after a restart or a failover, `auto` chooses as it
+    /// would have without one, instead of starting over from `naive` for a day.
+    /// Returns how many points were replayed.
+    pub fn replay(&mut self, points: impl IntoIterator<Item = Point>) -> usize {
+        let mut replayed = 0;
+        for point in points {
+            let accepted = self.history.latest().is_none_or(|last| point.t > last.t);
+            self.observe(point);
+            if accepted {
+                self.predict(point.t);
+                replayed += 1;
+            }
+        }
+        replayed
+    }
+
     /// Adds an observation and scores every pending prediction whose target it
     /// settles. Observations out of time order or outside 0..=1 are ignored.
     pub fn observe(&mut self, point: Point) -> Vec<Scored> {
