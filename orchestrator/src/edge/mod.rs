@@ -8,6 +8,7 @@
 //! - [`listener`]: the gRPC accept loop and the descriptor limit.
 //! - [`auth`] and [`certs`]: who is calling and what they may do; the dev CA.
 //! - [`metrics`]: the Prometheus registry.
+//! - [`request`]: operator inputs validated once for both APIs.
 
 pub mod auth;
 pub mod certs;
@@ -16,5 +17,6 @@ pub mod grpc;
 pub mod http;
 pub mod listener;
 pub mod metrics;
+pub mod request;
 pub mod store;
 pub mod webhook;

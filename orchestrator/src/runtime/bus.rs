@@ -158,6 +158,16 @@ impl EventBus {
         Ok(Subscription { backlog, live })
     }
 
+    /// The kept events `wanted` picks, oldest first (a node's recent history).
+    pub fn kept(&self, wanted: impl Fn(&FleetEvent) -> bool) -> Vec<FleetEvent> {
+        self.lock()
+            .ring
+            .iter()
+            .filter(|event| wanted(event))
+            .cloned()
+            .collect()
+    }
+
     /// Ends every subscription (after it has read what was sent) and refuses new
     /// ones: the orchestrator is shutting down.
     pub fn close(&self) {

@@ -72,11 +72,16 @@ struct Outcome {
     acted: bool,
 }
 
+/// Recent predictions kept for the console's chart (a day of one-minute checks).
+pub const RECENT_PREDICTIONS: usize = 1440;
+
 /// Reads predictions.
 #[derive(Debug, Clone)]
 pub struct PredictionHandle {
     latest: watch::Receiver<Option<Arc<Prediction>>>,
     updates: broadcast::Sender<Arc<Prediction>>,
+    /// The latest [`RECENT_PREDICTIONS`], oldest first (the loop writes, readers copy).
+    recent: Arc<std::sync::Mutex<std::collections::VecDeque<Arc<Prediction>>>>,
 }
 
 impl PredictionHandle {
@@ -85,7 +90,20 @@ impl PredictionHandle {
     pub(crate) fn none() -> Self {
         let (_, latest) = watch::channel(None);
         let (updates, _) = broadcast::channel(1);
-        Self { latest, updates }
+        Self {
+            latest,
+            updates,
+            recent: Default::default(),
+        }
+    }
+
+    /// The recent predictions, oldest first.
+    pub fn recent(&self) -> Vec<Arc<Prediction>> {
+        let recent = self
+            .recent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        recent.iter().cloned().collect()
     }
 
     /// The latest prediction, if a check has run.
@@ -147,9 +165,11 @@ pub fn spawn(
     }
     let (latest_tx, latest) = watch::channel(None);
     let (updates, _) = broadcast::channel(PREDICTION_BUFFER);
+    let recent: Arc<std::sync::Mutex<std::collections::VecDeque<Arc<Prediction>>>> = Default::default();
     let handle = PredictionHandle {
         latest,
         updates: updates.clone(),
+        recent: recent.clone(),
     };
     let run = ScalingLoop {
         interval: settings.interval,
@@ -160,6 +180,7 @@ pub fn spawn(
         metrics,
         bus,
         latest: latest_tx,
+        recent,
         updates,
         anchor: (clock::now(), SystemTime::now()),
         checks: 0,
@@ -176,6 +197,7 @@ struct ScalingLoop {
     metrics: Metrics,
     bus: EventBus,
     latest: watch::Sender<Option<Arc<Prediction>>>,
+    recent: Arc<std::sync::Mutex<std::collections::VecDeque<Arc<Prediction>>>>,
     updates: broadcast::Sender<Arc<Prediction>>,
     /// Maps the (pausable, in tests) monotonic clock to wall time.
     anchor: (std::time::Instant, SystemTime),
@@ -280,6 +302,16 @@ impl ScalingLoop {
             acted: outcome.acted,
         });
         self.latest.send_replace(Some(prediction.clone()));
+        {
+            let mut recent = self
+                .recent
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if recent.len() == RECENT_PREDICTIONS {
+                recent.pop_front();
+            }
+            recent.push_back(prediction.clone());
+        }
         // No watcher is fine.
         let _ = self.updates.send(prediction);
         Ok(())

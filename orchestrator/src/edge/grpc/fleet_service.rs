@@ -7,61 +7,35 @@ use tracing::{Instrument, info, info_span};
 
 use super::{convert, status, watch};
 use crate::{
-    domain::registry::{DrainRequest, DrainThenTerminate, disruption::MAX_DRAIN_DEADLINE},
+    domain::registry::{DrainRequest, DrainThenTerminate},
     domain::selector::{NodeFilter, Selector},
     edge::auth::{Authority, Need},
+    edge::request,
     error::UnknownNode,
     runtime::fleet::AutomationChange,
     runtime::role::Role,
 };
 
-/// Longest operator-given reason.
-const MAX_REASON: usize = 256;
-
-/// An operator's reason: "operator request" when blank, INVALID_ARGUMENT naming
-/// `field` when too long or carrying control characters.
+/// An operator's reason (see [`request::reason`]), as a status.
 fn reason(field: &'static str, given: String) -> Result<String, Status> {
-    if given.trim().is_empty() {
-        return Ok("operator request".to_owned());
-    }
-    if given.len() > MAX_REASON {
-        return Err(status::invalid(WireError::new(
-            field,
-            format!("longer than {MAX_REASON} bytes"),
-        )));
-    }
-    secbeat::wire::check_printable(field, &given).map_err(status::invalid)?;
-    Ok(given)
+    request::reason(field, given).map_err(status::invalid)
 }
 
-/// A label selector field: INVALID_ARGUMENT naming it when it does not parse.
+/// A label selector field, as a status.
 fn selector(field: &'static str, text: &str) -> Result<Selector, Status> {
-    text.parse()
-        .map_err(|error: crate::domain::selector::SelectorError| {
-            status::invalid(WireError::new(field, error.to_string()))
-        })
+    request::selector(field, text).map_err(status::invalid)
 }
 
-/// A drain deadline: unset means the orchestrator's `drain_deadline`; else
-/// more than zero and at most an hour.
+/// A drain deadline from the wire (unset: `drain_deadline`), as a status.
 fn drain_deadline(
     field: &'static str,
     given: Option<prost_types::Duration>,
 ) -> Result<Option<std::time::Duration>, Status> {
-    let Some(given) = given else {
-        return Ok(None);
-    };
-    let deadline = secbeat::wire::duration_from_proto(field, Some(given)).map_err(status::invalid)?;
-    if deadline.is_zero() || deadline > MAX_DRAIN_DEADLINE {
-        return Err(status::invalid(WireError::new(
-            field,
-            format!(
-                "must be more than 0 and at most {}s",
-                MAX_DRAIN_DEADLINE.as_secs()
-            ),
-        )));
-    }
-    Ok(Some(deadline))
+    let given = given
+        .map(|given| secbeat::wire::duration_from_proto(field, Some(given)))
+        .transpose()
+        .map_err(status::invalid)?;
+    request::drain_deadline(field, given).map_err(status::invalid)
 }
 
 /// The `FleetService` implementation.

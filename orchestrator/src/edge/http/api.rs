@@ -5,7 +5,10 @@
 
 use axum::{
     Json,
-    extract::{Path, Query, State, rejection::QueryRejection},
+    extract::{
+        Path, Query, State,
+        rejection::{JsonRejection, QueryRejection},
+    },
     http::StatusCode,
     response::{IntoResponse, Response},
 };
@@ -15,7 +18,9 @@ use serde_json::{Value, json};
 use super::AppState;
 use crate::{
     domain::node::{NodeId, NodeSnapshot, NodeState},
+    domain::registry::{DrainRequest, DrainThenTerminate},
     domain::selector::{NodeFilter, Selector},
+    edge::auth::Need,
     error::{Fault, UnknownEndpoint, UnknownNode},
     runtime::scaling_loop::Prediction,
 };
@@ -23,6 +28,13 @@ use crate::{
 /// An API error: a status and a message, sent as `{"error": message}`.
 #[derive(Debug)]
 pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    /// An error with this status and message.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self(status, message.into())
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -40,7 +52,9 @@ impl<F: Fault> From<F> for ApiError {
 }
 
 /// `/api/*` needs the operator or viewer token when tokens are configured (HTTP
-/// has no client certificates); health and metrics stay open.
+/// has no client certificates); health and metrics stay open. Calls that change
+/// the fleet (POST) need the operator token whenever any credential is
+/// configured: with only client certificates, HTTP cannot prove an operator.
 pub async fn require_token(
     State(state): State<AppState>,
     request: axum::extract::Request,
@@ -54,73 +68,94 @@ pub async fn require_token(
         // Client certificates do not apply here: only tokens can open the API.
         let authority = &state.authority;
         let caller = authority.identify(&[], authorization);
-        if authority.tokens_configured()
-            && let Err(denied) = authority.allow(&caller, crate::edge::auth::Need::Read)
-        {
+        let changes =
+            request.method() != axum::http::Method::GET && request.method() != axum::http::Method::HEAD;
+        let need = if changes { Need::Operate } else { Need::Read };
+        let check = if changes {
+            authority.enforcing()
+        } else {
+            authority.tokens_configured()
+        };
+        if check && let Err(denied) = authority.allow(&caller, need) {
             return ApiError::from(denied).into_response();
         }
     }
     next.run(request).await
 }
 
-/// The query of `/api/v1/nodes` and `/api/v1/fleet/stats`.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NodeQuery {
-    /// A label selector (`pop=fra1,role!=canary`).
-    selector: Option<String>,
-    /// States, comma-separated (`connected,drained`); nodes only.
-    state: Option<String>,
+/// `GET /api/v1/whoami`: what the caller may do here (`operator`, `viewer`), so the
+/// console shows actions only to those who may take them.
+pub async fn whoami(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Json<Value> {
+    let authorization = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok());
+    let authority = &state.authority;
+    let caller = authority.identify(&[], authorization);
+    let role = if authority.allow(&caller, Need::Operate).is_ok() {
+        "operator"
+    } else if authority.allow(&caller, Need::Read).is_ok() {
+        "viewer"
+    } else {
+        "anonymous"
+    };
+    Json(json!({ "role": role, "credentials_required": authority.tokens_configured() }))
 }
 
-impl NodeQuery {
-    /// The query, or a JSON 400 naming what is wrong with it.
-    fn from(query: Result<Query<NodeQuery>, QueryRejection>) -> Result<Self, ApiError> {
-        query
-            .map(|Query(query)| query)
-            .map_err(|rejection| ApiError(StatusCode::BAD_REQUEST, rejection.body_text()))
-    }
+/// The query of `/api/v1/fleet/stats`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatsQuery {
+    /// A label selector (`pop=fra1,role!=canary`).
+    selector: Option<String>,
+}
 
-    fn selector(&self) -> Result<Selector, ApiError> {
-        let text = self.selector.as_deref().unwrap_or_default();
-        text.parse()
-            .map_err(|error: crate::domain::selector::SelectorError| {
-                secbeat::wire::WireError::new("selector", error.to_string()).into()
-            })
-    }
+/// A query parameter selector (`pop=fra1,role!=canary`; none: every node).
+fn selector(text: Option<&str>) -> Result<Selector, ApiError> {
+    Ok(crate::edge::request::selector(
+        "selector",
+        text.unwrap_or_default(),
+    )?)
+}
 
-    fn states(&self) -> Result<Vec<NodeState>, ApiError> {
-        let Some(text) = self.state.as_deref() else {
-            return Ok(Vec::new());
-        };
-        text.split(',')
-            .map(str::trim)
-            .filter(|name| !name.is_empty())
-            .map(|name| {
-                let wanted = name.to_ascii_lowercase();
-                let wanted = wanted.strip_prefix("node_state_").unwrap_or(&wanted);
-                NodeState::ALL
-                    .into_iter()
-                    .find(|state| state.as_str() == wanted)
-                    .ok_or_else(|| {
-                        secbeat::wire::WireError::new(
-                            "state",
-                            format!("{name:?} is not a node state (connected, suspect, failed, terminating, terminated, left, draining, drained)"),
-                        )
-                        .into()
-                    })
-            })
-            .collect()
-    }
+/// A query parameter list of states (`connected,drained`; none: any).
+fn states(text: Option<&str>) -> Result<Vec<NodeState>, ApiError> {
+    let Some(text) = text else {
+        return Ok(Vec::new());
+    };
+    text.split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(|name| {
+            let wanted = name.to_ascii_lowercase();
+            let wanted = wanted.strip_prefix("node_state_").unwrap_or(&wanted);
+            NodeState::ALL
+                .into_iter()
+                .find(|state| state.as_str() == wanted)
+                .ok_or_else(|| {
+                    secbeat::wire::WireError::new(
+                        "state",
+                        format!("{name:?} is not a node state (connected, suspect, failed, terminating, terminated, left, draining, drained)"),
+                    )
+                    .into()
+                })
+        })
+        .collect()
+}
+
+/// A query string, or a JSON 400 naming what is wrong with it.
+fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    query
+        .map(|Query(query)| query)
+        .map_err(|rejection| ApiError(StatusCode::BAD_REQUEST, rejection.body_text()))
 }
 
 /// `GET /api/v1/fleet/stats[?selector=]`.
 pub async fn fleet_stats(
     State(state): State<AppState>,
-    query: Result<Query<NodeQuery>, QueryRejection>,
+    request: Result<Query<StatsQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let leading = state.role.leading()?;
-    let selector = NodeQuery::from(query)?.selector()?;
+    let selector = selector(query(request)?.selector.as_deref())?;
     let stats = leading.fleet.stats_matching(selector).await?;
     let latest = leading.predictions.latest();
     let nodes_by_state: serde_json::Map<String, Value> = stats
@@ -140,6 +175,9 @@ pub async fn fleet_stats(
         "disrupted_nodes": stats.disrupted_nodes,
         "disruption_allowed": stats.disruption_allowed,
         "maintenance_nodes": stats.maintenance_nodes,
+        "webhook_outbox_depth": state.metrics.webhook_outbox_depth.get(),
+        "webhook_outbox_oldest_age_seconds": state.metrics.webhook_outbox_oldest_age_seconds.get(),
+        "webhook_dead_letters_total": state.metrics.webhook_dead_letters.get(),
         "healing_paused": !stats.automation.healing,
         "scaling_paused": !stats.automation.scaling,
         "failure_domains": stats.domains.iter().map(|(name, domain)| {
@@ -257,19 +295,84 @@ fn node_json(node: &NodeSnapshot) -> NodeJson {
     }
 }
 
-/// `GET /api/v1/nodes[?selector=&state=]`.
+/// The query of `/api/v1/nodes`: filters, then order and a page.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodesQuery {
+    /// A label selector (`pop=fra1,role!=canary`).
+    selector: Option<String>,
+    /// States, comma-separated (`connected,drained`).
+    state: Option<String>,
+    /// id (default), hostname, state, cpu or heartbeat.
+    sort: Option<String>,
+    /// asc (default) or desc.
+    order: Option<String>,
+    /// At most this many nodes (default: all; at most 10,000).
+    limit: Option<usize>,
+    /// Skip this many first.
+    offset: Option<usize>,
+}
+
+/// Most nodes one page may hold.
+const MAX_PAGE: usize = 10_000;
+
+fn sorted(
+    mut nodes: Vec<NodeSnapshot>,
+    sort: Option<&str>,
+    order: Option<&str>,
+) -> Result<Vec<NodeSnapshot>, ApiError> {
+    match sort.unwrap_or("id") {
+        "id" => {}
+        "hostname" => nodes.sort_by(|a, b| a.info.hostname.cmp(&b.info.hostname)),
+        "state" => nodes.sort_by_key(|node| node.state.as_str()),
+        "cpu" => nodes.sort_by(|a, b| {
+            a.last_cpu_usage
+                .unwrap_or(-1.0)
+                .total_cmp(&b.last_cpu_usage.unwrap_or(-1.0))
+        }),
+        // Oldest heartbeat first: the nodes closest to being suspected.
+        "heartbeat" => nodes.sort_by_key(|node| node.last_heartbeat),
+        other => {
+            return Err(secbeat::wire::WireError::new(
+                "sort",
+                format!("{other:?} is not one of id, hostname, state, cpu, heartbeat"),
+            )
+            .into());
+        }
+    }
+    match order.unwrap_or("asc") {
+        "asc" => {}
+        "desc" => nodes.reverse(),
+        other => {
+            return Err(
+                secbeat::wire::WireError::new("order", format!("{other:?} is not asc or desc")).into(),
+            );
+        }
+    }
+    Ok(nodes)
+}
+
+/// `GET /api/v1/nodes[?selector=&state=&sort=&order=&limit=&offset=]`: the
+/// server filters, orders and pages, so a console stays quick at 50,000 nodes.
+/// `total` counts the nodes the filters kept.
 pub async fn nodes(
     State(state): State<AppState>,
-    query: Result<Query<NodeQuery>, QueryRejection>,
+    request: Result<Query<NodesQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let query = NodeQuery::from(query)?;
+    let query = query(request)?;
     let filter = NodeFilter {
-        selector: query.selector()?,
-        states: query.states()?,
+        selector: selector(query.selector.as_deref())?,
+        states: states(query.state.as_deref())?,
     };
+    let limit = query.limit.unwrap_or(MAX_PAGE).min(MAX_PAGE);
+    let offset = query.offset.unwrap_or(0);
     let (nodes, sequence) = state.role.leading()?.fleet.list_matching(filter).await?;
-    let nodes: Vec<NodeJson> = nodes.iter().map(node_json).collect();
-    Ok(Json(json!({ "nodes": nodes, "sequence": sequence })))
+    let total = nodes.len();
+    let nodes = sorted(nodes, query.sort.as_deref(), query.order.as_deref())?;
+    let page: Vec<NodeJson> = nodes.iter().skip(offset).take(limit).map(node_json).collect();
+    Ok(Json(
+        json!({ "nodes": page, "sequence": sequence, "total": total }),
+    ))
 }
 
 /// `GET /api/v1/nodes/{id}`.
@@ -283,6 +386,235 @@ pub async fn node(State(state): State<AppState>, Path(id): Path<String>) -> Resu
         .await?
         .ok_or(UnknownNode(id))?;
     Ok(Json(json!(node_json(&node))))
+}
+
+/// `GET /api/v1/nodes/{id}/events`: the kept events about one node, oldest first.
+pub async fn node_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = secbeat::wire::parse_node_id("node_id", &id).map(NodeId)?;
+    let leading = state.role.leading()?;
+    let events: Vec<Value> = leading
+        .events
+        .kept(|event| event.node_id() == Some(id))
+        .iter()
+        .map(event_json)
+        .collect();
+    Ok(Json(json!({ "node_id": id.to_string(), "events": events })))
+}
+
+/// An event as the JSON API and the event stream show it.
+pub fn event_json(event: &crate::domain::event::FleetEvent) -> Value {
+    let kind = crate::edge::grpc::convert::fleet_event(event)
+        .r#type()
+        .as_str_name();
+    let kind = kind.trim_start_matches("FLEET_EVENT_TYPE_").to_ascii_lowercase();
+    json!({
+        "sequence": event.sequence,
+        "time": secbeat::wire::rfc3339(event.time),
+        "type": kind,
+        "node_id": event.node.as_ref().map(|node| node.id.to_string()),
+        "ip": event.node.as_ref().map(|node| node.ip.to_string()),
+        "hostname": event.node.as_ref().map(|node| node.hostname.clone()),
+        "state": event.node.as_ref().map(|node| node.state.as_str()),
+        "reason": event.reason,
+        "failure_domain": event.failure_domain,
+        "rebooted": event.rebooted,
+        "decision": event.decision.map(|decision| decision.as_str()),
+        "webhook": event.webhook.as_ref().map(|webhook| json!({
+            "webhook_id": webhook.id,
+            "reason": webhook.reason,
+            "attempt": webhook.attempt,
+            "http_status": webhook.http_status,
+        })),
+    })
+}
+
+/// `GET /api/v1/predictions`: the recent scaling checks, oldest first, for the
+/// console's chart: fleet CPU at each check, and what was predicted for its
+/// target time with the confidence stated.
+pub async fn predictions(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let recent = state.role.leading()?.predictions.recent();
+    let points: Vec<Value> = recent
+        .iter()
+        .map(|prediction| {
+            let forecast = prediction.forecast.as_ref().filter(|f| f.predicted.is_some());
+            json!({
+                "timestamp": secbeat::wire::rfc3339(prediction.at),
+                "current_cpu_usage": prediction.current_cpu_usage,
+                "predicted_cpu_usage": forecast.and_then(|f| f.predicted),
+                "target": forecast.map(|_| secbeat::wire::rfc3339(prediction.at + prediction.horizon)),
+                "confidence": forecast.map(|f| f.confidence),
+                "model": forecast.map(|f| f.model.name()),
+                "decision": prediction.decision.as_str(),
+            })
+        })
+        .collect();
+    let accuracy = recent.last().map(|latest| accuracy_json(latest));
+    Ok(Json(json!({ "predictions": points, "accuracy": accuracy })))
+}
+
+/// A JSON request body, or a 400 naming what is wrong with it.
+fn body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(body)| body)
+        .map_err(|rejection| ApiError(StatusCode::BAD_REQUEST, rejection.body_text()))
+}
+
+/// The body of `POST /api/v1/nodes/{id}/terminate`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminateBody {
+    reason: Option<String>,
+    /// Drain first (as TerminateNode's `drain`).
+    #[serde(default)]
+    drain: bool,
+    /// Beyond the disruption budget.
+    #[serde(default)]
+    force: bool,
+}
+
+/// `POST /api/v1/nodes/{id}/terminate` (operator): TerminateNode.
+pub async fn terminate(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    request: Result<Json<TerminateBody>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = secbeat::wire::parse_node_id("node_id", &id).map(NodeId)?;
+    let request = body(request)?;
+    let reason = crate::edge::request::reason("reason", request.reason.unwrap_or_default())?;
+    let fleet = &state.role.leading()?.fleet;
+    tracing::info!(node.id = %id, %reason, drain = request.drain, "terminate node requested over HTTP");
+    if !request.drain {
+        let accepted = fleet.terminate(id, reason).await??;
+        return Ok(Json(json!({
+            "node": node_json(&accepted.node),
+            "already_terminating": accepted.already_terminating,
+        })));
+    }
+    let drain = DrainRequest {
+        reason: format!("drain before terminate: {reason}"),
+        deadline: None,
+        force: request.force,
+    };
+    let node = match fleet.drain_then_terminate(id, reason, drain).await?? {
+        DrainThenTerminate::Draining(accepted) => accepted.node,
+        DrainThenTerminate::Terminating(accepted) => accepted.node,
+    };
+    Ok(Json(json!({ "node": node_json(&node) })))
+}
+
+/// The body of `POST /api/v1/nodes/{id}/drain`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainBody {
+    reason: Option<String>,
+    /// The hook's time budget, seconds (default `drain_deadline`).
+    deadline_seconds: Option<f64>,
+    #[serde(default)]
+    force: bool,
+}
+
+/// `POST /api/v1/nodes/{id}/drain` (operator): DrainNode.
+pub async fn drain(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    request: Result<Json<DrainBody>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = secbeat::wire::parse_node_id("node_id", &id).map(NodeId)?;
+    let request = body(request)?;
+    let deadline = request
+        .deadline_seconds
+        .map(|seconds| {
+            std::time::Duration::try_from_secs_f64(seconds).map_err(|_| {
+                secbeat::wire::WireError::new("deadline_seconds", format!("{seconds} is not a duration"))
+            })
+        })
+        .transpose()?;
+    let drain = DrainRequest {
+        reason: crate::edge::request::reason("reason", request.reason.unwrap_or_default())?,
+        deadline: crate::edge::request::drain_deadline("deadline_seconds", deadline)?,
+        force: request.force,
+    };
+    tracing::info!(node.id = %id, reason = %drain.reason, "drain node requested over HTTP");
+    let accepted = state.role.leading()?.fleet.drain(id, drain).await??;
+    Ok(Json(json!({
+        "node": node_json(&accepted.node),
+        "already_draining": accepted.already_draining,
+    })))
+}
+
+/// The body of `POST /api/v1/nodes/{id}/resume`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReasonBody {
+    reason: Option<String>,
+}
+
+/// `POST /api/v1/nodes/{id}/resume` (operator): ResumeNode.
+pub async fn resume(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    request: Result<Json<ReasonBody>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = secbeat::wire::parse_node_id("node_id", &id).map(NodeId)?;
+    let reason = crate::edge::request::reason("reason", body(request)?.reason.unwrap_or_default())?;
+    let node = state.role.leading()?.fleet.resume(id, reason).await??;
+    Ok(Json(json!({ "node": node_json(&node) })))
+}
+
+/// The body of `POST /api/v1/nodes/{id}/maintenance`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceBody {
+    enabled: bool,
+    reason: Option<String>,
+}
+
+/// `POST /api/v1/nodes/{id}/maintenance` (operator): SetMaintenance.
+pub async fn maintenance(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    request: Result<Json<MaintenanceBody>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = secbeat::wire::parse_node_id("node_id", &id).map(NodeId)?;
+    let request = body(request)?;
+    let reason = crate::edge::request::reason("reason", request.reason.unwrap_or_default())?;
+    let (node, changed) = state
+        .role
+        .leading()?
+        .fleet
+        .set_maintenance(id, request.enabled, reason)
+        .await??;
+    Ok(Json(json!({ "node": node_json(&node), "changed": changed })))
+}
+
+/// The body of `POST /api/v1/automation`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutomationBody {
+    healing: Option<bool>,
+    scaling: Option<bool>,
+    reason: Option<String>,
+}
+
+/// `POST /api/v1/automation` (operator): SetAutomation.
+pub async fn automation(
+    State(state): State<AppState>,
+    request: Result<Json<AutomationBody>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let request = body(request)?;
+    let change = crate::runtime::fleet::AutomationChange {
+        healing: request.healing,
+        scaling: request.scaling,
+        reason: crate::edge::request::reason("reason", request.reason.unwrap_or_default())?,
+    };
+    let (automation, resumed) = state.role.leading()?.fleet.set_automation(change).await?;
+    Ok(Json(json!({
+        "healing": automation.healing,
+        "scaling": automation.scaling,
+        "resumed_failures": resumed,
+    })))
 }
 
 /// Anything else under `/api/`.

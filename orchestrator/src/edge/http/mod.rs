@@ -1,14 +1,17 @@
 //! The HTTP edge: liveness and readiness for load balancers and orchestration,
-//! Prometheus metrics, and the JSON API ([`api`]).
+//! Prometheus metrics, the JSON API ([`api`]), its event stream ([`events`]) and
+//! the operator console ([`console`]) that reads them.
 
 pub mod api;
+pub mod console;
+pub mod events;
 
 use axum::{
     Router,
     extract::State,
     http::{HeaderMap, StatusCode, header},
     response::IntoResponse,
-    routing::get,
+    routing::{get, post},
 };
 
 use serde_json::json;
@@ -32,10 +35,21 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .route("/", get(console::index))
+        .route("/console/{file}", get(console::asset_file))
+        .route("/api/v1/whoami", get(api::whoami))
         .route("/api/v1/fleet/stats", get(api::fleet_stats))
+        .route("/api/v1/predictions", get(api::predictions))
+        .route("/api/v1/events", get(events::events))
         .route("/api/v1/nodes", get(api::nodes))
         .route("/api/v1/nodes/{id}", get(api::node))
-        .route("/api/{*rest}", get(api::not_found))
+        .route("/api/v1/nodes/{id}/events", get(api::node_events))
+        .route("/api/v1/nodes/{id}/terminate", post(api::terminate))
+        .route("/api/v1/nodes/{id}/drain", post(api::drain))
+        .route("/api/v1/nodes/{id}/resume", post(api::resume))
+        .route("/api/v1/nodes/{id}/maintenance", post(api::maintenance))
+        .route("/api/v1/automation", post(api::automation))
+        .route("/api/{*rest}", get(api::not_found).post(api::not_found))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             api::require_token,
