@@ -24,7 +24,8 @@ struct EventStream {
 impl EventStream {
     async fn open(addr: SocketAddr, headers: &[(&str, &str)]) -> Self {
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut request = format!("GET /api/v1/events HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
+        let mut request =
+            format!("GET /api/v1/events HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
         for (name, value) in headers {
             request.push_str(&format!("{name}: {value}\r\n"));
         }
@@ -108,20 +109,32 @@ async fn the_event_stream_resumes_after_last_event_id_with_nothing_lost_or_repea
     let (second, _) = orchestrator.connected_agent(&[]).await.unwrap();
     first.process.signal(Sig::SIGKILL);
     let mut fleet = orchestrator.fleet().await.unwrap();
-    secbeat_integration::wait_for_state(&mut fleet, &first.id(), secbeat::pb::NodeState::Failed, STARTUP).await;
+    secbeat_integration::wait_for_state(&mut fleet, &first.id(), secbeat::pb::NodeState::Failed, STARTUP)
+        .await;
 
     let header = last.to_string();
     let mut resumed = EventStream::open(addr, &[("Last-Event-ID", &header)]).await;
     let replay = resumed.until(&first.id(), "node_failed").await;
     let ids: Vec<u64> = replay.iter().map(|event| event.0.unwrap()).collect();
     assert_eq!(ids[0], last + 1, "resumes right after the last id received");
-    assert!(ids.windows(2).all(|pair| pair[1] == pair[0] + 1), "no gap, no repeat: {ids:?}");
+    assert!(
+        ids.windows(2).all(|pair| pair[1] == pair[0] + 1),
+        "no gap, no repeat: {ids:?}"
+    );
     let types: Vec<serde_json::Value> = replay
         .iter()
         .map(|event| serde_json::from_str::<serde_json::Value>(&event.2).unwrap())
         .collect();
-    assert!(types.iter().any(|e| e["type"] == "node_joined" && e["node_id"] == second.id()));
-    assert!(types.iter().all(|e| e["sequence"].as_u64().is_some() && e["time"].is_string()));
+    assert!(
+        types
+            .iter()
+            .any(|e| e["type"] == "node_joined" && e["node_id"] == second.id())
+    );
+    assert!(
+        types
+            .iter()
+            .all(|e| e["sequence"].as_u64().is_some() && e["time"].is_string())
+    );
 
     // An id from before what is kept (here: from another run's epoch) says reload.
     let mut stale = EventStream::open(addr, &[("Last-Event-ID", "1")]).await;
@@ -137,11 +150,19 @@ async fn the_server_filters_sorts_and_pages_the_node_list() {
     let mut agents = Vec::new();
     for cpu in ["0.1", "0.7", "0.3", "0.9", "0.5"] {
         let source = format!("const:{cpu}");
-        agents.push(orchestrator.connected_agent(&["--cpu-source", &source]).await.unwrap().0);
+        agents.push(
+            orchestrator
+                .connected_agent(&["--cpu-source", &source])
+                .await
+                .unwrap()
+                .0,
+        );
     }
     let addr = orchestrator.http_addr;
     let busiest = eventually(STARTUP, "every node's CPU", || async {
-        let response = http_request(addr, "/api/v1/nodes?sort=cpu&order=desc&limit=2", &[]).await.ok()?;
+        let response = http_request(addr, "/api/v1/nodes?sort=cpu&order=desc&limit=2", &[])
+            .await
+            .ok()?;
         let page = response.json();
         let cpus: Vec<f64> = page["nodes"]
             .as_array()?
@@ -186,23 +207,23 @@ async fn actions_over_http_need_the_operator_token_and_the_console_is_served() {
     );
     let orchestrator = Orchestrator::start(&config).await.unwrap();
     let env = [("SECBEAT_AGENT_TOKEN".to_owned(), AGENT.to_owned())];
-    let agent = secbeat_integration::Agent::start_with_env(
-        &orchestrator.url(),
-        uuid::Uuid::new_v4(),
-        &[],
-        &env,
-    )
-    .unwrap();
+    let agent =
+        secbeat_integration::Agent::start_with_env(&orchestrator.url(), uuid::Uuid::new_v4(), &[], &env)
+            .unwrap();
     let addr = orchestrator.http_addr;
     let viewer = format!("Bearer {VIEWER}");
     let operator = format!("Bearer {OPERATOR}");
     eventually(STARTUP, "the node listed", || async {
-        let response = http_request(addr, "/api/v1/nodes", &[("Authorization", &viewer)]).await.ok()?;
+        let response = http_request(addr, "/api/v1/nodes", &[("Authorization", &viewer)])
+            .await
+            .ok()?;
         (response.json()["total"] == 1).then_some(())
     })
     .await;
     for (token, role) in [(&viewer, "viewer"), (&operator, "operator")] {
-        let who = http_request(addr, "/api/v1/whoami", &[("Authorization", token)]).await.unwrap();
+        let who = http_request(addr, "/api/v1/whoami", &[("Authorization", token)])
+            .await
+            .unwrap();
         assert_eq!(who.json()["role"], role);
     }
     let path = format!("/api/v1/nodes/{}/maintenance", agent.id());
@@ -217,10 +238,22 @@ async fn actions_over_http_need_the_operator_token_and_the_console_is_served() {
     assert_eq!(done["node"]["maintenance"]["reason"], "reboot");
     let (status, bad) = post(addr, &path, r#"{"enabled": "yes"}"#, Some(OPERATOR)).await;
     assert_eq!(status, 400, "{bad}");
-    let (status, paused) = post(addr, "/api/v1/automation", r#"{"scaling": false}"#, Some(OPERATOR)).await;
+    let (status, paused) = post(
+        addr,
+        "/api/v1/automation",
+        r#"{"scaling": false}"#,
+        Some(OPERATOR),
+    )
+    .await;
     assert_eq!((status, paused["scaling"].as_bool()), (200, Some(false)));
     let terminate = format!("/api/v1/nodes/{}/terminate", agent.id());
-    let (status, terminated) = post(addr, &terminate, r#"{"reason": "retire", "drain": true}"#, Some(OPERATOR)).await;
+    let (status, terminated) = post(
+        addr,
+        &terminate,
+        r#"{"reason": "retire", "drain": true}"#,
+        Some(OPERATOR),
+    )
+    .await;
     assert_eq!(status, 200, "{terminated}");
     let mut agent = agent;
     assert!(agent.process.wait_exit(STARTUP).await.unwrap().success());
@@ -230,10 +263,24 @@ async fn actions_over_http_need_the_operator_token_and_the_console_is_served() {
     assert_eq!(page.status, 200);
     assert!(page.header("content-type").unwrap().starts_with("text/html"));
     let policy = page.header("content-security-policy").unwrap();
-    assert!(policy.contains("default-src 'self'") && policy.contains("script-src 'self'"), "{policy}");
+    assert!(
+        policy.contains("default-src 'self'") && policy.contains("script-src 'self'"),
+        "{policy}"
+    );
     assert!(page.body.contains("/console/console.js"));
     let script = http_request(addr, "/console/console.js", &[]).await.unwrap();
     assert_eq!(script.status, 200);
-    assert!(script.header("content-type").unwrap().starts_with("text/javascript"));
-    assert_eq!(http_request(addr, "/console/nothing.js", &[]).await.unwrap().status, 404);
+    assert!(
+        script
+            .header("content-type")
+            .unwrap()
+            .starts_with("text/javascript")
+    );
+    assert_eq!(
+        http_request(addr, "/console/nothing.js", &[])
+            .await
+            .unwrap()
+            .status,
+        404
+    );
 }

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real orchestrator and agent binaries, real gRPC over
 //! loopback sockets, real signals, and the real grpcurl.
 
+mod browser;
 mod console;
 mod deploy;
 mod descriptors;
