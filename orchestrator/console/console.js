@@ -5,6 +5,8 @@
 const TOKEN_KEY = "secbeat-token";
 const PAGE = 50;
 const view = { sort: "id", order: "asc", offset: 0, selector: "", state: "", role: "viewer", detail: null };
+// The feed's first connection starts with the latest kept events.
+const BACKLOG = 50;
 const $ = (id) => document.getElementById(id);
 
 function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
@@ -283,7 +285,8 @@ async function stream() {
   for (;;) {
     try {
       const extra = lastEventId ? { "Last-Event-ID": lastEventId } : {};
-      const response = await fetch("/api/v1/events", { headers: headers(extra) });
+      const path = lastEventId ? "/api/v1/events" : "/api/v1/events?backlog=" + BACKLOG;
+      const response = await fetch(path, { headers: headers(extra) });
       if (!response.ok) throw new Error("event stream: " + response.status);
       status.textContent = "live";
       const reader = response.body.getReader();
@@ -314,6 +317,8 @@ function handle(block) {
     else if (line.startsWith("event:")) type = line.slice(6).trim();
     else if (line.startsWith("data:")) data += line.slice(5).trim();
   }
+  // The id is no longer kept (or the backlog reached past this run's first event):
+  // list again and follow from now.
   if (type === "reload") { lastEventId = null; refresh(); return; }
   if (type !== "fleet" || !data) return;
   const event = JSON.parse(data);

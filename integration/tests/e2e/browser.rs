@@ -151,10 +151,14 @@ impl Browser {
         result["result"]["value"].clone()
     }
 
-    /// Waits until `expression` is true in the page.
+    /// Waits until `expression` is true in the page (an expression that throws,
+    /// say before the page has loaded, counts as not yet).
     async fn until(&mut self, what: &str, expression: &str) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        while self.eval(expression).await != json!(true) {
+        let guarded = format!(
+            "(() => {{ try {{ return ({expression}) === true; }} catch (_) {{ return false; }} }})()"
+        );
+        while self.eval(&guarded).await != json!(true) {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the page never showed {what}"

@@ -23,9 +23,12 @@ struct EventStream {
 
 impl EventStream {
     async fn open(addr: SocketAddr, headers: &[(&str, &str)]) -> Self {
+        Self::open_at(addr, "/api/v1/events", headers).await
+    }
+
+    async fn open_at(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Self {
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut request =
-            format!("GET /api/v1/events HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
+        let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
         for (name, value) in headers {
             request.push_str(&format!("{name}: {value}\r\n"));
         }
@@ -140,6 +143,21 @@ async fn the_event_stream_resumes_after_last_event_id_with_nothing_lost_or_repea
     let mut stale = EventStream::open(addr, &[("Last-Event-ID", "1")]).await;
     let (_, kind, data) = stale.next().await;
     assert_eq!(kind, "reload", "{data}");
+    // A first view: the latest kept events, then live ones.
+    let newest = *ids.last().unwrap();
+    let mut first_view = EventStream::open_at(addr, "/api/v1/events?backlog=3", &[]).await;
+    let mut first_ids = Vec::new();
+    for _ in 0..3 {
+        first_ids.push(first_view.next().await.0.unwrap());
+    }
+    assert!(
+        first_ids.windows(2).all(|pair| pair[1] == pair[0] + 1),
+        "{first_ids:?}"
+    );
+    assert!(
+        first_ids[2] >= newest,
+        "ends with the latest: {first_ids:?} (newest seen {newest})"
+    );
     let response = http_request(addr, "/api/v1/events?since=abc", &[]).await.unwrap();
     assert_eq!(response.status, 400, "{}", response.body);
 }

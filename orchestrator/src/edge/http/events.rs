@@ -9,7 +9,8 @@
 //! orchestrator run's sequence) gets a single `event: reload` message saying so,
 //! and should list again. A client too slow to keep up gets `event: lagged` and the
 //! stream ends; it resumes from its last id. `?selector=` keeps only events about
-//! matching nodes. A comment every 15 s keeps proxies from closing an idle stream.
+//! matching nodes; `?backlog=N`, without a position, starts with the latest N kept
+//! events. A comment every 15 s keeps proxies from closing an idle stream.
 
 use std::{convert::Infallible, time::Duration};
 
@@ -41,6 +42,9 @@ pub struct EventsQuery {
     since: Option<u64>,
     /// Only events about nodes whose labels match.
     selector: Option<String>,
+    /// Without a position to resume from: start with up to this many of the
+    /// latest kept events (a console's first view), then live ones.
+    backlog: Option<u64>,
 }
 
 fn message(event: &crate::domain::event::FleetEvent) -> Event {
@@ -74,7 +78,18 @@ pub async fn events(
     )?;
     let bus = state.role.leading()?.events.clone();
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(CLIENT_BUFFER);
-    match bus.subscribe(resume) {
+    let subscribed = match (resume, query.backlog) {
+        (None, Some(backlog)) => {
+            let wanted = bus.last_sequence().saturating_sub(backlog);
+            match bus.subscribe(Some(wanted)) {
+                // Fewer kept than asked for: all that is kept.
+                Err(SubscribeError::Gone { oldest_kept, .. }) => bus.subscribe(Some(oldest_kept - 1)),
+                other => other,
+            }
+        }
+        (resume, _) => bus.subscribe(resume),
+    };
+    match subscribed {
         Err(refused @ (SubscribeError::Gone { .. } | SubscribeError::Ahead { .. })) => {
             let data = json!({ "error": refused.to_string() }).to_string();
             let _ = tx.try_send(Ok(Event::default().event("reload").data(data)));
