@@ -360,3 +360,37 @@ async fn console_load_time_against_a_running_fleet() {
         println!("{}", json!({ "run": run, "shown_ms": shown, "nodes": total }));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standbys_console_says_so_and_links_to_the_leader() {
+    let Some(etcd) = secbeat_integration::EtcdCluster::start(1).await else {
+        eprintln!("SKIPPED: etcd is not installed (scripts/test installs it and then requires it)");
+        return;
+    };
+    let config = format!(
+        "{FAST_CONFIG}{}leader_lease_ttl = 2\netcd_request_timeout = 0.5\n",
+        etcd.endpoints_toml()
+    );
+    let first = Orchestrator::start(&config).await.unwrap();
+    let second = Orchestrator::start(&config).await.unwrap();
+    let (standby, leader) = eventually(STARTUP, "one leader and one standby", || async {
+        let roles = [
+            http_request(first.http_addr, "/readyz", &[]).await.ok()?.status,
+            http_request(second.http_addr, "/readyz", &[]).await.ok()?.status,
+        ];
+        match roles {
+            [200, 503] => Some((&second, &first)),
+            [503, 200] => Some((&first, &second)),
+            _ => None,
+        }
+    })
+    .await;
+    let mut browser = Browser::open(&format!("http://{}/", standby.http_addr)).await;
+    browser
+        .until("the standby banner", "!document.getElementById('standby').hidden")
+        .await;
+    let link = browser
+        .eval("document.querySelector('#standby a') && document.querySelector('#standby a').getAttribute('href')")
+        .await;
+    assert_eq!(link, json!(leader.url()), "the banner links to the leader");
+}
