@@ -606,6 +606,37 @@ mod tests {
         Ok(pb::ControlMessage { kind: Some(kind) })
     }
 
+    /// The next accepted stream, after its Hello and a Welcome (20 ms heartbeats).
+    async fn welcomed(streams: &mut mpsc::Receiver<Accepted>) -> (Streaming<pb::AgentMessage>, Control) {
+        let Accepted {
+            mut inbound, control, ..
+        } = streams.recv().await.unwrap();
+        assert!(matches!(next(&mut inbound).await, Kind::Hello(_)));
+        control.send(welcome(Duration::from_millis(20))).await.unwrap();
+        (inbound, control)
+    }
+
+    /// Sends a Drain and returns the agent's report of it.
+    async fn drain(
+        control: &Control,
+        inbound: &mut Streaming<pb::AgentMessage>,
+        reason: &str,
+        deadline: Duration,
+    ) -> pb::HookResult {
+        let drain = pb::Drain {
+            reason: reason.into(),
+            deadline: Some(wire::duration_to_proto(deadline)),
+        };
+        control
+            .send(command(control_message::Kind::Drain(drain)))
+            .await
+            .unwrap();
+        let Kind::DrainResult(result) = next_besides_heartbeats(inbound).await else {
+            panic!("a drain result")
+        };
+        result
+    }
+
     #[tokio::test]
     async fn drain_and_resume_run_their_hooks_and_report_while_heartbeats_go_on() {
         let dir = tempfile::tempdir().unwrap();
@@ -617,23 +648,8 @@ mod tests {
         ));
         settings.on_resume = Some("echo no bgp daemon >&2; exit 4".into());
         let session = start(&endpoint, settings, CancellationToken::new());
-        let Accepted {
-            mut inbound, control, ..
-        } = streams.recv().await.unwrap();
-        assert!(matches!(next(&mut inbound).await, Kind::Hello(_)));
-        control.send(welcome(Duration::from_millis(20))).await.unwrap();
-
-        let drain = pb::Drain {
-            reason: "kernel patch".into(),
-            deadline: Some(wire::duration_to_proto(Duration::from_secs(10))),
-        };
-        control
-            .send(command(control_message::Kind::Drain(drain)))
-            .await
-            .unwrap();
-        let Kind::DrainResult(result) = next_besides_heartbeats(&mut inbound).await else {
-            panic!("a drain result")
-        };
+        let (mut inbound, control) = welcomed(&mut streams).await;
+        let result = drain(&control, &mut inbound, "kernel patch", Duration::from_secs(10)).await;
         assert!(result.success, "{}", result.detail);
         assert_eq!(result.detail, "on-drain hook finished");
         assert_eq!(
@@ -667,22 +683,8 @@ mod tests {
         let (endpoint, mut settings, mut streams) = scripted().await;
         settings.on_drain = Some("sleep 600".into());
         let _session = start(&endpoint, settings, CancellationToken::new());
-        let Accepted {
-            mut inbound, control, ..
-        } = streams.recv().await.unwrap();
-        assert!(matches!(next(&mut inbound).await, Kind::Hello(_)));
-        control.send(welcome(Duration::from_millis(20))).await.unwrap();
-        let drain = pb::Drain {
-            reason: "x".into(),
-            deadline: Some(wire::duration_to_proto(Duration::from_millis(300))),
-        };
-        control
-            .send(command(control_message::Kind::Drain(drain)))
-            .await
-            .unwrap();
-        let Kind::DrainResult(result) = next_besides_heartbeats(&mut inbound).await else {
-            panic!("a drain result")
-        };
+        let (mut inbound, control) = welcomed(&mut streams).await;
+        let result = drain(&control, &mut inbound, "x", Duration::from_millis(300)).await;
         assert!(!result.success);
         assert!(result.detail.contains("outlived"), "{}", result.detail);
     }

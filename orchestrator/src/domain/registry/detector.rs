@@ -40,7 +40,7 @@ use std::{
 
 use crate::{
     domain::event::EventKind,
-    domain::node::{NodeId, NodeState},
+    domain::node::{NodeId, NodeState, SessionId},
     domain::registry::{CloseReason, Effect, LifecycleConfig, NodeRecord, Registry},
 };
 
@@ -235,37 +235,34 @@ impl Registry {
         if record.state != NodeState::Suspect {
             return;
         }
-        if let Some(maintenance) = &record.maintenance {
+        let reason = if let Some(maintenance) = &record.maintenance {
             let away_since = maintenance.away_since.unwrap_or(now);
             let away = now.saturating_duration_since(away_since);
             if away < self.config.disruption.maintenance_max {
                 return;
             }
-            let reason = format!(
+            format!(
                 "in maintenance but away for {:.0}s, longer than maintenance_max ({:.0}s)",
                 away.as_secs_f64(),
                 self.config.disruption.maintenance_max.as_secs_f64()
-            );
-            if let Some(session) = record.session {
-                self.queue(Effect::CloseSession {
-                    node: id,
-                    session,
-                    reason: CloseReason::DeclaredFailed,
-                });
+            )
+        } else {
+            record.suspect_checks += 1;
+            if record.suspect_checks < required {
+                return;
             }
-            self.unexpected_failures_total += 1;
-            self.finish(id, NodeState::Failed, EventKind::NodeFailed, reason, now);
-            return;
-        }
-        record.suspect_checks += 1;
-        if record.suspect_checks < required {
-            return;
-        }
-        let reason = format!(
-            "{} ({} consecutive checks)",
-            record.state_reason, record.suspect_checks
-        );
-        if let Some(session) = record.session {
+            format!(
+                "{} ({} consecutive checks)",
+                record.state_reason, record.suspect_checks
+            )
+        };
+        let session = record.session;
+        self.declare_failed(id, session, reason, now);
+    }
+
+    /// FAILED, unexpectedly: counted, evented, and its stream (if still open) closed.
+    fn declare_failed(&mut self, id: NodeId, session: Option<SessionId>, reason: String, now: Instant) {
+        if let Some(session) = session {
             self.queue(Effect::CloseSession {
                 node: id,
                 session,
