@@ -110,6 +110,14 @@ async function loadStats() {
       automation.append(button);
     }
   }
+  const held = stats.held_failures || [];
+  $("held").hidden = held.length === 0;
+  $("held-list").replaceChildren(...held.map((failure) => {
+    const item = document.createElement("li");
+    item.append(text("span", failure.hostname + " (" + failure.node_id.slice(0, 8) + ")", "state-failed"),
+      text("span", " — " + failure.reason, "note"));
+    return item;
+  }));
   const domains = Object.entries(stats.failure_domains || {});
   const table = $("domains");
   table.hidden = domains.length === 0;

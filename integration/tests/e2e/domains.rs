@@ -274,6 +274,18 @@ async fn healing_paused_holds_a_failure_and_resuming_heals_it_once() {
     assert!(held.reason.contains("paused"), "{}", held.reason);
     let mut fleet = orchestrator.fleet().await.unwrap();
     assert!(fleet_stats(&mut fleet).await.healing_paused);
+    // The console's fleet view lists the failure not healed, and why.
+    let stats = http_request(orchestrator.http_addr, "/api/v1/fleet/stats", &[])
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(stats["held_failures"][0]["node_id"], victim.id(), "{stats}");
+    assert!(
+        stats["held_failures"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("paused")
+    );
     orchestrator.wait_outbox_drained(DELIVERY).await;
     assert!(receiver.events().is_empty(), "{:#?}", receiver.events());
 

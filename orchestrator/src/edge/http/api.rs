@@ -178,6 +178,7 @@ pub async fn fleet_stats(
         "webhook_outbox_depth": state.metrics.webhook_outbox_depth.get(),
         "webhook_outbox_oldest_age_seconds": state.metrics.webhook_outbox_oldest_age_seconds.get(),
         "webhook_dead_letters_total": state.metrics.webhook_dead_letters.get(),
+        "held_failures": held_failures(&leading).await?,
         "healing_paused": !stats.automation.healing,
         "scaling_paused": !stats.automation.scaling,
         "failure_domains": stats.domains.iter().map(|(name, domain)| {
@@ -200,6 +201,40 @@ pub async fn fleet_stats(
         "prediction": latest.as_deref().map(prediction_json),
         "accuracy": latest.as_deref().map(accuracy_json),
     })))
+}
+
+/// Failed nodes whose self-healing was held, and why (the latest word on each,
+/// from the kept events), for the console's fleet view.
+async fn held_failures(leading: &crate::runtime::role::Leading) -> Result<Vec<Value>, ApiError> {
+    use crate::domain::event::EventKind;
+    let filter = NodeFilter {
+        states: vec![NodeState::Failed],
+        ..NodeFilter::default()
+    };
+    let (failed, _) = leading.fleet.list_matching(filter).await?;
+    let failed: std::collections::HashSet<NodeId> = failed.iter().map(|node| node.info.id).collect();
+    let mut latest: std::collections::BTreeMap<NodeId, crate::domain::event::FleetEvent> = Default::default();
+    for event in leading.events.kept(|event| {
+        matches!(
+            event.kind,
+            EventKind::SelfHealingHeld | EventKind::SelfHealingRequested
+        ) && event.node_id().is_some_and(|id| failed.contains(&id))
+    }) {
+        latest.insert(event.node_id().expect("filtered"), event);
+    }
+    Ok(latest
+        .values()
+        .filter(|event| event.kind == EventKind::SelfHealingHeld)
+        .take(50)
+        .map(|event| {
+            json!({
+                "node_id": event.node_id().map(|id| id.to_string()),
+                "hostname": event.node.as_ref().map(|node| node.hostname.clone()),
+                "reason": event.reason,
+                "time": secbeat::wire::rfc3339(event.time),
+            })
+        })
+        .collect())
 }
 
 fn prediction_json(prediction: &Prediction) -> Value {

@@ -52,6 +52,70 @@ pub fn size() -> usize {
 mod tests {
     use super::*;
 
+    /// The relative luminance of a `#rgb` or `#rrggbb` colour (WCAG 2).
+    fn luminance(hex: &str) -> f64 {
+        let hex = hex.trim_start_matches('#');
+        let hex: String = if hex.len() == 3 {
+            hex.chars().flat_map(|c| [c, c]).collect()
+        } else {
+            hex.to_owned()
+        };
+        let channel = |i: usize| {
+            let c = f64::from(u8::from_str_radix(&hex[i..i + 2], 16).unwrap()) / 255.0;
+            if c <= 0.039_28 {
+                c / 12.92
+            } else {
+                ((c + 0.055) / 1.055).powf(2.4)
+            }
+        };
+        0.2126 * channel(0) + 0.7152 * channel(2) + 0.0722 * channel(4)
+    }
+
+    fn contrast(a: &str, b: &str) -> f64 {
+        let (a, b) = (luminance(a), luminance(b));
+        (a.max(b) + 0.05) / (a.min(b) + 0.05)
+    }
+
+    /// A `--name: #colour;` variable of the stylesheet's :root.
+    fn colour(name: &str) -> String {
+        let start = STYLE
+            .find(&format!("--{name}:"))
+            .unwrap_or_else(|| panic!("--{name}"));
+        STYLE[start..]
+            .split(':')
+            .nth(1)
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    #[test]
+    fn every_text_colour_is_readable_on_its_background() {
+        // WCAG AA asks 4.5:1 for body text; every pair the console uses clears 6.5:1.
+        let pairs = [
+            (colour("fg"), colour("bg")),
+            (colour("muted"), "#fff".to_owned()),
+            (colour("accent"), "#fff".to_owned()),
+            (colour("accent"), "#e6eef7".to_owned()),
+            (colour("bad"), "#fff".to_owned()),
+            (colour("bad"), "#fde8e6".to_owned()),
+            (colour("warn"), "#fff4d6".to_owned()),
+            (colour("warn"), "#fff".to_owned()),
+            (colour("ok"), "#fff".to_owned()),
+        ];
+        for (text, background) in pairs {
+            assert!(
+                STYLE.contains(&background),
+                "{background} is a background the stylesheet uses"
+            );
+            let ratio = contrast(&text, &background);
+            assert!(ratio >= 6.5, "{text} on {background}: {ratio:.1}:1");
+        }
+    }
+
     #[test]
     fn the_console_is_small_and_asks_for_nothing_outside() {
         assert!(size() < 200 * 1024, "{} bytes", size());
