@@ -158,12 +158,17 @@ impl Browser {
         let guarded = format!(
             "(() => {{ try {{ return ({expression}) === true; }} catch (_) {{ return false; }} }})()"
         );
-        while self.eval(&guarded).await != json!(true) {
+        // Polled: the page changes on its own (events, refreshes).
+        let mut polls = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            polls.tick().await;
+            if self.eval(&guarded).await == json!(true) {
+                return;
+            }
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the page never showed {what}"
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
