@@ -101,7 +101,7 @@ impl WebhookEvent {
 /// The `fleet_metrics` object every payload carries.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PayloadFleetMetrics {
-    /// Nodes with a live stream (connected or terminating).
+    /// Nodes with a live, healthy stream (connected, terminating, draining, drained).
     pub active_nodes: u32,
     /// Mean latest CPU fraction of active nodes, if any reported.
     pub avg_cpu_usage: Option<f64>,
