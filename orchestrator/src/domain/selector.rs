@@ -144,6 +144,52 @@ impl NodeFilter {
     }
 }
 
+/// What a page of nodes is ordered by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SortKey {
+    /// Node id (the default).
+    #[default]
+    Id,
+    /// Host name.
+    Hostname,
+    /// Lifecycle state, by name.
+    State,
+    /// Latest CPU (nodes without a sample first).
+    Cpu,
+    /// Last heartbeat, oldest first: the nodes closest to being suspected.
+    Heartbeat,
+}
+
+impl std::str::FromStr for SortKey {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "id" => Ok(SortKey::Id),
+            "hostname" => Ok(SortKey::Hostname),
+            "state" => Ok(SortKey::State),
+            "cpu" => Ok(SortKey::Cpu),
+            "heartbeat" => Ok(SortKey::Heartbeat),
+            other => Err(format!(
+                "{other:?} is not one of id, hostname, state, cpu, heartbeat"
+            )),
+        }
+    }
+}
+
+/// One page of a node list: order, then offset and limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    /// The order.
+    pub by: SortKey,
+    /// Reversed.
+    pub descending: bool,
+    /// Nodes skipped.
+    pub offset: usize,
+    /// Nodes at most.
+    pub limit: usize,
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;

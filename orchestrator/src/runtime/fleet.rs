@@ -34,7 +34,7 @@ use crate::{
         Registry, ServiceError, SessionError, TerminateAccepted, TerminateError,
     },
     domain::scaler::Candidate,
-    domain::selector::{NodeFilter, Selector},
+    domain::selector::{NodeFilter, Page, Selector},
     edge::metrics::{CauseLabel, Metrics},
     edge::store::{Write, writer::StoreWriter},
     runtime::{bus::EventBus, healing},
@@ -222,6 +222,7 @@ enum Command {
         reply: oneshot::Sender<(Automation, u32)>,
     },
     List(NodeFilter, oneshot::Sender<(Vec<NodeSnapshot>, u64)>),
+    Page(NodeFilter, Page, oneshot::Sender<(Vec<NodeSnapshot>, usize, u64)>),
     Get(NodeId, oneshot::Sender<Option<NodeSnapshot>>),
     Stats(Selector, oneshot::Sender<FleetStats>),
     ScalingView(oneshot::Sender<(FleetStats, Option<Candidate>)>),
@@ -375,6 +376,16 @@ impl FleetHandle {
     /// One node.
     pub async fn get(&self, node: NodeId) -> Result<Option<NodeSnapshot>, FleetStopped> {
         self.ask(|reply| Command::Get(node, reply)).await
+    }
+
+    /// One page of the nodes `filter` wants, how many it wants in all, and the
+    /// sequence of the last event the page reflects.
+    pub async fn page(
+        &self,
+        filter: NodeFilter,
+        page: Page,
+    ) -> Result<(Vec<NodeSnapshot>, usize, u64), FleetStopped> {
+        self.ask(|reply| Command::Page(filter, page, reply)).await
     }
 
     /// Fleet-wide figures.
@@ -644,6 +655,12 @@ impl FleetActor {
                 self.apply_effects();
                 let sequence = self.outputs.bus.last_sequence();
                 let _ = reply.send((self.registry.list_matching(&filter), sequence));
+            }
+            Command::Page(filter, page, reply) => {
+                self.apply_effects();
+                let sequence = self.outputs.bus.last_sequence();
+                let (nodes, total) = self.registry.page(&filter, page);
+                let _ = reply.send((nodes, total, sequence));
             }
             Command::Get(node, reply) => {
                 let _ = reply.send(self.registry.snapshot(node));
