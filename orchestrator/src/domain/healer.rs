@@ -152,9 +152,22 @@ pub enum HealDecision {
         failed: Vec<FailedNode>,
         /// The domain's nodes live before these failures.
         fleet_size: u32,
+        /// The domain's nodes suspect now, not yet declared (failing too).
+        suspect: u32,
         /// The domain (`pop=fra1`; empty: the whole fleet).
         domain: String,
     },
+}
+
+/// A failure domain's nodes besides those just declared failed: live ones
+/// (suspect ones included; not those in maintenance), and of them, how many are
+/// suspect now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Population {
+    /// Live nodes (not in a final state, not in maintenance).
+    pub live: u32,
+    /// Of them, suspect now.
+    pub suspect: u32,
 }
 
 /// One failure domain's recent failures and guard.
@@ -243,12 +256,12 @@ impl Healer {
         out
     }
 
-    /// Decides about failures declared together (one detector round), given the
-    /// number of nodes still live after them in each failure domain.
+    /// Decides about failures declared together (one detector round), given each
+    /// failure domain's live nodes after them.
     pub fn on_failures(
         &mut self,
         failed: Vec<FailedNode>,
-        live: &BTreeMap<String, u32>,
+        live: &BTreeMap<String, Population>,
         now: SystemTime,
     ) -> Vec<HealDecision> {
         if failed.is_empty() {
@@ -276,8 +289,8 @@ impl Healer {
             by_domain.entry(node.domain.clone()).or_default().push(node);
         }
         for (domain, failed) in by_domain {
-            let live = live.get(&domain).copied().unwrap_or(0);
-            self.decide_domain(domain, failed, live, now, &mut decisions);
+            let population = live.get(&domain).copied().unwrap_or_default();
+            self.decide_domain(domain, failed, population, now, &mut decisions);
         }
         decisions
     }
@@ -286,7 +299,7 @@ impl Healer {
         &mut self,
         domain: String,
         failed: Vec<FailedNode>,
-        live: u32,
+        population: Population,
         now: SystemTime,
         decisions: &mut Vec<HealDecision>,
     ) {
@@ -298,17 +311,23 @@ impl Healer {
                 .map(|node| (now, node.clone())),
         );
         let in_window = u32::try_from(watch.recent.len()).unwrap_or(u32::MAX);
-        let fleet_size = live.saturating_add(in_window);
+        let fleet_size = population.live.saturating_add(in_window);
+        // Nodes already suspect are failing too: a PoP that lost its uplink is
+        // declared over a round or two (its streams broke, or went silent, a few
+        // milliseconds or a heartbeat apart), and the first declared must not be
+        // healed for want of the rest.
+        let failing = in_window.saturating_add(population.suspect);
 
         let guard_up = watch.guard_until.is_some_and(|until| now < until);
-        let mass = in_window >= self.policy.mass_failure_min_nodes
-            && f64::from(in_window) > self.policy.mass_failure_fraction * f64::from(fleet_size);
+        let mass = failing >= self.policy.mass_failure_min_nodes
+            && f64::from(failing) > self.policy.mass_failure_fraction * f64::from(fleet_size);
         if guard_up || mass {
             watch.guard_until = Some(now + self.policy.mass_failure_window);
             if !guard_up {
                 decisions.push(HealDecision::MassFailure {
                     failed: watch.recent.iter().map(|(_, node)| node.clone()).collect(),
                     fleet_size,
+                    suspect: population.suspect,
                     domain,
                 });
             }
@@ -418,9 +437,9 @@ mod tests {
         }
     }
 
-    /// The whole fleet as one domain, with `n` live nodes.
-    fn live(n: u32) -> BTreeMap<String, u32> {
-        [(String::new(), n)].into()
+    /// The whole fleet as one domain, with `n` live nodes, none suspect.
+    fn live(n: u32) -> BTreeMap<String, Population> {
+        [(String::new(), Population { live: n, suspect: 0 })].into()
     }
 
     fn at(seconds: u64) -> SystemTime {
@@ -520,6 +539,7 @@ mod tests {
             HealDecision::MassFailure {
                 failed: all,
                 fleet_size: 5,
+                suspect: 0,
                 domain: String::new(),
             }
         );
@@ -647,7 +667,11 @@ mod tests {
     #[test]
     fn a_pop_losing_most_of_its_nodes_is_held_with_one_alert_while_another_pop_heals() {
         let mut healer = Healer::new(policy(), Vec::new());
-        let live: BTreeMap<String, u32> = [("pop=fra1".to_owned(), 1), ("pop=ams1".to_owned(), 5)].into();
+        let live: BTreeMap<String, Population> = [
+            ("pop=fra1".to_owned(), Population { live: 1, suspect: 0 }),
+            ("pop=ams1".to_owned(), Population { live: 5, suspect: 0 }),
+        ]
+        .into();
         let failed = vec![
             in_domain(1, "pop=fra1"),
             in_domain(2, "pop=fra1"),
@@ -662,6 +686,7 @@ mod tests {
                     domain,
                     failed,
                     fleet_size,
+                    ..
                 } => Some((domain.clone(), failed.len(), *fleet_size)),
                 _ => None,
             })
@@ -694,7 +719,23 @@ mod tests {
     #[test]
     fn the_hourly_budget_is_per_domain() {
         let mut healer = Healer::new(policy(), Vec::new());
-        let live: BTreeMap<String, u32> = [("pop=a".to_owned(), 100), ("pop=b".to_owned(), 100)].into();
+        let live: BTreeMap<String, Population> = [
+            (
+                "pop=a".to_owned(),
+                Population {
+                    live: 100,
+                    suspect: 0,
+                },
+            ),
+            (
+                "pop=b".to_owned(),
+                Population {
+                    live: 100,
+                    suspect: 0,
+                },
+            ),
+        ]
+        .into();
         for n in 1..=5 {
             let decisions = healer.on_failures(vec![in_domain(n, "pop=a")], &live, at(u64::from(n) * 120));
             assert_eq!(healed(&decisions).len(), 1);
@@ -721,5 +762,45 @@ mod tests {
         let decisions = healer.on_failures(back, &live(10), at(60));
         assert_eq!(healed(&decisions), vec![node(1).id, node(2).id]);
         assert!(healer.resume().is_empty(), "nothing is given back twice");
+    }
+
+    #[test]
+    fn the_first_failures_of_a_pop_going_dark_are_held_when_the_rest_are_already_suspect() {
+        let mut healer = Healer::new(policy(), Vec::new());
+        // Two of five declared failed; two more suspect (their streams broke a
+        // moment later): four of five are failing, a mass failure from the start.
+        let population: BTreeMap<String, Population> =
+            [("pop=fra1".to_owned(), Population { live: 3, suspect: 2 })].into();
+        let decisions = healer.on_failures(
+            vec![in_domain(1, "pop=fra1"), in_domain(2, "pop=fra1")],
+            &population,
+            at(0),
+        );
+        assert!(
+            decisions
+                .iter()
+                .any(|d| matches!(d, HealDecision::MassFailure { suspect: 2, .. }))
+        );
+        assert!(healed(&decisions).is_empty(), "none healed: {decisions:?}");
+        // The two declared next are held by the guard, with no second alert.
+        let population = [("pop=fra1".to_owned(), Population { live: 1, suspect: 0 })].into();
+        let later = healer.on_failures(
+            vec![in_domain(3, "pop=fra1"), in_domain(4, "pop=fra1")],
+            &population,
+            at(1),
+        );
+        assert!(
+            !later
+                .iter()
+                .any(|d| matches!(d, HealDecision::MassFailure { .. }))
+        );
+        assert_eq!(held(&later).len(), 2);
+        // One suspect beside one failure in a healthy fleet is not a mass failure.
+        let mut calm = Healer::new(policy(), Vec::new());
+        let population = [(String::new(), Population { live: 20, suspect: 1 })].into();
+        assert_eq!(
+            healed(&calm.on_failures(vec![node(9)], &population, at(0))).len(),
+            1
+        );
     }
 }

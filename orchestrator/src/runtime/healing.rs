@@ -10,7 +10,7 @@ use tracing::{error, info, warn};
 use crate::{
     domain::{
         event::{EventKind, EventNode, FleetEvent},
-        healer::{FailedNode, HealDecision, Healer, HoldCause},
+        healer::{FailedNode, HealDecision, Healer, HoldCause, Population},
         node::{FleetStats, NodeState},
     },
     edge::{
@@ -38,7 +38,7 @@ pub struct HealingOutcome {
 pub fn on_failures(
     healer: &mut Healer,
     failed: Vec<FailedNode>,
-    live: &BTreeMap<String, u32>,
+    live: &BTreeMap<String, Population>,
     stats: &FleetStats,
     now: SystemTime,
 ) -> HealingOutcome {
@@ -67,23 +67,25 @@ pub fn on_failures(
             HealDecision::MassFailure {
                 failed,
                 fleet_size,
+                suspect,
                 domain,
             } => {
                 let event = WebhookEvent::MassNodeFailure {
                     failed: failed.clone(),
                     fleet_size,
+                    suspect,
                     window_seconds: healer.policy().mass_failure_window.as_secs_f64(),
                     domain: domain.clone(),
                 };
                 let entry = webhook::outbox_entry(&event, stats, now);
                 let scope = domain_words(&domain);
                 error!(
-                    failed = failed.len(), fleet_size, failure_domain = %domain, webhook.id = %entry.id,
-                    "MASS NODE FAILURE{scope}: {} of {fleet_size} nodes failed within the window; the orchestrator suspects the network or itself, so self-healing is held there and one MASS_NODE_FAILURE alert is sent",
+                    failed = failed.len(), suspect, fleet_size, failure_domain = %domain, webhook.id = %entry.id,
+                    "MASS NODE FAILURE{scope}: {} of {fleet_size} nodes failed within the window and {suspect} more are suspect; the orchestrator suspects the network or itself, so self-healing is held there and one MASS_NODE_FAILURE alert is sent",
                     failed.len()
                 );
                 let reason = format!(
-                    "{} of {fleet_size} nodes{scope} failed within {:.0}s; their healing is held; MASS_NODE_FAILURE webhook {} queued",
+                    "{} of {fleet_size} nodes{scope} failed within {:.0}s and {suspect} more are suspect; their healing is held; MASS_NODE_FAILURE webhook {} queued",
                     failed.len(),
                     healer.policy().mass_failure_window.as_secs_f64(),
                     entry.id
@@ -184,8 +186,8 @@ mod tests {
         }
     }
 
-    fn live(n: u32) -> BTreeMap<String, u32> {
-        [(String::new(), n)].into()
+    fn live(n: u32) -> BTreeMap<String, Population> {
+        [(String::new(), Population { live: n, suspect: 0 })].into()
     }
 
     fn kinds(outcome: &HealingOutcome) -> Vec<(EventKind, NodeId)> {
@@ -276,7 +278,8 @@ mod tests {
             domain: "pop=fra1".into(),
             ..failed(n)
         };
-        let live: BTreeMap<String, u32> = [("pop=fra1".to_owned(), 1)].into();
+        let live: BTreeMap<String, Population> =
+            [("pop=fra1".to_owned(), Population { live: 1, suspect: 0 })].into();
         let outcome = on_failures(
             &mut healer,
             (1..=4).map(in_fra1).collect(),

@@ -837,7 +837,11 @@ mod tests {
         );
         assert_eq!(f.registry.stats().avg_cpu_usage, Some(0.5));
         assert_eq!(f.registry.stats().in_service_nodes, 1);
-        assert_eq!(f.registry.mass_failure_population(), [(String::new(), 1)].into());
+        let population = crate::domain::healer::Population { live: 1, suspect: 0 };
+        assert_eq!(
+            f.registry.mass_failure_population(),
+            [(String::new(), population)].into()
+        );
 
         f.registry.stream_closed(node(1), sessions[0], "killed", f.now);
         assert_eq!(f.state(1), NodeState::Suspect);

@@ -347,17 +347,19 @@ impl Registry {
             .is_some_and(|record| record.ended_at.is_none())
     }
 
-    /// Live nodes not in maintenance, per failure domain: what the
-    /// mass-failure guard compares a domain's failures against (a node in
-    /// maintenance may be away on purpose).
-    pub fn mass_failure_population(&self) -> BTreeMap<String, u32> {
-        let mut population = BTreeMap::new();
+    /// Live nodes not in maintenance, and how many of them are suspect, per
+    /// failure domain: what the mass-failure guard weighs a domain's failures
+    /// against (a node in maintenance may be away on purpose).
+    pub fn mass_failure_population(&self) -> BTreeMap<String, crate::domain::healer::Population> {
+        let mut population: BTreeMap<String, crate::domain::healer::Population> = BTreeMap::new();
         for record in self
             .nodes
             .values()
             .filter(|record| record.ended_at.is_none() && record.maintenance.is_none())
         {
-            *population.entry(self.domain_of(record)).or_default() += 1;
+            let domain = population.entry(self.domain_of(record)).or_default();
+            domain.live += 1;
+            domain.suspect += u32::from(record.state == NodeState::Suspect);
         }
         population
     }
@@ -1641,8 +1643,15 @@ mod tests {
         );
         assert_eq!(stats.domains["!pop"].active_nodes, 1);
         let population = f.registry.mass_failure_population();
-        assert_eq!(population["pop=fra1"], 2);
-        assert_eq!(population["!pop"], 1);
+        assert_eq!(
+            (population["pop=fra1"].live, population["pop=fra1"].suspect),
+            (2, 0)
+        );
+        assert_eq!(
+            (population["pop=ams1"].live, population["pop=ams1"].suspect),
+            (1, 1)
+        );
+        assert_eq!(population["!pop"].live, 1);
         let failed = f.registry.failed_node(ams).unwrap();
         assert_eq!(failed.domain, "pop=ams1");
     }

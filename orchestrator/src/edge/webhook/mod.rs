@@ -67,6 +67,8 @@ pub enum WebhookEvent {
         failed: Vec<FailedNode>,
         /// Nodes live before those failures.
         fleet_size: u32,
+        /// Nodes suspect when the alert was raised, not yet declared failed.
+        suspect: u32,
         /// The window, seconds.
         window_seconds: f64,
         /// The failure domain (`pop=fra1`; empty: the whole fleet).
@@ -148,13 +150,16 @@ pub fn outbox_entry(event: &WebhookEvent, stats: &FleetStats, now: SystemTime) -
         WebhookEvent::MassNodeFailure {
             failed,
             fleet_size,
+            suspect,
             window_seconds,
             domain,
         } => json!({
             "failure_domain": domain,
+            "suspect_nodes": suspect,
             "failed_nodes": failed.iter().map(|node| node_json(node.id, node.ip)).collect::<Vec<_>>(),
             "fleet_size": fleet_size,
             "failed_fraction": failed.len() as f64 / f64::from((*fleet_size).max(1)),
+            "failing_fraction": (failed.len() as f64 + f64::from(*suspect)) / f64::from((*fleet_size).max(1)),
             "window_seconds": window_seconds,
             "self_healing": "held for these nodes: the orchestrator suspects itself or the network",
         }),
@@ -250,6 +255,7 @@ mod tests {
         let event = WebhookEvent::MassNodeFailure {
             failed: vec![failed(), failed()],
             fleet_size: 5,
+            suspect: 1,
             window_seconds: 60.0,
             domain: "pop=fra1".into(),
         };
@@ -260,6 +266,8 @@ mod tests {
         assert_eq!(body["fleet_size"], 5);
         assert_eq!(body["failed_fraction"], 0.4);
         assert_eq!(body["failure_domain"], "pop=fra1");
+        assert_eq!(body["suspect_nodes"], 1);
+        assert_eq!(body["failing_fraction"], 0.6);
     }
 
     #[test]
