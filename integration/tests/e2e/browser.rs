@@ -61,15 +61,27 @@ async fn devtools_targets(port: u16) -> Value {
 /// A headless Chromium with one page, spoken to over the DevTools protocol.
 struct Browser {
     _process: tokio::process::Child,
+    /// Chromium's process group (the browser and every renderer it started).
+    group: nix::unistd::Pid,
     page: WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>,
     next_id: u64,
     _profile: tempfile::TempDir,
 }
 
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // ESRCH (already gone) is fine.
+        let _ = nix::sys::signal::killpg(self.group, Sig::SIGKILL);
+    }
+}
+
 impl Browser {
     async fn open(url: &str) -> Self {
         let profile = tempfile::tempdir().unwrap();
+        // Its own process group: Chromium's renderers outlive a killed browser
+        // process, so the whole group is killed when the test drops it.
         let mut process = tokio::process::Command::new(chromium())
+            .process_group(0)
             .args([
                 "--headless",
                 "--no-sandbox",
@@ -82,9 +94,9 @@ impl Browser {
             .arg("about:blank")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
-            .kill_on_drop(true)
             .spawn()
             .unwrap();
+        let group = nix::unistd::Pid::from_raw(process.id().expect("running") as i32);
         let mut stderr = tokio::io::BufReader::new(process.stderr.take().unwrap()).lines();
         let port: u16 = tokio::time::timeout(STARTUP, async {
             while let Some(line) = stderr.next_line().await.unwrap() {
@@ -109,6 +121,7 @@ impl Browser {
         let (page, _) = tokio_tungstenite::connect_async(socket).await.unwrap();
         let mut browser = Self {
             _process: process,
+            group,
             page,
             next_id: 0,
             _profile: profile,
