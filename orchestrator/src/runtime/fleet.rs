@@ -891,8 +891,8 @@ impl FleetActor {
     /// [`healing::on_failures`]) and applies what it says. Runs in a
     /// `failure_detection` span, the root of each self-healing trace.
     fn heal(&mut self, failed: Vec<FailedNode>, writes: &mut Vec<Write>) {
-        let ids: Vec<String> = failed.iter().map(|node| node.id.to_string()).collect();
-        let span = tracing::info_span!("failure_detection", node.id = %ids.join(","), failed = failed.len());
+        let span =
+            tracing::info_span!("failure_detection", node.id = %span_ids(&failed), failed = failed.len());
         let _entered = span.enter();
         let stats = self.registry.stats();
         let live = self.registry.mass_failure_population();
@@ -927,6 +927,25 @@ impl FleetActor {
         log_event(&event);
         self.outputs.bus.publish(event);
     }
+}
+
+/// Most node ids a `failure_detection` span names: every log line inside the span
+/// repeats its fields, so a round of 50,000 failures naming them all would write
+/// gigabytes (each line its own node id anyway).
+const SPAN_IDS: usize = 8;
+
+/// The ids a `failure_detection` span names: all of a small round, the first few
+/// and a count of a large one.
+fn span_ids(failed: &[FailedNode]) -> String {
+    let mut ids: Vec<String> = failed
+        .iter()
+        .take(SPAN_IDS)
+        .map(|node| node.id.to_string())
+        .collect();
+    if failed.len() > SPAN_IDS {
+        ids.push(format!("(+{} more)", failed.len() - SPAN_IDS));
+    }
+    ids.join(",")
 }
 
 /// Logs a node event; the operator-facing lines keep the seed's wording.
@@ -1370,6 +1389,24 @@ pub(crate) mod tests {
 
         shutdown.cancel();
         test.actor.await.unwrap();
+    }
+
+    #[test]
+    fn a_large_round_is_named_by_its_first_ids_and_a_count() {
+        let failed: Vec<FailedNode> = (0..20u128)
+            .map(|n| FailedNode {
+                id: NodeId(Uuid::from_u128(n)),
+                ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                hostname: "edge".into(),
+                out_of_service: None,
+                domain: String::new(),
+                labels: Default::default(),
+            })
+            .collect();
+        assert_eq!(span_ids(&failed[..1]), failed[0].id.to_string());
+        let named = span_ids(&failed);
+        assert_eq!(named.matches(',').count(), SPAN_IDS, "{named}");
+        assert!(named.ends_with("(+12 more)"), "{named}");
     }
 
     #[tokio::test(start_paused = true)]
