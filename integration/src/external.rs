@@ -23,6 +23,14 @@ pub fn prometheus() -> PathBuf {
     )
 }
 
+/// Debian's headless Chromium (the console's browser tests): `$CHROMIUM`, else
+/// `chromium-headless-shell` or `chromium` on `PATH`.
+pub fn chromium() -> PathBuf {
+    find_tool("CHROMIUM", "chromium-headless-shell")
+        .or_else(|| find_tool("CHROMIUM", "chromium"))
+        .expect("chromium not found: apt-get install chromium-headless-shell (scripts/test does, as root) or set CHROMIUM")
+}
+
 /// The real `docker-compose` (Debian's, which validates without an engine):
 /// `$DOCKER_COMPOSE`, else `docker-compose` on `PATH`.
 pub fn docker_compose() -> PathBuf {

@@ -4,10 +4,12 @@
 //! viewer sees no action, the keyboard opens a node, and an operator terminates a
 //! node from the page.
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::{process::Stdio, time::Duration};
 
 use futures_util::{SinkExt, StreamExt};
-use secbeat_integration::{Agent, FAST_CONFIG, Orchestrator, STARTUP, Sig, eventually, http_request};
+use secbeat_integration::{
+    Agent, FAST_CONFIG, Orchestrator, STARTUP, Sig, chromium, eventually, http_request,
+};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
@@ -15,21 +17,6 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
 const OPERATOR: &str = "operator-token-0123456789";
 const VIEWER: &str = "viewer-token-0123456789a";
 const AGENT: &str = "agent-token-0123456789ab";
-
-/// Debian's headless Chromium: `$CHROMIUM`, else chromium-headless-shell or chromium on PATH.
-fn chromium() -> PathBuf {
-    if let Some(path) = std::env::var_os("CHROMIUM") {
-        return PathBuf::from(path);
-    }
-    ["chromium-headless-shell", "chromium"]
-        .iter()
-        .find_map(|name| {
-            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-                .map(|dir| dir.join(name))
-                .find(|path| path.is_file())
-        })
-        .expect("chromium not found: apt-get install chromium-headless-shell (scripts/test does, as root) or set CHROMIUM")
-}
 
 /// The DevTools endpoint's list of targets (read by its Content-Length: the
 /// endpoint keeps connections open).

@@ -240,20 +240,29 @@ impl Healer {
         self.paused.take().unwrap_or_default()
     }
 
-    /// How healing stands in each domain that has had failures or heals.
-    pub fn domains(&self, now: SystemTime) -> BTreeMap<String, DomainHealing> {
-        let mut out: BTreeMap<String, DomainHealing> = BTreeMap::new();
-        for record in self.ledger.iter().filter(|r| age(r.at, now) < HOUR) {
-            out.entry(record.domain.clone()).or_default().heals_last_hour += 1;
+    /// How healing stands in failure domain `name` (a domain never heard of has
+    /// its whole budget and no guard up).
+    pub fn domain(&self, name: &str, now: SystemTime) -> DomainHealing {
+        let heals_last_hour = self.heals_last_hour(name, now);
+        DomainHealing {
+            heals_last_hour,
+            budget_left: self.policy.max_per_hour.saturating_sub(heals_last_hour),
+            mass_failure_guard: self
+                .domains
+                .get(name)
+                .and_then(|watch| watch.guard_until)
+                .is_some_and(|until| now < until),
         }
-        for (domain, watch) in &self.domains {
-            out.entry(domain.clone()).or_default().mass_failure_guard =
-                watch.guard_until.is_some_and(|until| now < until);
-        }
-        for healing in out.values_mut() {
-            healing.budget_left = self.policy.max_per_hour.saturating_sub(healing.heals_last_hour);
-        }
-        out
+    }
+
+    /// Heals requested in `domain` in the rolling hour before `now`.
+    fn heals_last_hour(&self, domain: &str, now: SystemTime) -> u32 {
+        let used = self
+            .ledger
+            .iter()
+            .filter(|record| record.domain == domain && age(record.at, now) < HOUR)
+            .count();
+        u32::try_from(used).unwrap_or(u32::MAX)
     }
 
     /// Decides about failures declared together (one detector round), given each
@@ -359,12 +368,7 @@ impl Healer {
                 cause: HoldCause::Cooldown { last_healed },
             };
         }
-        let used = self
-            .ledger
-            .iter()
-            .filter(|record| record.domain == node.domain && age(record.at, now) < HOUR)
-            .count();
-        let used = u32::try_from(used).unwrap_or(u32::MAX);
+        let used = self.heals_last_hour(&node.domain, now);
         if used >= self.policy.max_per_hour {
             return HealDecision::Hold {
                 node,
@@ -701,11 +705,16 @@ mod tests {
                 (node(3).id, "mass_failure")
             ]
         );
-        let status = healer.domains(at(1));
-        assert!(status["pop=fra1"].mass_failure_guard);
-        assert!(!status["pop=ams1"].mass_failure_guard);
-        assert_eq!(status["pop=ams1"].heals_last_hour, 1);
-        assert_eq!(status["pop=ams1"].budget_left, 4);
+        assert!(healer.domain("pop=fra1", at(1)).mass_failure_guard);
+        let ams1 = healer.domain("pop=ams1", at(1));
+        assert!(!ams1.mass_failure_guard);
+        assert_eq!((ams1.heals_last_hour, ams1.budget_left), (1, 4));
+        let quiet = healer.domain("pop=lhr1", at(1));
+        assert_eq!(
+            (quiet.heals_last_hour, quiet.budget_left),
+            (0, 5),
+            "a quiet domain has its whole budget"
+        );
         // A later failure in fra1 is held by its guard; ams1 still heals.
         let later = healer.on_failures(
             vec![in_domain(5, "pop=fra1"), in_domain(6, "pop=ams1")],

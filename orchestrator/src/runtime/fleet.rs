@@ -493,7 +493,7 @@ pub fn spawn(
     let actor = FleetActor {
         registry,
         healer,
-        automation: restored.automation,
+        scaling: restored.automation.scaling,
         sessions: HashMap::new(),
         heartbeat_interval: settings.heartbeat_interval,
         outputs,
@@ -508,9 +508,9 @@ pub fn spawn(
 struct FleetActor {
     registry: Registry,
     healer: Healer,
-    /// Which automation runs (the healer knows its own pause; the scaling loop
-    /// reads this at each check).
-    automation: Automation,
+    /// Whether scaling runs (the scaling loop reads it at each check). Whether
+    /// healing runs is the healer's to know (`Healer::is_paused`).
+    scaling: bool,
     sessions: HashMap<SessionId, SignalSender>,
     heartbeat_interval: Duration,
     outputs: Outputs,
@@ -647,7 +647,7 @@ impl FleetActor {
             }
             Command::SetAutomation { change, reply } => {
                 let resumed = self.set_automation(change);
-                let _ = reply.send((self.automation, resumed));
+                let _ = reply.send((self.automation(), resumed));
             }
             Command::List(filter, reply) => {
                 // Publish what earlier commands of this batch changed first, so the
@@ -675,17 +675,22 @@ impl FleetActor {
         }
     }
 
+    /// Which automation runs now.
+    fn automation(&self) -> Automation {
+        Automation {
+            healing: !self.healer.is_paused(),
+            scaling: self.scaling,
+        }
+    }
+
     /// The registry's figures, with what the actor itself knows: automation and
     /// how healing stands in each failure domain.
     fn stats(&self, selector: &Selector) -> FleetStats {
         let mut stats = self.registry.stats_matching(selector);
-        stats.automation = self.automation;
-        let healing = self.healer.domains(SystemTime::now());
+        stats.automation = self.automation();
+        let now = SystemTime::now();
         for (name, domain) in &mut stats.domains {
-            domain.healing = healing.get(name).cloned().unwrap_or_default();
-            if domain.healing.heals_last_hour == 0 {
-                domain.healing.budget_left = self.healer.policy().max_per_hour;
-            }
+            domain.healing = self.healer.domain(name, now);
         }
         stats
     }
@@ -694,7 +699,7 @@ impl FleetActor {
     /// healing resume, the failures held meanwhile that are still FAILED go to
     /// the healer (returns how many).
     fn set_automation(&mut self, change: AutomationChange) -> u32 {
-        let before = self.automation;
+        let before = self.automation();
         let after = Automation {
             healing: change.healing.unwrap_or(before.healing),
             scaling: change.scaling.unwrap_or(before.scaling),
@@ -702,7 +707,7 @@ impl FleetActor {
         if after == before {
             return 0;
         }
-        self.automation = after;
+        self.scaling = after.scaling;
         let mut writes = vec![Write::PutAutomation(after)];
         let now = SystemTime::now();
         let mut resumed = 0;

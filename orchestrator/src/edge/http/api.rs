@@ -393,7 +393,7 @@ pub async fn nodes(
 
 /// `GET /api/v1/nodes/{id}`.
 pub async fn node(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let id = secbeat::wire::parse_node_id("node_id", &id).map(NodeId)?;
+    let id = node_id(&id)?;
     let node = state
         .role
         .leading()?
@@ -409,7 +409,7 @@ pub async fn node_events(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = secbeat::wire::parse_node_id("node_id", &id).map(NodeId)?;
+    let id = node_id(&id)?;
     let leading = state.role.leading()?;
     let events: Vec<Value> = leading
         .events
@@ -418,6 +418,11 @@ pub async fn node_events(
         .map(event_json)
         .collect();
     Ok(Json(json!({ "node_id": id.to_string(), "events": events })))
+}
+
+/// The node id in a path (`/api/v1/nodes/{id}/...`); a 400 naming `node_id`.
+fn node_id(text: &str) -> Result<NodeId, ApiError> {
+    Ok(secbeat::wire::parse_node_id("node_id", text).map(NodeId)?)
 }
 
 /// An event as the JSON API and the event stream show it.
@@ -496,7 +501,7 @@ pub async fn terminate(
     Path(id): Path<String>,
     request: Result<Json<TerminateBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = secbeat::wire::parse_node_id("node_id", &id).map(NodeId)?;
+    let id = node_id(&id)?;
     let request = body(request)?;
     let reason = crate::edge::request::reason("reason", request.reason.unwrap_or_default())?;
     let fleet = &state.role.leading()?.fleet;
@@ -537,7 +542,7 @@ pub async fn drain(
     Path(id): Path<String>,
     request: Result<Json<DrainBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = secbeat::wire::parse_node_id("node_id", &id).map(NodeId)?;
+    let id = node_id(&id)?;
     let request = body(request)?;
     let deadline = request
         .deadline_seconds
@@ -573,7 +578,7 @@ pub async fn resume(
     Path(id): Path<String>,
     request: Result<Json<ReasonBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = secbeat::wire::parse_node_id("node_id", &id).map(NodeId)?;
+    let id = node_id(&id)?;
     let reason = crate::edge::request::reason("reason", body(request)?.reason.unwrap_or_default())?;
     let node = state.role.leading()?.fleet.resume(id, reason).await??;
     Ok(Json(json!({ "node": node_json(&node) })))
@@ -593,7 +598,7 @@ pub async fn maintenance(
     Path(id): Path<String>,
     request: Result<Json<MaintenanceBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = secbeat::wire::parse_node_id("node_id", &id).map(NodeId)?;
+    let id = node_id(&id)?;
     let request = body(request)?;
     let reason = crate::edge::request::reason("reason", request.reason.unwrap_or_default())?;
     let (node, changed) = state

@@ -44,7 +44,8 @@ pub async fn asset_file(Path(file): Path<String>) -> Response {
 }
 
 /// The bytes the console costs a browser (page, script, style).
-pub fn size() -> usize {
+#[cfg(test)]
+fn size() -> usize {
     INDEX.len() + SCRIPT.len() + STYLE.len()
 }
 
