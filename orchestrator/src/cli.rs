@@ -47,9 +47,11 @@ pub enum Command {
     /// percent, as data/nab). Each row is one scaling check on the trace's
     /// own clock: 60-minute window, 10-minute horizon, gaps handled by time. Prints
     /// the model against the baselines (current value, window mean, the design
-    /// card's linear regression): share within +-10 points, MAE and bias in points;
-    /// then how well the stated confidence is calibrated. Exits 65 on a malformed
-    /// trace, naming the line.
+    /// card's linear regression, Holt-Winters): share within +-10 points, MAE and
+    /// bias in points; the same by segment (the first day, after it, fast moves of
+    /// more than 10 points in the horizon, the calm rest); then how well the stated
+    /// confidence is calibrated. With several --input files, the figures pooled
+    /// over all of them follow. Exits 65 on a malformed trace, naming the line.
     #[command(verbatim_doc_comment)]
     Backtest(BacktestArgs),
     /// Create a development CA and certificates for TLS and mTLS
@@ -101,13 +103,13 @@ pub enum CertsCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct BacktestArgs {
-    /// The trace (CSV: timestamp,value in percent)
-    #[arg(long, value_name = "FILE")]
-    pub input: PathBuf,
-    /// Model to evaluate: auto, naive, mean, level, trend, seasonal_hour, seasonal_day, linear
+    /// The trace (CSV: timestamp,value in percent); repeat for several, pooled at the end
+    #[arg(long, value_name = "FILE", required = true)]
+    pub input: Vec<PathBuf>,
+    /// Model to evaluate: auto, naive, mean, level, trend, seasonal_hour, seasonal_day, holt_winters, linear
     #[arg(long, default_value = "auto", value_name = "NAME")]
     pub model: Model,
-    /// Write every prediction as target_timestamp,predicted,confidence,model (predicted in percent)
+    /// Write every prediction as target_timestamp,predicted,confidence,model (predicted in percent; one --input only)
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
 }

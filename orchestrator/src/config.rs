@@ -293,7 +293,7 @@ config_keys! {
     /// terminates); forecast_only predicts, scores and logs what it would do.
     scaling_mode: ScalingMode = ScalingMode::ForecastAndScale, Text "MODE";
     /// Forecasting model: auto (picks by recent scored error; see BENCHMARKS.md),
-    /// naive, mean, level, trend, seasonal_hour, seasonal_day, linear.
+    /// naive, mean, level, trend, seasonal_hour, seasonal_day, holt_winters, linear.
     forecast_model: Model = Model::Auto, Text "NAME";
     /// Checks in a row above scale_up_cpu_threshold before scaling up.
     scale_up_consecutive_checks: u32 = 2, Int "N";

@@ -89,35 +89,63 @@ fn run_backtest(args: &BacktestArgs) -> ExitCode {
         eprintln!("secbeat-orchestrator backtest: {message}");
         ExitCode::from(code)
     };
-    let text = match std::fs::read_to_string(&args.input) {
-        Ok(text) => text,
-        Err(error) => return fail(format!("--input {}: {error}", args.input.display()), EXIT_DATA),
-    };
-    let points = match backtest::parse_csv(&text) {
-        Ok(points) => points,
-        Err(error) => return fail(format!("{}: {error}", args.input.display()), EXIT_DATA),
-    };
-    let results: Vec<_> = backtest::compared(args.model)
-        .into_iter()
-        .map(|model| backtest::replay(&points, model))
-        .collect();
-    let name = args.input.file_name().map_or_else(
-        || args.input.display().to_string(),
-        |name| name.to_string_lossy().into_owned(),
-    );
-    let text = format!(
-        "{}\ncalibration of {}'s confidence:\n{}",
-        backtest::report(&name, &points, &results),
-        args.model,
-        backtest::calibration_table(&results[0].calibration)
-    );
-    // A closed pipe (`| head`) is not an error worth a panic.
-    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
-    if let Some(output) = &args.output
-        && let Err(error) = std::fs::write(output, backtest::predictions_csv(&results[0].predictions))
-    {
-        return fail(format!("--output {}: {error}", output.display()), 1);
+    if args.output.is_some() && args.input.len() > 1 {
+        return fail(
+            "--output takes the predictions of one --input".into(),
+            secbeat::process::EXIT_USAGE,
+        );
     }
+    let models = backtest::compared(args.model);
+    let mut pooled = vec![backtest::Segments::default(); models.len()];
+    let mut calibration = Vec::new();
+    let mut out = String::new();
+    for input in &args.input {
+        let text = match std::fs::read_to_string(input) {
+            Ok(text) => text,
+            Err(error) => return fail(format!("--input {}: {error}", input.display()), EXIT_DATA),
+        };
+        let points = match backtest::parse_csv(&text) {
+            Ok(points) => points,
+            Err(error) => return fail(format!("{}: {error}", input.display()), EXIT_DATA),
+        };
+        let results: Vec<_> = models
+            .iter()
+            .map(|model| backtest::replay(&points, *model))
+            .collect();
+        let name = input.file_name().map_or_else(
+            || input.display().to_string(),
+            |name| name.to_string_lossy().into_owned(),
+        );
+        let segments: Vec<_> = results.iter().map(|r| (r.model, r.segments)).collect();
+        out.push_str(&format!(
+            "{}\nby segment (share within +-10 points / MAE in points):\n{}\ncalibration of {}'s confidence:\n{}\n",
+            backtest::report(&name, &points, &results),
+            backtest::segments_table(&segments),
+            args.model,
+            backtest::calibration_table(&results[0].calibration)
+        ));
+        for (total, result) in pooled.iter_mut().zip(&results) {
+            total.merge(&result.segments);
+        }
+        calibration.extend_from_slice(&results[0].calibration);
+        if let Some(output) = &args.output
+            && let Err(error) = std::fs::write(output, backtest::predictions_csv(&results[0].predictions))
+        {
+            return fail(format!("--output {}: {error}", output.display()), 1);
+        }
+    }
+    if args.input.len() > 1 {
+        let segments: Vec<_> = models.iter().copied().zip(pooled).collect();
+        out.push_str(&format!(
+            "pooled over {} traces (share within +-10 points / MAE in points):\n{}\ncalibration of {}'s confidence, pooled:\n{}",
+            args.input.len(),
+            backtest::segments_table(&segments),
+            args.model,
+            backtest::calibration_table(&calibration)
+        ));
+    }
+    // A closed pipe (`| head`) is not an error worth a panic.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
     ExitCode::SUCCESS
 }
 

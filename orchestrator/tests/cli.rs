@@ -91,3 +91,40 @@ fn help_documents_every_option_and_its_environment_variable() {
         assert!(help.contains(option), "--help does not mention {option}");
     }
 }
+
+#[test]
+fn backtest_pools_several_traces_and_refuses_one_output_for_many() {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/nab");
+    let inputs = ["ec2_cpu_utilization_24ae8d.csv", "rds_cpu_utilization_e47b3b.csv"];
+    let backtest = |extra: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_secbeat-orchestrator"));
+        command.arg("backtest");
+        for input in inputs {
+            command.arg("--input").arg(data.join(input));
+        }
+        command.args(extra).output().unwrap()
+    };
+    let output = backtest(&[]);
+    assert_eq!(output.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&output.stdout);
+    for expected in [
+        "ec2_cpu_utilization_24ae8d.csv: 4032 points",
+        "rds_cpu_utilization_e47b3b.csv: 4032 points",
+        "pooled over 2 traces",
+        "first day",
+        "fast moves",
+        "holt_winters",
+        "calibration of auto's confidence, pooled",
+    ] {
+        assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
+    }
+    let never = std::env::temp_dir().join("secbeat-never-written.csv");
+    let output = backtest(&["--output", never.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--output takes the predictions of one --input"),
+        "{stderr}"
+    );
+    assert!(!never.exists());
+}

@@ -51,6 +51,94 @@ pub struct PredictionRow {
     pub model: Model,
 }
 
+/// Error figures of one part of the scored predictions, mergeable across traces.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Tally {
+    /// Scored predictions.
+    pub count: usize,
+    /// Of them, within the band.
+    pub within: usize,
+    /// Sum of absolute errors (fractions).
+    pub abs_sum: f64,
+}
+
+impl Tally {
+    fn add(&mut self, error: f64) {
+        self.count += 1;
+        self.abs_sum += error.abs();
+        if error.abs() <= BAND {
+            self.within += 1;
+        }
+    }
+
+    fn merge(&mut self, other: &Tally) {
+        self.count += other.count;
+        self.within += other.within;
+        self.abs_sum += other.abs_sum;
+    }
+
+    /// "share within / MAE" in percent and points, or "-" when empty.
+    fn cell(&self) -> String {
+        if self.count == 0 {
+            return "-".into();
+        }
+        let n = self.count as f64;
+        format!(
+            "{:.1}% / {:.2}",
+            100.0 * self.within as f64 / n,
+            100.0 * self.abs_sum / n
+        )
+    }
+}
+
+/// The scored predictions split the ways that matter to an operator: the first
+/// day of a trace (a fresh install, before any model has a day's record) and
+/// after it; targets that moved more than the band from the value the prediction
+/// was made at ("fast moves": what scaling must catch) and the calm rest.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Segments {
+    /// Every scored prediction.
+    pub all: Tally,
+    /// Targets within 24 h of the trace's first row.
+    pub first_day: Tally,
+    /// Targets after that.
+    pub later: Tally,
+    /// Targets more than 10 points away from the value at prediction time.
+    pub fast: Tally,
+    /// The rest.
+    pub calm: Tally,
+}
+
+impl Segments {
+    fn add(&mut self, start: f64, scored: &super::Scored) {
+        let error = scored.actual - scored.predicted;
+        self.all.add(error);
+        if scored.target < start + 86_400.0 {
+            self.first_day.add(error);
+        } else {
+            self.later.add(error);
+        }
+        if (scored.actual - scored.baseline).abs() > BAND {
+            self.fast.add(error);
+        } else {
+            self.calm.add(error);
+        }
+    }
+
+    /// Adds another trace's figures.
+    pub fn merge(&mut self, other: &Segments) {
+        for (mine, theirs) in [
+            (&mut self.all, &other.all),
+            (&mut self.first_day, &other.first_day),
+            (&mut self.later, &other.later),
+            (&mut self.fast, &other.fast),
+            (&mut self.calm, &other.calm),
+        ] {
+            mine.merge(theirs);
+        }
+    }
+}
+
 /// How one model did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelResult {
@@ -60,6 +148,8 @@ pub struct ModelResult {
     pub scored: usize,
     /// Over all scored predictions.
     pub stats: ErrorStats,
+    /// The same, by segment.
+    pub segments: Segments,
     /// (stated confidence, landed within the band) per scored prediction.
     pub calibration: Vec<(f64, bool)>,
     /// Every prediction made.
@@ -72,9 +162,12 @@ pub fn replay(points: &[Point], model: Model) -> ModelResult {
     let mut errors = Vec::new();
     let mut calibration = Vec::new();
     let mut predictions = Vec::new();
+    let mut segments = Segments::default();
     let horizon = forecaster.config().horizon;
+    let start = points.first().map_or(0.0, |p| p.t);
     for point in points {
         for scored in forecaster.observe(*point) {
+            segments.add(start, &scored);
             let error = scored.actual - scored.predicted;
             errors.push(error);
             calibration.push((scored.confidence, error.abs() <= BAND));
@@ -94,6 +187,7 @@ pub fn replay(points: &[Point], model: Model) -> ModelResult {
         model,
         scored: errors.len(),
         stats: ErrorStats::of(errors.iter().copied()),
+        segments,
         calibration,
         predictions,
     }
@@ -109,10 +203,11 @@ fn config_for(points: &[Point], model: Model) -> ForecastConfig {
 }
 
 /// The models a report compares: `model`, then the baselines (current value,
-/// window mean, the card's linear regression).
+/// window mean, the card's linear regression) and the classic seasonal method
+/// (Holt-Winters).
 pub fn compared(model: Model) -> Vec<Model> {
     let mut models = vec![model];
-    for baseline in [Model::Naive, Model::Mean, Model::Linear] {
+    for baseline in [Model::Naive, Model::Mean, Model::Linear, Model::HoltWinters] {
         if !models.contains(&baseline) {
             models.push(baseline);
         }
@@ -158,12 +253,49 @@ pub fn report(name: &str, points: &[Point], results: &[ModelResult]) -> String {
     out
 }
 
-/// Calibration of stated confidence: per band of confidence, how many predictions
-/// and what share actually landed within +-10 points.
-pub fn calibration_table(samples: &[(f64, bool)]) -> String {
+/// The segments table: one row per model, "share within +-10 / MAE in points"
+/// per segment.
+pub fn segments_table(results: &[(Model, Segments)]) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "{:<14} {:>8} {:>14}", "confidence", "count", "within+-10");
-    let bands = [
+    let _ = writeln!(
+        out,
+        "{:<24} {:>16} {:>16} {:>16} {:>23} {:>16}",
+        "model", "all", "first day", "after day one", "fast moves (count)", "calm"
+    );
+    for (model, segments) in results {
+        let _ = writeln!(
+            out,
+            "{:<24} {:>16} {:>16} {:>16} {:>23} {:>16}",
+            label(*model),
+            segments.all.cell(),
+            segments.first_day.cell(),
+            segments.later.cell(),
+            format!("{} ({})", segments.fast.cell(), segments.fast.count),
+            segments.calm.cell()
+        );
+    }
+    out
+}
+
+/// One band of stated confidence: how many predictions were stated in it, their
+/// mean stated confidence, and the share that landed within the band.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CalibrationBand {
+    /// Lower edge (inclusive).
+    pub low: f64,
+    /// Upper edge (exclusive).
+    pub high: f64,
+    /// Predictions stated in the band.
+    pub count: usize,
+    /// Their mean stated confidence.
+    pub stated: f64,
+    /// The share of them that landed within +-10 points.
+    pub landed: f64,
+}
+
+/// The calibration bands that hold any prediction.
+pub fn calibration_bands(samples: &[(f64, bool)]) -> Vec<CalibrationBand> {
+    const EDGES: [(f64, f64); 7] = [
         (0.0, 0.5),
         (0.5, 0.6),
         (0.6, 0.7),
@@ -172,22 +304,42 @@ pub fn calibration_table(samples: &[(f64, bool)]) -> String {
         (0.9, 0.95),
         (0.95, 1.01),
     ];
-    for (low, high) in bands {
-        let in_band: Vec<bool> = samples
-            .iter()
-            .filter(|(confidence, _)| *confidence >= low && *confidence < high)
-            .map(|(_, hit)| *hit)
-            .collect();
-        if in_band.is_empty() {
-            continue;
-        }
-        let share = in_band.iter().filter(|hit| **hit).count() as f64 / in_band.len() as f64;
+    EDGES
+        .into_iter()
+        .filter_map(|(low, high)| {
+            let in_band: Vec<&(f64, bool)> = samples
+                .iter()
+                .filter(|(confidence, _)| *confidence >= low && *confidence < high)
+                .collect();
+            let count = in_band.len();
+            (count > 0).then(|| CalibrationBand {
+                low,
+                high: high.min(1.0),
+                count,
+                stated: in_band.iter().map(|(c, _)| c).sum::<f64>() / count as f64,
+                landed: in_band.iter().filter(|(_, hit)| *hit).count() as f64 / count as f64,
+            })
+        })
+        .collect()
+}
+
+/// Calibration of stated confidence: per band of confidence, how many predictions,
+/// their mean stated confidence and what share actually landed within +-10 points.
+pub fn calibration_table(samples: &[(f64, bool)]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<14} {:>8} {:>10} {:>14}",
+        "confidence", "count", "stated", "within+-10"
+    );
+    for band in calibration_bands(samples) {
         let _ = writeln!(
             out,
-            "{:<14} {:>8} {:>13.1}%",
-            format!("[{low:.2}, {:.2})", high.min(1.0)),
-            in_band.len(),
-            100.0 * share
+            "{:<14} {:>8} {:>9.1}% {:>13.1}%",
+            format!("[{:.2}, {:.2})", band.low, band.high),
+            band.count,
+            100.0 * band.stated,
+            100.0 * band.landed
         );
     }
     out
@@ -282,6 +434,19 @@ mod tests {
         // An hourly sawtooth: auto finds the seasonal model and beats the baseline.
         assert!(results[0].stats.mean_absolute_error < results[1].stats.mean_absolute_error / 2.0);
         assert!(calibration_table(&results[0].calibration).contains("confidence"));
+        let segments: Vec<_> = results.iter().map(|r| (r.model, r.segments)).collect();
+        let table = segments_table(&segments);
+        assert!(
+            table.contains("first day") && table.contains("holt_winters"),
+            "{table}"
+        );
+        let auto = results[0].segments;
+        assert_eq!(auto.all.count, results[0].scored);
+        assert_eq!(auto.first_day.count + auto.later.count, auto.all.count);
+        assert_eq!(auto.fast.count + auto.calm.count, auto.all.count);
+        // Every target of an hourly sawtooth in 5-point steps moves by 10 points
+        // in 10 minutes or less, except where it wraps.
+        assert!(auto.fast.count > 0 && auto.calm.count > auto.fast.count);
     }
 
     /// The bar, on the real traces: the default model beats "current value"
@@ -292,6 +457,7 @@ mod tests {
         let entries = std::fs::read_dir(&dir).unwrap_or_else(|error| panic!("{}: {error}", dir.display()));
         let (mut auto_sum, mut naive_sum, mut n) = (0.0, 0.0, 0usize);
         let mut files = 0;
+        let mut calibration = Vec::new();
         for path in entries.flatten().map(|entry| entry.path()) {
             if path.extension().is_none_or(|e| e != "csv") {
                 continue;
@@ -307,6 +473,7 @@ mod tests {
                 auto.stats,
                 naive.stats
             );
+            calibration.extend_from_slice(&auto.calibration);
             auto_sum += auto.stats.mean_absolute_error * auto.scored as f64;
             naive_sum += naive.stats.mean_absolute_error * naive.scored as f64;
             n += auto.scored;
@@ -314,6 +481,15 @@ mod tests {
         }
         assert!(files >= 6, "found {files} traces in {}", dir.display());
         assert!(auto_sum / (n as f64) < naive_sum / (n as f64));
+        // The stated confidence means what it says: in every band that holds a
+        // hundred predictions, the share that landed is within 0.10 of the mean
+        // stated confidence.
+        for band in calibration_bands(&calibration)
+            .into_iter()
+            .filter(|b| b.count >= 100)
+        {
+            assert!((band.landed - band.stated).abs() <= 0.10, "{band:?}");
+        }
     }
 
     /// A restart in the middle of a trace (the persisted history replayed into a

@@ -120,6 +120,22 @@ impl History {
         self.previous
     }
 
+    /// The newest closed bucket of the long history (its centre and mean).
+    pub fn last_bucket(&self) -> Option<Point> {
+        self.long.back().copied()
+    }
+
+    /// The closed buckets of the long history, oldest first (centre and mean).
+    pub fn buckets(&self) -> impl DoubleEndedIterator<Item = &Point> + ExactSizeIterator {
+        self.long.iter()
+    }
+
+    /// The bucket being filled: its start (Unix seconds) and the mean so far.
+    pub fn filling(&self) -> Option<(f64, f64)> {
+        self.filling
+            .map(|(start, sum, count)| (start, sum / f64::from(count)))
+    }
+
     /// The exponentially smoothed level.
     pub fn level(&self) -> Option<f64> {
         self.level

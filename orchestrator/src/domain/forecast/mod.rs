@@ -24,12 +24,14 @@
 pub mod accuracy;
 pub mod backtest;
 pub mod history;
+pub mod holt_winters;
 pub mod linear;
 
 use std::{collections::VecDeque, fmt, str::FromStr, time::Duration};
 
 pub use accuracy::{Accuracy, AccuracySummary};
 pub use history::{History, Point};
+use holt_winters::HoltWinters;
 
 /// The tolerance band of "a good prediction": +-10 percentage points.
 pub const BAND: f64 = 0.10;
@@ -38,6 +40,11 @@ const WARM_UP: u64 = 12;
 /// Scored predictions a model that ignores the current value (mean, level,
 /// seasonal) needs before `auto` may pick it (a day of 5-minute checks).
 const LONG_WARM_UP: u64 = 288;
+/// Independent horizons a model's record must span before its evidence counts
+/// (two hours of 10-minute horizons).
+const EVIDENCE_HORIZONS: f64 = 12.0;
+/// The t statistic of the paired edge over current value that counts as evidence.
+const EVIDENCE_T: f64 = 3.0;
 /// Weight of the newest scored error in a model's recent record (about 50 checks).
 const SCORE_DECAY: f64 = 0.02;
 /// Weight of the newest scored error in a model's long record (about 200 checks).
@@ -58,6 +65,8 @@ pub enum Model {
     SeasonalHour,
     /// The value one day before the target.
     SeasonalDay,
+    /// Level, damped trend and averaged hour and day profiles (Holt-Winters).
+    HoltWinters,
     /// OLS over the window (the design card's model).
     Linear,
     /// Picks the candidate with the best recent record.
@@ -67,19 +76,20 @@ pub enum Model {
 /// The models scored at every check, in tie-breaking order. `auto` chooses among
 /// all but `linear`: it extrapolates noise, loses to `naive` on the real traces,
 /// and choosing it in its good spells costs more in its bad ones.
-const CANDIDATES: [Model; 7] = [
+const CANDIDATES: [Model; 8] = [
     Model::Naive,
     Model::Mean,
     Model::Level,
     Model::Trend,
     Model::SeasonalHour,
     Model::SeasonalDay,
+    Model::HoltWinters,
     Model::Linear,
 ];
 
 impl Model {
     /// Every model, for `--help` and errors.
-    pub const ALL: [Model; 8] = [
+    pub const ALL: [Model; 9] = [
         Model::Auto,
         Model::Naive,
         Model::Mean,
@@ -87,6 +97,7 @@ impl Model {
         Model::Trend,
         Model::SeasonalHour,
         Model::SeasonalDay,
+        Model::HoltWinters,
         Model::Linear,
     ];
 
@@ -99,6 +110,7 @@ impl Model {
             Model::Trend => "trend",
             Model::SeasonalHour => "seasonal_hour",
             Model::SeasonalDay => "seasonal_day",
+            Model::HoltWinters => "holt_winters",
             Model::Linear => "linear",
             Model::Auto => "auto",
         }
@@ -120,7 +132,9 @@ impl fmt::Display for Model {
 
 /// An unknown model name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown model {0:?} (one of: auto, naive, mean, level, trend, seasonal_hour, seasonal_day, linear)")]
+#[error(
+    "unknown model {0:?} (one of: auto, naive, mean, level, trend, seasonal_hour, seasonal_day, holt_winters, linear)"
+)]
 pub struct UnknownModel(pub String);
 
 impl serde::Serialize for Model {
@@ -225,20 +239,38 @@ struct Record {
     abs_slow: f64,
     /// Recent share within the band.
     within: f64,
+    /// The same over a longer memory.
+    within_slow: f64,
     count: u64,
+    /// Mean of the paired edge over current value, |naive error| - |this error|
+    /// (the plain mean over the first few hundred, then exponentially weighted).
+    edge: f64,
+    /// Mean of the squared edge, likewise.
+    edge_sq: f64,
 }
 
 impl Record {
-    fn add(&mut self, error: f64) {
+    fn add(&mut self, error: f64, naive_error: f64) {
+        let edge = naive_error.abs() - error.abs();
         let within = if error.abs() <= BAND { 1.0 } else { 0.0 };
+        // Each average is the plain mean until the record is as long as its
+        // memory, then exponentially weighted: a first error does not weigh like a
+        // hundred (a seasonal model's first lookups may reach back to the start
+        // of a trace, and would otherwise hold it back for days).
+        let running = 1.0 / (self.count + 1) as f64;
+        self.edge += running.max(SLOW_DECAY) * (edge - self.edge);
+        self.edge_sq += running.max(SLOW_DECAY) * (edge * edge - self.edge_sq);
         if self.count == 0 {
             self.abs_slow = error.abs();
             self.abs_error = error.abs();
             self.within = within;
+            self.within_slow = within;
         } else {
-            self.abs_slow += SLOW_DECAY * (error.abs() - self.abs_slow);
-            self.abs_error += SCORE_DECAY * (error.abs() - self.abs_error);
-            self.within += SCORE_DECAY * (within - self.within);
+            let (fast, slow) = (running.max(SCORE_DECAY), running.max(SLOW_DECAY));
+            self.abs_slow += slow * (error.abs() - self.abs_slow);
+            self.abs_error += fast * (error.abs() - self.abs_error);
+            self.within += fast * (within - self.within);
+            self.within_slow += slow * (within - self.within_slow);
         }
         self.count += 1;
     }
@@ -247,10 +279,26 @@ impl Record {
         self.count >= WARM_UP
     }
 
-    /// The recent share within the band, shrunk towards 1/2 while the record is short.
+    /// Whether the record shows, beyond chance, that this model beats current
+    /// value on the same targets: the paired edge's t statistic over the
+    /// independent horizons it spans (`per_horizon` scored checks make one; errors
+    /// of overlapping horizons are not independent).
+    fn proven(&self, per_horizon: f64) -> bool {
+        let samples = (self.count as f64).min(1.0 / SLOW_DECAY) / per_horizon.max(1.0);
+        if samples < EVIDENCE_HORIZONS || self.edge <= 0.0 {
+            return false;
+        }
+        let variance = (self.edge_sq - self.edge * self.edge).max(1e-12);
+        self.edge / (variance / samples).sqrt() >= EVIDENCE_T
+    }
+
+    /// The share within the band, recent and long-run alike (a burst empties
+    /// the recent share, yet the calm after it lands as often as before), shrunk
+    /// towards 1/2 while the record is short.
     fn confidence(&self) -> f64 {
         let effective = (self.count as f64).min(1.0 / SCORE_DECAY);
-        (self.within * effective + 1.0) / (effective + 2.0)
+        let within = 0.5 * (self.within + self.within_slow);
+        (within * effective + 1.0) / (effective + 2.0)
     }
 }
 
@@ -272,6 +320,10 @@ pub struct Forecaster {
     pending: VecDeque<Pending>,
     records: [Record; CANDIDATES.len()],
     accuracy: Accuracy,
+    holt_winters: HoltWinters,
+    /// Whether the last day's buckets show an hourly pattern (see
+    /// [`hourly_pattern`]; updated when a bucket closes).
+    hourly_pattern: Option<bool>,
 }
 
 impl Forecaster {
@@ -279,10 +331,12 @@ impl Forecaster {
     pub fn new(config: ForecastConfig) -> Self {
         Self {
             history: History::new(config.window.as_secs_f64()),
+            holt_winters: HoltWinters::new(config.horizon.as_secs_f64()),
             config,
             pending: VecDeque::new(),
             records: [Record::default(); CANDIDATES.len()],
             accuracy: Accuracy::default(),
+            hourly_pattern: None,
         }
     }
 
@@ -323,8 +377,16 @@ impl Forecaster {
     /// Adds an observation and scores every pending prediction whose target it
     /// settles. Observations out of time order or outside 0..=1 are ignored.
     pub fn observe(&mut self, point: Point) -> Vec<Scored> {
+        let closed_before = self.history.last_bucket();
         if !self.history.push(point) {
             return Vec::new();
+        }
+        if let Some(closed) = self.history.last_bucket()
+            && closed_before != Some(closed)
+        {
+            self.holt_winters
+                .update(holt_winters::bucket_of(closed.t), closed.value);
+            self.hourly_pattern = hourly_pattern(&self.history);
         }
         let tolerance = self.config.tolerance.as_secs_f64();
         let mut scored = Vec::new();
@@ -339,9 +401,10 @@ impl Forecaster {
             let Some(actual) = self.history.value_near(pending.target, tolerance) else {
                 continue;
             };
+            let naive_error = actual - pending.baseline;
             for (record, prediction) in self.records.iter_mut().zip(pending.candidates) {
                 if let Some(prediction) = prediction {
-                    record.add(actual - prediction);
+                    record.add(actual - prediction, naive_error);
                 }
             }
             if let Some((model, predicted)) = pending.chosen {
@@ -433,6 +496,11 @@ impl Forecaster {
             }
             Model::SeasonalHour => history.value_near(now + horizon - 3600.0, tolerance),
             Model::SeasonalDay => history.value_near(now + horizon - 86_400.0, tolerance),
+            Model::HoltWinters => {
+                let (start, mean) = history.filling()?;
+                self.holt_winters
+                    .forecast((holt_winters::bucket_of(start), mean), now + horizon)
+            }
             Model::Linear => {
                 let points: Vec<Point> = history.recent().copied().collect();
                 let fit = linear::fit(&points, now, horizon / 60.0)?;
@@ -447,6 +515,10 @@ impl Forecaster {
     /// record; `naive` until then and on ties.
     fn best_candidate(&self, candidates: &[Option<f64>]) -> Model {
         let naive = self.records[Model::Naive.index()];
+        // Scored checks per independent horizon (checks come every 2 x tolerance).
+        let per_horizon =
+            self.config.horizon.as_secs_f64() / (2.0 * self.config.tolerance.as_secs_f64()).max(1.0);
+        let hourly = self.hourly_pattern.unwrap_or(false);
         CANDIDATES
             .into_iter()
             .filter(|model| candidates[model.index()].is_some())
@@ -456,10 +528,21 @@ impl Forecaster {
                     Model::Naive | Model::Trend => record.warm(),
                     Model::Linear | Model::Auto => false,
                     // Models that do not follow the current value must have earned
-                    // it over a long record: in quiet spells every model looks
-                    // good, and picking one that ignores the present is what
-                    // loses when the next burst comes.
-                    _ => record.count >= LONG_WARM_UP && record.abs_slow <= naive.abs_slow,
+                    // it: in quiet spells every model looks good, and picking one
+                    // that ignores the present is what loses when the next burst
+                    // comes. Earned by a long record no worse than current
+                    // value's; or sooner by evidence: a record that beats current
+                    // value on the same targets beyond chance, or (for the models
+                    // that see the hour's shape) an hourly pattern in the data and
+                    // a warm record no worse than current value's.
+                    _ => {
+                        (record.count >= LONG_WARM_UP && record.abs_slow <= naive.abs_slow)
+                            || record.proven(per_horizon)
+                            || (matches!(model, Model::SeasonalHour | Model::HoltWinters)
+                                && hourly
+                                && record.warm()
+                                && record.abs_slow <= naive.abs_slow)
+                    }
                 }
             })
             .min_by(|a, b| {
@@ -487,6 +570,51 @@ impl Forecaster {
         }
         (f64::from(within) + 1.0) / (f64::from(total) + 2.0)
     }
+}
+
+/// Buckets in an hour.
+const HOUR_BUCKETS: i64 = 12;
+/// Buckets of the long history the pattern evidence looks at (a day).
+const PATTERN_BUCKETS: usize = 288;
+/// Change pairs the pattern evidence needs (three hours' worth).
+const PATTERN_MIN_PAIRS: usize = 36;
+
+/// Evidence of an hourly pattern: the autocorrelation of bucket-to-bucket changes
+/// at a lag of one hour, over the last day of buckets, is at least three standard
+/// errors of a patternless series' (1/sqrt(pairs)): 0.5 over three hours, 0.18
+/// over a day. Changes, not values: a level that merely persists (a quiet or a
+/// drifting trace) correlates with itself at every lag, while a pattern that
+/// repeats each hour makes its rises and falls repeat at the hour's lag. `None`
+/// with fewer than three hours of change pairs.
+fn hourly_pattern(history: &History) -> Option<bool> {
+    let lag = HOUR_BUCKETS as usize;
+    let buckets: Vec<(i64, f64)> = history
+        .buckets()
+        .rev()
+        .take(PATTERN_BUCKETS + 1)
+        .rev()
+        .map(|p| (holt_winters::bucket_of(p.t), p.value))
+        .collect();
+    let first = buckets.first()?.0;
+    let span = (buckets.last()?.0 - first + 1) as usize;
+    let mut by_index = vec![None; span];
+    for (index, value) in &buckets {
+        by_index[(index - first) as usize] = Some(*value);
+    }
+    let change = |i: usize| -> Option<f64> { Some(by_index[i]? - by_index[i.checked_sub(1)?]?) };
+    let (mut sum_xy, mut sum_xx, mut sum_yy, mut pairs) = (0.0, 0.0, 0.0, 0usize);
+    for i in lag..span {
+        if let (Some(x), Some(y)) = (change(i), change(i - lag)) {
+            sum_xy += x * y;
+            sum_xx += x * x;
+            sum_yy += y * y;
+            pairs += 1;
+        }
+    }
+    if pairs < PATTERN_MIN_PAIRS || sum_xx <= 0.0 || sum_yy <= 0.0 {
+        return None;
+    }
+    Some(sum_xy / (sum_xx * sum_yy).sqrt() * (pairs as f64).sqrt() >= EVIDENCE_T)
 }
 
 /// P(|e| <= BAND) for e ~ N(0, se^2).
@@ -624,6 +752,109 @@ mod tests {
             "{accuracy:?}"
         );
         assert!(forecast.confidence > 0.9);
+    }
+
+    /// A deterministic pseudo-random walk in 0.2..=0.8 (no pattern at any lag).
+    /// (`Model::Auto` in a forecast means "too little history to predict".)
+    fn random_walk(steps: usize, seed: u64) -> Vec<f64> {
+        let mut state = seed;
+        let mut value: f64 = 0.5;
+        (0..steps)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let step = ((state >> 33) as f64 / (1u64 << 31) as f64 - 0.5) * 0.04;
+                value = (value + step).clamp(0.2, 0.8);
+                value
+            })
+            .collect()
+    }
+
+    /// Feeds one point per five minutes; returns every forecast.
+    fn run_five_minutes(forecaster: &mut Forecaster, values: &[f64]) -> Vec<Forecast> {
+        values
+            .iter()
+            .enumerate()
+            .filter_map(|(i, value)| {
+                let t = T0 + i as f64 * 300.0;
+                forecaster.observe(Point { t, value: *value });
+                forecaster.predict(t)
+            })
+            .collect()
+    }
+
+    fn five_minute_forecaster() -> Forecaster {
+        Forecaster::new(ForecastConfig::seed(Duration::from_secs(300), Model::Auto))
+    }
+
+    #[test]
+    fn an_hourly_pattern_is_trusted_within_hours_not_after_a_day() {
+        // Hourly spikes over a noisy floor, the shape of an auto-scaling group
+        // that misbehaves every hour: current value misses every spike.
+        let noise = random_walk(400, 7);
+        let values: Vec<f64> = (0..400)
+            .map(|i| {
+                let floor = 0.3 + (noise[i] - 0.5) * 0.1;
+                if i % 12 == 10 { floor + 0.35 } else { floor }
+            })
+            .collect();
+        let forecasts = run_five_minutes(&mut five_minute_forecaster(), &values);
+        let first_seasonal = forecasts
+            .iter()
+            .position(|f| matches!(f.model, Model::SeasonalHour | Model::HoltWinters))
+            .expect("the hourly pattern is picked up");
+        assert!(
+            first_seasonal < 72,
+            "trusted after {first_seasonal} checks (a day is 288)"
+        );
+    }
+
+    #[test]
+    fn without_evidence_the_day_long_guard_stays() {
+        // A random walk: current value is the best prediction there is, and no
+        // model that ignores it may be picked on a lucky first day.
+        for seed in 1..=5 {
+            let values = random_walk(LONG_WARM_UP as usize + 12, seed);
+            let mut forecaster = five_minute_forecaster();
+            for forecast in run_five_minutes(&mut forecaster, &values) {
+                assert!(
+                    matches!(forecast.model, Model::Naive | Model::Trend | Model::Auto),
+                    "seed {seed}: {forecast:?}"
+                );
+            }
+            assert_eq!(forecaster.hourly_pattern, Some(false), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn the_hourly_pattern_evidence_needs_three_hours_and_a_repeating_shape() {
+        let mut history = History::new(3600.0);
+        let saw = |i: usize| 0.2 + 0.04 * (i % 12) as f64;
+        for i in 0..36 {
+            history.push(Point {
+                t: T0 + i as f64 * 300.0,
+                value: saw(i),
+            });
+        }
+        assert_eq!(hourly_pattern(&history), None, "under three hours of pairs");
+        for i in 36..60 {
+            history.push(Point {
+                t: T0 + i as f64 * 300.0,
+                value: saw(i),
+            });
+        }
+        assert_eq!(hourly_pattern(&history), Some(true));
+        // A steady climb persists at every lag, yet its changes do not repeat.
+        let mut climbing = History::new(3600.0);
+        let walk = random_walk(100, 3);
+        for (i, value) in walk.iter().enumerate() {
+            climbing.push(Point {
+                t: T0 + i as f64 * 300.0,
+                value: (0.001 * i as f64 + value * 0.5).min(1.0),
+            });
+        }
+        assert_eq!(hourly_pattern(&climbing), Some(false));
     }
 
     #[test]
