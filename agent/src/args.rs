@@ -128,6 +128,21 @@ pub struct AgentArgs {
     /// Serve this agent's Prometheus metrics at http://ADDR/metrics (off by default)
     #[arg(long, env = "SECBEAT_AGENT_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Run the agent's threads under SCHED_RR at this real-time priority (1-99), so
+    /// that a node saturated by attack traffic cannot starve its heartbeat; hooks
+    /// still start at normal priority. Needs CAP_SYS_NICE (or systemd's
+    /// CPUSchedulingPolicy=); without it the agent warns and runs at normal priority
+    #[arg(
+        long,
+        env = "SECBEAT_REALTIME_PRIORITY",
+        value_name = "1-99",
+        value_parser = clap::value_parser!(u8).range(1..=99)
+    )]
+    pub realtime_priority: Option<u8>,
+    /// Lock the agent's memory (mlockall), so that memory pressure on the node
+    /// cannot page its code or buffers out; needs CAP_IPC_LOCK or LimitMEMLOCK=infinity
+    #[arg(long, env = "SECBEAT_LOCK_MEMORY")]
+    pub lock_memory: bool,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -168,6 +183,19 @@ mod tests {
         );
         assert!(AgentArgs::try_parse_from(["secbeat-agent", "--label", "novalue"]).is_err());
         assert!(AgentArgs::try_parse_from(["secbeat-agent", "--label", "=x"]).is_err());
+    }
+
+    #[test]
+    fn a_realtime_priority_is_one_to_ninety_nine() {
+        let args = AgentArgs::try_parse_from(["secbeat-agent", "--realtime-priority", "10"]).unwrap();
+        assert_eq!(args.realtime_priority, Some(10));
+        for bad in ["0", "100", "-1", "high"] {
+            assert!(
+                AgentArgs::try_parse_from(["secbeat-agent", "--realtime-priority", bad]).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(!AgentArgs::try_parse_from(["secbeat-agent"]).unwrap().lock_memory);
     }
 }
 

@@ -14,6 +14,7 @@ pub mod hook;
 pub mod identity;
 pub mod metrics;
 pub mod orchestrators;
+pub mod priority;
 pub mod recover;
 pub mod session;
 

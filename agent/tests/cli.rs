@@ -77,3 +77,83 @@ fn a_malformed_orchestrator_url_exits_64_naming_the_flag() {
     assert_eq!(output.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--orchestrator"));
 }
+
+/// `--realtime-priority` and `--lock-memory` in the real process: as root they are
+/// taken (the running agent is SCHED_RR and its memory locked); as an unprivileged
+/// user (setpriv, where the test may switch user) they are refused with a warning
+/// naming what is missing, and the agent runs on.
+#[test]
+fn realtime_priority_and_locked_memory_are_taken_or_refused_with_a_warning() {
+    use std::io::{BufRead, BufReader};
+    // SAFETY: geteuid has no preconditions.
+    let is_root = unsafe { libc::geteuid() } == 0;
+    let mut runs = vec![(is_root, Vec::<String>::new())];
+    if is_root && std::path::Path::new("/usr/bin/setpriv").exists() {
+        let unprivileged = [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ];
+        runs.push((false, unprivileged.map(String::from).to_vec()));
+    }
+    for (privileged, prefix) in runs {
+        let state = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(state.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        let mut command = match prefix.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(AGENT);
+                command
+            }
+            None => Command::new(AGENT),
+        };
+        let mut child = command
+            .args([
+                "--realtime-priority",
+                "10",
+                "--lock-memory",
+                "--orchestrator",
+                "http://127.0.0.1:9",
+            ])
+            .arg("--state-dir")
+            .arg(state.path())
+            .env("SECBEAT_LOG_FORMAT", "text")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut seen = (false, false);
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if privileged {
+                seen.0 |= line.contains("running under SCHED_RR");
+                seen.1 |= line.contains("memory locked");
+            } else {
+                seen.0 |= line.contains("--realtime-priority refused");
+                seen.1 |= line.contains("--lock-memory refused");
+            }
+            if seen == (true, true) {
+                break;
+            }
+        }
+        assert_eq!(seen, (true, true), "privileged: {privileged}");
+        if privileged {
+            let policy = Command::new("chrt")
+                .arg("-p")
+                .arg(pid.to_string())
+                .output()
+                .unwrap();
+            assert!(String::from_utf8_lossy(&policy.stdout).contains("SCHED_RR"));
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let locked = status.lines().find(|l| l.starts_with("VmLck:")).unwrap();
+            assert!(!locked.ends_with(" 0 kB"), "{locked}");
+        }
+        // The agent runs on either way (it is retrying its unreachable orchestrator).
+        assert_eq!(child.try_wait().unwrap(), None, "privileged: {privileged}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}

@@ -459,49 +459,9 @@ pub fn spawn(
     shutdown: CancellationToken,
 ) -> (FleetHandle, tokio::task::JoinHandle<()>) {
     let (commands, inbox) = mpsc::channel(COMMAND_BUFFER);
-    let now = clock::now();
-    let mut registry = Registry::new(settings.lifecycle.clone(), now, SystemTime::now());
-    if !restored.nodes.is_empty() {
-        let live = restored
-            .nodes
-            .iter()
-            .filter(|node| !node.state.is_final())
-            .count();
-        info!(
-            nodes = restored.nodes.len(),
-            awaiting_reconnect = live,
-            grace_s = settings.restart_reconnect_grace.as_secs_f64(),
-            "restored known nodes from the state store; live ones get a reconnect grace"
-        );
-    }
-    let written = restored
-        .nodes
-        .iter()
-        .map(|node| (node.id, node.durable_digest()))
-        .collect();
-    if !restored.nodes.is_empty() {
-        registry.restore(restored.nodes, now, settings.restart_reconnect_grace);
-    }
-    let mut healer = Healer::new(settings.healing.clone(), restored.heals);
-    if !restored.automation.healing {
-        warn!("self-healing is paused (SetAutomation): failures are held until an operator resumes it");
-        healer.pause();
-    }
-    if !restored.automation.scaling {
-        warn!("scaling is paused (SetAutomation): checks predict and decide, and act on nothing");
-    }
-    let actor = FleetActor {
-        registry,
-        healer,
-        scaling: restored.automation.scaling,
-        sessions: HashMap::new(),
-        heartbeat_interval: settings.heartbeat_interval,
-        outputs,
-        terminate_traces: HashMap::new(),
-        max_nodes: settings.max_nodes,
-        written,
-    };
-    let task = tokio::spawn(actor.run(inbox, settings.lifecycle.dead_node_check_interval, shutdown));
+    let check_every = settings.lifecycle.dead_node_check_interval;
+    let actor = FleetActor::new(settings, restored, outputs);
+    let task = tokio::spawn(actor.run(inbox, check_every, shutdown));
     (FleetHandle { commands }, task)
 }
 
@@ -524,6 +484,52 @@ struct FleetActor {
 }
 
 impl FleetActor {
+    /// The actor with its restored state, not yet running.
+    fn new(settings: FleetSettings, restored: Restored, outputs: Outputs) -> Self {
+        let now = clock::now();
+        let mut registry = Registry::new(settings.lifecycle.clone(), now, SystemTime::now());
+        if !restored.nodes.is_empty() {
+            let live = restored
+                .nodes
+                .iter()
+                .filter(|node| !node.state.is_final())
+                .count();
+            info!(
+                nodes = restored.nodes.len(),
+                awaiting_reconnect = live,
+                grace_s = settings.restart_reconnect_grace.as_secs_f64(),
+                "restored known nodes from the state store; live ones get a reconnect grace"
+            );
+        }
+        let written = restored
+            .nodes
+            .iter()
+            .map(|node| (node.id, node.durable_digest()))
+            .collect();
+        if !restored.nodes.is_empty() {
+            registry.restore(restored.nodes, now, settings.restart_reconnect_grace);
+        }
+        let mut healer = Healer::new(settings.healing.clone(), restored.heals);
+        if !restored.automation.healing {
+            warn!("self-healing is paused (SetAutomation): failures are held until an operator resumes it");
+            healer.pause();
+        }
+        if !restored.automation.scaling {
+            warn!("scaling is paused (SetAutomation): checks predict and decide, and act on nothing");
+        }
+        FleetActor {
+            registry,
+            healer,
+            scaling: restored.automation.scaling,
+            sessions: HashMap::new(),
+            heartbeat_interval: settings.heartbeat_interval,
+            outputs,
+            terminate_traces: HashMap::new(),
+            max_nodes: settings.max_nodes,
+            written,
+        }
+    }
+
     async fn run(
         mut self,
         mut inbox: mpsc::Receiver<Command>,
@@ -540,10 +546,7 @@ impl FleetActor {
                 // ready once per interval, so commands cannot starve either.
                 biased;
                 () = shutdown.cancelled() => break,
-                _ = checks.tick() => {
-                    let visits = self.registry.check(clock::now());
-                    self.outputs.metrics.detector_nodes_checked.inc_by(visits as u64);
-                }
+                _ = checks.tick() => self.judge(&mut inbox),
                 received = inbox.recv_many(&mut batch, COMMAND_BATCH) => {
                     if received == 0 {
                         break;
@@ -563,6 +566,20 @@ impl FleetActor {
         for (_, signals) in self.sessions.drain() {
             let _ = signals.send(SessionSignal::ShuttingDown);
         }
+    }
+
+    /// One detector round. It judges only once every report already received is
+    /// applied: a heartbeat waiting in the inbox (behind a reconnect storm, say) is
+    /// not a silent node, and judging it so would be a false failure of our own
+    /// making. The draining is bounded by the inbox's capacity.
+    fn judge(&mut self, inbox: &mut mpsc::Receiver<Command>) {
+        let now = clock::now();
+        for _ in 0..COMMAND_BUFFER {
+            let Ok(command) = inbox.try_recv() else { break };
+            self.handle(command, now);
+        }
+        let visits = self.registry.check(clock::now());
+        self.outputs.metrics.detector_nodes_checked.inc_by(visits as u64);
     }
 
     /// Applies one command; `now` is when its batch was taken from the inbox.
@@ -1133,6 +1150,68 @@ pub(crate) mod tests {
 
         shutdown.cancel();
         actor.await.unwrap();
+    }
+
+    /// A heartbeat received before a check but still in the inbox when the check's
+    /// tick fires (the actor was busy, e.g. with a reconnect storm) is applied
+    /// before the node is judged: no suspicion of a node that was heard from. A
+    /// node that was not heard from is judged in the same round, as before.
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_waiting_in_the_inbox_is_applied_before_judging() {
+        let metrics = Metrics::new();
+        let bus = EventBus::new(crate::runtime::bus::first_sequence(1), 1024);
+        let (committed, _) = mpsc::unbounded_channel();
+        let (writer, _health, _thread) =
+            crate::edge::store::writer::spawn(Box::new(MemoryStore::default()), committed);
+        let outputs = Outputs {
+            store: writer,
+            metrics,
+            bus: bus.clone(),
+        };
+        let mut actor = FleetActor::new(settings(), Restored::default(), outputs);
+        let mut events = bus.subscribe(None).unwrap().live;
+        let (commands, mut inbox) = mpsc::channel(COMMAND_BUFFER);
+        let (mut sessions, mut receivers) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            let node = NodeId(Uuid::new_v4());
+            let (reply, session) = oneshot::channel();
+            let (signals, receiver) = session_signals();
+            let at = clock::now();
+            actor.handle(
+                Command::Connect {
+                    info: info(node),
+                    signals,
+                    at,
+                    reply,
+                },
+                at,
+            );
+            sessions.push((node, session.await.unwrap().unwrap()));
+            receivers.push(receiver);
+        }
+        let [(heard, session), (silent, _)] = sessions[..] else {
+            unreachable!()
+        };
+        tokio::time::advance(Duration::from_millis(3500)).await;
+        commands
+            .try_send(Command::Report {
+                node: heard,
+                session,
+                report: SessionReport::Heartbeat { cpu: None },
+                at: clock::now(),
+            })
+            .unwrap();
+        // Past the 3 s timeout for both nodes' Hellos; the heartbeat still queued.
+        tokio::time::advance(Duration::from_millis(600)).await;
+        actor.judge(&mut inbox);
+        actor.apply_effects();
+        let mut suspected = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            if event.kind == EventKind::NodeSuspected {
+                suspected.extend(event.node_id());
+            }
+        }
+        assert_eq!(suspected, [silent], "only the node not heard from is suspected");
     }
 
     #[tokio::test(start_paused = true)]
