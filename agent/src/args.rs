@@ -130,8 +130,10 @@ pub struct AgentArgs {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Run the agent's threads under SCHED_RR at this real-time priority (1-99), so
     /// that a node saturated by attack traffic cannot starve its heartbeat; hooks
-    /// still start at normal priority. Needs CAP_SYS_NICE (or systemd's
-    /// CPUSchedulingPolicy=); without it the agent warns and runs at normal priority
+    /// still start at normal priority. It must be above any real-time workload on
+    /// the node: at the same or a lower one, a busy real-time process starves the
+    /// agent completely. Needs CAP_SYS_NICE (or systemd's CPUSchedulingPolicy=);
+    /// without it the agent warns and runs at normal priority
     #[arg(
         long,
         env = "SECBEAT_REALTIME_PRIORITY",

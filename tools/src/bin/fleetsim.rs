@@ -790,10 +790,22 @@ async fn watch_failures(watch: SharedChannel, sink: Arc<Mutex<Vec<(String, Syste
     }
 }
 
-/// One scrape of the orchestrator's /metrics, as `(series, value)` pairs.
+/// One scrape of the orchestrator's /metrics, as `(series, value)` pairs. A
+/// busy orchestrator (a 100,000-node fleet on two shared cores) may drop one
+/// scrape; three tries a second apart before the run gives up.
 async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<Vec<(String, f64)>> {
-    let response = http_request(addr, "/metrics", &[]).await?;
-    anyhow::ensure!(response.status == 200, "GET /metrics: HTTP {}", response.status);
+    let mut attempt = 1;
+    let response = loop {
+        match http_request(addr, "/metrics", &[]).await {
+            Ok(response) if response.status == 200 => break response,
+            Ok(response) if attempt >= 3 => anyhow::bail!("GET /metrics: HTTP {}", response.status),
+            Err(error) if attempt >= 3 => return Err(error.context("GET /metrics, three tries")),
+            Ok(_) | Err(_) => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
     Ok(response
         .body
         .lines()
