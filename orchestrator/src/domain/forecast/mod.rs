@@ -12,8 +12,12 @@
 //! - `level`: exponential smoothing of the level;
 //! - `trend`: the current value plus half of the last step's change (a damped trend);
 //! - `seasonal_hour`, `seasonal_day`: the value one hour / one day before the target;
+//! - `holt_winters`: level, damped trend and averaged hour and day profiles
+//!   ([`holt_winters`]);
 //! - `auto` (default): each check, the candidate with the lowest recent scored
-//!   error (exponentially weighted), `naive` until candidates have a record.
+//!   error (exponentially weighted), `naive` until candidates have a record. A
+//!   candidate that ignores the current value needs a day's record, or evidence
+//!   ([`record`]'s paired edge, [`pattern`]'s hourly pattern).
 //!
 //! Confidence is the probability that the actual lands within +-0.10 of the
 //! prediction: from the chosen model's recent scored errors once it has a record,
@@ -26,29 +30,22 @@ pub mod backtest;
 pub mod history;
 pub mod holt_winters;
 pub mod linear;
+mod pattern;
+mod record;
 
 use std::{collections::VecDeque, fmt, str::FromStr, time::Duration};
 
 pub use accuracy::{Accuracy, AccuracySummary};
 pub use history::{History, Point};
 use holt_winters::HoltWinters;
+use record::Record;
 
 /// The tolerance band of "a good prediction": +-10 percentage points.
 pub const BAND: f64 = 0.10;
-/// Scored predictions a model needs before its record is trusted.
-const WARM_UP: u64 = 12;
 /// Scored predictions a model that ignores the current value (mean, level,
-/// seasonal) needs before `auto` may pick it (a day of 5-minute checks).
+/// seasonal) needs before `auto` may pick it without other evidence (a day of
+/// 5-minute checks).
 const LONG_WARM_UP: u64 = 288;
-/// Independent horizons a model's record must span before its evidence counts
-/// (two hours of 10-minute horizons).
-const EVIDENCE_HORIZONS: f64 = 12.0;
-/// The t statistic of the paired edge over current value that counts as evidence.
-const EVIDENCE_T: f64 = 3.0;
-/// Weight of the newest scored error in a model's recent record (about 50 checks).
-const SCORE_DECAY: f64 = 0.02;
-/// Weight of the newest scored error in a model's long record (about 200 checks).
-const SLOW_DECAY: f64 = 0.005;
 
 /// A forecasting model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -231,77 +228,6 @@ pub struct Scored {
     pub confidence: f64,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-struct Record {
-    /// Recent mean absolute error (exponentially weighted).
-    abs_error: f64,
-    /// The same over a longer memory.
-    abs_slow: f64,
-    /// Recent share within the band.
-    within: f64,
-    /// The same over a longer memory.
-    within_slow: f64,
-    count: u64,
-    /// Mean of the paired edge over current value, |naive error| - |this error|
-    /// (the plain mean over the first few hundred, then exponentially weighted).
-    edge: f64,
-    /// Mean of the squared edge, likewise.
-    edge_sq: f64,
-}
-
-impl Record {
-    fn add(&mut self, error: f64, naive_error: f64) {
-        let edge = naive_error.abs() - error.abs();
-        let within = if error.abs() <= BAND { 1.0 } else { 0.0 };
-        // Each average is the plain mean until the record is as long as its
-        // memory, then exponentially weighted: a first error does not weigh like a
-        // hundred (a seasonal model's first lookups may reach back to the start
-        // of a trace, and would otherwise hold it back for days).
-        let running = 1.0 / (self.count + 1) as f64;
-        self.edge += running.max(SLOW_DECAY) * (edge - self.edge);
-        self.edge_sq += running.max(SLOW_DECAY) * (edge * edge - self.edge_sq);
-        if self.count == 0 {
-            self.abs_slow = error.abs();
-            self.abs_error = error.abs();
-            self.within = within;
-            self.within_slow = within;
-        } else {
-            let (fast, slow) = (running.max(SCORE_DECAY), running.max(SLOW_DECAY));
-            self.abs_slow += slow * (error.abs() - self.abs_slow);
-            self.abs_error += fast * (error.abs() - self.abs_error);
-            self.within += fast * (within - self.within);
-            self.within_slow += slow * (within - self.within_slow);
-        }
-        self.count += 1;
-    }
-
-    fn warm(&self) -> bool {
-        self.count >= WARM_UP
-    }
-
-    /// Whether the record shows, beyond chance, that this model beats current
-    /// value on the same targets: the paired edge's t statistic over the
-    /// independent horizons it spans (`per_horizon` scored checks make one; errors
-    /// of overlapping horizons are not independent).
-    fn proven(&self, per_horizon: f64) -> bool {
-        let samples = (self.count as f64).min(1.0 / SLOW_DECAY) / per_horizon.max(1.0);
-        if samples < EVIDENCE_HORIZONS || self.edge <= 0.0 {
-            return false;
-        }
-        let variance = (self.edge_sq - self.edge * self.edge).max(1e-12);
-        self.edge / (variance / samples).sqrt() >= EVIDENCE_T
-    }
-
-    /// The share within the band, recent and long-run alike (a burst empties
-    /// the recent share, yet the calm after it lands as often as before), shrunk
-    /// towards 1/2 while the record is short.
-    fn confidence(&self) -> f64 {
-        let effective = (self.count as f64).min(1.0 / SCORE_DECAY);
-        let within = 0.5 * (self.within + self.within_slow);
-        (within * effective + 1.0) / (effective + 2.0)
-    }
-}
-
 #[derive(Debug, Clone)]
 struct Pending {
     target: f64,
@@ -386,7 +312,7 @@ impl Forecaster {
         {
             self.holt_winters
                 .update(holt_winters::bucket_of(closed.t), closed.value);
-            self.hourly_pattern = hourly_pattern(&self.history);
+            self.hourly_pattern = pattern::hourly_pattern(&self.history);
         }
         let tolerance = self.config.tolerance.as_secs_f64();
         let mut scored = Vec::new();
@@ -572,51 +498,6 @@ impl Forecaster {
     }
 }
 
-/// Buckets in an hour.
-const HOUR_BUCKETS: i64 = 12;
-/// Buckets of the long history the pattern evidence looks at (a day).
-const PATTERN_BUCKETS: usize = 288;
-/// Change pairs the pattern evidence needs (three hours' worth).
-const PATTERN_MIN_PAIRS: usize = 36;
-
-/// Evidence of an hourly pattern: the autocorrelation of bucket-to-bucket changes
-/// at a lag of one hour, over the last day of buckets, is at least three standard
-/// errors of a patternless series' (1/sqrt(pairs)): 0.5 over three hours, 0.18
-/// over a day. Changes, not values: a level that merely persists (a quiet or a
-/// drifting trace) correlates with itself at every lag, while a pattern that
-/// repeats each hour makes its rises and falls repeat at the hour's lag. `None`
-/// with fewer than three hours of change pairs.
-fn hourly_pattern(history: &History) -> Option<bool> {
-    let lag = HOUR_BUCKETS as usize;
-    let buckets: Vec<(i64, f64)> = history
-        .buckets()
-        .rev()
-        .take(PATTERN_BUCKETS + 1)
-        .rev()
-        .map(|p| (holt_winters::bucket_of(p.t), p.value))
-        .collect();
-    let first = buckets.first()?.0;
-    let span = (buckets.last()?.0 - first + 1) as usize;
-    let mut by_index = vec![None; span];
-    for (index, value) in &buckets {
-        by_index[(index - first) as usize] = Some(*value);
-    }
-    let change = |i: usize| -> Option<f64> { Some(by_index[i]? - by_index[i.checked_sub(1)?]?) };
-    let (mut sum_xy, mut sum_xx, mut sum_yy, mut pairs) = (0.0, 0.0, 0.0, 0usize);
-    for i in lag..span {
-        if let (Some(x), Some(y)) = (change(i), change(i - lag)) {
-            sum_xy += x * y;
-            sum_xx += x * x;
-            sum_yy += y * y;
-            pairs += 1;
-        }
-    }
-    if pairs < PATTERN_MIN_PAIRS || sum_xx <= 0.0 || sum_yy <= 0.0 {
-        return None;
-    }
-    Some(sum_xy / (sum_xx * sum_yy).sqrt() * (pairs as f64).sqrt() >= EVIDENCE_T)
-}
-
 /// P(|e| <= BAND) for e ~ N(0, se^2).
 fn normal_within(standard_error: f64) -> f64 {
     if standard_error <= 1e-12 {
@@ -637,10 +518,10 @@ fn erf(x: f64) -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    const T0: f64 = 1_700_000_000.0;
+    pub(super) const T0: f64 = 1_700_000_000.0;
 
     fn forecaster(model: Model) -> Forecaster {
         Forecaster::new(ForecastConfig::seed(Duration::from_secs(60), model))
@@ -756,7 +637,7 @@ mod tests {
 
     /// A deterministic pseudo-random walk in 0.2..=0.8 (no pattern at any lag).
     /// (`Model::Auto` in a forecast means "too little history to predict".)
-    fn random_walk(steps: usize, seed: u64) -> Vec<f64> {
+    pub(super) fn random_walk(steps: usize, seed: u64) -> Vec<f64> {
         let mut state = seed;
         let mut value: f64 = 0.5;
         (0..steps)
@@ -825,36 +706,6 @@ mod tests {
             }
             assert_eq!(forecaster.hourly_pattern, Some(false), "seed {seed}");
         }
-    }
-
-    #[test]
-    fn the_hourly_pattern_evidence_needs_three_hours_and_a_repeating_shape() {
-        let mut history = History::new(3600.0);
-        let saw = |i: usize| 0.2 + 0.04 * (i % 12) as f64;
-        for i in 0..36 {
-            history.push(Point {
-                t: T0 + i as f64 * 300.0,
-                value: saw(i),
-            });
-        }
-        assert_eq!(hourly_pattern(&history), None, "under three hours of pairs");
-        for i in 36..60 {
-            history.push(Point {
-                t: T0 + i as f64 * 300.0,
-                value: saw(i),
-            });
-        }
-        assert_eq!(hourly_pattern(&history), Some(true));
-        // A steady climb persists at every lag, yet its changes do not repeat.
-        let mut climbing = History::new(3600.0);
-        let walk = random_walk(100, 3);
-        for (i, value) in walk.iter().enumerate() {
-            climbing.push(Point {
-                t: T0 + i as f64 * 300.0,
-                value: (0.001 * i as f64 + value * 0.5).min(1.0),
-            });
-        }
-        assert_eq!(hourly_pattern(&climbing), Some(false));
     }
 
     #[test]
