@@ -17,7 +17,7 @@
 //! - `auto` (default): each check, the candidate with the lowest recent scored
 //!   error (exponentially weighted), `naive` until candidates have a record. A
 //!   candidate that ignores the current value needs a day's record, or evidence
-//!   ([`record`]'s paired edge, [`pattern`]'s hourly pattern).
+//!   (the record's paired edge in `record.rs`, the hourly pattern in `pattern.rs`).
 //!
 //! Confidence is the probability that the actual lands within +-0.10 of the
 //! prediction: from the chosen model's recent scored errors once it has a record,
