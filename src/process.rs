@@ -46,10 +46,15 @@ pub fn init_logging() {
 /// A runtime for a binary: multi-threaded with `workers` threads. Trace export
 /// needs a multi-threaded runtime, so even a small agent gets one.
 pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers.max(1))
-        .enable_all()
-        .build()
+    runtime_builder(workers).build()
+}
+
+/// The builder of [`runtime`], for a binary that sets more on it (the agent's
+/// real-time threads).
+pub fn runtime_builder(workers: usize) -> tokio::runtime::Builder {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(workers.max(1)).enable_all();
+    builder
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT (run it as a task).

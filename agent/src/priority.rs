@@ -28,8 +28,7 @@ pub fn realtime(priority: u8) -> io::Result<()> {
 /// given and permitted (the caller has asked on its own thread first and knows
 /// whether it is).
 pub fn runtime(realtime_priority: Option<u8>) -> io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.worker_threads(1).enable_all();
+    let mut builder = secbeat::process::runtime_builder(1);
     if let Some(priority) = realtime_priority {
         builder.on_thread_start(move || {
             // Refused only where the caller's own request was refused and warned about.
