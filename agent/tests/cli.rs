@@ -124,10 +124,23 @@ fn realtime_priority_and_locked_memory_are_taken_or_refused_with_a_warning() {
             .spawn()
             .unwrap();
         let pid = child.id();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        // The agent retries its unreachable orchestrator forever, so its stderr
+        // never ends: lines come through a channel with a deadline, and a missing
+        // line fails the test instead of hanging it.
+        let stderr = child.stderr.take().unwrap();
+        let (lines, received) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if lines.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         let mut seen = (false, false);
-        for line in lines.by_ref() {
-            let line = line.unwrap();
+        while let Ok(line) =
+            received.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+        {
             if privileged {
                 seen.0 |= line.contains("running under SCHED_RR");
                 seen.1 |= line.contains("memory locked");

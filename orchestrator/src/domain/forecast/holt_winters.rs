@@ -188,21 +188,18 @@ impl HoltWinters {
 
     /// The forecast for Unix time `target`, given the bucket being filled now (its
     /// index and mean so far): that bucket is taken as if it closed now, without
-    /// keeping it. `None` before any bucket.
+    /// keeping it (before any bucket has closed, its value is the level). `None`
+    /// for a bucket that is not after the last closed one.
     pub fn forecast(&self, filling: (i64, f64), target: f64) -> Option<f64> {
         let (bucket, value) = filling;
-        let best = self
-            .smoothers
-            .iter()
-            .filter(|s| !s.level.is_nan() || self.last_bucket.is_none())
-            .min_by(|a, b| {
-                let (a, b) = (a.abs_error.unwrap_or(f64::MAX), b.abs_error.unwrap_or(f64::MAX));
-                a.total_cmp(&b)
-            })?;
-        let gap = self.last_bucket.map_or(1, |last| bucket - last);
         if self.last_bucket.is_some_and(|last| bucket <= last) {
             return None;
         }
+        let best = self.smoothers.iter().min_by(|a, b| {
+            let (a, b) = (a.abs_error.unwrap_or(f64::MAX), b.abs_error.unwrap_or(f64::MAX));
+            a.total_cmp(&b)
+        })?;
+        let gap = self.last_bucket.map_or(1, |last| bucket - last);
         let (level, trend, _, _) = best.step(bucket, value, gap);
         Some(best.forecast_from(level, trend, bucket, bucket_of(target)))
     }
@@ -247,6 +244,11 @@ mod tests {
     #[test]
     fn flat_data_is_forecast_flat_and_gaps_restart_the_level() {
         let mut model = HoltWinters::new(600.0);
+        assert_eq!(
+            model.forecast((0, 0.4), 2.0 * BUCKET_SECONDS),
+            Some(0.4),
+            "no bucket closed yet"
+        );
         for b in 0..100 {
             model.update(b, 0.4);
         }
