@@ -10,8 +10,13 @@
 //! healer, and sends what must survive a restart (changed nodes, heal decisions,
 //! webhooks) to the store writer as one batch, so a node's FAILED state and its
 //! self-healing webhook are persisted together or not at all. Nothing else mutates
-//! fleet state, so there is no lock on the heartbeat path, and nothing here waits
-//! for a disk or the network.
+//! fleet state, and nothing here waits for a disk or the network.
+//!
+//! Heartbeats and CPU samples do not come through the inbox: each session's
+//! stream handler leaves them in the session's liveness cell (two atomic stores,
+//! no lock), and the registry reads the cell when the node comes due. The
+//! actor's channel carries what changes state: connects, closes, goodbyes,
+//! terminate acks, drain results and operators' requests.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -31,7 +36,7 @@ use crate::{
     },
     domain::registry::{
         CloseReason, DrainAccepted, DrainError, DrainRequest, DrainThenTerminate, Effect, LifecycleConfig,
-        Registry, ServiceError, SessionError, TerminateAccepted, TerminateError,
+        Liveness, Registry, ServiceError, SessionError, TerminateAccepted, TerminateError,
     },
     domain::scaler::Candidate,
     domain::selector::{NodeFilter, Page, Selector},
@@ -121,16 +126,11 @@ impl SignalReceiver {
     }
 }
 
-/// What a session's stream handler reports, stamped with the receipt time.
+/// What a session's stream handler reports to the actor, stamped with the
+/// receipt time. Heartbeats and CPU samples are not reports: the handler leaves
+/// them in the session's [`Liveness`] cell, which the registry reads.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SessionReport {
-    /// A heartbeat, with the CPU fraction of its interval when it carries one.
-    Heartbeat {
-        /// The usage of the sample the heartbeat carried (validated at the edge).
-        cpu: Option<f64>,
-    },
-    /// The latest CPU fraction from a validated CpuSamples.
-    Cpu(f64),
     /// The agent acknowledged a terminate.
     TerminateAck,
     /// The agent said goodbye.
@@ -181,7 +181,7 @@ enum Command {
         info: NodeInfo,
         signals: SignalSender,
         at: Instant,
-        reply: oneshot::Sender<Result<SessionId, ConnectError>>,
+        reply: oneshot::Sender<Result<Admitted, ConnectError>>,
     },
     Report {
         node: NodeId,
@@ -239,6 +239,15 @@ pub struct AutomationChange {
     pub reason: String,
 }
 
+/// A session the actor accepted.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    /// Its id, which fences every older session of the node.
+    pub session: SessionId,
+    /// Where its stream handler leaves heartbeats and CPU samples.
+    pub liveness: Liveness,
+}
+
 /// A cloneable handle to the fleet actor.
 #[derive(Debug, Clone)]
 pub struct FleetHandle {
@@ -259,7 +268,7 @@ impl FleetHandle {
         info: NodeInfo,
         signals: SignalSender,
         at: Instant,
-    ) -> Result<SessionId, ConnectError> {
+    ) -> Result<Admitted, ConnectError> {
         self.ask(|reply| Command::Connect {
             info,
             signals,
@@ -551,9 +560,8 @@ impl FleetActor {
                     if received == 0 {
                         break;
                     }
-                    let now = clock::now();
                     for command in batch.drain(..) {
-                        self.handle(command, now);
+                        self.handle(command);
                     }
                 }
             }
@@ -568,22 +576,23 @@ impl FleetActor {
         }
     }
 
-    /// One detector round. It judges only once every report already received is
-    /// applied: a heartbeat waiting in the inbox (behind a reconnect storm, say) is
-    /// not a silent node, and judging it so would be a false failure of our own
-    /// making. The draining is bounded by the inbox's capacity.
+    /// One detector round. It judges only once every command already received is
+    /// applied: a suspect node's reconnect waiting in the inbox (behind a reconnect
+    /// storm, say) is not a node still away, and judging it so would be a false
+    /// failure of our own making. Heartbeats never wait here: they are in the
+    /// sessions' liveness cells, which the round reads. The draining is bounded by
+    /// the inbox's capacity.
     fn judge(&mut self, inbox: &mut mpsc::Receiver<Command>) {
-        let now = clock::now();
         for _ in 0..COMMAND_BUFFER {
             let Ok(command) = inbox.try_recv() else { break };
-            self.handle(command, now);
+            self.handle(command);
         }
         let visits = self.registry.check(clock::now());
         self.outputs.metrics.detector_nodes_checked.inc_by(visits as u64);
     }
 
-    /// Applies one command; `now` is when its batch was taken from the inbox.
-    fn handle(&mut self, command: Command, now: Instant) {
+    /// Applies one command.
+    fn handle(&mut self, command: Command) {
         match command {
             Command::Connect {
                 info,
@@ -596,7 +605,12 @@ impl FleetActor {
                     let _ = reply.send(Err(ConnectError::AtCapacity(self.max_nodes)));
                     return;
                 }
+                let node = info.id;
                 let session = self.registry.connect(info, at);
+                let liveness = self
+                    .registry
+                    .liveness(node)
+                    .expect("a node just connected has a live session");
                 // The Welcome goes first, before any effect (a re-sent Terminate) for it.
                 let welcome = SessionSignal::Welcome {
                     session,
@@ -605,23 +619,14 @@ impl FleetActor {
                 if signals.send(welcome).is_ok() {
                     self.sessions.insert(session, signals);
                 }
-                let _ = reply.send(Ok(session));
+                let _ = reply.send(Ok(Admitted { session, liveness }));
             }
             Command::Report {
                 node,
                 session,
                 report,
                 at,
-            } => {
-                if matches!(report, SessionReport::Heartbeat { .. }) {
-                    let waited = now.saturating_duration_since(at);
-                    self.outputs
-                        .metrics
-                        .heartbeat_handling_seconds
-                        .observe(waited.as_secs_f64());
-                }
-                self.handle_report(node, session, report, at);
-            }
+            } => self.handle_report(node, session, report, at),
             Command::Terminate {
                 node,
                 reason,
@@ -771,11 +776,6 @@ impl FleetActor {
 
     fn handle_report(&mut self, node: NodeId, session: SessionId, report: SessionReport, at: Instant) {
         let outcome = match &report {
-            SessionReport::Heartbeat { cpu: None } => self.registry.heartbeat(node, session, at),
-            SessionReport::Heartbeat { cpu: Some(usage) } => {
-                self.registry.cpu_sample(node, session, *usage, at)
-            }
-            SessionReport::Cpu(usage) => self.registry.cpu_sample(node, session, *usage, at),
             SessionReport::TerminateAck => self.registry.terminate_ack(node, session, at),
             SessionReport::Goodbye(reason) => self.registry.goodbye(node, session, reason, at),
             SessionReport::DrainResult { success, detail } => {
@@ -1121,7 +1121,7 @@ pub(crate) mod tests {
         let (tx, mut signals) = session_signals();
         let node = NodeId(Uuid::new_v4());
         let started = tokio::time::Instant::now();
-        let session = fleet.connect(info(node), tx, clock::now()).await.unwrap();
+        let session = fleet.connect(info(node), tx, clock::now()).await.unwrap().session;
         let welcome = SessionSignal::Welcome {
             session,
             heartbeat_interval: Duration::from_secs(1),
@@ -1152,12 +1152,12 @@ pub(crate) mod tests {
         actor.await.unwrap();
     }
 
-    /// A heartbeat received before a check but still in the inbox when the check's
-    /// tick fires (the actor was busy, e.g. with a reconnect storm) is applied
-    /// before the node is judged: no suspicion of a node that was heard from. A
-    /// node that was not heard from is judged in the same round, as before.
+    /// A suspect node's reconnect received before a check but still in the inbox
+    /// when the check's tick fires (the actor was busy, e.g. with a reconnect
+    /// storm) is applied before the node is judged: no failure of a node that
+    /// came back. A node that did not come back is judged in the same round.
     #[tokio::test(start_paused = true)]
-    async fn a_heartbeat_waiting_in_the_inbox_is_applied_before_judging() {
+    async fn a_reconnect_waiting_in_the_inbox_is_applied_before_judging() {
         let metrics = Metrics::new();
         let bus = EventBus::new(crate::runtime::bus::first_sequence(1), 1024);
         let (committed, _) = mpsc::unbounded_channel();
@@ -1171,51 +1171,65 @@ pub(crate) mod tests {
         let mut actor = FleetActor::new(settings(), Restored::default(), outputs);
         let mut events = bus.subscribe(None).unwrap().live;
         let (commands, mut inbox) = mpsc::channel(COMMAND_BUFFER);
-        let (mut sessions, mut receivers) = (Vec::new(), Vec::new());
-        for _ in 0..2 {
-            let node = NodeId(Uuid::new_v4());
-            let (reply, session) = oneshot::channel();
+        let mut receivers = Vec::new();
+        let connect = |actor: &mut FleetActor, node: NodeId, receivers: &mut Vec<SignalReceiver>| {
+            let (reply, admitted) = oneshot::channel();
             let (signals, receiver) = session_signals();
-            let at = clock::now();
-            actor.handle(
-                Command::Connect {
-                    info: info(node),
-                    signals,
-                    at,
-                    reply,
-                },
-                at,
-            );
-            sessions.push((node, session.await.unwrap().unwrap()));
-            receivers.push(receiver);
-        }
-        let [(heard, session), (silent, _)] = sessions[..] else {
-            unreachable!()
-        };
-        tokio::time::advance(Duration::from_millis(3500)).await;
-        commands
-            .try_send(Command::Report {
-                node: heard,
-                session,
-                report: SessionReport::Heartbeat { cpu: None },
+            actor.handle(Command::Connect {
+                info: info(node),
+                signals,
                 at: clock::now(),
+                reply,
+            });
+            receivers.push(receiver);
+            admitted
+        };
+        let (back, away) = (NodeId(Uuid::new_v4()), NodeId(Uuid::new_v4()));
+        for node in [back, away] {
+            let session = connect(&mut actor, node, &mut receivers)
+                .await
+                .unwrap()
+                .unwrap()
+                .session;
+            actor.handle(Command::Report {
+                node,
+                session,
+                report: SessionReport::Closed("stream broke".into()),
+                at: clock::now(),
+            });
+        }
+        // Both streams broke: SUSPECT. The first check counts one suspect check.
+        tokio::time::advance(Duration::from_millis(1000)).await;
+        actor.judge(&mut inbox);
+        // `back` reconnects; its Connect is still queued when the second check
+        // (the one that would declare it FAILED) fires.
+        let (reply, _admitted) = oneshot::channel();
+        let (signals, _receiver) = session_signals();
+        commands
+            .try_send(Command::Connect {
+                info: info(back),
+                signals,
+                at: clock::now(),
+                reply,
             })
             .unwrap();
-        // Past the 3 s timeout for both nodes' Hellos; the heartbeat still queued.
-        tokio::time::advance(Duration::from_millis(600)).await;
+        tokio::time::advance(Duration::from_millis(1000)).await;
         actor.judge(&mut inbox);
         actor.apply_effects();
-        let mut suspected = Vec::new();
+        let mut failed = Vec::new();
         while let Ok(event) = events.try_recv() {
-            if event.kind == EventKind::NodeSuspected {
-                suspected.extend(event.node_id());
+            if event.kind == EventKind::NodeFailed {
+                failed.extend(event.node_id());
             }
         }
-        assert_eq!(suspected, [silent], "only the node not heard from is suspected");
+        assert_eq!(failed, [away], "only the node that did not come back is failed");
     }
 
+    /// Beats left in a session's liveness cell, never sent to the actor, are what
+    /// the detector reads: a node silent on the actor's channel but beating in its
+    /// cell stays CONNECTED; one whose cell goes quiet is judged.
     #[tokio::test(start_paused = true)]
-    async fn heartbeats_keep_a_node_alive_for_as_long_as_they_come() {
+    async fn beats_in_the_liveness_cell_keep_a_node_alive_and_their_end_is_judged() {
         let shutdown = CancellationToken::new();
         let TestFleet {
             handle: fleet,
@@ -1226,31 +1240,64 @@ pub(crate) mod tests {
         let mut events = bus.subscribe(None).unwrap().live;
         let (tx, _signals) = session_signals();
         let node = NodeId(Uuid::new_v4());
-        let session = fleet.connect(info(node), tx, clock::now()).await.unwrap();
+        let admitted = fleet.connect(info(node), tx, clock::now()).await.unwrap();
         assert_eq!(events.recv().await.unwrap().kind, EventKind::NodeJoined);
-        let beating = fleet.clone();
-        let beats = tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                ticks.tick().await;
-                beating
-                    .report(
-                        node,
-                        session,
-                        SessionReport::Heartbeat { cpu: None },
-                        clock::now(),
-                    )
-                    .await
-                    .unwrap();
-            }
-        });
-        let quiet = tokio::time::timeout(Duration::from_secs(120), events.recv()).await;
-        assert!(quiet.is_err(), "a heartbeating node produced an event: {quiet:?}");
+        let beats = keep_beating(admitted.liveness.clone());
+        let quiet = tokio::time::timeout(Duration::from_secs(60), events.recv()).await;
+        assert!(quiet.is_err(), "a beating node produced an event: {quiet:?}");
+        let snapshot = fleet.get(node).await.unwrap().unwrap();
+        assert_eq!(snapshot.state, NodeState::Connected);
+        assert_eq!(
+            snapshot.last_cpu_usage,
+            Some(0.5),
+            "the cell's CPU value is listed"
+        );
+
+        beats.abort();
+        let stopped = tokio::time::Instant::now();
+        assert_eq!(events.recv().await.unwrap().kind, EventKind::NodeSuspected);
+        assert_eq!(events.recv().await.unwrap().kind, EventKind::NodeFailed);
+        // Last beat up to 0.5 s before the stop; judged after 3 s of silence
+        // and two checks on a 1 s timer.
+        let elapsed = stopped.elapsed();
+        assert!(
+            elapsed > Duration::from_millis(2500) && elapsed <= Duration::from_secs(5),
+            "{elapsed:?}"
+        );
+        shutdown.cancel();
+        actor.await.unwrap();
+    }
+
+    /// A suspect node whose cell shows a beat again recovers at the next check.
+    #[tokio::test(start_paused = true)]
+    async fn a_suspect_node_beating_again_in_its_cell_recovers_at_the_next_check() {
+        let shutdown = CancellationToken::new();
+        let mut settings = settings();
+        settings.lifecycle.required_consecutive_failures = 5;
+        let TestFleet {
+            handle: fleet,
+            actor,
+            bus,
+            ..
+        } = start(settings, Restored::default(), &shutdown);
+        let mut events = bus.subscribe(None).unwrap().live;
+        let (tx, _signals) = session_signals();
+        let node = NodeId(Uuid::new_v4());
+        let admitted = fleet.connect(info(node), tx, clock::now()).await.unwrap();
+        assert_eq!(events.recv().await.unwrap().kind, EventKind::NodeJoined);
+        assert_eq!(events.recv().await.unwrap().kind, EventKind::NodeSuspected);
+        let spoke = tokio::time::Instant::now();
+        admitted.liveness.beat(clock::now(), Some(0.1));
+        let recovered = events.recv().await.unwrap();
+        assert_eq!(recovered.kind, EventKind::NodeRecovered);
+        assert!(
+            spoke.elapsed() <= Duration::from_secs(1),
+            "within one check interval"
+        );
         assert_eq!(
             fleet.get(node).await.unwrap().unwrap().state,
-            crate::domain::node::NodeState::Connected
+            NodeState::Connected
         );
-        beats.abort();
         shutdown.cancel();
         actor.await.unwrap();
     }
@@ -1265,7 +1312,11 @@ pub(crate) mod tests {
         } = start(settings(), Restored::default(), &shutdown);
         let node = NodeId(Uuid::new_v4());
         let (tx1, mut first) = session_signals();
-        let s1 = fleet.connect(info(node), tx1, clock::now()).await.unwrap();
+        let s1 = fleet
+            .connect(info(node), tx1, clock::now())
+            .await
+            .unwrap()
+            .session;
         fleet.terminate(node, "drain".into()).await.unwrap().unwrap();
         first.recv().await.unwrap(); // welcome
         assert!(matches!(
@@ -1278,7 +1329,11 @@ pub(crate) mod tests {
             .unwrap();
 
         let (tx2, mut second) = session_signals();
-        let s2 = fleet.connect(info(node), tx2, clock::now()).await.unwrap();
+        let s2 = fleet
+            .connect(info(node), tx2, clock::now())
+            .await
+            .unwrap()
+            .session;
         assert!(matches!(second.recv().await, Some(SessionSignal::Welcome { session, .. }) if session == s2));
         let resent = second.recv().await;
         assert!(
@@ -1319,7 +1374,7 @@ pub(crate) mod tests {
                 fleet
                     .connect(info(node), tx, clock::now())
                     .await
-                    .map(|session| (session, signals))
+                    .map(|admitted| (admitted.session, signals))
             }
         };
         let [gone, stays, replacement, one_too_many] =
@@ -1404,21 +1459,14 @@ pub(crate) mod tests {
         }
     }
 
-    /// Heartbeats every 500 ms (virtual) until aborted.
-    fn keep_beating(handle: &FleetHandle, node: NodeId, session: SessionId) -> tokio::task::JoinHandle<()> {
-        let handle = handle.clone();
+    /// Beats every 500 ms (virtual) into a session's liveness cell, as its stream
+    /// handler would, until aborted.
+    fn keep_beating(liveness: Liveness) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(Duration::from_millis(500));
             loop {
                 ticks.tick().await;
-                let _ = handle
-                    .report(
-                        node,
-                        session,
-                        SessionReport::Heartbeat { cpu: None },
-                        clock::now(),
-                    )
-                    .await;
+                liveness.beat(clock::now(), Some(0.5));
             }
         })
     }
@@ -1581,13 +1629,12 @@ pub(crate) mod tests {
         for _ in 0..5 {
             let (tx, signals) = session_signals();
             let node = NodeId(Uuid::new_v4());
-            let session = test.handle.connect(info(node), tx, clock::now()).await.unwrap();
-            nodes.push((node, session));
+            let admitted = test.handle.connect(info(node), tx, clock::now()).await.unwrap();
+            nodes.push((node, admitted.liveness));
             keep.push(signals);
         }
         // One keeps beating; four go silent together.
-        let (alive, session) = nodes[0];
-        let beats = keep_beating(&test.handle, alive, session);
+        let beats = keep_beating(nodes[0].1.clone());
         let mut held = 0;
         while held < 4 {
             let event = events.recv().await.unwrap();
@@ -1667,9 +1714,9 @@ pub(crate) mod tests {
         // Node 3 comes back within the grace.
         let (tx, _signals) = session_signals();
         let back = restored_node(3, NodeState::Connected, false).id;
-        let session = test.handle.connect(info(back), tx, clock::now()).await.unwrap();
+        let admitted = test.handle.connect(info(back), tx, clock::now()).await.unwrap();
         assert_eq!(events.recv().await.unwrap().kind, EventKind::NodeReconnected);
-        let beats = keep_beating(&test.handle, back, session);
+        let beats = keep_beating(admitted.liveness);
 
         let mut judged = Vec::new();
         while judged.len() < 3 {

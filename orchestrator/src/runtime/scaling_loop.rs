@@ -530,12 +530,8 @@ mod tests {
     async fn node(fleet: &TestFleet, cpu: f64) -> (NodeId, SignalReceiver) {
         let id = NodeId(Uuid::new_v4());
         let (tx, signals) = session_signals();
-        let session = fleet.handle.connect(info(id), tx, clock::now()).await.unwrap();
-        fleet
-            .handle
-            .report(id, session, SessionReport::Cpu(cpu), clock::now())
-            .await
-            .unwrap();
+        let admitted = fleet.handle.connect(info(id), tx, clock::now()).await.unwrap();
+        admitted.liveness.beat(clock::now(), Some(cpu));
         (id, signals)
     }
 

@@ -13,6 +13,7 @@
 
 pub mod detector;
 pub mod disruption;
+pub mod liveness;
 
 use std::{
     cmp::Reverse,
@@ -33,6 +34,7 @@ use crate::{
 pub use disruption::{
     DisruptionConfig, DrainAccepted, DrainError, DrainRequest, DrainThenTerminate, ServiceError,
 };
+pub use liveness::Liveness;
 
 /// The lifecycle parameters the registry and detector apply.
 #[derive(Debug, Clone, PartialEq)]
@@ -208,8 +210,13 @@ pub(crate) struct NodeRecord {
     pub(crate) state: NodeState,
     pub(crate) state_reason: String,
     pub(crate) session: Option<SessionId>,
+    /// The live session's liveness cell (present exactly while `session` is):
+    /// beats land there and are applied when the node comes due.
+    pub(crate) liveness: Option<Liveness>,
     pub(crate) connected_since: Instant,
+    /// The latest beat the state machine has applied.
     pub(crate) last_seen: Instant,
+    /// The latest CPU value applied (the cell's is newer while a session lives).
     pub(crate) last_cpu: Option<f64>,
     /// Detector checks this node has been suspect on, in a row.
     pub(crate) suspect_checks: u32,
@@ -231,6 +238,31 @@ pub(crate) struct NodeRecord {
 }
 
 impl NodeRecord {
+    /// When the node was last heard from, the cell's latest beat included.
+    pub(crate) fn seen(&self) -> Instant {
+        match &self.liveness {
+            Some(liveness) => liveness.seen().max(self.last_seen),
+            None => self.last_seen,
+        }
+    }
+
+    /// The node's latest CPU fraction, the cell's included.
+    pub(crate) fn cpu(&self) -> Option<f64> {
+        match &self.liveness {
+            Some(liveness) => liveness.cpu(),
+            None => self.last_cpu,
+        }
+    }
+
+    /// The session ends: what its cell last held becomes the record's, and the
+    /// cell is let go (its stream handler may still write; nobody reads it).
+    pub(crate) fn end_session(&mut self) {
+        self.last_seen = self.seen();
+        self.last_cpu = self.cpu();
+        self.liveness = None;
+        self.session = None;
+    }
+
     /// The state a node with a live, healthy stream is in.
     pub(crate) fn live_state(&self) -> NodeState {
         match (&self.termination, &self.drain) {
@@ -410,6 +442,7 @@ impl Registry {
                 state: NodeState::Connected,
                 state_reason: String::new(),
                 session: Some(session),
+                liveness: Some(Liveness::new(self.anchor.instant, now)),
                 connected_since: now,
                 last_seen: now,
                 last_cpu: None,
@@ -430,6 +463,7 @@ impl Registry {
 
         let previous_state = record.state;
         let fenced = record.session.replace(session);
+        record.liveness = Some(Liveness::new(self.anchor.instant, now));
         let rebooted = match (&record.info.host.boot_id, &info.host.boot_id) {
             (Some(before), Some(now)) => Some(before != now),
             _ => None,
@@ -555,6 +589,7 @@ impl Registry {
                     )
                 },
                 session: None,
+                liveness: None,
                 connected_since: now,
                 last_seen: now,
                 last_cpu: None,
@@ -619,6 +654,11 @@ impl Registry {
         })
     }
 
+    /// The liveness cell of `node`'s live session, for its stream handler.
+    pub fn liveness(&self, node: NodeId) -> Option<Liveness> {
+        self.nodes.get(&node)?.liveness.clone()
+    }
+
     /// Records a heartbeat on `session`. A suspect node that speaks again recovers.
     pub fn heartbeat(&mut self, node: NodeId, session: SessionId, now: Instant) -> Result<(), SessionError> {
         self.touch(node, session, now)
@@ -639,6 +679,9 @@ impl Registry {
         self.touch(node, session, now)?;
         if let Some(record) = self.nodes.get_mut(&node) {
             record.last_cpu = Some(usage);
+            if let Some(liveness) = &record.liveness {
+                liveness.beat(now, Some(usage));
+            }
         }
         Ok(())
     }
@@ -680,7 +723,7 @@ impl Registry {
     ) -> Result<(), SessionError> {
         self.touch(node, session, now)?;
         let record = self.nodes.get_mut(&node).ok_or(SessionError::UnknownNode)?;
-        record.session = None;
+        record.end_session();
         if record.termination.is_some() {
             self.finish_terminated(node, format!("goodbye: {reason}"), now);
         } else {
@@ -705,7 +748,7 @@ impl Registry {
         if record.session != Some(session) {
             return;
         }
-        record.session = None;
+        record.end_session();
         if record.termination.as_ref().is_some_and(|t| t.acknowledged) {
             self.finish_terminated(node, format!("stream ended after terminate ack ({cause})"), now);
             return;
@@ -816,10 +859,10 @@ impl Registry {
                 matching.sort_by(|a, b| a.state.as_str().cmp(b.state.as_str()).then(by_id(a, b)))
             }
             SortKey::Cpu => matching.sort_by(|a, b| {
-                let cpu = |record: &NodeRecord| record.last_cpu.unwrap_or(-1.0);
+                let cpu = |record: &NodeRecord| record.cpu().unwrap_or(-1.0);
                 cpu(a).total_cmp(&cpu(b)).then(by_id(a, b))
             }),
-            SortKey::Heartbeat => matching.sort_by(|a, b| a.last_seen.cmp(&b.last_seen).then(by_id(a, b))),
+            SortKey::Heartbeat => matching.sort_by(|a, b| a.seen().cmp(&b.seen()).then(by_id(a, b))),
         }
         if page.descending {
             matching.reverse();
@@ -862,7 +905,7 @@ impl Registry {
             stats.active_nodes += u32::from(active);
             if in_service {
                 stats.in_service_nodes += 1;
-                match record.last_cpu {
+                match record.cpu() {
                     Some(cpu) => {
                         cpu_sum += cpu;
                         cpu_count += 1;
@@ -876,7 +919,7 @@ impl Registry {
                 *domain.nodes_by_state.entry(record.state).or_default() += 1;
                 domain.active_nodes += u32::from(active);
                 domain.in_service_nodes += u32::from(in_service);
-                if let (true, Some(cpu)) = (in_service, record.last_cpu) {
+                if let (true, Some(cpu)) = (in_service, record.cpu()) {
                     let (sum, count) = domain_cpu.entry(name).or_default();
                     *sum += cpu;
                     *count += 1;
@@ -907,7 +950,7 @@ impl Registry {
             .filter(|(_, record)| {
                 protect.is_none_or(|(key, value)| record.info.labels.get(key) != Some(value))
             })
-            .filter_map(|(id, record)| record.last_cpu.map(|cpu| (*id, record.info.ip, cpu)))
+            .filter_map(|(id, record)| record.cpu().map(|cpu| (*id, record.info.ip, cpu)))
             .min_by(|a, b| a.2.total_cmp(&b.2).then(a.0.cmp(&b.0)))
             .map(|(id, ip, cpu)| crate::domain::scaler::Candidate { id, ip, cpu })
     }
@@ -918,7 +961,36 @@ impl Registry {
         if record.session != Some(session) {
             return Err(SessionError::Stale);
         }
-        record.last_seen = now;
+        if let Some(liveness) = &record.liveness {
+            liveness.beat(now, None);
+        }
+        self.apply_beat(node, now, now);
+        Ok(())
+    }
+
+    /// Applies what the node's liveness cell holds (a live node that comes due, or
+    /// one the detector is about to judge): a fresher beat moves `last_seen`, and a
+    /// suspect node that spoke again recovers.
+    pub(crate) fn absorb(&mut self, node: NodeId, now: Instant) {
+        let Some(record) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        let Some(liveness) = &record.liveness else {
+            return;
+        };
+        let seen = liveness.seen();
+        record.last_cpu = liveness.cpu().or(record.last_cpu);
+        if seen > record.last_seen {
+            self.apply_beat(node, seen, now);
+        }
+    }
+
+    /// The node was heard from at `seen` on its live session; applied at `now`.
+    fn apply_beat(&mut self, node: NodeId, seen: Instant, now: Instant) {
+        let Some(record) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        record.last_seen = record.last_seen.max(seen);
         if record.state == NodeState::Suspect {
             if let Some(maintenance) = &mut record.maintenance {
                 maintenance.away_since = None;
@@ -933,7 +1005,6 @@ impl Registry {
                 now,
             );
         }
-        Ok(())
     }
 
     pub(crate) fn finish_terminated(&mut self, node: NodeId, reason: String, now: Instant) {
@@ -962,7 +1033,7 @@ impl Registry {
         };
         record.state = state;
         record.state_reason = reason.clone();
-        record.session = None;
+        record.end_session();
         record.suspect_checks = 0;
         record.termination = None;
         record.cancelled_termination = None;
@@ -1007,9 +1078,9 @@ impl Registry {
             state: record.state,
             state_reason: record.state_reason.clone(),
             session: record.session,
-            last_cpu_usage: record.last_cpu,
+            last_cpu_usage: record.cpu(),
             connected_since: self.anchor.wall(record.connected_since),
-            last_heartbeat: self.anchor.wall(record.last_seen),
+            last_heartbeat: self.anchor.wall(record.seen()),
             termination: record.termination.as_ref().map(|t| TerminationSnapshot {
                 reason: t.reason.clone(),
                 requested_at: self.anchor.wall(t.requested_at),
@@ -1140,6 +1211,55 @@ mod tests {
         }
         assert_eq!(f.state(n), NodeState::Connected);
         assert_eq!(f.registry.stats().unexpected_failures_total, 0);
+    }
+
+    #[test]
+    fn beats_in_the_liveness_cell_are_read_when_the_node_comes_due() {
+        let mut f = Fixture::new();
+        let n = node();
+        f.connect(n);
+        let cell = f.registry.liveness(n).expect("a live session has a cell");
+        f.take();
+        for _ in 0..100 {
+            f.advance(10);
+            cell.beat(f.now, Some(0.4));
+            f.check();
+        }
+        assert_eq!(f.state(n), NodeState::Connected);
+        assert_eq!(f.events(), []);
+        let snapshot = f.registry.snapshot(n).unwrap();
+        assert_eq!(snapshot.last_cpu_usage, Some(0.4));
+        assert_eq!(f.registry.stats().avg_cpu_usage, Some(0.4));
+
+        // Silence in the cell is silence: suspect, then a beat recovers it.
+        for step in [10, 10, 10, 1] {
+            f.advance(step);
+            f.check();
+        }
+        assert_eq!(f.state(n), NodeState::Suspect);
+        cell.beat(f.now, None);
+        f.check();
+        assert_eq!(f.state(n), NodeState::Connected);
+        assert_eq!(f.events(), [EventKind::NodeSuspected, EventKind::NodeRecovered]);
+    }
+
+    #[test]
+    fn a_fenced_sessions_cell_is_not_read() {
+        let mut f = Fixture::new();
+        let n = node();
+        f.connect(n);
+        let old = f.registry.liveness(n).unwrap();
+        f.advance(1);
+        f.connect(n);
+        f.take();
+        // The old session's handler keeps writing; the new session is silent.
+        for _ in 0..5 {
+            f.advance(10);
+            old.beat(f.now, Some(0.9));
+            f.check();
+        }
+        assert_eq!(f.state(n), NodeState::Failed);
+        assert_eq!(f.registry.snapshot(n).unwrap().last_cpu_usage, None);
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //!
 //! The handler waits (bounded) for the Hello, validates it, registers the session
 //! with the fleet actor and returns the outbound stream. A per-session task then
-//! relays: inbound messages are validated, stamped with the orchestrator's clock
-//! at receipt and reported to the actor; the actor's signals (Welcome, Terminate,
-//! close) are written to the outbound stream. Any protocol violation ends only this
+//! relays: inbound messages are validated and stamped with the orchestrator's
+//! clock at receipt; heartbeats and CPU samples go into the session's liveness
+//! cell (no channel, no wake-up of the actor), everything else is reported to the
+//! actor; the actor's signals (Welcome, Terminate, close) are written to the
+//! outbound stream. Any protocol violation ends only this
 //! stream, with INVALID_ARGUMENT.
 
 use std::time::{Duration, SystemTime};
@@ -20,13 +22,14 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, Span, debug, info, info_span, warn};
 
 use super::{
-    convert::{self, ProtocolError},
+    convert::{self, Inbound, ProtocolError},
     rate::TokenBucket,
     status,
 };
 use crate::{
     clock,
     domain::node::{NodeId, SessionId},
+    domain::registry::Liveness,
     edge::auth::Authority,
     edge::metrics::Metrics,
     runtime::fleet::{self, FleetHandle, SessionReport, SessionSignal, SignalReceiver},
@@ -140,7 +143,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             secbeat::telemetry::set_parent(&span, parent);
         }
         let registration = info_span!(parent: &span, "register_node", node.id = %node);
-        let session = fleet
+        let fleet::Admitted { session, liveness } = fleet
             .connect(info, signals_tx, clock::now())
             .instrument(registration)
             .await?;
@@ -150,6 +153,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             fleet,
             node,
             session,
+            liveness,
             outbound,
             heartbeat_interval: self.limits.heartbeat_interval,
             open: OpenStream::new(&self.metrics),
@@ -173,6 +177,7 @@ struct SessionRelay {
     fleet: FleetHandle,
     node: NodeId,
     session: SessionId,
+    liveness: Liveness,
     outbound: Outbound,
     heartbeat_interval: Duration,
     open: OpenStream,
@@ -207,13 +212,19 @@ impl SessionRelay {
                             break "flooding: over max_messages_per_second".to_owned();
                         }
                         match convert::session_report(message, SystemTime::now()) {
-                            Ok(report) => {
-                                if matches!(report, SessionReport::Heartbeat { .. }) {
-                                    let gap = at.saturating_duration_since(last_heartbeat);
-                                    let late = gap.saturating_sub(self.heartbeat_interval);
-                                    self.open.0.heartbeat_lateness_seconds.observe(late.as_secs_f64());
-                                    last_heartbeat = at;
-                                }
+                            Ok(Inbound::Heartbeat { cpu }) => {
+                                self.liveness.beat(at, cpu);
+                                let metrics = &self.open.0;
+                                let late = at
+                                    .saturating_duration_since(last_heartbeat)
+                                    .saturating_sub(self.heartbeat_interval);
+                                metrics.heartbeat_lateness_seconds.observe(late.as_secs_f64());
+                                let handled = clock::now().saturating_duration_since(at);
+                                metrics.heartbeat_handling_seconds.observe(handled.as_secs_f64());
+                                last_heartbeat = at;
+                            }
+                            Ok(Inbound::Cpu(usage)) => self.liveness.beat(at, Some(usage)),
+                            Ok(Inbound::Report(report)) => {
                                 if self.fleet.report(self.node, self.session, report, at).await.is_err() {
                                     let _ = self.outbound.try_send(Box::new(Err(status::shutting_down())));
                                     return;

@@ -71,27 +71,46 @@ pub fn hello(first: pb::AgentMessage, peer: Option<SocketAddr>) -> Result<NodeIn
     }
 }
 
-/// Validates one message after the Hello into what the fleet actor needs to know.
-/// `now` is the orchestrator's wall clock, only to reject absurd agent timestamps.
-pub fn session_report(message: pb::AgentMessage, now: SystemTime) -> Result<SessionReport, ProtocolError> {
-    match message.kind {
-        Some(Kind::Heartbeat(beat)) => Ok(SessionReport::Heartbeat {
-            cpu: beat.cpu.map(|sample| cpu_sample(&sample, now)).transpose()?,
-        }),
-        Some(Kind::CpuSamples(batch)) => Ok(SessionReport::Cpu(cpu_samples(&batch, now)?)),
-        Some(Kind::TerminateAck(_)) => Ok(SessionReport::TerminateAck),
-        Some(Kind::Goodbye(goodbye)) => Ok(SessionReport::Goodbye(agent_words(&goodbye.reason))),
-        Some(Kind::DrainResult(result)) => Ok(SessionReport::DrainResult {
+/// One validated message after the Hello, by where it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inbound {
+    /// A heartbeat, with the CPU fraction of its interval when it carries one:
+    /// for the session's liveness cell.
+    Heartbeat {
+        /// The usage of the sample the heartbeat carried.
+        cpu: Option<f64>,
+    },
+    /// The latest CPU fraction of a CpuSamples batch: for the liveness cell.
+    Cpu(f64),
+    /// Everything else: for the fleet actor.
+    Report(SessionReport),
+}
+
+/// Validates one message after the Hello into what the orchestrator needs to
+/// know. `now` is the orchestrator's wall clock, only to reject absurd agent
+/// timestamps.
+pub fn session_report(message: pb::AgentMessage, now: SystemTime) -> Result<Inbound, ProtocolError> {
+    let report = match message.kind {
+        Some(Kind::Heartbeat(beat)) => {
+            return Ok(Inbound::Heartbeat {
+                cpu: beat.cpu.map(|sample| cpu_sample(&sample, now)).transpose()?,
+            });
+        }
+        Some(Kind::CpuSamples(batch)) => return Ok(Inbound::Cpu(cpu_samples(&batch, now)?)),
+        Some(Kind::TerminateAck(_)) => SessionReport::TerminateAck,
+        Some(Kind::Goodbye(goodbye)) => SessionReport::Goodbye(agent_words(&goodbye.reason)),
+        Some(Kind::DrainResult(result)) => SessionReport::DrainResult {
             success: result.success,
             detail: agent_words(&result.detail),
-        }),
-        Some(Kind::ResumeResult(result)) => Ok(SessionReport::ResumeResult {
+        },
+        Some(Kind::ResumeResult(result)) => SessionReport::ResumeResult {
             success: result.success,
             detail: agent_words(&result.detail),
-        }),
-        Some(Kind::Hello(_)) => Err(ProtocolError::HelloAgain),
-        None => Err(ProtocolError::Empty),
-    }
+        },
+        Some(Kind::Hello(_)) => return Err(ProtocolError::HelloAgain),
+        None => return Err(ProtocolError::Empty),
+    };
+    Ok(Inbound::Report(report))
 }
 
 /// Words from an agent (a goodbye reason, a hook's outcome) as they may reach
@@ -589,7 +608,7 @@ mod tests {
         fn cpu_batches_report_the_latest_valid_sample() {
             assert_eq!(
                 session_report(samples(&[0.2, 0.7]), SystemTime::now()).unwrap(),
-                SessionReport::Cpu(0.7)
+                Inbound::Cpu(0.7)
             );
         }
 
@@ -623,11 +642,11 @@ mod tests {
         fn a_heartbeat_reports_the_sample_it_carries_or_none() {
             assert_eq!(
                 session_report(heartbeat(Some(0.25)), SystemTime::now()).unwrap(),
-                SessionReport::Heartbeat { cpu: Some(0.25) }
+                Inbound::Heartbeat { cpu: Some(0.25) }
             );
             assert_eq!(
                 session_report(heartbeat(None), SystemTime::now()).unwrap(),
-                SessionReport::Heartbeat { cpu: None },
+                Inbound::Heartbeat { cpu: None },
                 "an older agent's bare heartbeat"
             );
         }
@@ -664,7 +683,9 @@ mod tests {
             let message = pb::AgentMessage {
                 kind: Some(Kind::Goodbye(pb::Goodbye { reason })),
             };
-            let SessionReport::Goodbye(kept) = session_report(message, SystemTime::now()).unwrap() else {
+            let Inbound::Report(SessionReport::Goodbye(kept)) =
+                session_report(message, SystemTime::now()).unwrap()
+            else {
                 panic!()
             };
             assert!(kept.len() <= MAX_REASON);
@@ -715,7 +736,7 @@ mod tests {
                 #[test]
                 fn accepted_cpu_batches_carry_a_fraction(samples in proptest::collection::vec(any_sample(), 0..80)) {
                     let message = pb::AgentMessage { kind: Some(Kind::CpuSamples(pb::CpuSamples { samples })) };
-                    if let Ok(SessionReport::Cpu(usage)) = session_report(message, SystemTime::now()) {
+                    if let Ok(Inbound::Cpu(usage)) = session_report(message, SystemTime::now()) {
                         prop_assert!((0.0..=1.0).contains(&usage));
                     }
                 }
