@@ -219,6 +219,12 @@ config_keys! {
     /// on): agents must then present a certificate for their node id, and
     /// operators may use certificates instead of tokens.
     client_ca: Option<PathBuf> = None, Text "FILE", serde(skip_serializing_if = "Option::is_none");
+    /// Key (exactly 32 random bytes) that seals TLS 1.3 session tickets, so
+    /// agents resume their TLS session after a restart instead of a full
+    /// handshake. Give every orchestrator of a highly available pair the same
+    /// file so they resume after a failover too; you rotate it. Unset: a key in
+    /// state_dir, made on first start and replaced daily.
+    session_ticket_key: Option<PathBuf> = None, Text "FILE", serde(skip_serializing_if = "Option::is_none");
 }
 
 config_keys! {
@@ -905,10 +911,17 @@ impl Config {
                 "client certificates need TLS: set tls.cert and tls.key",
             ));
         }
+        if tls.session_ticket_key.is_some() && tls.cert.is_none() {
+            return Err(ConfigError::new(
+                "tls.session_ticket_key",
+                "session tickets need TLS: set tls.cert and tls.key",
+            ));
+        }
         for (key, path) in [
             ("tls.cert", &tls.cert),
             ("tls.key", &tls.key),
             ("tls.client_ca", &tls.client_ca),
+            ("tls.session_ticket_key", &tls.session_ticket_key),
         ] {
             if let Some(path) = path
                 && let Err(error) = std::fs::metadata(path)
@@ -1185,6 +1198,10 @@ mod tests {
             ("[tls]\ncert = \"/nonexistent.pem\"", "tls.key"),
             ("[tls]\nclient_ca = \"/etc/hostname\"", "tls.client_ca"),
             (
+                "[tls]\nsession_ticket_key = \"/etc/hostname\"",
+                "tls.session_ticket_key",
+            ),
+            (
                 "[tls]\ncert = \"/nonexistent.pem\"\nkey = \"/nonexistent.key\"",
                 "tls.cert",
             ),
@@ -1357,6 +1374,7 @@ mod generated {
                 "tls_cert",
                 "tls_key",
                 "tls_client_ca",
+                "tls_session_ticket_key",
                 "etcd_tls_ca",
                 "etcd_tls_cert",
                 "etcd_tls_key",

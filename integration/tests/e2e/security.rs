@@ -7,8 +7,8 @@ use std::{path::Path, time::Duration};
 
 use secbeat::pb::{self, FleetEventType, NodeState, fleet_service_client::FleetServiceClient};
 use secbeat_integration::{
-    Agent, FAST_CONFIG, Orchestrator, STARTUP, binary, cpu_samples, heartbeat, hello, raw_connect,
-    run_grpcurl, wait_for_state,
+    Agent, FAST_CONFIG, FAST_RECONNECT, Orchestrator, STARTUP, binary, cpu_samples, heartbeat, hello,
+    raw_connect, run_grpcurl, wait_for_state,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use uuid::Uuid;
@@ -151,6 +151,57 @@ async fn mtls_admits_an_agent_only_for_the_node_id_in_its_certificate() {
         .unwrap()
         .into_inner();
     assert_eq!(listed.nodes.len(), 1, "the refused ids were never registered");
+}
+
+/// After a SIGKILL restart the agent resumes its TLS session with a ticket
+/// sealed under the key kept in state_dir (no full handshake), and the resumed
+/// session still names its node: authorization reads the same certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mtls_agent_resumes_its_tls_session_after_a_restart() {
+    let pki = Pki::new();
+    let mut orchestrator = Orchestrator::start(&pki.config()).await.unwrap();
+    let mut flags = pki.agent_flags(Some(pki.node));
+    flags.extend(FAST_RECONNECT.map(str::to_owned));
+    let agent = Agent::start(&https(&orchestrator), pki.node, &strs(&flags)).unwrap();
+    let handshakes = |result: &str| format!("orchestrator_tls_handshakes_total{{result=\"{result}\"}}");
+    let mut operator = pki.fleet(&orchestrator, Some("operator-alice")).await;
+    wait_for_state(
+        &mut operator,
+        &pki.node.to_string(),
+        NodeState::Connected,
+        STARTUP,
+    )
+    .await;
+    assert_eq!(orchestrator.metric(&handshakes("resumed")).await, 0.0);
+    assert!(orchestrator.metric(&handshakes("full")).await >= 1.0);
+
+    orchestrator.process.signal(nix::sys::signal::Signal::SIGKILL);
+    orchestrator
+        .process
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .unwrap();
+    agent
+        .process
+        .logs
+        .wait_for("session lost; reconnecting", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let restarted = orchestrator.restart().await.unwrap();
+    let mut operator = pki.fleet(&restarted, Some("operator-alice")).await;
+    let node = wait_for_state(
+        &mut operator,
+        &pki.node.to_string(),
+        NodeState::Connected,
+        STARTUP,
+    )
+    .await;
+    assert_eq!(node.node_id, pki.node.to_string());
+    assert!(
+        restarted.metric(&handshakes("resumed")).await >= 1.0,
+        "the agent's reconnect resumed: {}",
+        restarted.metrics().await.unwrap()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -468,4 +519,62 @@ async fn exits_refused(mut agent: Agent, code: &str) {
     let status = agent.process.wait_exit(STARTUP).await.unwrap();
     assert_eq!(status.code(), Some(1));
     agent.process.logs.wait_for(code, STARTUP).await.unwrap();
+}
+
+/// The fleet simulator speaks mTLS with a certificate of its own per virtual
+/// agent (issued in memory from the `certs init` CA): every agent is admitted
+/// under the node id of its certificate, crashes are detected, none is falsely
+/// failed, and every handshake was a full mTLS one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_simulator_gives_each_agent_its_own_certificate() {
+    const VIEWER_TOKEN: &str = "viewer-token-0123456789ab";
+    let pki = Pki::new();
+    let config = pki.config().replacen(
+        "[tls]",
+        &format!("mass_failure_fraction = 1.0\nviewer_token = \"{VIEWER_TOKEN}\"\n[tls]"),
+        1,
+    );
+    let orchestrator = Orchestrator::start(&config).await.unwrap();
+    let output = tokio::process::Command::new(binary("secbeat-fleetsim"))
+        .args([
+            "--orchestrator",
+            &https(&orchestrator),
+            "--ca",
+            &pki.path("ca.pem"),
+        ])
+        .arg("--issue-from")
+        .arg(pki.dir.path())
+        .args(["--agents", "20", "--duration", "6", "--kill", "2", "--json"])
+        .args(["--orchestrator-http", &orchestrator.http_addr.to_string()])
+        .env("SECBEAT_TOKEN", VIEWER_TOKEN)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["connected"], 20, "{report}");
+    assert_eq!(report["connections"], 20, "{report}");
+    assert_eq!(report["false_failures"], 0, "{report}");
+    assert_eq!(report["crash_detection"]["detected"], 2, "{report}");
+    let tls = &report["tls"];
+    assert_eq!(tls["client_certificates"], true, "{report}");
+    let handshakes = &tls["orchestrator_handshakes_since_start"];
+    assert!(
+        handshakes["full"].as_f64().unwrap() >= 21.0,
+        "20 agents and the watch: {report}"
+    );
+    assert_eq!(handshakes["failed"].as_f64(), Some(0.0), "{report}");
+
+    // One agent per certificate, each under its own id.
+    let mut operator = pki.fleet(&orchestrator, Some("operator-alice")).await;
+    let listed = operator
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.nodes.len(), 20);
 }

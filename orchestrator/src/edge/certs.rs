@@ -96,14 +96,13 @@ fn issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, CertError> {
     Ok(Issuer::new(ca_params()?, KeyPair::from_pem(&pem)?))
 }
 
-fn leaf(
-    dir: &Path,
-    stem: &str,
+/// A leaf certificate signed by `issuer`, and its new key, both PEM.
+fn leaf_pem(
+    issuer: &Issuer<'static, KeyPair>,
     common_name: &str,
     sans: Vec<SanType>,
     usage: ExtendedKeyUsagePurpose,
-) -> Result<Vec<PathBuf>, CertError> {
-    let issuer = issuer(dir)?;
+) -> Result<(String, String), CertError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     let mut name = DistinguishedName::new();
     name.push(DnType::CommonName, common_name);
@@ -113,11 +112,48 @@ fn leaf(
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     valid_for_a_year(&mut params);
     let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, &issuer)?;
+    let cert = params.signed_by(&key, issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn leaf(
+    dir: &Path,
+    stem: &str,
+    common_name: &str,
+    sans: Vec<SanType>,
+    usage: ExtendedKeyUsagePurpose,
+) -> Result<Vec<PathBuf>, CertError> {
+    let (cert, key) = leaf_pem(&issuer(dir)?, common_name, sans, usage)?;
     Ok(vec![
-        write(dir, &format!("{stem}.pem"), &cert.pem(), false)?,
-        write(dir, &format!("{stem}.key"), &key.serialize_pem(), true)?,
+        write(dir, &format!("{stem}.pem"), &cert, false)?,
+        write(dir, &format!("{stem}.key"), &key, true)?,
     ])
+}
+
+/// Agent certificates issued in memory by the CA in a `certs init` directory:
+/// for tools that need many (the fleet simulator gives every virtual agent its
+/// own), without a file per node.
+pub struct AgentIssuer(Issuer<'static, KeyPair>);
+
+impl AgentIssuer {
+    /// The CA in `dir` (`ca.key`, as `init` writes it).
+    pub fn load(dir: &Path) -> Result<Self, CertError> {
+        Ok(Self(issuer(dir)?))
+    }
+
+    /// A certificate for `node` and its key, PEM: what `issue-agent` writes.
+    pub fn issue(&self, node: Uuid) -> Result<(String, String), CertError> {
+        agent_leaf(&self.0, node)
+    }
+}
+
+fn agent_leaf(issuer: &Issuer<'static, KeyPair>, node: Uuid) -> Result<(String, String), CertError> {
+    if node.is_nil() {
+        return Err(CertError::Invalid("the nil uuid is not a node id".into()));
+    }
+    let name = format!("agent-{node}");
+    let sans = vec![uri(&format!("{NODE_URI}{node}"))?];
+    leaf_pem(issuer, &name, sans, ExtendedKeyUsagePurpose::ClientAuth)
 }
 
 fn uri(text: &str) -> Result<SanType, CertError> {
@@ -163,12 +199,12 @@ pub fn init(dir: &Path, hosts: &[String]) -> Result<Vec<PathBuf>, CertError> {
 
 /// Issues an agent certificate for `node`.
 pub fn issue_agent(dir: &Path, node: Uuid) -> Result<Vec<PathBuf>, CertError> {
-    if node.is_nil() {
-        return Err(CertError::Invalid("the nil uuid is not a node id".into()));
-    }
+    let (cert, key) = agent_leaf(&issuer(dir)?, node)?;
     let stem = format!("agent-{node}");
-    let sans = vec![uri(&format!("{NODE_URI}{node}"))?];
-    leaf(dir, &stem, &stem, sans, ExtendedKeyUsagePurpose::ClientAuth)
+    Ok(vec![
+        write(dir, &format!("{stem}.pem"), &cert, false)?,
+        write(dir, &format!("{stem}.key"), &key, true)?,
+    ])
 }
 
 /// Issues an operator (or, with `viewer`, a read-only viewer) certificate.
@@ -228,5 +264,13 @@ mod tests {
         assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
         assert!(issue_operator(dir.path(), "bad name", false).is_err());
         assert!(issue_agent(dir.path(), Uuid::nil()).is_err());
+
+        // In memory, the same SANs.
+        let issuer = AgentIssuer::load(dir.path()).unwrap();
+        let other = Uuid::new_v4();
+        let (cert, _key) = issuer.issue(other).unwrap();
+        let body: String = cert.lines().filter(|l| !l.starts_with("-----")).collect();
+        let cert = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, body).unwrap();
+        assert_eq!(san_uris(&cert), vec![format!("urn:secbeat:node:{other}")]);
     }
 }

@@ -29,6 +29,13 @@ pub struct CauseLabel {
     pub cause: String,
 }
 
+/// A `result` label (full, resumed or failed TLS handshakes).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// full, resumed or failed.
+    pub result: String,
+}
+
 /// An `automation` label (healing or scaling).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AutomationLabel {
@@ -117,7 +124,7 @@ pub struct Metrics {
     pub scaling_decisions: Family<DecisionLabel, Counter>,
     /// How much later than the heartbeat interval heartbeats arrive, seconds.
     pub heartbeat_lateness_seconds: Histogram,
-    /// From a heartbeat's receipt on its stream to the registry applying it, seconds.
+    /// From a heartbeat's receipt on its stream to its liveness cell, seconds.
     pub heartbeat_handling_seconds: Histogram,
     /// Agent streams open now.
     pub agent_streams: Gauge,
@@ -129,6 +136,8 @@ pub struct Metrics {
     pub build_info: Family<VersionLabel, Gauge>,
     /// Failed accepts on the gRPC listener (descriptor exhaustion backs off).
     pub accept_errors: Counter,
+    /// TLS handshakes on the gRPC listener, by result.
+    pub tls_handshakes: Family<ResultLabel, Counter>,
     /// 1 while this orchestrator leads (always with the embedded store), 0 on a standby.
     pub leader: Gauge,
     /// Times this orchestrator became or stopped being the leader.
@@ -222,6 +231,7 @@ impl Metrics {
             agent_sessions: Counter::default(),
             build_info: Family::default(),
             accept_errors: Counter::default(),
+            tls_handshakes: Family::default(),
             leader: Gauge::default(),
             leader_changes: Counter::default(),
             etcd_txn_seconds: Histogram::new(ETCD_BUCKETS),
@@ -431,7 +441,7 @@ impl Metrics {
         );
         registry.register(
             "orchestrator_heartbeat_handling_seconds",
-            "Time from a heartbeat's receipt on its stream to the fleet registry applying it",
+            "Time from a heartbeat's receipt on its stream to its session's liveness cell, which the failure detector reads",
             metrics.heartbeat_handling_seconds.clone(),
         );
         registry.register(
@@ -453,6 +463,11 @@ impl Metrics {
             "orchestrator_accept_errors",
             "Failed accepts on the gRPC listener (out of descriptors: the loop backs off)",
             metrics.accept_errors.clone(),
+        );
+        registry.register(
+            "orchestrator_tls_handshakes",
+            "TLS handshakes on the gRPC listener: full, resumed (a session ticket: no signature, no certificate check) or failed",
+            metrics.tls_handshakes.clone(),
         );
         registry.register(
             "orchestrator_build_info",
@@ -492,10 +507,24 @@ impl Metrics {
                 .connections_refused
                 .get_or_create(&Metrics::reason(reason));
         }
+        for result in ["full", "resumed", "failed"] {
+            let _ = metrics.tls_handshakes.get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            });
+        }
         Self {
             registry: Arc::new(registry),
             ..metrics
         }
+    }
+
+    /// Counts a TLS handshake on the gRPC listener: full, resumed or failed.
+    pub fn tls_handshake(&self, result: &str) {
+        self.tls_handshakes
+            .get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts a connection closed at accept.

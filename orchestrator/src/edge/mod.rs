@@ -6,6 +6,7 @@
 //! - [`store`]: durable state (redb), written by one thread in batches.
 //! - [`webhook`]: payloads, the outbox and the signed, retried sender.
 //! - [`listener`]: the gRPC accept loop and the descriptor limit.
+//! - [`tls`]: TLS on the gRPC listener, with session tickets that survive a restart.
 //! - [`auth`] and [`certs`]: who is calling and what they may do; the dev CA.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`request`]: operator inputs validated once for both APIs.
@@ -19,4 +20,5 @@ pub mod listener;
 pub mod metrics;
 pub mod request;
 pub mod store;
+pub mod tls;
 pub mod webhook;

@@ -36,6 +36,7 @@ use crate::{
     edge::listener,
     edge::metrics::Metrics,
     edge::store::{Store, StoreError, StoredState, Write, redb::RedbStore, writer},
+    edge::tls,
     edge::webhook::sender::{self, SenderError, SenderOutputs, SenderSettings},
     runtime::bus::{self, EventBus},
     runtime::fleet::{self, FleetSettings, Outputs, Restored},
@@ -90,6 +91,9 @@ pub enum ServeError {
     /// Reflection descriptors failed to load (a build problem).
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// TLS could not be set up (the message names the key).
+    #[error(transparent)]
+    TlsSetup(#[from] tls::TlsError),
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Grpc(#[from] tonic::transport::Error),
@@ -224,20 +228,25 @@ impl Orchestrator {
             config.viewer_token.as_ref().map(Token::expose),
             config.agent_token.as_ref().map(Token::expose),
         );
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = tls_config(&config)? {
-            builder = builder.tls_config(tls)?;
-            info!(
-                client_certificates = config.tls.client_ca.is_some(),
-                "grpc api serves TLS"
-            );
-        }
+        let builder = tonic::transport::Server::builder();
+        let tls = match tls_files(&config) {
+            Some(files) => {
+                let server = tls::server_config(&files, &config.state_dir)?;
+                info!(
+                    client_certificates = files.client_ca.is_some(),
+                    shared_ticket_key = files.ticket_key.is_some(),
+                    "grpc api serves TLS, with session tickets"
+                );
+                Some(server)
+            }
+            None => None,
+        };
         if !authority.enforcing() {
             warn!(
                 "no client CA and no tokens configured: every caller may operate the fleet (fine for development on loopback; see SECURITY.md)"
             );
         }
-        let grpc_server = builder
+        let grpc_router = builder
             .tcp_nodelay(true)
             // Every connection is pinged: a live client's answer is traffic, so the
             // idle deadline closes only dead and abandoned connections.
@@ -262,11 +271,17 @@ impl Orchestrator {
             .add_service(PredictionServiceServer::new(PredictionApi::new(
                 role.clone(),
                 authority.clone(),
-            )))
-            .serve_with_incoming_shutdown(
-                listener::incoming(grpc, metrics.clone(), connection_limits),
-                shutdown.clone().cancelled_owned(),
-            );
+            )));
+        let incoming = listener::incoming(grpc, metrics.clone(), connection_limits);
+        let stop = shutdown.clone().cancelled_owned();
+        let grpc_task = match tls {
+            Some(tls) => {
+                let handshake_timeout = config.connection_handshake_timeout;
+                let incoming = tls::accept(incoming, tls, handshake_timeout, metrics.clone());
+                tokio::spawn(grpc_router.serve_with_incoming_shutdown(incoming, stop))
+            }
+            None => tokio::spawn(grpc_router.serve_with_incoming_shutdown(incoming, stop)),
+        };
         // HTTP is held to the same deadlines and per-source cap (not to the agents'
         // descriptor budget: it is what stays reachable when that runs out).
         let http_limits = listener::ConnectionLimits {
@@ -285,7 +300,6 @@ impl Orchestrator {
 
         info!(addr = %grpc_addr, "grpc api listening");
         info!(addr = %http_addr, "http api listening");
-        let grpc_task = tokio::spawn(grpc_server);
         let http_task = tokio::spawn(async move { http_server.await.map_err(ServeError::Http) });
 
         let advertise_url = config.advertise_url(grpc_addr);
@@ -677,25 +691,15 @@ fn read_tls_file(key: &'static str, path: &PathBuf) -> Result<Vec<u8>, ServeErro
     })
 }
 
-/// The TLS settings of the gRPC listener, if `[tls]` is configured.
-fn tls_config(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>, ServeError> {
+/// The TLS files of the gRPC listener, if `[tls]` is configured.
+fn tls_files(config: &Config) -> Option<tls::TlsFiles> {
     let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) else {
-        return Ok(None);
+        return None;
     };
-    let identity = tonic::transport::Identity::from_pem(
-        read_tls_file("tls.cert", cert)?,
-        read_tls_file("tls.key", key)?,
-    );
-    let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
-    if let Some(ca) = &config.tls.client_ca {
-        // Optional at the TLS layer: an operator may come with a token instead;
-        // AgentService requires the certificate, and each service checks its rule.
-        tls = tls
-            .client_ca_root(tonic::transport::Certificate::from_pem(read_tls_file(
-                "tls.client_ca",
-                ca,
-            )?))
-            .client_auth_optional(true);
-    }
-    Ok(Some(tls))
+    Some(tls::TlsFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: config.tls.client_ca.clone(),
+        ticket_key: config.tls.session_ticket_key.clone(),
+    })
 }

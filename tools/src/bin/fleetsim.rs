@@ -22,8 +22,16 @@
 //! and `reconnect` says how long it took until every agent that lost its stream
 //! was welcomed again (the reconnect storm). With `--orchestrator-http`, the run
 //! also reads the orchestrator's heartbeat handling latency (receipt on the stream
-//! to the registry applying it) and detector work from `/metrics` over the same
-//! steady window as CPU and memory.
+//! to the session's liveness cell), detector work and TLS handshakes (full and
+//! resumed) from `/metrics` over the same steady window as CPU and memory, and
+//! the handshakes of the reconnect storm.
+//!
+//! TLS: `--ca` trusts the orchestrator's CA (https:// URLs); `--issue-from` gives
+//! every virtual agent its own certificate for its node id, issued in memory by
+//! the CA of a `secbeat-orchestrator certs init` directory (mTLS: each agent on
+//! its own connection, since a certificate names one node). Agents keep the
+//! session tickets they are given and resume with them after a lost connection,
+//! as the real agent does; `--no-tls-resumption` makes every handshake full.
 
 use std::{
     collections::HashMap,
@@ -44,6 +52,7 @@ use secbeat::pb::{
 use secbeat_tools::{
     http::http_request,
     proc::{process_cpu_time, process_rss},
+    tls::{ClientTls, TlsDialer},
 };
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
@@ -105,6 +114,22 @@ struct Args {
     /// Longest reconnect delay, seconds (the agent's default)
     #[arg(long, default_value_t = 30.0, value_parser = parse_secs)]
     reconnect_max: f64,
+    /// CA certificate (PEM) of the orchestrator's TLS certificate: speak TLS
+    /// (https:// URLs)
+    #[arg(long, value_name = "FILE")]
+    ca: Option<std::path::PathBuf>,
+    /// A `secbeat-orchestrator certs init` directory: every virtual agent gets
+    /// its own certificate for its node id from this CA (mTLS; needs --ca and one
+    /// agent per connection)
+    #[arg(long, value_name = "DIR")]
+    issue_from: Option<std::path::PathBuf>,
+    /// Agents drop their TLS session tickets: every handshake is a full one
+    #[arg(long)]
+    no_tls_resumption: bool,
+    /// Bearer token for watching the orchestrator's events (its viewer_token or
+    /// admin_token, when it enforces operator credentials)
+    #[arg(long, env = "SECBEAT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 fn parse_secs(text: &str) -> Result<f64, String> {
@@ -183,8 +208,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.streams_per_connection >= 1,
         "--streams-per-connection must be at least 1"
     );
+    let tls = match &args.ca {
+        Some(ca) => {
+            let pem = std::fs::read(ca).map_err(|e| anyhow::anyhow!("--ca {}: {e}", ca.display()))?;
+            Some(ClientTls::new(&pem, !args.no_tls_resumption).map_err(|e| anyhow::anyhow!("--ca: {e}"))?)
+        }
+        None => None,
+    };
+    anyhow::ensure!(
+        args.issue_from.is_none() || (tls.is_some() && args.streams_per_connection == 1),
+        "--issue-from needs --ca and --streams-per-connection 1 (a certificate names one node)"
+    );
     let counters = Arc::new(Counters::default());
     let ids: Vec<Uuid> = (0..args.agents).map(|_| Uuid::new_v4()).collect();
+    // Each connection's TLS configuration: the agent's own certificate with
+    // --issue-from, else one per group without a client certificate.
+    let issuer = match &args.issue_from {
+        Some(dir) => Some(
+            secbeat_orchestrator::edge::certs::AgentIssuer::load(dir)
+                .map_err(|e| anyhow::anyhow!("--issue-from {}: {e}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let connection_tls = |agent: Uuid| -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
+        let Some(tls) = &tls else { return Ok(None) };
+        Ok(Some(match &issuer {
+            Some(issuer) => {
+                let (cert, key) = issuer.issue(agent)?;
+                tls.agent(Some((&cert, &key)))?
+            }
+            None => tls.agent(None)?,
+        }))
+    };
     let fates: HashMap<Uuid, Fate> = ids
         .iter()
         .enumerate()
@@ -201,9 +256,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .collect();
 
     // Watch failures from the start.
-    let watch = SharedChannel::new(args.orchestrator.clone(), None)?;
+    let watch_tls = match &tls {
+        Some(tls) => Some(tls.agent(None)?),
+        None => None,
+    };
+    let watch = SharedChannel::new(args.orchestrator.clone(), None, watch_tls)?;
     let failures: Arc<Mutex<Vec<(String, SystemTime)>>> = Arc::default();
-    tokio::spawn(watch_failures(watch, failures.clone()));
+    tokio::spawn(watch_failures(watch, args.token.clone(), failures.clone()));
 
     let started = Instant::now();
     let quarter = Duration::from_secs_f64(args.duration / 4.0);
@@ -221,6 +280,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             channels.push(Arc::new(SharedChannel::new(
                 args.orchestrator.clone(),
                 Some(source),
+                connection_tls(*id)?,
             )?));
         }
         let channel = Arc::clone(&channels[connection]);
@@ -313,6 +373,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "back_per_second": storm.back_per_second,
         })
     };
+    // TLS handshakes the orchestrator counted since it (last) started: after a
+    // restart, those of the reconnect storm.
+    let tls_handshakes = match (&tls, args.orchestrator_http) {
+        (Some(_), Some(addr)) => match scrape(addr).await {
+            Ok(series) => {
+                let count = |result: &str| {
+                    let name = format!("orchestrator_tls_handshakes_total{{result=\"{result}\"}}");
+                    series
+                        .iter()
+                        .find(|(key, _)| *key == name)
+                        .map(|(_, value)| *value)
+                };
+                json!({"full": count("full"), "resumed": count("resumed"), "failed": count("failed")})
+            }
+            Err(_) => serde_json::Value::Null,
+        },
+        _ => serde_json::Value::Null,
+    };
     for task in tasks {
         task.abort();
     }
@@ -332,6 +410,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "orchestrator_rss_bytes_per_agent": rss.map(|rss| rss / args.agents.max(1) as u64),
         "heartbeat_handling": handling,
         "reconnect": storm,
+        "tls": match &tls {
+            Some(tls) => json!({
+                "client_certificates": args.issue_from.is_some(),
+                "resumption": tls.resumption,
+                "orchestrator_handshakes_since_start": tls_handshakes,
+            }),
+            None => serde_json::Value::Null,
+        },
     });
     if args.json {
         println!("{report}");
@@ -408,6 +494,8 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 struct SharedChannel {
     urls: Vec<String>,
     source: Option<IpAddr>,
+    /// TLS for this connection, kept for its life (its session tickets with it).
+    tls: Option<Arc<rustls::ClientConfig>>,
     current: std::sync::Mutex<Current>,
 }
 
@@ -421,13 +509,18 @@ struct Current {
 }
 
 impl SharedChannel {
-    fn new(urls: Vec<String>, source: Option<IpAddr>) -> anyhow::Result<Self> {
+    fn new(
+        urls: Vec<String>,
+        source: Option<IpAddr>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!(!urls.is_empty(), "--orchestrator: no URL given");
         let at = rand::random_range(0..urls.len());
-        let channel = Self::connect(&urls[at], source)?;
+        let channel = Self::connect(&urls[at], source, tls.as_ref())?;
         Ok(Self {
             urls,
             source,
+            tls,
             current: std::sync::Mutex::new(Current {
                 retry_at: None,
                 generation: 0,
@@ -437,12 +530,30 @@ impl SharedChannel {
         })
     }
 
-    fn connect(url: &str, source: Option<IpAddr>) -> anyhow::Result<Channel> {
-        Ok(Endpoint::from_shared(url.to_owned())?
-            .local_address(source)
-            .tcp_nodelay(true)
+    fn connect(
+        url: &str,
+        source: Option<IpAddr>,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> anyhow::Result<Channel> {
+        let Some(config) = tls else {
+            return Ok(Endpoint::from_shared(url.to_owned())?
+                .local_address(source)
+                .tcp_nodelay(true)
+                .connect_timeout(OPEN_TIMEOUT)
+                .connect_lazy());
+        };
+        // TLS is the dialer's: tonic sees a plain stream (and an http:// URI).
+        let plain = match url.strip_prefix("https://") {
+            Some(rest) => format!("http://{rest}"),
+            None => anyhow::bail!("{url}: with --ca, orchestrator URLs are https://"),
+        };
+        let dialer = TlsDialer {
+            config: config.clone(),
+            source,
+        };
+        Ok(Endpoint::from_shared(plain)?
             .connect_timeout(OPEN_TIMEOUT)
-            .connect_lazy())
+            .connect_with_connector_lazy(dialer))
     }
 
     /// A standby told an agent of this group to come back at `at`.
@@ -499,7 +610,7 @@ impl SharedChannel {
             Ok(index) => self.urls[*index].clone(),
             Err(url) => url.clone(),
         };
-        if let Ok(channel) = Self::connect(&url, self.source) {
+        if let Ok(channel) = Self::connect(&url, self.source, self.tls.as_ref()) {
             current.generation = failed + 1;
             current.at = at;
             current.channel = channel;
@@ -765,7 +876,11 @@ impl Snapshot {
 }
 
 /// Records every NodeFailed event; follows the orchestrator across restarts.
-async fn watch_failures(watch: SharedChannel, sink: Arc<Mutex<Vec<(String, SystemTime)>>>) {
+async fn watch_failures(
+    watch: SharedChannel,
+    token: Option<String>,
+    sink: Arc<Mutex<Vec<(String, SystemTime)>>>,
+) {
     // The watch is asked for again whenever it ends (a restart, a failover: the
     // new leader's watch starts where its term starts), following the leader.
     let mut backoff =
@@ -773,7 +888,14 @@ async fn watch_failures(watch: SharedChannel, sink: Arc<Mutex<Vec<(String, Syste
     loop {
         let (generation, channel) = watch.get();
         let mut client = FleetServiceClient::new(channel);
-        match client.watch_events(pb::WatchEventsRequest::default()).await {
+        let mut request = tonic::Request::new(pb::WatchEventsRequest::default());
+        if let Some(bearer) = token
+            .as_ref()
+            .and_then(|token| format!("Bearer {token}").parse().ok())
+        {
+            request.metadata_mut().insert("authorization", bearer);
+        }
+        match client.watch_events(request).await {
             Ok(response) => {
                 let mut events = response.into_inner();
                 while let Ok(Some(event)) = events.message().await {
