@@ -19,11 +19,12 @@
 //! terminate acks, drain results and operators' requests.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, VecDeque},
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -91,38 +92,120 @@ pub enum SessionSignal {
     ShuttingDown,
 }
 
-/// A new session's signal channel. Signals are rare (a Welcome, perhaps a
-/// Terminate, a close), but a channel's first block holds 32 of them: boxed, that
-/// block is 256 bytes per session instead of 2 KiB, at every agent.
+/// A new session's signal mailbox. Signals are rare (a Welcome, perhaps a
+/// Terminate, a close), and every agent has a mailbox for as long as it is
+/// connected: a tokio channel (its state plus a first block of 32 slots) cost
+/// about 800 bytes per session; this is one allocation of about 100 bytes, plus a
+/// few pointers' room once a signal is queued.
 pub fn session_signals() -> (SignalSender, SignalReceiver) {
-    let (sender, receiver) = mpsc::unbounded_channel();
-    (SignalSender(sender), SignalReceiver(receiver))
+    let mailbox = Arc::new(Mailbox {
+        state: Mutex::new(MailboxState {
+            signals: VecDeque::new(),
+            senders: 1,
+            receiver: true,
+        }),
+        arrived: Notify::new(),
+    });
+    (SignalSender(mailbox.clone()), SignalReceiver(mailbox))
 }
 
-/// The fleet actor's end of a session's signal channel.
-#[derive(Debug, Clone)]
-pub struct SignalSender(mpsc::UnboundedSender<Box<SessionSignal>>);
+#[derive(Debug)]
+struct Mailbox {
+    state: Mutex<MailboxState>,
+    /// One permit per wake-up of the single receiver (a signal, or the last
+    /// sender gone); a permit given while it is not waiting is kept for it.
+    arrived: Notify,
+}
+
+#[derive(Debug)]
+struct MailboxState {
+    signals: VecDeque<Box<SessionSignal>>,
+    /// Live senders; none left means the session is over for the actor.
+    senders: usize,
+    /// Whether the stream handler still listens.
+    receiver: bool,
+}
+
+impl Mailbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MailboxState> {
+        // The lock is never held across anything that can panic.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The fleet actor's end of a session's signal mailbox.
+#[derive(Debug)]
+pub struct SignalSender(Arc<Mailbox>);
+
+impl Clone for SignalSender {
+    fn clone(&self) -> Self {
+        self.0.lock().senders += 1;
+        Self(self.0.clone())
+    }
+}
+
+impl Drop for SignalSender {
+    fn drop(&mut self) {
+        let last = {
+            let mut state = self.0.lock();
+            state.senders -= 1;
+            state.senders == 0
+        };
+        if last {
+            self.0.arrived.notify_one();
+        }
+    }
+}
 
 impl SignalSender {
     /// Sends a signal; gives it back if the session's handler is gone.
     pub fn send(&self, signal: SessionSignal) -> Result<(), SessionSignal> {
-        self.0.send(Box::new(signal)).map_err(|unsent| *unsent.0)
+        {
+            let mut state = self.0.lock();
+            if !state.receiver {
+                return Err(signal);
+            }
+            state.signals.push_back(Box::new(signal));
+        }
+        self.0.arrived.notify_one();
+        Ok(())
     }
 }
 
-/// The stream handler's end of a session's signal channel.
+/// The stream handler's end of a session's signal mailbox.
 #[derive(Debug)]
-pub struct SignalReceiver(mpsc::UnboundedReceiver<Box<SessionSignal>>);
+pub struct SignalReceiver(Arc<Mailbox>);
+
+impl Drop for SignalReceiver {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.receiver = false;
+        state.signals.clear();
+    }
+}
 
 impl SignalReceiver {
     /// The next signal, or None once the actor dropped the session.
     pub async fn recv(&mut self) -> Option<SessionSignal> {
-        self.0.recv().await.map(|signal| *signal)
+        loop {
+            match self.try_recv() {
+                Ok(signal) => return Some(signal),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) => self.0.arrived.notified().await,
+            }
+        }
     }
 
     /// The next signal if one is waiting.
     pub fn try_recv(&mut self) -> Result<SessionSignal, mpsc::error::TryRecvError> {
-        self.0.try_recv().map(|signal| *signal)
+        let mut state = self.0.lock();
+        match state.signals.pop_front() {
+            Some(signal) => Ok(*signal),
+            None if state.senders == 0 => Err(mpsc::error::TryRecvError::Disconnected),
+            None => Err(mpsc::error::TryRecvError::Empty),
+        }
     }
 }
 
@@ -1106,6 +1189,46 @@ pub(crate) mod tests {
             labels: Default::default(),
             host: Default::default(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_mailbox_delivers_in_order_wakes_its_reader_and_ends_after_the_last_sender() {
+        let (tx, mut rx) = session_signals();
+        let second = tx.clone();
+        // A reader waiting before anything is sent is woken by the send.
+        let reader = tokio::spawn(async move {
+            let first = rx.recv().await;
+            (first, rx)
+        });
+        tokio::task::yield_now().await;
+        tx.send(SessionSignal::ShuttingDown).unwrap();
+        let (first, mut rx) = reader.await.unwrap();
+        assert_eq!(first, Some(SessionSignal::ShuttingDown));
+
+        let close = SessionSignal::Close(CloseReason::DeclaredFailed);
+        second.send(close.clone()).unwrap();
+        tx.send(SessionSignal::ShuttingDown).unwrap();
+        assert_eq!(rx.try_recv(), Ok(close));
+        // What was queued is still read after every sender is gone; then None.
+        drop(tx);
+        assert_eq!(rx.try_recv(), Ok(SessionSignal::ShuttingDown));
+        assert_eq!(
+            rx.try_recv(),
+            Err(mpsc::error::TryRecvError::Empty),
+            "one sender left"
+        );
+        drop(second);
+        assert_eq!(rx.recv().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_signal_to_a_session_whose_handler_is_gone_comes_back() {
+        let (tx, rx) = session_signals();
+        drop(rx);
+        assert_eq!(
+            tx.send(SessionSignal::ShuttingDown),
+            Err(SessionSignal::ShuttingDown)
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -95,9 +95,15 @@ struct Args {
     /// Agents that go silent halfway, their streams left open (hang)
     #[arg(long, default_value_t = 0)]
     stall: usize,
-    /// Connections opened at once while ramping up
+    /// Sessions opened at once while ramping up
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
+    /// Sessions reopened at once after lost streams (default: as
+    /// --connect-concurrency). Real agents reconnect independently, paced only
+    /// by their jittered backoff: a large value simulates that, on a simulator
+    /// that then competes harder for the machine's cores
+    #[arg(long)]
+    reconnect_concurrency: Option<usize>,
     /// The orchestrator's pid, to report its CPU and RSS from /proc
     #[arg(long)]
     orchestrator_pid: Option<u32>,
@@ -270,6 +276,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let faults_from = started + half;
     let faults_from_wall = SystemTime::now() + half;
     let gate = Arc::new(Semaphore::new(args.connect_concurrency));
+    let regate = Arc::new(Semaphore::new(
+        args.reconnect_concurrency
+            .unwrap_or(args.connect_concurrency)
+            .max(1),
+    ));
     let mut channels: Vec<Arc<SharedChannel>> = Vec::new();
     let mut tasks = Vec::with_capacity(args.agents);
     for (index, id) in ids.iter().enumerate() {
@@ -298,6 +309,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ),
             counters: counters.clone(),
             gate: gate.clone(),
+            regate: regate.clone(),
         };
         tasks.push(tokio::spawn(agent.run(channel)));
     }
@@ -631,6 +643,8 @@ struct VirtualAgent {
     reconnect: (Duration, Duration),
     counters: Arc<Counters>,
     gate: Arc<Semaphore>,
+    /// The gate for reopening a lost session.
+    regate: Arc<Semaphore>,
 }
 
 /// How one session of a virtual agent ended.
@@ -754,7 +768,12 @@ impl VirtualAgent {
         // The ramp-up gate is waited for outside the bound: at fleet scale agents
         // queue for it, which is the simulator's pacing, not the orchestrator's.
         let response = {
-            let _permit = self.gate.acquire().await.expect("never closed");
+            let gate = if lost_at.is_some() {
+                &self.regate
+            } else {
+                &self.gate
+            };
+            let _permit = gate.acquire().await.expect("never closed");
             let client = AgentServiceClient::new(channel.clone());
             tokio::time::timeout(OPEN_TIMEOUT, async move {
                 let mut client = client;

@@ -74,20 +74,30 @@ impl AgentApi {
     }
 }
 
-/// Counts an open stream for as long as it lives.
-struct OpenStream(Metrics);
+/// Counts an open stream for as long as it lives, and holds the few metrics its
+/// relay writes (not the whole [`Metrics`]: that is some 50 handles, in every
+/// session's task).
+struct OpenStream {
+    streams: prometheus_client::metrics::gauge::Gauge,
+    lateness: prometheus_client::metrics::histogram::Histogram,
+    handling: prometheus_client::metrics::histogram::Histogram,
+}
 
 impl OpenStream {
     fn new(metrics: &Metrics) -> Self {
         metrics.agent_sessions.inc();
         metrics.agent_streams.inc();
-        Self(metrics.clone())
+        Self {
+            streams: metrics.agent_streams.clone(),
+            lateness: metrics.heartbeat_lateness_seconds.clone(),
+            handling: metrics.heartbeat_handling_seconds.clone(),
+        }
     }
 }
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.0.agent_streams.dec();
+        self.streams.dec();
     }
 }
 
@@ -214,18 +224,21 @@ impl SessionRelay {
                         match convert::session_report(message, SystemTime::now()) {
                             Ok(Inbound::Heartbeat { cpu }) => {
                                 self.liveness.beat(at, cpu);
-                                let metrics = &self.open.0;
                                 let late = at
                                     .saturating_duration_since(last_heartbeat)
                                     .saturating_sub(self.heartbeat_interval);
-                                metrics.heartbeat_lateness_seconds.observe(late.as_secs_f64());
+                                self.open.lateness.observe(late.as_secs_f64());
                                 let handled = clock::now().saturating_duration_since(at);
-                                metrics.heartbeat_handling_seconds.observe(handled.as_secs_f64());
+                                self.open.handling.observe(handled.as_secs_f64());
                                 last_heartbeat = at;
                             }
                             Ok(Inbound::Cpu(usage)) => self.liveness.beat(at, Some(usage)),
                             Ok(Inbound::Report(report)) => {
-                                if self.fleet.report(self.node, self.session, report, at).await.is_err() {
+                                // Boxed: a report (a goodbye, an ack) is rare, and its
+                                // future (a whole command) would otherwise sit in every
+                                // session's task for its life.
+                                let sent = Box::pin(self.fleet.report(self.node, self.session, report, at));
+                                if sent.await.is_err() {
                                     let _ = self.outbound.try_send(Box::new(Err(status::shutting_down())));
                                     return;
                                 }
@@ -244,15 +257,8 @@ impl SessionRelay {
             }
         };
         info!(parent: &self.span, %cause, "session ended");
-        let _ = self
-            .fleet
-            .report(
-                self.node,
-                self.session,
-                SessionReport::Closed(cause),
-                clock::now(),
-            )
-            .await;
+        let closed = SessionReport::Closed(cause);
+        let _ = Box::pin(self.fleet.report(self.node, self.session, closed, clock::now())).await;
     }
 
     /// Writes a signal to the agent; returns the reason when it ends the stream.
