@@ -13,7 +13,12 @@
 //!    TERMINATED if it had been told to terminate;
 //! 6. a drain not reported done by its deadline is given up (DRAIN_FAILED);
 //! 7. a node in maintenance that is away (stream ended, or silent) is SUSPECT
-//!    but not counted towards FAILED until it has been away `maintenance_max`.
+//!    but not counted towards FAILED until it has been away `maintenance_max`;
+//! 8. within the reconnect grace after a restart or failover, a node whose
+//!    stream breaks or goes silent is SUSPECT and waited for until the grace
+//!    ends, like the nodes that have not reconnected yet: the whole fleet is
+//!    reconnecting at once, on an orchestrator that just started, and a session
+//!    lost in that storm is the storm's, not the node's.
 //!
 //! The detector only judges silence over time during which it ran itself. A
 //! check that comes later than twice its interval and later than half the
@@ -227,9 +232,16 @@ impl Registry {
                     record.state_reason,
                     self.config.disruption.maintenance_max.as_secs_f64()
                 );
+            } else if let Some(until) = self.reconnect_window_until.filter(|until| now < *until) {
+                record.restart_grace_until = Some(until);
+                record.state_reason.push_str(super::RECONNECT_WINDOW_NOTE);
             }
+            let waits = record.restart_grace_until.is_some();
             let reason = record.state_reason.clone();
             self.publish(id, EventKind::NodeSuspected, reason, now);
+            if waits {
+                return;
+            }
         }
 
         let Some(record) = self.nodes.get_mut(&id) else {
@@ -305,7 +317,13 @@ fn next_due(config: &LifecycleConfig, record: &NodeRecord, now: Instant) -> Opti
         let judged_at = if let Some(away_until) = away_until {
             Some(away_until)
         } else if let Some(grace_until) = record.restart_grace_until {
-            Some(grace_until)
+            // Gone silent on a live session within the post-restart grace: looked
+            // at every check, so that its beats, if they resume, are seen.
+            Some(if record.session.is_some() {
+                now
+            } else {
+                grace_until
+            })
         } else if record.state == NodeState::Suspect {
             // Suspect nodes count consecutive checks: every check.
             Some(now)

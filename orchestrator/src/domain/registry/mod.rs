@@ -180,6 +180,10 @@ pub struct TerminateAccepted {
     pub grace_period: Duration,
 }
 
+/// What a suspicion within the post-restart reconnect grace adds to its reason.
+pub(crate) const RECONNECT_WINDOW_NOTE: &str =
+    "; the orchestrator restarted moments ago: waiting until the end of the reconnect grace";
+
 /// Maps the monotonic clock to wall-clock time for display.
 #[derive(Debug, Clone, Copy)]
 struct TimeAnchor {
@@ -322,6 +326,11 @@ pub struct Registry {
     /// Nodes in a final state (`ended_at` set): listed until the retention, but
     /// not live, so they do not count against `max_nodes`.
     pub(crate) departed: usize,
+    /// After a restart (or a failover), the end of the reconnect grace: until
+    /// then, a node whose stream breaks or goes silent is waited for until this
+    /// instant, as the nodes that have not reconnected yet are. The whole fleet
+    /// is reconnecting at once, and a session lost in that storm is the storm's.
+    pub(crate) reconnect_window_until: Option<Instant>,
 }
 
 impl Registry {
@@ -341,6 +350,7 @@ impl Registry {
             effects: Vec::new(),
             unexpected_failures_total: 0,
             graceful_terminations_total: 0,
+            reconnect_window_until: None,
         }
     }
 
@@ -559,6 +569,7 @@ impl Registry {
     /// No events are published: nothing happened to the nodes.
     pub fn restore(&mut self, nodes: Vec<PersistedNode>, now: Instant, grace: Duration) {
         let deadline = now + self.config.termination_deadline;
+        self.reconnect_window_until = Some(now + grace);
         for node in nodes {
             let final_state = node.state.is_final();
             let in_maintenance = node.maintenance.is_some();
@@ -763,6 +774,9 @@ impl Registry {
                 record.state_reason,
                 self.config.disruption.maintenance_max.as_secs_f64()
             );
+        } else if let Some(until) = self.reconnect_window_until.filter(|until| now < *until) {
+            record.restart_grace_until = Some(until);
+            record.state_reason.push_str(RECONNECT_WINDOW_NOTE);
         }
         let reason = record.state_reason.clone();
         self.schedule(node, now);
@@ -998,6 +1012,11 @@ impl Registry {
             record.state = record.live_state();
             record.suspect_checks = 0;
             record.state_reason.clear();
+            // Suspected silent within the post-restart grace: judged on its
+            // heartbeats again from now.
+            if record.restart_grace_until.take().is_some() {
+                self.schedule(node, now);
+            }
             self.publish(
                 node,
                 EventKind::NodeRecovered,
@@ -1707,6 +1726,82 @@ mod tests {
             })
             .unwrap();
         assert_eq!(event.rebooted, Some(true));
+    }
+
+    /// Within the reconnect grace after a restart, a session lost in the storm
+    /// (broken or silent) is waited for until the grace ends, as the nodes not
+    /// back yet are; after the grace, the usual judgement applies.
+    #[test]
+    fn within_the_grace_after_a_restart_a_lost_session_is_waited_for() {
+        let mut f = Fixture::new();
+        let [broke, came_back, silent, later] = [node(), node(), node(), node()];
+        for n in [broke, came_back, silent, later] {
+            f.connect(n);
+        }
+        let persisted: Vec<_> = [broke, came_back, silent, later]
+            .iter()
+            .map(|n| f.registry.persisted(*n).unwrap())
+            .collect();
+        let grace = Duration::from_secs(60);
+        let mut restarted = Fixture {
+            registry: Registry::new(f.registry.config().clone(), f.now, SystemTime::UNIX_EPOCH),
+            now: f.now,
+        };
+        let mut f = {
+            restarted.registry.restore(persisted, restarted.now, grace);
+            restarted
+        };
+        let sessions: Vec<_> = [broke, came_back, silent, later]
+            .iter()
+            .map(|n| f.connect(*n))
+            .collect();
+        f.take();
+        f.advance(5);
+        f.registry.stream_closed(broke, sessions[0], "reset", f.now);
+        f.registry.stream_closed(came_back, sessions[1], "reset", f.now);
+        assert_eq!(f.state(broke), NodeState::Suspect);
+        let reason = f.registry.snapshot(broke).unwrap().state_reason;
+        assert!(reason.contains("reconnect grace"), "{reason}");
+        // Checks every 10 s: `later` beats throughout; `silent` goes quiet.
+        let later_cell = f.registry.liveness(later).unwrap();
+        let silent_cell = f.registry.liveness(silent).unwrap();
+        for step in 0..5 {
+            f.advance(10);
+            later_cell.beat(f.now, None);
+            if step < 1 {
+                silent_cell.beat(f.now, None);
+            }
+            f.check();
+        }
+        // At +55 s: nobody failed; `silent` is suspect and waited for too.
+        assert_eq!(f.registry.stats().unexpected_failures_total, 0);
+        assert_eq!(f.state(silent), NodeState::Suspect);
+        f.connect(came_back);
+        // `silent` speaks again: it recovers and is judged on heartbeats again.
+        silent_cell.beat(f.now, None);
+        f.check();
+        assert_eq!(f.state(silent), NodeState::Connected);
+        f.take();
+        // The grace ends at +60 s: `broke` never came back, so it is FAILED once.
+        f.advance(10);
+        later_cell.beat(f.now, None);
+        silent_cell.beat(f.now, None);
+        f.check();
+        assert_eq!(f.state(broke), NodeState::Failed);
+        assert_eq!(f.state(came_back), NodeState::Connected);
+        assert_eq!(f.registry.stats().unexpected_failures_total, 1);
+        // After the grace, a broken stream is judged as usual: two checks.
+        let session = f.registry.snapshot(later).unwrap().session.unwrap();
+        f.registry.stream_closed(later, session, "reset", f.now);
+        let reason = f.registry.snapshot(later).unwrap().state_reason;
+        assert!(!reason.contains("reconnect grace"), "{reason}");
+        for _ in 0..2 {
+            f.advance(10);
+            silent_cell.beat(f.now, None);
+            f.check();
+        }
+        assert_eq!(f.state(later), NodeState::Failed);
+        assert_eq!(f.state(silent), NodeState::Connected);
     }
 
     #[test]
