@@ -37,7 +37,7 @@ pub use external::*;
 pub use grpc::*;
 pub use nix::sys::signal::Signal as Sig;
 pub use orchestrator::{Exited, Orchestrator, metric_value};
-pub use process::{Logs, Process, binary};
+pub use process::{Logs, Process, binary, fleetsim};
 pub use receiver::WebhookReceiver;
 pub use secbeat_tools::{
     http::{HttpResponse, http_get, http_request},

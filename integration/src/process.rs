@@ -19,6 +19,23 @@ use tokio::{
 
 use crate::process_cpu_time;
 
+/// Runs `secbeat-fleetsim` with `args` to its end and returns its JSON report;
+/// panics with its stderr if it fails.
+pub async fn fleetsim(args: &[&str]) -> serde_json::Value {
+    let output = Command::new(binary("secbeat-fleetsim"))
+        .args(args)
+        .arg("--json")
+        .output()
+        .await
+        .expect("run secbeat-fleetsim");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("fleetsim prints one JSON object")
+}
+
 /// Path of a workspace binary next to the running test executable
 /// (`target/<profile>/deps/<test>` -> `target/<profile>/<name>`).
 pub fn binary(name: &str) -> PathBuf {

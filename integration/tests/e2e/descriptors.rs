@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use secbeat::pb::NodeState;
-use secbeat_integration::{FAST_CONFIG, Orchestrator, STARTUP, Sig, eventually, wait_for_state};
+use secbeat_integration::{FAST_CONFIG, Orchestrator, STARTUP, Sig, eventually, fleetsim, wait_for_state};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_connections_than_descriptors_neither_spin_nor_drop_existing_agents() {
@@ -258,20 +258,4 @@ async fn the_reference_server_serves_the_simulated_fleet_it_is_compared_on() {
     assert!(rate > 10.0 && rate < 30.0, "{report}");
     assert!(report["orchestrator_rss_bytes"].as_u64().unwrap() > 0, "{report}");
     reference.kill().await.unwrap();
-}
-
-/// Runs `secbeat-fleetsim` with `args` (and `--json`) to its end; its report.
-async fn fleetsim(args: &[&str]) -> serde_json::Value {
-    let output = tokio::process::Command::new(secbeat_integration::binary("secbeat-fleetsim"))
-        .args(args)
-        .arg("--json")
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
 }

@@ -7,8 +7,8 @@ use std::{path::Path, time::Duration};
 
 use secbeat::pb::{self, FleetEventType, NodeState, fleet_service_client::FleetServiceClient};
 use secbeat_integration::{
-    Agent, FAST_CONFIG, FAST_RECONNECT, Orchestrator, STARTUP, binary, cpu_samples, heartbeat, hello,
-    raw_connect, run_grpcurl, wait_for_state,
+    Agent, FAST_CONFIG, FAST_RECONNECT, Orchestrator, STARTUP, binary, cpu_samples, fleetsim, heartbeat,
+    hello, raw_connect, run_grpcurl, wait_for_state,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use uuid::Uuid;
@@ -535,27 +535,28 @@ async fn the_fleet_simulator_gives_each_agent_its_own_certificate() {
         1,
     );
     let orchestrator = Orchestrator::start(&config).await.unwrap();
-    let output = tokio::process::Command::new(binary("secbeat-fleetsim"))
-        .args([
-            "--orchestrator",
-            &https(&orchestrator),
-            "--ca",
-            &pki.path("ca.pem"),
-        ])
-        .arg("--issue-from")
-        .arg(pki.dir.path())
-        .args(["--agents", "20", "--duration", "6", "--kill", "2", "--json"])
-        .args(["--orchestrator-http", &orchestrator.http_addr.to_string()])
-        .env("SECBEAT_TOKEN", VIEWER_TOKEN)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let https = https(&orchestrator);
+    let http = orchestrator.http_addr.to_string();
+    let (ca, issuer) = (pki.path("ca.pem"), pki.dir.path().display().to_string());
+    let report = fleetsim(&[
+        "--orchestrator",
+        &https,
+        "--ca",
+        &ca,
+        "--issue-from",
+        &issuer,
+        "--token",
+        VIEWER_TOKEN,
+        "--agents",
+        "20",
+        "--duration",
+        "6",
+        "--kill",
+        "2",
+        "--orchestrator-http",
+        &http,
+    ])
+    .await;
     assert_eq!(report["connected"], 20, "{report}");
     assert_eq!(report["connections"], 20, "{report}");
     assert_eq!(report["false_failures"], 0, "{report}");

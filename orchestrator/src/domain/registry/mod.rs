@@ -670,12 +670,16 @@ impl Registry {
         self.nodes.get(&node)?.liveness.clone()
     }
 
-    /// Records a heartbeat on `session`. A suspect node that speaks again recovers.
+    /// Tests' heartbeat: applied at once (a suspect node that speaks again
+    /// recovers). Stream handlers leave beats in the session's liveness cell,
+    /// which the registry applies when the node comes due ([`Registry::absorb`]).
+    #[cfg(test)]
     pub fn heartbeat(&mut self, node: NodeId, session: SessionId, now: Instant) -> Result<(), SessionError> {
         self.touch(node, session, now)
     }
 
-    /// Records the latest CPU fraction of `session` (already validated at the edge).
+    /// Tests' CPU sample: applied at once, as [`Registry::heartbeat`] is.
+    #[cfg(test)]
     pub fn cpu_sample(
         &mut self,
         node: NodeId,
