@@ -20,11 +20,16 @@
 
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::Poll,
     time::{Duration, Instant, SystemTime},
 };
 
-use tokio::sync::{Notify, mpsc, oneshot};
+use futures_util::task::AtomicWaker;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -96,7 +101,9 @@ pub enum SessionSignal {
 /// Terminate, a close), and every agent has a mailbox for as long as it is
 /// connected: a tokio channel (its state plus a first block of 32 slots) cost
 /// about 800 bytes per session; this is one allocation of about 100 bytes, plus a
-/// few pointers' room once a signal is queued.
+/// few pointers' room once a signal is queued. The stream handler polls it
+/// beside its stream on every message, so an empty mailbox answers from one
+/// atomic flag, without a lock.
 pub fn session_signals() -> (SignalSender, SignalReceiver) {
     let mailbox = Arc::new(Mailbox {
         state: Mutex::new(MailboxState {
@@ -104,7 +111,8 @@ pub fn session_signals() -> (SignalSender, SignalReceiver) {
             senders: 1,
             receiver: true,
         }),
-        arrived: Notify::new(),
+        pending: AtomicBool::new(false),
+        waker: AtomicWaker::new(),
     });
     (SignalSender(mailbox.clone()), SignalReceiver(mailbox))
 }
@@ -112,9 +120,10 @@ pub fn session_signals() -> (SignalSender, SignalReceiver) {
 #[derive(Debug)]
 struct Mailbox {
     state: Mutex<MailboxState>,
-    /// One permit per wake-up of the single receiver (a signal, or the last
-    /// sender gone); a permit given while it is not waiting is kept for it.
-    arrived: Notify,
+    /// Set when there is something for the receiver: a signal, or no sender left.
+    pending: AtomicBool,
+    /// The receiver's waker.
+    waker: AtomicWaker,
 }
 
 #[derive(Debug)]
@@ -132,6 +141,12 @@ impl Mailbox {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Something is there for the receiver: flag it and wake it.
+    fn notify(&self) {
+        self.pending.store(true, Ordering::Release);
+        self.waker.wake();
     }
 }
 
@@ -154,7 +169,7 @@ impl Drop for SignalSender {
             state.senders == 0
         };
         if last {
-            self.0.arrived.notify_one();
+            self.0.notify();
         }
     }
 }
@@ -169,7 +184,7 @@ impl SignalSender {
             }
             state.signals.push_back(Box::new(signal));
         }
-        self.0.arrived.notify_one();
+        self.0.notify();
         Ok(())
     }
 }
@@ -188,22 +203,40 @@ impl Drop for SignalReceiver {
 
 impl SignalReceiver {
     /// The next signal, or None once the actor dropped the session.
-    pub async fn recv(&mut self) -> Option<SessionSignal> {
-        loop {
-            match self.try_recv() {
-                Ok(signal) => return Some(signal),
-                Err(mpsc::error::TryRecvError::Disconnected) => return None,
-                Err(mpsc::error::TryRecvError::Empty) => self.0.arrived.notified().await,
+    pub fn recv(&mut self) -> impl Future<Output = Option<SessionSignal>> + '_ {
+        std::future::poll_fn(move |cx| {
+            loop {
+                if !self.0.pending.load(Ordering::Acquire) {
+                    self.0.waker.register(cx.waker());
+                    // A signal that came between the check and the registration.
+                    if !self.0.pending.load(Ordering::Acquire) {
+                        return Poll::Pending;
+                    }
+                }
+                match self.try_recv() {
+                    Ok(signal) => return Poll::Ready(Some(signal)),
+                    Err(mpsc::error::TryRecvError::Disconnected) => return Poll::Ready(None),
+                    // The flag was stale (its signal already taken) and is now
+                    // cleared: look again, registered this time.
+                    Err(mpsc::error::TryRecvError::Empty) => {}
+                }
             }
-        }
+        })
     }
 
     /// The next signal if one is waiting.
     pub fn try_recv(&mut self) -> Result<SessionSignal, mpsc::error::TryRecvError> {
         let mut state = self.0.lock();
-        match state.signals.pop_front() {
+        let next = state.signals.pop_front();
+        let disconnected = state.senders == 0;
+        // Cleared under the lock, so a concurrent send (which sets it after
+        // pushing, under the same lock's order) is never lost.
+        if state.signals.is_empty() && !disconnected {
+            self.0.pending.store(false, Ordering::Release);
+        }
+        match next {
             Some(signal) => Ok(*signal),
-            None if state.senders == 0 => Err(mpsc::error::TryRecvError::Disconnected),
+            None if disconnected => Err(mpsc::error::TryRecvError::Disconnected),
             None => Err(mpsc::error::TryRecvError::Empty),
         }
     }
@@ -1219,6 +1252,41 @@ pub(crate) mod tests {
         );
         drop(second);
         assert_eq!(rx.recv().await, None);
+    }
+
+    /// Sends racing the reader on two threads: every signal arrives, in order,
+    /// and the end is seen; a lost wake-up would hang the reader (bounded here).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_mailbox_loses_no_wake_up_under_concurrent_sends() {
+        const SIGNALS: usize = 20_000;
+        let (tx, mut rx) = session_signals();
+        tokio::spawn(async move {
+            for n in 0..SIGNALS {
+                let signal = SessionSignal::Drain {
+                    reason: n.to_string(),
+                    deadline: Duration::ZERO,
+                };
+                tx.send(signal).unwrap();
+                if n % 3 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        let reading = async move {
+            let mut next = 0;
+            while let Some(signal) = rx.recv().await {
+                let SessionSignal::Drain { reason, .. } = signal else {
+                    panic!("{signal:?}")
+                };
+                assert_eq!(reason, next.to_string());
+                next += 1;
+            }
+            next
+        };
+        let read = tokio::time::timeout(Duration::from_secs(60), reading)
+            .await
+            .expect("the reader was woken for every signal and for the end");
+        assert_eq!(read, SIGNALS);
     }
 
     #[tokio::test]
