@@ -1,5 +1,5 @@
 //! The fleet actor: one task that owns the [`Registry`], the [`Healer`], the live
-//! sessions' signal channels and the event bus, in the style of tokio-console's
+//! sessions' signal mailboxes and the event bus, in the style of tokio-console's
 //! aggregator.
 //!
 //! Stream handlers and operator RPCs talk to it through a cloneable [`FleetHandle`]
