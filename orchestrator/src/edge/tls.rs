@@ -12,8 +12,9 @@
 //!
 //! The key is 32 random bytes (ChaCha20-Poly1305), written with mode 0600. The
 //! default key is replaced when it is older than [`KEY_LIFETIME`], at start and
-//! while running; tickets of the previous key are still accepted until the next
-//! change. A key file the operator gives is used as it is.
+//! while running. While running, tickets of the previous key are still accepted
+//! until the next change; a key replaced at start-up is not kept (its agents make
+//! one full handshake). A key file the operator gives is used as it is.
 
 use std::{
     fmt, io,
@@ -59,7 +60,7 @@ const HANDSHAKES_IN_FLIGHT: usize = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A file could not be read or written.
-    #[error("{key}: {path}: {source}")]
+    #[error("{key}: cannot use {path}: {source}")]
     File {
         /// The config key.
         key: &'static str,
@@ -91,7 +92,8 @@ pub struct TlsFiles {
     pub ticket_key: Option<PathBuf>,
 }
 
-fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+/// A TLS file named by config `key` (`tls.*` or `etcd_tls.*`).
+pub fn read_file(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::File {
         key,
         path: path.to_owned(),
@@ -104,7 +106,7 @@ fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 /// an operator may come with a token instead; AgentService requires the
 /// certificate, and each service checks its rule), HTTP/2, and session tickets.
 pub fn server_config(files: &TlsFiles, state_dir: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let certs = CertificateDer::pem_slice_iter(&read("tls.cert", &files.cert)?)
+    let certs = CertificateDer::pem_slice_iter(&read_file("tls.cert", &files.cert)?)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|error| TlsError::Invalid {
             key: "tls.cert",
@@ -116,17 +118,18 @@ pub fn server_config(files: &TlsFiles, state_dir: &Path) -> Result<Arc<ServerCon
             detail: format!("{}: no certificate in the file", files.cert.display()),
         });
     }
-    let private =
-        PrivateKeyDer::from_pem_slice(&read("tls.key", &files.key)?).map_err(|error| TlsError::Invalid {
+    let private = PrivateKeyDer::from_pem_slice(&read_file("tls.key", &files.key)?).map_err(|error| {
+        TlsError::Invalid {
             key: "tls.key",
             detail: format!("{}: not a PEM private key: {error}", files.key.display()),
-        })?;
+        }
+    })?;
     let builder = ServerConfig::builder();
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
         Some(path) => {
             let mut roots = RootCertStore::empty();
-            for cert in CertificateDer::pem_slice_iter(&read("tls.client_ca", path)?) {
+            for cert in CertificateDer::pem_slice_iter(&read_file("tls.client_ca", path)?) {
                 let cert = cert.map_err(|error| TlsError::Invalid {
                     key: "tls.client_ca",
                     detail: format!("{}: not PEM certificates: {error}", path.display()),
@@ -193,7 +196,7 @@ impl Tickets {
     /// used as it is.
     pub fn given(path: &Path) -> Result<Self, TlsError> {
         const KEY: &str = "tls.session_ticket_key";
-        let bytes = read(KEY, path)?;
+        let bytes = read_file(KEY, path)?;
         if bytes.len() != KEY_LEN {
             return Err(TlsError::Invalid {
                 key: KEY,

@@ -108,7 +108,7 @@ pub fn session_signals() -> (SignalSender, SignalReceiver) {
     let mailbox = Arc::new(Mailbox {
         state: Mutex::new(MailboxState {
             signals: VecDeque::new(),
-            senders: 1,
+            sender: true,
             receiver: true,
         }),
         pending: AtomicBool::new(false),
@@ -120,7 +120,7 @@ pub fn session_signals() -> (SignalSender, SignalReceiver) {
 #[derive(Debug)]
 struct Mailbox {
     state: Mutex<MailboxState>,
-    /// Set when there is something for the receiver: a signal, or no sender left.
+    /// Set when there is something for the receiver: a signal, or the sender gone.
     pending: AtomicBool,
     /// The receiver's waker.
     waker: AtomicWaker,
@@ -129,8 +129,9 @@ struct Mailbox {
 #[derive(Debug)]
 struct MailboxState {
     signals: VecDeque<Box<SessionSignal>>,
-    /// Live senders; none left means the session is over for the actor.
-    senders: usize,
+    /// Whether the actor still holds the session; once it lets go, the
+    /// receiver reads what is queued and then the end.
+    sender: bool,
     /// Whether the stream handler still listens.
     receiver: bool,
 }
@@ -150,27 +151,15 @@ impl Mailbox {
     }
 }
 
-/// The fleet actor's end of a session's signal mailbox.
+/// The fleet actor's end of a session's signal mailbox (the actor is its one
+/// writer).
 #[derive(Debug)]
 pub struct SignalSender(Arc<Mailbox>);
 
-impl Clone for SignalSender {
-    fn clone(&self) -> Self {
-        self.0.lock().senders += 1;
-        Self(self.0.clone())
-    }
-}
-
 impl Drop for SignalSender {
     fn drop(&mut self) {
-        let last = {
-            let mut state = self.0.lock();
-            state.senders -= 1;
-            state.senders == 0
-        };
-        if last {
-            self.0.notify();
-        }
+        self.0.lock().sender = false;
+        self.0.notify();
     }
 }
 
@@ -228,7 +217,7 @@ impl SignalReceiver {
     pub fn try_recv(&mut self) -> Result<SessionSignal, mpsc::error::TryRecvError> {
         let mut state = self.0.lock();
         let next = state.signals.pop_front();
-        let disconnected = state.senders == 0;
+        let disconnected = !state.sender;
         // Cleared under the lock, so a concurrent send (which sets it after
         // pushing, under the same lock's order) is never lost.
         if state.signals.is_empty() && !disconnected {
@@ -1225,9 +1214,8 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn a_mailbox_delivers_in_order_wakes_its_reader_and_ends_after_the_last_sender() {
+    async fn a_mailbox_delivers_in_order_wakes_its_reader_and_ends_after_its_sender() {
         let (tx, mut rx) = session_signals();
-        let second = tx.clone();
         // A reader waiting before anything is sent is woken by the send.
         let reader = tokio::spawn(async move {
             let first = rx.recv().await;
@@ -1239,18 +1227,19 @@ pub(crate) mod tests {
         assert_eq!(first, Some(SessionSignal::ShuttingDown));
 
         let close = SessionSignal::Close(CloseReason::DeclaredFailed);
-        second.send(close.clone()).unwrap();
+        tx.send(close.clone()).unwrap();
         tx.send(SessionSignal::ShuttingDown).unwrap();
         assert_eq!(rx.try_recv(), Ok(close));
-        // What was queued is still read after every sender is gone; then None.
-        drop(tx);
         assert_eq!(rx.try_recv(), Ok(SessionSignal::ShuttingDown));
         assert_eq!(
             rx.try_recv(),
             Err(mpsc::error::TryRecvError::Empty),
-            "one sender left"
+            "the sender is still there"
         );
-        drop(second);
+        // What was queued is still read after the sender is gone; then None.
+        tx.send(SessionSignal::ShuttingDown).unwrap();
+        drop(tx);
+        assert_eq!(rx.try_recv(), Ok(SessionSignal::ShuttingDown));
         assert_eq!(rx.recv().await, None);
     }
 
@@ -1853,15 +1842,20 @@ pub(crate) mod tests {
         let test = start(settings(), Restored::default(), &shutdown);
         let mut events = test.bus.subscribe(None).unwrap().live;
         let (a, b) = (NodeId(Uuid::new_v4()), NodeId(Uuid::new_v4()));
-        let (tx, _signals) = session_signals();
+        let mut receivers = Vec::new();
+        let mut signals = || {
+            let (tx, rx) = session_signals();
+            receivers.push(rx);
+            tx
+        };
         test.handle
-            .connect(info(a), tx.clone(), clock::now())
+            .connect(info(a), signals(), clock::now())
             .await
             .unwrap();
         assert_eq!(events.recv().await.unwrap().kind, EventKind::NodeJoined);
         // A new session for the same node: an event, but nothing a restart needs.
         test.handle
-            .connect(info(a), tx.clone(), clock::now())
+            .connect(info(a), signals(), clock::now())
             .await
             .unwrap();
         let mut kinds = Vec::new();
@@ -1869,7 +1863,10 @@ pub(crate) mod tests {
             kinds.push(events.recv().await.unwrap().kind);
         }
         // Another node joins: its write comes after anything the reconnect wrote.
-        test.handle.connect(info(b), tx, clock::now()).await.unwrap();
+        test.handle
+            .connect(info(b), signals(), clock::now())
+            .await
+            .unwrap();
         test.store.wait_for(|state| state.nodes.len() == 2);
         assert_eq!(
             test.store.node_writes(),

@@ -69,16 +69,6 @@ pub enum ServeError {
         /// The OS error.
         source: io::Error,
     },
-    /// A TLS file could not be read.
-    #[error("{key}: cannot read {path}: {source}")]
-    Tls {
-        /// The config key.
-        key: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        source: io::Error,
-    },
     /// The state store could not be opened or read.
     #[error("state_dir: {0}")]
     Store(#[from] StoreError),
@@ -91,7 +81,8 @@ pub enum ServeError {
     /// Reflection descriptors failed to load (a build problem).
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    /// TLS could not be set up (the message names the key).
+    /// TLS (to agents or to etcd) could not be set up: a file that cannot be
+    /// read or is not what its key needs (the message names the key).
     #[error(transparent)]
     TlsSetup(#[from] tls::TlsError),
     /// The gRPC server failed.
@@ -666,12 +657,12 @@ fn etcd_tls(config: &Config) -> Result<Option<EtcdTls>, ServeError> {
     let ca = tls
         .ca
         .as_ref()
-        .map(|path| read_tls_file("etcd_tls.ca", path))
+        .map(|path| tls::read_file("etcd_tls.ca", path))
         .transpose()?;
     let identity = match (&tls.cert, &tls.key) {
         (Some(cert), Some(key)) => Some((
-            read_tls_file("etcd_tls.cert", cert)?,
-            read_tls_file("etcd_tls.key", key)?,
+            tls::read_file("etcd_tls.cert", cert)?,
+            tls::read_file("etcd_tls.key", key)?,
         )),
         _ => None,
     };
@@ -680,15 +671,6 @@ fn etcd_tls(config: &Config) -> Result<Option<EtcdTls>, ServeError> {
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
     secbeat::process::listen(addr).map_err(|source| ServeError::Bind { key, addr, source })
-}
-
-/// A TLS file named by config `key`.
-fn read_tls_file(key: &'static str, path: &PathBuf) -> Result<Vec<u8>, ServeError> {
-    std::fs::read(path).map_err(|source| ServeError::Tls {
-        key,
-        path: path.clone(),
-        source,
-    })
 }
 
 /// The TLS files of the gRPC listener, if `[tls]` is configured.

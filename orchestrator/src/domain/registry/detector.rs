@@ -232,11 +232,9 @@ impl Registry {
                     record.state_reason,
                     self.config.disruption.maintenance_max.as_secs_f64()
                 );
-            } else if let Some(until) = self.reconnect_window_until.filter(|until| now < *until) {
-                record.restart_grace_until = Some(until);
-                record.state_reason.push_str(super::RECONNECT_WINDOW_NOTE);
             }
-            let waits = record.restart_grace_until.is_some();
+            let waits = record.maintenance.is_none()
+                && record.wait_out_reconnect_window(self.reconnect_window_until, now);
             let reason = record.state_reason.clone();
             self.publish(id, EventKind::NodeSuspected, reason, now);
             if waits {

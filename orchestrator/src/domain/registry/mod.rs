@@ -181,7 +181,7 @@ pub struct TerminateAccepted {
 }
 
 /// What a suspicion within the post-restart reconnect grace adds to its reason.
-pub(crate) const RECONNECT_WINDOW_NOTE: &str =
+const RECONNECT_WINDOW_NOTE: &str =
     "; the orchestrator restarted moments ago: waiting until the end of the reconnect grace";
 
 /// Maps the monotonic clock to wall-clock time for display.
@@ -265,6 +265,18 @@ impl NodeRecord {
         self.last_cpu = self.cpu();
         self.liveness = None;
         self.session = None;
+    }
+
+    /// A node just suspected, within the post-restart reconnect grace (`window`
+    /// ends it): waited for until the grace ends, as the nodes not back yet are.
+    /// Returns whether it is.
+    pub(crate) fn wait_out_reconnect_window(&mut self, window: Option<Instant>, now: Instant) -> bool {
+        let Some(until) = window.filter(|until| now < *until) else {
+            return false;
+        };
+        self.restart_grace_until = Some(until);
+        self.state_reason.push_str(RECONNECT_WINDOW_NOTE);
+        true
     }
 
     /// The state a node with a live, healthy stream is in.
@@ -778,9 +790,8 @@ impl Registry {
                 record.state_reason,
                 self.config.disruption.maintenance_max.as_secs_f64()
             );
-        } else if let Some(until) = self.reconnect_window_until.filter(|until| now < *until) {
-            record.restart_grace_until = Some(until);
-            record.state_reason.push_str(RECONNECT_WINDOW_NOTE);
+        } else {
+            record.wait_out_reconnect_window(self.reconnect_window_until, now);
         }
         let reason = record.state_reason.clone();
         self.schedule(node, now);
