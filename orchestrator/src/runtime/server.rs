@@ -458,6 +458,7 @@ impl Terms<'_> {
             term.clone(),
             tokio::runtime::Handle::current(),
         );
+        let loading = std::time::Instant::now();
         let loaded = async {
             let mut stored = store.load_async().await?;
             stored.event_epoch += 1;
@@ -475,7 +476,20 @@ impl Terms<'_> {
                 return None;
             }
         };
-        match self.start(term.clone(), Box::new(store), stored).await {
+        info!(
+            nodes = stored.nodes.len(),
+            outbox = stored.outbox.len(),
+            history_points = stored.history.len(),
+            took_ms = loading.elapsed().as_millis() as u64,
+            "elected: loaded the fleet's state from etcd"
+        );
+        let starting = std::time::Instant::now();
+        let running = self.start(term.clone(), Box::new(store), stored).await;
+        info!(
+            took_ms = starting.elapsed().as_millis() as u64,
+            "elected: the term's parts started"
+        );
+        match running {
             Ok(running) => Some(running),
             Err(error) => {
                 error!(%error, "elected, but the term could not start; stepping down");

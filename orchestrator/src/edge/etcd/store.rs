@@ -46,6 +46,10 @@ const MAX_TXN_BYTES: usize = 1024 * 1024;
 /// can reach 17 MB: the client reads responses up to
 /// [`super::client::MAX_RESPONSE_BYTES`].
 const PAGE: i64 = 1000;
+/// Where the nodes' range is cut into slices read at once: node ids are UUIDs,
+/// so these cut a fleet into sixteen about equal parts (any other key still
+/// falls in one slice).
+const SPLITS: &str = "123456789abcdef";
 
 /// The fleet's state under one etcd prefix, for one leader term.
 #[derive(Debug)]
@@ -92,13 +96,48 @@ impl EtcdStore {
         created_at(leader_key(&self.prefix), self.token)
     }
 
-    /// Every key and value under `<prefix><kind>/`, page by page at `revision`
-    /// (0: the latest; the revision read is returned for the next kinds).
-    async fn scan(&self, kind: &str, revision: i64) -> Result<(Vec<(String, Vec<u8>)>, i64), StoreError> {
+    /// Every key and value under `<prefix><kind>/` at `revision`, in key order.
+    ///
+    /// With `split` (the nodes, the one kind as large as the fleet) the range
+    /// is read as [`SPLITS`] slices at once, each page by page. A
+    /// new leader loads while the fleet is knocking at its door and its runtime
+    /// is busy: what costs then is the number of round trips one after another
+    /// (50 pages of 1,000 at 50,000 nodes took a second), not the bytes. etcd
+    /// 3.4 also counts every key left in the range for each page, so short
+    /// slices are cheaper for it too.
+    async fn scan(
+        &self,
+        kind: &str,
+        revision: i64,
+        split: bool,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let start = format!("{}{kind}/", self.prefix).into_bytes();
         let end = prefix_end(&start);
-        let mut from = start.clone();
-        let mut revision = revision;
+        let splits = if split { SPLITS } else { "" };
+        let bounds: Vec<Vec<u8>> = std::iter::once(start.clone())
+            .chain(splits.chars().map(|split| {
+                let mut bound = start.clone();
+                bound.push(split as u8);
+                bound
+            }))
+            .chain(std::iter::once(end))
+            .collect();
+        let slices = bounds
+            .windows(2)
+            .map(|slice| self.scan_slice(&start, slice[0].clone(), slice[1].clone(), revision));
+        let slices = futures_util::future::try_join_all(slices).await?;
+        Ok(slices.into_iter().flatten().collect())
+    }
+
+    /// The keys in `[from, end)` at `revision`, page by page, named relative to
+    /// `start`.
+    async fn scan_slice(
+        &self,
+        start: &[u8],
+        mut from: Vec<u8>,
+        end: Vec<u8>,
+        revision: i64,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let mut found = Vec::new();
         loop {
             let response = self
@@ -112,9 +151,6 @@ impl EtcdStore {
                 })
                 .await
                 .map_err(|error| StoreError(error.to_string()))?;
-            if revision == 0 {
-                revision = response.header.as_ref().map_or(0, |header| header.revision);
-            }
             let Some(last) = response.kvs.last() else { break };
             from = last.key.clone();
             from.push(0);
@@ -126,41 +162,50 @@ impl EtcdStore {
                 break;
             }
         }
-        Ok((found, revision))
+        Ok(found)
     }
 
-    /// Loads everything at one revision.
+    /// Loads everything at one revision (the latest, read first).
     pub async fn load_async(&self) -> Result<StoredState, StoreError> {
-        let (nodes, revision) = self.scan("nodes", 0).await?;
+        // A linearizable read of the leader key gives the revision every slice
+        // is then read at, so the slices are one consistent picture.
+        let revision = self
+            .client
+            .range(pb::RangeRequest {
+                key: leader_key(&self.prefix),
+                ..Default::default()
+            })
+            .await
+            .map_err(|error| StoreError(error.to_string()))?
+            .header
+            .map_or(0, |header| header.revision);
+        let (nodes, heals, outbox, dead, history, meta) = tokio::try_join!(
+            self.scan("nodes", revision, true),
+            self.scan("heals", revision, false),
+            self.scan("outbox", revision, false),
+            self.scan("dead", revision, false),
+            self.scan("history", revision, false),
+            self.scan("meta", revision, false),
+        )?;
         let table = |kind: &str| format!("{}{kind}", self.prefix);
         let nodes = nodes
             .iter()
             .map(|(name, value)| decode::<PersistedNode>(&table("nodes"), name, value))
             .collect::<Result<_, _>>()?;
-        let heals = self
-            .scan("heals", revision)
-            .await?
-            .0
+        let heals = heals
             .iter()
             .map(|(name, value)| decode::<HealRecord>(&table("heals"), name, value))
             .collect::<Result<_, _>>()?;
-        let mut outbox: Vec<OutboxEntry> = self
-            .scan("outbox", revision)
-            .await?
-            .0
+        let mut outbox: Vec<OutboxEntry> = outbox
             .iter()
             .map(|(name, value)| decode(&table("outbox"), name, value))
             .collect::<Result<_, _>>()?;
         outbox.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
-        let dead_letters = self.scan("dead", revision).await?.0.len() as u64;
-        let history: Vec<Point> = self
-            .scan("history", revision)
-            .await?
-            .0
+        let dead_letters = dead.len() as u64;
+        let history: Vec<Point> = history
             .iter()
             .map(|(name, value)| decode(&table("history"), name, value))
             .collect::<Result<_, _>>()?;
-        let meta = self.scan("meta", revision).await?.0;
         let event_epoch = match meta.iter().find(|(name, _)| name == "event_epoch") {
             Some((name, value)) => decode(&table("meta"), name, value)?,
             None => 0,
@@ -526,6 +571,37 @@ mod tests {
         a_large_batch_is_written_whole_and_a_repeated_one_changes_nothing,
         nodes_with_the_largest_labels_are_written_and_loaded,
     );
+
+    #[test]
+    fn a_fleet_read_in_slices_and_pages_loads_every_node_once_in_key_order() {
+        let Some(mut etcd) = Etcd::start() else { return };
+        let mut store = etcd.open();
+        // Ten nodes in each of the sixteen slices, and one slice three pages deep.
+        let ids: Vec<u128> = (0..16u128)
+            .flat_map(|slice| (0..10).map(move |i| (slice << 124) | i))
+            .chain((10..2 * PAGE as u128 + 100).map(|i| (0xa << 124) | i))
+            .collect();
+        let writes: Vec<Write> = ids
+            .iter()
+            .map(|&id| {
+                let mut node = conformance::node(1, crate::domain::node::NodeState::Connected);
+                node.id = crate::domain::node::NodeId(uuid::Uuid::from_u128(id));
+                Write::PutNode(node)
+            })
+            .collect();
+        store.apply(&writes).unwrap();
+        let loaded: Vec<u128> = store
+            .load()
+            .unwrap()
+            .nodes
+            .iter()
+            .map(|node| node.id.0.as_u128())
+            .collect();
+        let mut expected = ids.clone();
+        expected.sort_unstable();
+        assert_eq!(loaded.len(), ids.len(), "every node, none twice");
+        assert_eq!(loaded, expected, "in key order");
+    }
 
     #[test]
     fn a_write_after_another_leader_was_elected_is_refused_and_ends_the_term() {
