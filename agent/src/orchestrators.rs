@@ -97,12 +97,18 @@ impl Orchestrators {
         self.retry_at = Some(now + after);
     }
 
-    /// How long to wait before the next attempt: the backoff's `delay`, but no
-    /// longer than until a standby said leadership can move, plus `spread` (a
-    /// random share of a second, so a fleet does not arrive at one instant).
+    /// How long to wait before the next attempt: until a standby said leadership
+    /// can move, plus `spread` (a random share of a second, so a fleet does not
+    /// arrive at one instant), when one said so; otherwise the backoff's `delay`.
+    ///
+    /// The standby's word replaces the backoff both ways. Nothing can lead
+    /// before the old leader's lease runs out, so an agent that came back sooner
+    /// would only be refused again (a fleet doing so twice a second loads the
+    /// standby that is about to lead); and one deep in its backoff comes back
+    /// when leadership moves, not a backoff step later.
     pub fn delay(&mut self, delay: Duration, now: Instant, spread: Duration) -> Duration {
         match self.retry_at.take() {
-            Some(at) => delay.min(at.saturating_duration_since(now) + spread),
+            Some(at) => at.saturating_duration_since(now) + spread,
             None => delay,
         }
     }
@@ -216,7 +222,7 @@ mod tests {
     }
 
     #[test]
-    fn a_standby_saying_when_leadership_can_move_shortens_the_wait_once() {
+    fn a_standby_saying_when_leadership_can_move_sets_the_next_wait_once() {
         let mut list = Orchestrators::new(
             endpoints(&["http://a:1"]),
             same(),
@@ -231,11 +237,19 @@ mod tests {
             "no word from a standby"
         );
         list.retry_after(Duration::from_millis(1500), now);
-        assert_eq!(list.delay(backoff, now, spread), Duration::from_millis(1800));
+        assert_eq!(
+            list.delay(backoff, now, spread),
+            Duration::from_millis(1800),
+            "sooner than a long backoff"
+        );
         assert_eq!(list.delay(backoff, now, spread), backoff, "used once");
-        // Never longer than the backoff would have waited.
-        list.retry_after(Duration::from_secs(10), now);
-        assert_eq!(list.delay(backoff, now, spread), backoff);
+        // Not sooner than leadership can move: an earlier attempt is refused.
+        let short = Duration::from_millis(500);
+        list.retry_after(Duration::from_secs(3), now);
+        assert_eq!(list.delay(short, now, spread), Duration::from_millis(3300));
+        // A time already passed leaves the spread.
+        list.retry_after(Duration::ZERO, now);
+        assert_eq!(list.delay(short, now + Duration::from_secs(1), spread), spread);
     }
 
     #[test]

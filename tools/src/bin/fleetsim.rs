@@ -34,7 +34,7 @@
 //! as the real agent does; `--no-tls-resumption` makes every handshake full.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr},
     process::ExitCode,
     sync::{
@@ -166,6 +166,21 @@ struct Storm {
     /// Agents welcomed again in each second after the first loss: a flat rate
     /// says the storm was throughput-bound, gaps say agents were waiting.
     back_per_second: Vec<u64>,
+    /// Failed reconnect attempts in each second after the first loss, by cause.
+    failures_per_second: BTreeMap<&'static str, Vec<u64>>,
+}
+
+impl Storm {
+    /// Counts a failed reconnect attempt now.
+    fn failed(&mut self, cause: &'static str) {
+        let Some(first) = self.first_loss else { return };
+        let second = first.elapsed().as_secs() as usize;
+        let counts = self.failures_per_second.entry(cause).or_default();
+        if counts.len() <= second {
+            counts.resize(second + 1, 0);
+        }
+        counts[second] += 1;
+    }
 }
 
 /// What a virtual agent is told halfway.
@@ -383,6 +398,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             },
             "per_agent_downtime": spread(&mut downtimes),
             "back_per_second": storm.back_per_second,
+            "failures_per_second": storm.failures_per_second,
         })
     };
     // TLS handshakes the orchestrator counted since it (last) started: after a
@@ -650,12 +666,40 @@ struct VirtualAgent {
 /// How one session of a virtual agent ended.
 enum SessionEnd {
     /// Not welcomed: the orchestrator answered with this status (and, from a
-    /// standby, the leader's URL), or (None) the connection failed or timed out first.
-    Refused(Option<tonic::Code>, Option<Hint>),
+    /// standby, the leader's URL), or (None) the connection failed or timed out
+    /// first; at which stage.
+    Refused(Option<tonic::Code>, Option<Hint>, Stage),
     /// Welcomed, then the stream ended under a healthy agent.
     Lost,
     /// The agent's fault was injected: it is gone for good.
     Faulted,
+}
+
+/// Where an attempt to open a session stopped.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    /// Before the orchestrator answered the Connect call.
+    Open,
+    /// Answered, but no Welcome followed.
+    Welcome,
+}
+
+/// Why a reconnect attempt failed, as the storm report counts it.
+fn cause(
+    code: Option<tonic::Code>,
+    hint: Option<&Hint>,
+    stage: Stage,
+    shared: &SharedChannel,
+) -> &'static str {
+    match (code, hint.and_then(|hint| hint.leader.as_deref()), stage) {
+        (_, Some(leader), _) if shared.is_current(leader) => "taking_over",
+        (_, Some(_), _) => "standby",
+        (Some(tonic::Code::Unavailable), None, Stage::Open) => "unreachable",
+        (Some(_), None, Stage::Open) => "refused",
+        (Some(_), None, Stage::Welcome) => "cut_before_welcome",
+        (None, _, Stage::Open) => "open_timeout",
+        (None, _, Stage::Welcome) => "no_welcome",
+    }
 }
 
 impl VirtualAgent {
@@ -676,6 +720,7 @@ impl VirtualAgent {
                     retry_after: Some(after),
                     ..
                 }),
+                _,
             ) = &ended
             {
                 let at = Instant::now() + *after;
@@ -684,7 +729,20 @@ impl VirtualAgent {
                 // As the real agent: a handover is not a failure to back off from.
                 backoff.reset();
             }
-            if !matches!(ended, SessionEnd::Refused(_, Some(Hint { leader: Some(_), .. }))) {
+            if lost_at.is_some()
+                && let SessionEnd::Refused(code, hint, stage) = &ended
+            {
+                self.counters.storm.lock().expect("lock").failed(cause(
+                    *code,
+                    hint.as_ref(),
+                    *stage,
+                    &shared,
+                ));
+            }
+            if !matches!(
+                ended,
+                SessionEnd::Refused(_, Some(Hint { leader: Some(_), .. }), _)
+            ) {
                 followed = false;
             }
             match ended {
@@ -707,7 +765,7 @@ impl VirtualAgent {
                 }
                 // Refused outright before any Welcome (at max_nodes, or not
                 // allowed): final, as for the real agent.
-                SessionEnd::Refused(Some(code), _) if lost_at.is_none() && is_final(code) => {
+                SessionEnd::Refused(Some(code), _, _) if lost_at.is_none() && is_final(code) => {
                     self.counters.refused.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
@@ -718,6 +776,7 @@ impl VirtualAgent {
                     Some(Hint {
                         leader: Some(leader), ..
                     }),
+                    _,
                 ) if shared.is_current(&leader) => {
                     if lost_at.is_some() {
                         self.counters.failed_reconnects.fetch_add(1, Ordering::Relaxed);
@@ -731,6 +790,7 @@ impl VirtualAgent {
                     Some(Hint {
                         leader: Some(leader), ..
                     }),
+                    _,
                 ) if !followed => {
                     followed = true;
                     shared.renew(generation, Some(&leader));
@@ -744,12 +804,14 @@ impl VirtualAgent {
                 }
             }
             let mut delay = backoff.next_delay(&mut rand::rng());
-            // An agent of this group that was moved along with it (to a named
-            // leader that turned out dead) heard no hint itself; it uses the one
-            // its group heard, as it would have been told the same.
+            // As the real agent: a standby's word on when leadership can move
+            // replaces the backoff. An agent of this group that was moved along
+            // with it (to a named leader that turned out dead) heard no hint
+            // itself; it uses the one its group heard, as it would have been told
+            // the same.
             if let Some(at) = retry_at.take().or_else(|| shared.recent_retry_at()) {
                 let spread = Duration::from_secs_f64(rand::random::<f64>());
-                delay = delay.min(at.saturating_duration_since(Instant::now()) + spread);
+                delay = at.saturating_duration_since(Instant::now()) + spread;
             }
             tokio::time::sleep(delay).await;
         }
@@ -783,16 +845,20 @@ impl VirtualAgent {
         };
         let response = match response {
             Ok(Ok(response)) => response,
-            Ok(Err(status)) => return SessionEnd::Refused(Some(status.code()), leader_hint(&status)),
-            Err(_) => return SessionEnd::Refused(None, None),
+            Ok(Err(status)) => {
+                return SessionEnd::Refused(Some(status.code()), leader_hint(&status), Stage::Open);
+            }
+            Err(_) => return SessionEnd::Refused(None, None, Stage::Open),
         };
         let mut inbound = response.into_inner();
         let welcome = match tokio::time::timeout(OPEN_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(pb::ControlMessage {
                 kind: Some(control_message::Kind::Welcome(welcome)),
             }))) => welcome,
-            Ok(Err(status)) => return SessionEnd::Refused(Some(status.code()), leader_hint(&status)),
-            _ => return SessionEnd::Refused(None, None),
+            Ok(Err(status)) => {
+                return SessionEnd::Refused(Some(status.code()), leader_hint(&status), Stage::Welcome);
+            }
+            _ => return SessionEnd::Refused(None, None, Stage::Welcome),
         };
         match lost_at.take() {
             None => {
