@@ -485,6 +485,8 @@ const FAULT_STEP: Duration = Duration::from_millis(97);
 struct Hint {
     leader: Option<String>,
     retry_after: Option<Duration>,
+    /// The orchestrator reached was elected and is loading the fleet's state.
+    taking_over: bool,
 }
 
 fn leader_hint(status: &tonic::Status) -> Option<Hint> {
@@ -494,6 +496,8 @@ fn leader_hint(status: &tonic::Status) -> Option<Hint> {
         retry_after: text("secbeat-retry-after-ms")
             .and_then(|ms| ms.parse().ok())
             .map(Duration::from_millis),
+        // Only for the storm report's causes: the orchestrator says so in words.
+        taking_over: status.message().contains("loading the fleet's state"),
     };
     (hint.leader.is_some() || hint.retry_after.is_some()).then_some(hint)
 }
@@ -685,14 +689,9 @@ enum Stage {
 }
 
 /// Why a reconnect attempt failed, as the storm report counts it.
-fn cause(
-    code: Option<tonic::Code>,
-    hint: Option<&Hint>,
-    stage: Stage,
-    shared: &SharedChannel,
-) -> &'static str {
+fn cause(code: Option<tonic::Code>, hint: Option<&Hint>, stage: Stage) -> &'static str {
     match (code, hint.and_then(|hint| hint.leader.as_deref()), stage) {
-        (_, Some(leader), _) if shared.is_current(leader) => "taking_over",
+        _ if hint.is_some_and(|hint| hint.taking_over) => "taking_over",
         (_, Some(_), _) => "standby",
         (Some(tonic::Code::Unavailable), None, Stage::Open) => "unreachable",
         (Some(_), None, Stage::Open) => "refused",
@@ -732,12 +731,11 @@ impl VirtualAgent {
             if lost_at.is_some()
                 && let SessionEnd::Refused(code, hint, stage) = &ended
             {
-                self.counters.storm.lock().expect("lock").failed(cause(
-                    *code,
-                    hint.as_ref(),
-                    *stage,
-                    &shared,
-                ));
+                self.counters
+                    .storm
+                    .lock()
+                    .expect("lock")
+                    .failed(cause(*code, hint.as_ref(), *stage));
             }
             if !matches!(
                 ended,

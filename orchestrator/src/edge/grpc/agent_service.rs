@@ -33,7 +33,7 @@ use crate::{
     edge::auth::Authority,
     edge::metrics::Metrics,
     runtime::fleet::{self, FleetHandle, SessionReport, SessionSignal, SignalReceiver},
-    runtime::role::Role,
+    runtime::role::{self, Role},
 };
 
 /// Outbound messages buffered per stream. Control messages are rare (one Welcome,
@@ -122,8 +122,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        // A standby sends the agent on at once, before it waits for a Hello.
-        let fleet = self.role.leading()?.fleet;
+        // A standby sends the agent on at once, before it waits for a Hello; a
+        // process taking over holds it until it leads.
+        let fleet = self.role.leading_soon(role::TAKEOVER_HOLD).await?.fleet;
         let peer = request.remote_addr();
         let caller = super::caller(&self.authority, &request);
         // The agent's session span, if it sent one, is this session's parent.
