@@ -106,16 +106,17 @@ pub struct Orchestrator {
 /// Where durable state lives.
 #[derive(Debug)]
 enum Backend {
-    /// The embedded store, opened and read at bind (a bad file fails the start).
-    Embedded(Box<RedbStore>, StoredState),
+    /// The embedded store, opened at bind (locked: a second orchestrator on the
+    /// same `state_dir` fails to start) and read once the listeners serve.
+    Embedded(Box<RedbStore>),
     /// etcd, shared with the other orchestrators.
     Etcd(EtcdClient),
 }
 
 impl Orchestrator {
-    /// Opens the state store (creating `state_dir` if needed) and loads what the
-    /// last run left, or sets up the etcd client; then binds both listeners (port 0
-    /// picks a free one).
+    /// Opens the state store (creating `state_dir` if needed), or sets up the etcd
+    /// client; then binds both listeners (port 0 picks a free one). What the last
+    /// run left is read once they serve (see [`Terms::embedded`]).
     pub async fn bind(config: Config) -> Result<Self, ServeError> {
         let metrics = Metrics::new();
         let backend = if config.high_availability() {
@@ -131,9 +132,7 @@ impl Orchestrator {
                 path: config.state_dir.clone(),
                 source,
             })?;
-            let store = RedbStore::open(&config.state_dir)?;
-            let stored = store.load()?;
-            Backend::Embedded(Box::new(store), stored)
+            Backend::Embedded(Box::new(RedbStore::open(&config.state_dir)?))
         };
         let grpc = bind("grpc_listen", config.grpc_listen).await?;
         let http = bind("http_listen", config.http_listen).await?;
@@ -194,6 +193,12 @@ impl Orchestrator {
             total: listener::agent_descriptors(open_files),
         };
         let (role_sender, role) = role::channel();
+        let advertise_url = config.advertise_url(grpc_addr);
+        if matches!(backend, Backend::Embedded(_)) {
+            // The embedded store's process leads once its state is read: agents
+            // that come in meanwhile (a restarted fleet knocks at once) are held.
+            role_sender.stand_by(NotLeader::taking_over(advertise_url.clone(), TAKEOVER_RETRY));
+        }
 
         let (health, health_service) = tonic_health::server::health_reporter();
         let health = Health(health);
@@ -293,7 +298,6 @@ impl Orchestrator {
         info!(addr = %http_addr, "http api listening");
         let http_task = tokio::spawn(async move { http_server.await.map_err(ServeError::Http) });
 
-        let advertise_url = config.advertise_url(grpc_addr);
         let terms = Terms {
             config: &config,
             metrics: &metrics,
@@ -302,7 +306,7 @@ impl Orchestrator {
             advertise_url,
         };
         match backend {
-            Backend::Embedded(store, stored) => terms.embedded(*store, stored, &shutdown).await?,
+            Backend::Embedded(store) => terms.embedded(*store, &shutdown).await?,
             Backend::Etcd(client) => terms.elected_on_etcd(client, &shutdown).await,
         }
 
@@ -361,13 +365,25 @@ struct Terms<'a> {
 }
 
 impl Terms<'_> {
-    /// The embedded store: one term, from now to shutdown.
-    async fn embedded(
-        &self,
-        mut store: RedbStore,
-        mut stored: StoredState,
-        shutdown: &CancellationToken,
-    ) -> Result<(), ServeError> {
+    /// The embedded store: one term, from now to shutdown. The state is read
+    /// here, with the listeners already serving and agents held (the role says
+    /// taking over), so a restarted fleet's first attempts wait instead of
+    /// failing into their backoff; a bad file still ends the start.
+    async fn embedded(&self, store: RedbStore, shutdown: &CancellationToken) -> Result<(), ServeError> {
+        let loading = std::time::Instant::now();
+        let (mut store, stored) = tokio::task::spawn_blocking(move || {
+            let stored = store.load();
+            (store, stored)
+        })
+        .await
+        .expect("the store load does not panic");
+        let mut stored = stored?;
+        info!(
+            nodes = stored.nodes.len(),
+            outbox = stored.outbox.len(),
+            took_ms = loading.elapsed().as_millis() as u64,
+            "loaded the fleet's state from the embedded store"
+        );
         // A new event epoch for this run, durable before any event is numbered.
         stored.event_epoch += 1;
         store.apply(&[Write::PutEventEpoch(stored.event_epoch)])?;
