@@ -1,13 +1,9 @@
 //! Prometheus metrics (OpenMetrics text at `GET /metrics`), with the seed's names.
 //!
 //! One [`Metrics`] value is created at start-up and cloned into the parts that
-//! count (the fleet actor, the webhook sender). Counters and gauges are atomics;
-//! the two histograms observed on every heartbeat are too
-//! ([`histogram::AtomicHistogram`]), while the others, observed rarely, take the
-//! library histogram's lock. Figures that are a view of fleet state (nodes by
+//! count (the fleet actor, the webhook sender); the handles are atomics, so
+//! counting never takes a lock. Figures that are a view of fleet state (nodes by
 //! state) are set at scrape time from a snapshot instead of on every change.
-
-mod histogram;
 
 use std::sync::{Arc, atomic::AtomicU64};
 
@@ -17,7 +13,6 @@ use prometheus_client::{
     registry::Registry,
 };
 
-pub use self::histogram::AtomicHistogram;
 use crate::domain::node::FleetStats;
 
 /// A `reason` label (webhook reason).
@@ -128,9 +123,9 @@ pub struct Metrics {
     /// Scaling decisions by kind (hold, scale_up_predicted, scale_up_current, scale_down).
     pub scaling_decisions: Family<DecisionLabel, Counter>,
     /// How much later than the heartbeat interval heartbeats arrive, seconds.
-    pub heartbeat_lateness_seconds: AtomicHistogram,
+    pub heartbeat_lateness_seconds: Histogram,
     /// From a heartbeat's receipt on its stream to its liveness cell, seconds.
-    pub heartbeat_handling_seconds: AtomicHistogram,
+    pub heartbeat_handling_seconds: Histogram,
     /// Agent streams open now.
     pub agent_streams: Gauge,
     /// Nodes dead-node checks have looked at (only those due are).
@@ -229,8 +224,8 @@ impl Metrics {
             fleet_cpu_usage: Gauge::default(),
             predictive_scale_ups: Counter::default(),
             scaling_decisions: Family::default(),
-            heartbeat_lateness_seconds: AtomicHistogram::new(LATENESS_BUCKETS),
-            heartbeat_handling_seconds: AtomicHistogram::new(HANDLING_BUCKETS),
+            heartbeat_lateness_seconds: Histogram::new(LATENESS_BUCKETS),
+            heartbeat_handling_seconds: Histogram::new(HANDLING_BUCKETS),
             agent_streams: Gauge::default(),
             detector_nodes_checked: Counter::default(),
             agent_sessions: Counter::default(),

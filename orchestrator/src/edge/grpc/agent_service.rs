@@ -79,8 +79,8 @@ impl AgentApi {
 /// session's task).
 struct OpenStream {
     streams: prometheus_client::metrics::gauge::Gauge,
-    lateness: crate::edge::metrics::AtomicHistogram,
-    handling: crate::edge::metrics::AtomicHistogram,
+    lateness: prometheus_client::metrics::histogram::Histogram,
+    handling: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl OpenStream {
