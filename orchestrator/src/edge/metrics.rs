@@ -1,8 +1,10 @@
 //! Prometheus metrics (OpenMetrics text at `GET /metrics`), with the seed's names.
 //!
 //! One [`Metrics`] value is created at start-up and cloned into the parts that
-//! count (the fleet actor, the webhook sender); the handles are atomics, so
-//! counting never takes a lock. Figures that are a view of fleet state (nodes by
+//! count (the fleet actor, the webhook sender). Counters and gauges are atomics;
+//! a histogram takes the library's lock per observation (two per heartbeat: a
+//! lock-free histogram measured no difference at 50,000 agents, BENCHMARKS.md,
+//! "Where the CPU goes"). Figures that are a view of fleet state (nodes by
 //! state) are set at scrape time from a snapshot instead of on every change.
 
 use std::sync::{Arc, atomic::AtomicU64};
