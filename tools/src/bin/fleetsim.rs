@@ -20,7 +20,10 @@
 //! Healthy agents whose stream ends reconnect like the real agent (jittered
 //! exponential backoff from 0.5 s to 30 s). Restart the orchestrator during a run
 //! and `reconnect` says how long it took until every agent that lost its stream
-//! was welcomed again (the reconnect storm). With `--orchestrator-http`, the run
+//! was welcomed again (the reconnect storm), how many were welcomed in each second
+//! (`back_per_second`) and why attempts failed in each second
+//! (`failures_per_second`: `standby`, `taking_over`, `unreachable`, `refused`,
+//! `open_timeout`, `no_welcome`, `cut_before_welcome`). With `--orchestrator-http`, the run
 //! also reads the orchestrator's heartbeat handling latency (receipt on the stream
 //! to the session's liveness cell), detector work and TLS handshakes (full and
 //! resumed) from `/metrics` over the same steady window as CPU and memory, and
