@@ -26,7 +26,7 @@ use tokio::{
     task::JoinSet,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::{OutboxEntry, UNEXPECTED_NODE_FAILURE};
 use crate::{
@@ -303,11 +303,23 @@ async fn deliver(delivery: Arc<Delivery>, entry: OutboxEntry) -> String {
                     problem.http_status,
                     format!("{problem}; retry in {} ms", delay.as_millis()),
                 );
-                warn!(
-                    webhook.id = %entry.id, webhook.reason = %entry.reason, attempt, %problem,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "webhook delivery failed; will retry"
-                );
+                // A receiver down for an hour fails every entry dozens of times:
+                // attempts 1, 2, 4, 8, ... are warnings, the rest debug lines (the
+                // event bus and webhook_errors_total still see every one).
+                if attempt.is_power_of_two() {
+                    warn!(
+                        webhook.id = %entry.id, webhook.reason = %entry.reason, attempt, %problem,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "webhook delivery failed; will retry (logged again at attempt {})",
+                        attempt.saturating_mul(2)
+                    );
+                } else {
+                    debug!(
+                        webhook.id = %entry.id, webhook.reason = %entry.reason, attempt, %problem,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "webhook delivery failed; will retry"
+                    );
+                }
                 tokio::time::sleep(delay).await;
             }
         }
