@@ -24,7 +24,8 @@ pub struct AgentArgs {
     pub logs: secbeat::telemetry::LogArgs,
     /// Orchestrator gRPC URLs, comma-separated or repeated (every orchestrator of
     /// a highly available control plane): the agent starts at a random one, follows
-    /// a standby's pointer to the leader, and otherwise tries the next in turn
+    /// a standby's pointer to the leader (and, when that fails, comes back when the
+    /// standby said leadership can move), and otherwise tries the next in turn
     #[arg(
         long,
         env = "SECBEAT_ORCHESTRATOR",
