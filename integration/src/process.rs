@@ -191,6 +191,13 @@ impl Process {
         nix::sys::signal::kill(self.pid(), signal).expect("send signal");
     }
 
+    /// SIGKILLs the process and waits until it is gone (a crash, as the kernel
+    /// leaves it: sockets reset, no goodbye).
+    pub async fn kill(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        self.signal(Signal::SIGKILL);
+        self.wait_exit(timeout).await
+    }
+
     /// Waits for the process to exit.
     pub async fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
         tokio::time::timeout(timeout, self.child.wait())

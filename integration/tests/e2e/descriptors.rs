@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use secbeat::pb::NodeState;
-use secbeat_integration::{FAST_CONFIG, Orchestrator, STARTUP, Sig, eventually, fleetsim, wait_for_state};
+use secbeat_integration::{FAST_CONFIG, Orchestrator, STARTUP, eventually, fleetsim, wait_for_state};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_connections_than_descriptors_neither_spin_nor_drop_existing_agents() {
@@ -161,8 +161,7 @@ async fn the_fleet_simulator_times_the_reconnect_storm_after_an_orchestrator_res
     // then cuts AGENTS sessions, none of them half-opened.
     wait_for_heartbeats(&first, AGENTS).await;
 
-    first.process.signal(Sig::SIGKILL);
-    first.process.wait_exit(STARTUP).await.unwrap();
+    first.process.kill(STARTUP).await.unwrap();
     let second = first.restart().await.unwrap();
     // The restarted orchestrator has them all live again, while the run goes on.
     wait_for_streams(&second, AGENTS).await;

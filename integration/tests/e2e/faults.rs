@@ -377,8 +377,7 @@ async fn a_first_start_killed_half_way_leaves_a_store_that_opens() {
     let first = Orchestrator::start(FAST_CONFIG).await.unwrap();
     let state = first.state_dir();
     let mut first = first;
-    first.process.signal(Sig::SIGKILL);
-    first.process.wait_exit(STARTUP).await.unwrap();
+    first.process.kill(STARTUP).await.unwrap();
     // What a SIGKILL between creating the file and committing its tables leaves: a
     // half-written file that never became the store.
     std::fs::remove_file(state.join("orchestrator.redb")).unwrap();

@@ -235,8 +235,7 @@ async fn a_webhook_pending_when_the_leader_dies_is_delivered_by_the_new_leader_u
     // The leader dies with the webhook undelivered; the receiver recovers.
     leader.process.signal(Sig::SIGKILL);
     let addr = plane.receiver.addr;
-    plane.receiver.process.signal(Sig::SIGKILL);
-    plane.receiver.process.wait_exit(STARTUP).await.unwrap();
+    plane.receiver.process.kill(STARTUP).await.unwrap();
     plane.receiver = eventually(STARTUP, "the receiver to listen again", || async {
         WebhookReceiver::start(addr, &[]).await.ok()
     })

@@ -308,10 +308,8 @@ async fn undelivered_webhooks_and_nodes_lost_meanwhile_survive_an_orchestrator_s
     );
 
     // The orchestrator dies; a node dies while it is down.
-    first.process.signal(Sig::SIGKILL);
-    first.process.wait_exit(STARTUP).await.unwrap();
-    during.process.signal(Sig::SIGKILL);
-    during.process.wait_exit(STARTUP).await.unwrap();
+    first.process.kill(STARTUP).await.unwrap();
+    during.process.kill(STARTUP).await.unwrap();
 
     let receiver = WebhookReceiver::start(addr, &[]).await.unwrap();
     let second = first.restart().await.unwrap();

@@ -97,12 +97,7 @@ async fn measure_reconnect_after_orchestrator_restart() {
         .await;
     let mut samples = Vec::new();
     for _ in 0..5 {
-        orchestrator.process.signal(Sig::SIGKILL);
-        orchestrator
-            .process
-            .wait_exit(Duration::from_secs(5))
-            .await
-            .unwrap();
+        orchestrator.process.kill(Duration::from_secs(5)).await.unwrap();
         let down = std::time::Instant::now();
         orchestrator = orchestrator.restart().await.unwrap();
         orchestrator

@@ -175,12 +175,7 @@ async fn an_mtls_agent_resumes_its_tls_session_after_a_restart() {
     assert_eq!(orchestrator.metric(&handshakes("resumed")).await, 0.0);
     assert!(orchestrator.metric(&handshakes("full")).await >= 1.0);
 
-    orchestrator.process.signal(nix::sys::signal::Signal::SIGKILL);
-    orchestrator
-        .process
-        .wait_exit(Duration::from_secs(10))
-        .await
-        .unwrap();
+    orchestrator.process.kill(Duration::from_secs(10)).await.unwrap();
     agent
         .process
         .logs

@@ -500,13 +500,14 @@ impl Terms<'_> {
             "elected: loaded the fleet's state from etcd"
         );
         let starting = std::time::Instant::now();
-        let running = self.start(term.clone(), Box::new(store), stored).await;
-        info!(
-            took_ms = starting.elapsed().as_millis() as u64,
-            "elected: the term's parts started"
-        );
-        match running {
-            Ok(running) => Some(running),
+        match self.start(term.clone(), Box::new(store), stored).await {
+            Ok(running) => {
+                info!(
+                    took_ms = starting.elapsed().as_millis() as u64,
+                    "elected: the term's parts started"
+                );
+                Some(running)
+            }
             Err(error) => {
                 error!(%error, "elected, but the term could not start; stepping down");
                 term.end(format!("could not start: {error}"));
