@@ -193,24 +193,28 @@ impl Drop for SignalReceiver {
 impl SignalReceiver {
     /// The next signal, or None once the actor dropped the session.
     pub fn recv(&mut self) -> impl Future<Output = Option<SessionSignal>> + '_ {
-        std::future::poll_fn(move |cx| {
-            loop {
+        std::future::poll_fn(move |cx| self.poll_recv(cx))
+    }
+
+    /// Polls for the next signal (None once the actor dropped the session); when
+    /// there is none yet, `cx` is woken when one comes.
+    pub fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Option<SessionSignal>> {
+        loop {
+            if !self.0.pending.load(Ordering::Acquire) {
+                self.0.waker.register(cx.waker());
+                // A signal that came between the check and the registration.
                 if !self.0.pending.load(Ordering::Acquire) {
-                    self.0.waker.register(cx.waker());
-                    // A signal that came between the check and the registration.
-                    if !self.0.pending.load(Ordering::Acquire) {
-                        return Poll::Pending;
-                    }
-                }
-                match self.try_recv() {
-                    Ok(signal) => return Poll::Ready(Some(signal)),
-                    Err(mpsc::error::TryRecvError::Disconnected) => return Poll::Ready(None),
-                    // The flag was stale (its signal already taken) and is now
-                    // cleared: look again, registered this time.
-                    Err(mpsc::error::TryRecvError::Empty) => {}
+                    return Poll::Pending;
                 }
             }
-        })
+            match self.try_recv() {
+                Ok(signal) => return Poll::Ready(Some(signal)),
+                Err(mpsc::error::TryRecvError::Disconnected) => return Poll::Ready(None),
+                // The flag was stale (its signal already taken) and is now
+                // cleared: look again, registered this time.
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+        }
     }
 
     /// The next signal if one is waiting.
@@ -398,6 +402,31 @@ impl FleetHandle {
             at,
         };
         self.commands.send(command).await.map_err(|_| FleetStopped)
+    }
+
+    /// Reports something that happened on a session from where nothing can
+    /// wait (a stream's `Drop`): at once if the actor's inbox has room, else
+    /// from a task that waits for room, so that the report is never lost to a
+    /// full inbox (a thousand streams breaking together). Dropped only when the
+    /// actor has stopped, or outside a runtime (at shutdown).
+    pub fn report_detached(&self, node: NodeId, session: SessionId, report: SessionReport, at: Instant) {
+        let command = Command::Report {
+            node,
+            session,
+            report,
+            at,
+        };
+        match self.commands.try_send(command) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(command)) => {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let commands = self.commands.clone();
+                    runtime.spawn(async move {
+                        let _ = commands.send(command).await;
+                    });
+                }
+            }
+        }
     }
 
     /// Marks a node terminating and sends it Terminate.

@@ -1,23 +1,25 @@
-//! `AgentService.Connect`: one task per agent stream.
+//! `AgentService.Connect`: one agent session per stream, with no task of its own.
 //!
 //! The handler waits (bounded) for the Hello, validates it, registers the session
-//! with the fleet actor and returns the outbound stream. A per-session task then
-//! relays: inbound messages are validated and stamped with the orchestrator's
-//! clock at receipt; heartbeats and CPU samples go into the session's liveness
-//! cell (no channel, no wake-up of the actor), everything else is reported to the
-//! actor; the actor's signals (Welcome, Terminate, close) are written to the
-//! outbound stream. Any protocol violation ends only this
-//! stream, with INVALID_ARGUMENT.
+//! with the fleet actor and returns the session as the response stream. Polled by
+//! hyper's task for the HTTP/2 stream, the session takes what the agent sends:
+//! messages are validated and stamped with the orchestrator's clock at receipt;
+//! heartbeats and CPU samples go into the session's liveness cell (no channel, no
+//! wake-up of the actor), everything else is reported to the actor; the actor's
+//! signals (Welcome, Terminate, close) become the control messages. Any protocol
+//! violation ends only this stream, with INVALID_ARGUMENT.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::{Duration, Instant, SystemTime},
+};
 
-use futures_util::StreamExt;
 use secbeat::{
     pb::{self, agent_message::Kind, control_message},
     wire,
 };
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, Span, debug, info, info_span, warn};
 
@@ -32,13 +34,9 @@ use crate::{
     domain::registry::Liveness,
     edge::auth::Authority,
     edge::metrics::Metrics,
-    runtime::fleet::{self, FleetHandle, SessionReport, SessionSignal, SignalReceiver},
+    runtime::fleet::{self, FleetHandle, FleetStopped, SessionReport, SessionSignal, SignalReceiver},
     runtime::role::{self, Role},
 };
-
-/// Outbound messages buffered per stream. Control messages are rare (one Welcome,
-/// a Terminate, a close), so a full buffer means the agent stopped reading.
-const OUTBOUND_BUFFER: usize = 16;
 
 /// The `AgentService` implementation.
 #[derive(Debug, Clone)]
@@ -75,8 +73,8 @@ impl AgentApi {
 }
 
 /// Counts an open stream for as long as it lives, and holds the few metrics its
-/// relay writes (not the whole [`Metrics`]: that is some 50 handles, in every
-/// session's task).
+/// session writes (not the whole [`Metrics`]: that is some 50 handles, in every
+/// session).
 struct OpenStream {
     streams: prometheus_client::metrics::gauge::Gauge,
     lateness: prometheus_client::metrics::histogram::Histogram,
@@ -101,22 +99,9 @@ impl Drop for OpenStream {
     }
 }
 
-/// What the outbound stream carries, boxed: the channel's first block holds 32
-/// items, 256 bytes per session boxed instead of 2.3 KiB.
-type OutboundItem = Box<Result<pb::ControlMessage, Status>>;
-type Outbound = mpsc::Sender<OutboundItem>;
-
-#[expect(clippy::boxed_local, reason = "the channel's items are boxed on purpose")]
-fn unbox(item: OutboundItem) -> Result<pb::ControlMessage, Status> {
-    *item
-}
-
 #[tonic::async_trait]
 impl pb::agent_service_server::AgentService for AgentApi {
-    type ConnectStream = futures_util::stream::Map<
-        ReceiverStream<OutboundItem>,
-        fn(OutboundItem) -> Result<pb::ControlMessage, Status>,
-    >;
+    type ConnectStream = SessionStream;
 
     async fn connect(
         &self,
@@ -159,111 +144,223 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .instrument(registration)
             .await?;
         span.record("session", tracing::field::display(session));
-        let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_BUFFER);
-        let relay = SessionRelay {
+        debug!(parent: &span, "session started");
+        let now = clock::now();
+        Ok(Response::new(SessionStream {
+            inbound,
+            signals,
             fleet,
             node,
             session,
             liveness,
-            outbound,
             heartbeat_interval: self.limits.heartbeat_interval,
+            last_heartbeat: now,
             open: OpenStream::new(&self.metrics),
-            span,
             bucket: TokenBucket::new(
                 self.limits.messages_per_second,
                 self.limits.messages_per_second * BURST_SECONDS,
-                clock::now(),
+                now,
             ),
-        };
-        // Not `.instrument(span)`: entering and leaving the span on every poll
-        // (twice a second per agent) was 5% of the orchestrator's CPU at 50,000
-        // agents. The relay names the span as the parent of its few log lines.
-        tokio::spawn(relay.run(inbound, signals));
-        let outbound = ReceiverStream::new(outbound_rx).map(unbox as fn(OutboundItem) -> _);
-        Ok(Response::new(outbound))
+            sending: None,
+            last: None,
+            end: End::Open,
+            span,
+        }))
     }
-}
-
-struct SessionRelay {
-    fleet: FleetHandle,
-    node: NodeId,
-    session: SessionId,
-    liveness: Liveness,
-    outbound: Outbound,
-    heartbeat_interval: Duration,
-    open: OpenStream,
-    bucket: TokenBucket,
-    /// The `agent_session` span: open for as long as the relay runs.
-    span: Span,
 }
 
 /// A stream may send this many seconds' worth of messages at once.
 const BURST_SECONDS: f64 = 4.0;
 
-impl SessionRelay {
-    async fn run(mut self, mut inbound: Streaming<pb::AgentMessage>, mut signals: SignalReceiver) {
-        debug!(parent: &self.span, "session started");
-        let mut last_heartbeat = clock::now();
-        let cause = loop {
-            tokio::select! {
-                signal = signals.recv() => {
-                    let Some(signal) = signal else { break "fleet actor stopped".to_owned() };
-                    if let Some(end) = self.forward(signal) {
-                        // Closed by the orchestrator: the registry already knows.
-                        debug!(parent: &self.span, reason = %end, "session closed by orchestrator");
-                        return;
+/// Messages taken from the agent's stream per poll before yielding to the
+/// runtime (a burst is bounded by the rate limit anyway).
+const MESSAGES_PER_POLL: usize = 32;
+
+/// A report on its way to the fleet actor.
+type Sending = Pin<Box<dyn Future<Output = Result<(), FleetStopped>> + Send>>;
+
+/// One agent session, as the response stream tonic sends to the agent.
+///
+/// There is no task of its own: hyper already runs one task per HTTP/2 stream,
+/// and it polls this stream for the next control message. Each poll also takes
+/// what the agent sent: heartbeats and CPU samples go into the liveness cell,
+/// anything else is reported to the fleet actor (nothing more is read until the
+/// actor has taken it), and the actor's signals (Welcome, Terminate, Drain,
+/// close) become the control messages. A relay task and a channel per session
+/// cost about 2 KiB and a task wake-up per heartbeat more than this.
+///
+/// However the stream ends (the agent ended or broke it, a protocol violation,
+/// or the transport dropped it on a reset or a lost connection), the actor
+/// hears of it from `Drop`, unless the actor itself closed the session.
+pub struct SessionStream {
+    inbound: Streaming<pb::AgentMessage>,
+    signals: SignalReceiver,
+    fleet: FleetHandle,
+    node: NodeId,
+    session: SessionId,
+    liveness: Liveness,
+    heartbeat_interval: Duration,
+    last_heartbeat: Instant,
+    open: OpenStream,
+    bucket: TokenBucket,
+    /// A report the actor has not taken yet.
+    sending: Option<Sending>,
+    /// The status to end the stream with, sent before the end.
+    last: Option<Status>,
+    end: End,
+    /// The `agent_session` span: open for the session's life. Not entered on
+    /// every poll (that was 5% of the orchestrator's CPU at 50,000 agents): it
+    /// is the explicit parent of the session's few log lines.
+    span: Span,
+}
+
+/// Where a session stands, and what the actor is told when it ends.
+enum End {
+    /// Running. If the transport drops the stream now, the connection was lost
+    /// or the stream reset.
+    Open,
+    /// Ended for this cause, which the actor is told.
+    Closed(String),
+    /// Ended by the actor (a close or shutdown signal), or the actor is gone:
+    /// there is no one to tell.
+    Silent,
+}
+
+/// What one message from the agent asks of the stream.
+enum Received {
+    /// Taken; read on.
+    Taken,
+    /// Report this to the actor before reading on.
+    Report(SessionReport),
+    /// End the stream with this status, for this cause.
+    Violation(Status, String),
+}
+
+impl std::fmt::Debug for SessionStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionStream")
+            .field("node", &self.node)
+            .field("session", &self.session)
+            .finish_non_exhaustive()
+    }
+}
+
+impl futures_util::Stream for SessionStream {
+    type Item = Result<pb::ControlMessage, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if !matches!(this.end, End::Open) {
+            return Poll::Ready(this.last.take().map(Err));
+        }
+        let mut taken = 0;
+        loop {
+            if let Some(sending) = &mut this.sending {
+                match sending.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(())) => this.sending = None,
+                    Poll::Ready(Err(FleetStopped)) => {
+                        this.sending = None;
+                        return this.finish(End::Silent, Some(status::shutting_down()));
                     }
                 }
-                message = inbound.message() => match message {
-                    Ok(Some(message)) => {
-                        let at = clock::now();
-                        if !self.bucket.take(at) {
-                            warn!(parent: &self.span, "stream over its message rate: ending it");
-                            let _ = self.outbound.try_send(Box::new(Err(ProtocolError::Flooding.into())));
-                            break "flooding: over max_messages_per_second".to_owned();
+            }
+            match this.signals.poll_recv(cx) {
+                Poll::Ready(Some(signal)) => {
+                    return match this.control(signal) {
+                        Ok(message) => Poll::Ready(Some(Ok(message))),
+                        // Closed by the orchestrator: the registry already knows.
+                        Err(status) => {
+                            debug!(parent: &this.span, reason = %status.message(), "session closed by orchestrator");
+                            this.finish(End::Silent, Some(status))
                         }
-                        match convert::session_report(message, SystemTime::now()) {
-                            Ok(Inbound::Heartbeat { cpu }) => {
-                                self.liveness.beat(at, cpu);
-                                let late = at
-                                    .saturating_duration_since(last_heartbeat)
-                                    .saturating_sub(self.heartbeat_interval);
-                                self.open.lateness.observe(late.as_secs_f64());
-                                let handled = clock::now().saturating_duration_since(at);
-                                self.open.handling.observe(handled.as_secs_f64());
-                                last_heartbeat = at;
-                            }
-                            Ok(Inbound::Cpu(usage)) => self.liveness.beat(at, Some(usage)),
-                            Ok(Inbound::Report(report)) => {
-                                // Boxed: a report (a goodbye, an ack) is rare, and its
-                                // future (a whole command) would otherwise sit in every
-                                // session's task for its life.
-                                let sent = Box::pin(self.fleet.report(self.node, self.session, report, at));
-                                if sent.await.is_err() {
-                                    let _ = self.outbound.try_send(Box::new(Err(status::shutting_down())));
-                                    return;
-                                }
-                            }
-                            Err(rejection) => {
-                                warn!(parent: &self.span, %rejection, "protocol violation: ending stream");
-                                let cause = format!("protocol violation: {rejection}");
-                                let _ = self.outbound.try_send(Box::new(Err(rejection.into())));
-                                break cause;
-                            }
-                        }
+                    };
+                }
+                Poll::Ready(None) => return this.finish(End::Closed("fleet actor stopped".to_owned()), None),
+                Poll::Pending => {}
+            }
+            if taken == MESSAGES_PER_POLL {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            taken += 1;
+            match Pin::new(&mut this.inbound).poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return this.finish(End::Closed("stream ended".to_owned()), None),
+                Poll::Ready(Some(Err(error))) => {
+                    let cause = format!("stream broke: {}", error.message());
+                    return this.finish(End::Closed(cause), None);
+                }
+                Poll::Ready(Some(Ok(message))) => match this.receive(message) {
+                    Received::Taken => {}
+                    Received::Report(report) => {
+                        // Boxed: a report (a goodbye, an ack) is rare, and its
+                        // future (a whole command) would otherwise sit in every
+                        // session for its life.
+                        let fleet = this.fleet.clone();
+                        let (node, session, at) = (this.node, this.session, clock::now());
+                        this.sending =
+                            Some(Box::pin(
+                                async move { fleet.report(node, session, report, at).await },
+                            ));
                     }
-                    Ok(None) => break "stream ended".to_owned(),
-                    Err(error) => break format!("stream broke: {}", error.message()),
+                    Received::Violation(status, cause) => {
+                        return this.finish(End::Closed(cause), Some(status));
+                    }
                 },
             }
-        };
-        info!(parent: &self.span, %cause, "session ended");
-        let closed = SessionReport::Closed(cause);
-        let _ = Box::pin(self.fleet.report(self.node, self.session, closed, clock::now())).await;
+        }
+    }
+}
+
+impl SessionStream {
+    /// Ends the stream: with `status` if given, then the end.
+    fn finish(
+        &mut self,
+        end: End,
+        status: Option<Status>,
+    ) -> Poll<Option<Result<pb::ControlMessage, Status>>> {
+        self.end = end;
+        Poll::Ready(status.map(Err))
     }
 
-    /// Writes a signal to the agent; returns the reason when it ends the stream.
-    fn forward(&self, signal: SessionSignal) -> Option<String> {
+    /// Takes one message from the agent.
+    fn receive(&mut self, message: pb::AgentMessage) -> Received {
+        let at = clock::now();
+        if !self.bucket.take(at) {
+            warn!(parent: &self.span, "stream over its message rate: ending it");
+            return Received::Violation(
+                ProtocolError::Flooding.into(),
+                "flooding: over max_messages_per_second".to_owned(),
+            );
+        }
+        match convert::session_report(message, SystemTime::now()) {
+            Ok(Inbound::Heartbeat { cpu }) => {
+                self.liveness.beat(at, cpu);
+                let late = at
+                    .saturating_duration_since(self.last_heartbeat)
+                    .saturating_sub(self.heartbeat_interval);
+                self.open.lateness.observe(late.as_secs_f64());
+                let handled = clock::now().saturating_duration_since(at);
+                self.open.handling.observe(handled.as_secs_f64());
+                self.last_heartbeat = at;
+                Received::Taken
+            }
+            Ok(Inbound::Cpu(usage)) => {
+                self.liveness.beat(at, Some(usage));
+                Received::Taken
+            }
+            Ok(Inbound::Report(report)) => Received::Report(report),
+            Err(rejection) => {
+                warn!(parent: &self.span, %rejection, "protocol violation: ending stream");
+                let cause = format!("protocol violation: {rejection}");
+                Received::Violation(rejection.into(), cause)
+            }
+        }
+    }
+
+    /// The control message for a signal, or the status that ends the stream.
+    fn control(&self, signal: SessionSignal) -> Result<pb::ControlMessage, Status> {
         let message = match signal {
             SessionSignal::Welcome {
                 session,
@@ -291,24 +388,24 @@ impl SessionRelay {
                 reason,
                 deadline: Some(wire::duration_to_proto(deadline)),
             }),
-            SessionSignal::Close(reason) => {
-                let status = status::closed(&reason);
-                let end = status.message().to_owned();
-                let _ = self.outbound.try_send(Box::new(Err(status)));
-                return Some(end);
-            }
-            SessionSignal::ShuttingDown => {
-                let _ = self.outbound.try_send(Box::new(Err(status::shutting_down())));
-                return Some("orchestrator shutting down".to_owned());
-            }
+            SessionSignal::Close(reason) => return Err(status::closed(&reason)),
+            SessionSignal::ShuttingDown => return Err(status::shutting_down()),
         };
-        if let Err(error) = self
-            .outbound
-            .try_send(Box::new(Ok(pb::ControlMessage { kind: Some(message) })))
-        {
-            warn!(parent: &self.span, %error, "agent is not reading its stream; control message dropped");
-        }
-        None
+        Ok(pb::ControlMessage { kind: Some(message) })
+    }
+}
+
+impl Drop for SessionStream {
+    fn drop(&mut self) {
+        let cause = match std::mem::replace(&mut self.end, End::Silent) {
+            End::Silent => return,
+            End::Closed(cause) => cause,
+            End::Open => "stream reset or connection lost".to_owned(),
+        };
+        info!(parent: &self.span, %cause, "session ended");
+        let closed = SessionReport::Closed(cause);
+        self.fleet
+            .report_detached(self.node, self.session, closed, clock::now());
     }
 }
 
