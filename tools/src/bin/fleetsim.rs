@@ -892,7 +892,9 @@ impl VirtualAgent {
             tokio::select! {
                 _ = ticks.tick() => {
                     sequence += 1;
-                    let sample = pb::CpuSample { time: None, usage: self.cpu };
+                    // Stamped as the real agent stamps its samples.
+                    let time = Some(secbeat::wire::timestamp_to_proto(SystemTime::now()));
+                    let sample = pb::CpuSample { time, usage: self.cpu };
                     let sent = if combined {
                         outbound.send(message(Kind::Heartbeat(pb::Heartbeat { sequence, cpu: Some(sample) }))).await.map(|()| 1)
                     } else {

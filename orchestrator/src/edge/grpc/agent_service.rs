@@ -191,6 +191,11 @@ type Sending = Pin<Box<dyn Future<Output = Result<(), FleetStopped>> + Send>>;
 /// However the stream ends (the agent ended or broke it, a protocol violation,
 /// or the transport dropped it on a reset or a lost connection), the actor
 /// hears of it from `Drop`, unless the actor itself closed the session.
+///
+/// hyper polls for the next control message only while the last one has room to
+/// go: an agent that stopped reading its stream until HTTP/2 flow control held
+/// a control message back (64 KiB of them unread) would have its heartbeats left
+/// unread too, and be judged silent. An agent reads its stream.
 pub struct SessionStream {
     inbound: Streaming<pb::AgentMessage>,
     signals: SignalReceiver,
