@@ -402,7 +402,16 @@ impl Drop for SessionStream {
         let cause = match std::mem::replace(&mut self.end, End::Silent) {
             End::Silent => return,
             End::Closed(cause) => cause,
-            End::Open => "stream reset or connection lost".to_owned(),
+            // Dropped by the transport, which does not say why; the agent's side
+            // of the stream may (a reset's code, the connection's error).
+            End::Open => {
+                let mut context = Context::from_waker(std::task::Waker::noop());
+                match futures_util::Stream::poll_next(Pin::new(&mut self.inbound), &mut context) {
+                    Poll::Ready(Some(Err(error))) => format!("stream broke: {}", error.message()),
+                    Poll::Ready(None) => "stream ended".to_owned(),
+                    Poll::Ready(Some(Ok(_))) | Poll::Pending => "stream reset or connection lost".to_owned(),
+                }
+            }
         };
         info!(parent: &self.span, %cause, "session ended");
         let closed = SessionReport::Closed(cause);
