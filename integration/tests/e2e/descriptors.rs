@@ -125,9 +125,10 @@ async fn the_fleet_simulator_reports_detection_and_no_false_failures() {
         report["hang_detection"]["p50_s"].as_f64().unwrap() >= 1.0,
         "a hang costs the timeout"
     );
-    // A crash resets the agent's stream on a connection that others still use;
-    // the orchestrator hears of it at once (the stream's end is reported when
-    // the transport drops it), not through silence, which takes the 1 s timeout.
+    // A crash ends the agent's stream without a goodbye on a connection that
+    // others still use; the orchestrator hears of it at once (a session reports
+    // its end when it is dropped), not through silence, which takes the 1 s
+    // timeout.
     assert!(
         report["crash_detection"]["p50_s"].as_f64().unwrap() < 1.0,
         "a reset stream is a crash known at once: {report}"
