@@ -191,8 +191,10 @@ impl Drop for SignalReceiver {
 }
 
 impl SignalReceiver {
-    /// The next signal, or None once the actor dropped the session.
-    pub fn recv(&mut self) -> impl Future<Output = Option<SessionSignal>> + '_ {
+    /// The next signal, or None once the actor dropped the session (the tests'
+    /// reader; a session polls [`SignalReceiver::poll_recv`] from its stream).
+    #[cfg(test)]
+    pub(crate) fn recv(&mut self) -> impl Future<Output = Option<SessionSignal>> + '_ {
         std::future::poll_fn(move |cx| self.poll_recv(cx))
     }
 

@@ -376,7 +376,7 @@ impl Terms<'_> {
             (store, stored)
         })
         .await
-        .expect("the store load does not panic");
+        .map_err(|error| StoreError(format!("reading the embedded store: {error}")))?;
         let mut stored = stored?;
         info!(
             nodes = stored.nodes.len(),

@@ -488,8 +488,6 @@ const FAULT_STEP: Duration = Duration::from_millis(97);
 struct Hint {
     leader: Option<String>,
     retry_after: Option<Duration>,
-    /// The orchestrator reached was elected and is loading the fleet's state.
-    taking_over: bool,
 }
 
 fn leader_hint(status: &tonic::Status) -> Option<Hint> {
@@ -499,8 +497,6 @@ fn leader_hint(status: &tonic::Status) -> Option<Hint> {
         retry_after: text("secbeat-retry-after-ms")
             .and_then(|ms| ms.parse().ok())
             .map(Duration::from_millis),
-        // Only for the storm report's causes: the orchestrator says so in words.
-        taking_over: status.message().contains("loading the fleet's state"),
     };
     (hint.leader.is_some() || hint.retry_after.is_some()).then_some(hint)
 }
@@ -691,10 +687,17 @@ enum Stage {
     Welcome,
 }
 
-/// Why a reconnect attempt failed, as the storm report counts it.
-fn cause(code: Option<tonic::Code>, hint: Option<&Hint>, stage: Stage) -> &'static str {
+/// Why a reconnect attempt failed, as the storm report counts it. `dialed`
+/// says whether a leader hint names the orchestrator just dialed: one elected
+/// and still loading the fleet's state (as the real agent tells it).
+fn cause(
+    code: Option<tonic::Code>,
+    hint: Option<&Hint>,
+    stage: Stage,
+    dialed: impl Fn(&str) -> bool,
+) -> &'static str {
     match (code, hint.and_then(|hint| hint.leader.as_deref()), stage) {
-        _ if hint.is_some_and(|hint| hint.taking_over) => "taking_over",
+        (_, Some(leader), _) if dialed(leader) => "taking_over",
         (_, Some(_), _) => "standby",
         (Some(tonic::Code::Unavailable), None, Stage::Open) => "unreachable",
         (Some(_), None, Stage::Open) => "refused",
@@ -734,11 +737,12 @@ impl VirtualAgent {
             if lost_at.is_some()
                 && let SessionEnd::Refused(code, hint, stage) = &ended
             {
-                self.counters
-                    .storm
-                    .lock()
-                    .expect("lock")
-                    .failed(cause(*code, hint.as_ref(), *stage));
+                self.counters.storm.lock().expect("lock").failed(cause(
+                    *code,
+                    hint.as_ref(),
+                    *stage,
+                    |url| shared.is_current(url),
+                ));
             }
             if !matches!(
                 ended,
@@ -1082,4 +1086,36 @@ fn quantile_bound(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
 
 fn message(kind: Kind) -> pb::AgentMessage {
     pb::AgentMessage { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_attempt_is_counted_by_what_the_orchestrator_said() {
+        let dialed = |url: &str| url == "http://b:50051";
+        let pointing = |leader: &str| Hint {
+            leader: Some(leader.to_owned()),
+            retry_after: Some(Duration::from_millis(250)),
+        };
+        let unavailable = Some(tonic::Code::Unavailable);
+        // Named itself: elected and loading the fleet's state.
+        let itself = pointing("http://b:50051");
+        assert_eq!(
+            cause(unavailable, Some(&itself), Stage::Open, dialed),
+            "taking_over"
+        );
+        let other = pointing("http://a:50051");
+        assert_eq!(cause(unavailable, Some(&other), Stage::Open, dialed), "standby");
+        assert_eq!(cause(unavailable, None, Stage::Open, dialed), "unreachable");
+        let denied = Some(tonic::Code::PermissionDenied);
+        assert_eq!(cause(denied, None, Stage::Open, dialed), "refused");
+        assert_eq!(
+            cause(unavailable, None, Stage::Welcome, dialed),
+            "cut_before_welcome"
+        );
+        assert_eq!(cause(None, None, Stage::Open, dialed), "open_timeout");
+        assert_eq!(cause(None, None, Stage::Welcome, dialed), "no_welcome");
+    }
 }
