@@ -27,7 +27,10 @@
 //! also reads the orchestrator's heartbeat handling latency (receipt on the stream
 //! to the session's liveness cell), detector work and TLS handshakes (full and
 //! resumed) from `/metrics` over the same steady window as CPU and memory, and
-//! the handshakes of the reconnect storm.
+//! the handshakes of the reconnect storm. It reports its own CPU over that window
+//! too (`fleetsim_cpu_share_of_one_core`): when the simulator and the orchestrator
+//! together near the machine's cores, agents fall behind their schedule whatever
+//! the orchestrator does.
 //!
 //! TLS: `--ca` trusts the orchestrator's CA (https:// URLs); `--issue-from` gives
 //! every virtual agent its own certificate for its node id, issued in memory by
@@ -365,6 +368,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ),
         _ => (None, None),
     };
+    let own_cpu = steady_to
+        .own_cpu
+        .saturating_sub(steady_from.own_cpu)
+        .as_secs_f64()
+        / window;
     tokio::time::sleep_until((started + Duration::from_secs_f64(args.duration)).into()).await;
 
     let failures = failures.lock().expect("lock").clone();
@@ -433,6 +441,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "refused": counters.refused.load(Ordering::Relaxed),
         "steady_window_s": window,
         "messages_per_second": rate.round(),
+        "fleetsim_cpu_share_of_one_core": own_cpu,
         "false_failures": false_failures,
         "crash_detection": latency_summary(&mut crash, args.kill),
         "hang_detection": latency_summary(&mut hang, args.stall),
@@ -937,6 +946,9 @@ struct Snapshot {
     messages: u64,
     cpu: Option<Duration>,
     rss: Option<u64>,
+    /// The simulator's own CPU time: when it nears the machine's cores, its
+    /// agents fall behind their schedule, whatever the orchestrator does.
+    own_cpu: Duration,
     metrics: Option<Vec<(String, f64)>>,
 }
 
@@ -962,6 +974,7 @@ impl Snapshot {
             messages: counters.messages.load(Ordering::Relaxed),
             cpu: args.orchestrator_pid.map(process_cpu_time),
             rss: args.orchestrator_pid.and_then(process_rss),
+            own_cpu: process_cpu_time(std::process::id()),
             metrics,
         })
     }
