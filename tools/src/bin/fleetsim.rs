@@ -162,6 +162,23 @@ struct Counters {
     failed_reconnects: AtomicU64,
     /// The first loss, and each agent's time from its loss to its next Welcome.
     storm: Mutex<Storm>,
+    /// The simulator's own CPU time, sampled through the run.
+    cpu: Mutex<Vec<(Instant, Duration)>>,
+}
+
+/// How often the simulator samples its own CPU time (for its share of a
+/// reconnect storm).
+const CPU_SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+impl Counters {
+    /// The simulator's own CPU time from `from` to `to`, from the samples on
+    /// either side of them (None if the run has none there).
+    fn own_cpu_between(&self, from: Instant, to: Instant) -> Option<Duration> {
+        let samples = self.cpu.lock().expect("lock");
+        let before = samples.iter().rev().find(|(at, _)| *at <= from)?.1;
+        let after = samples.iter().find(|(at, _)| *at >= to)?.1;
+        Some(after.saturating_sub(before))
+    }
 }
 
 #[derive(Default)]
@@ -290,6 +307,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let watch = SharedChannel::new(args.orchestrator.clone(), None, watch_tls)?;
     let failures: Arc<Mutex<Vec<(String, SystemTime)>>> = Arc::default();
     tokio::spawn(watch_failures(watch, args.token.clone(), failures.clone()));
+    let sampler = counters.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(CPU_SAMPLE_EVERY);
+        loop {
+            every.tick().await;
+            let now = (Instant::now(), process_cpu_time(std::process::id()));
+            sampler.cpu.lock().expect("lock").push(now);
+        }
+    });
 
     let started = Instant::now();
     let quarter = Duration::from_secs_f64(args.duration / 4.0);
@@ -398,6 +424,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let storm = {
         let storm = counters.storm.lock().expect("lock");
         let mut downtimes = storm.downtimes.clone();
+        // Wall-clock times let a script line the storm up with the restarted
+        // orchestrator's own CPU (scripts/fleet-bench).
+        let unix = |at: Instant| {
+            let wall = SystemTime::now() - Instant::now().saturating_duration_since(at);
+            wall.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64()
+        };
+        let (first_loss, last_back) = (storm.first_loss, storm.last_back);
         json!({
             "lost": counters.lost.load(Ordering::Relaxed),
             "back": counters.back.load(Ordering::Relaxed),
@@ -410,6 +445,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "per_agent_downtime": spread(&mut downtimes),
             "back_per_second": storm.back_per_second,
             "failures_per_second": storm.failures_per_second,
+            "first_loss_unix_s": first_loss.map(unix),
+            "last_back_unix_s": last_back.map(unix),
+            // The simulator's own share of the machine while the fleet came back.
+            "fleetsim_cpu_s": match (first_loss, last_back) {
+                (Some(first), Some(last)) => counters.own_cpu_between(first, last).map(|cpu| cpu.as_secs_f64()),
+                _ => None,
+            },
         })
     };
     // TLS handshakes the orchestrator counted since it (last) started: after a
