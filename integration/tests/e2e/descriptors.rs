@@ -146,6 +146,34 @@ async fn the_fleet_simulator_reports_detection_and_no_false_failures() {
     // schedule looks at each about once per 1 s timeout.
     let checked = handling["detector_nodes_checked_per_second"].as_f64().unwrap();
     assert!(checked > 0.0 && checked < 150.0, "{report}");
+    assert!(
+        report["fleetsim_cpu_share_of_one_core"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+
+    // Every join is in the log: written line by line, or, beyond the routine
+    // lines' budget of a second (60 agents join at once), counted in a summary.
+    eventually(STARTUP, "every join written or counted", || {
+        let lines = orchestrator.process.logs.lines();
+        async move {
+            let summaries = lines.iter().filter(|line| line.contains("routine node events"));
+            let counted: usize = summaries
+                .filter_map(|line| line.split("node joined: ").nth(1))
+                .filter_map(|rest| {
+                    rest.split(|c: char| !c.is_ascii_digit())
+                        .next()?
+                        .parse::<usize>()
+                        .ok()
+                })
+                .sum();
+            let written = lines
+                .iter()
+                .filter(|line| line.contains("node joined") && !line.contains("routine node events"))
+                .count();
+            (written + counted == 60).then_some(())
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,6 +224,7 @@ async fn the_fleet_simulator_times_the_reconnect_storm_after_an_orchestrator_res
     let all_back = storm["all_back_s"].as_f64().expect("timed");
     let slowest = storm["per_agent_downtime"]["max_s"].as_f64().unwrap();
     assert!(all_back >= slowest, "{report}");
+    assert!(storm["fleetsim_cpu_s"].as_f64().unwrap() >= 0.0, "{report}");
     assert_eq!(report["false_failures"], 0, "{report}");
 }
 

@@ -48,7 +48,11 @@ use crate::{
     domain::selector::{NodeFilter, Page, Selector},
     edge::metrics::{CauseLabel, Metrics},
     edge::store::{Write, writer::StoreWriter},
-    runtime::{bus::EventBus, healing},
+    runtime::{
+        bus::EventBus,
+        healing,
+        log_budget::{self, Held, LogBudget},
+    },
 };
 
 /// Capacity of the command channel into the actor.
@@ -626,6 +630,8 @@ struct FleetActor {
     /// that changes nothing a restart needs is not written (etcd is written on
     /// joins and real state changes, never per reconnect or suspicion).
     written: HashMap<NodeId, u64>,
+    /// Routine per-node log lines beyond a rate are counted, not written.
+    log_budget: LogBudget,
 }
 
 impl FleetActor {
@@ -672,6 +678,7 @@ impl FleetActor {
             terminate_traces: HashMap::new(),
             max_nodes: settings.max_nodes,
             written,
+            log_budget: LogBudget::default(),
         }
     }
 
@@ -723,8 +730,12 @@ impl FleetActor {
             let Ok(command) = inbox.try_recv() else { break };
             self.handle(command);
         }
-        let visits = self.registry.check(clock::now());
+        let now = clock::now();
+        let visits = self.registry.check(now);
         self.outputs.metrics.detector_nodes_checked.inc_by(visits as u64);
+        if let Some(held) = self.log_budget.roll(now) {
+            log_held(&held);
+        }
     }
 
     /// Applies one command.
@@ -1082,8 +1093,55 @@ impl FleetActor {
     }
 
     fn publish(&mut self, event: FleetEvent) {
-        log_event(&event);
+        match routine_line(event.kind) {
+            Some(line) => {
+                let (admitted, held) = self.log_budget.admit(line, clock::now());
+                if let Some(held) = held {
+                    log_held(&held);
+                }
+                if admitted {
+                    log_event(&event);
+                }
+            }
+            None => log_event(&event),
+        }
         self.outputs.bus.publish(event);
+    }
+}
+
+/// What a routine node event's log line says (see [`LogBudget`]); None for the
+/// events that are always written line by line.
+fn routine_line(kind: EventKind) -> Option<&'static str> {
+    match kind {
+        EventKind::NodeJoined => Some("node joined"),
+        EventKind::NodeReconnected => Some("node reconnected"),
+        EventKind::NodeSuspected => Some("node suspected"),
+        EventKind::NodeRecovered => Some("suspect node recovered"),
+        _ => None,
+    }
+}
+
+/// Says how many routine lines a second held, at WARN if suspicions were among
+/// them.
+fn log_held(held: &Held) {
+    let counts = held
+        .counts
+        .iter()
+        .map(|(line, count)| format!("{line}: {count}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (total, over_s) = (held.total(), held.over.as_secs_f64());
+    let per_second = log_budget::ROUTINE_LINES_PER_SECOND;
+    if held.counts.contains_key("node suspected") {
+        warn!(
+            held = total, over_s, %counts,
+            "{total} more routine node events than the {per_second} a second logged one by one ({counts}); every event is in the event stream"
+        );
+    } else {
+        info!(
+            held = total, over_s, %counts,
+            "{total} more routine node events than the {per_second} a second logged one by one ({counts}); every event is in the event stream"
+        );
     }
 }
 

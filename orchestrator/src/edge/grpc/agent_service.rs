@@ -21,7 +21,7 @@ use secbeat::{
     wire,
 };
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, Span, debug, info, info_span, warn};
+use tracing::{Instrument, Span, debug, info_span, warn};
 
 use super::{
     convert::{self, Inbound, ProtocolError},
@@ -413,7 +413,10 @@ impl Drop for SessionStream {
                 }
             }
         };
-        info!(parent: &self.span, %cause, "session ended");
+        // DEBUG: the node event the actor makes of it (suspected, left, ...) is
+        // logged with this cause in its reason, and at a shutdown or a storm one
+        // line per session would say the same thing thousands of times.
+        debug!(parent: &self.span, %cause, "session ended");
         let closed = SessionReport::Closed(cause);
         self.fleet
             .report_detached(self.node, self.session, closed, clock::now());
