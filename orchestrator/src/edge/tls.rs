@@ -170,20 +170,22 @@ pub fn server_config(files: &TlsFiles, state_dir: &Path) -> Result<Arc<ServerCon
     Ok(Arc::new(config))
 }
 
-/// The cipher suites the listener prefers, first to last; the provider's others
-/// follow in its own order.
+/// The cipher suites the listener prefers, first to last: every SHA-256 suite
+/// ring offers. The provider's others (AES-256-GCM with SHA-384) follow in its
+/// own order.
 ///
 /// SHA-256 suites first: the key exchange (X25519) and the certificates (P-256)
 /// give 128-bit security, which AES-256 and SHA-384 do not raise. They only cost:
 /// ring has no hardware path for SHA-384 on AMD CPUs, and in a 19,000-agent mTLS
 /// reconnect storm it was 8.8% of the orchestrator's CPU (BENCHMARKS.md, "mTLS at
 /// fleet scale"). TLS 1.2 clients get their ECDHE AES-128-GCM suites the same way.
-const PREFERRED_SUITES: [rustls::CipherSuite; 5] = [
+const PREFERRED_SUITES: [rustls::CipherSuite; 6] = [
     rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
     rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
     rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
     rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
     rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+    rustls::CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
 ];
 
 /// ring's provider with its cipher suites in [`PREFERRED_SUITES`] order.

@@ -1115,11 +1115,14 @@ fn routine_line(kind: EventKind) -> Option<&'static str> {
     match kind {
         EventKind::NodeJoined => Some("node joined"),
         EventKind::NodeReconnected => Some("node reconnected"),
-        EventKind::NodeSuspected => Some("node suspected"),
+        EventKind::NodeSuspected => Some(SUSPECTED_LINE),
         EventKind::NodeRecovered => Some("suspect node recovered"),
         _ => None,
     }
 }
+
+/// A suspicion's line, which makes a count that holds any a WARN.
+const SUSPECTED_LINE: &str = "node suspected";
 
 /// Says how many routine lines a second held, at WARN if suspicions were among
 /// them.
@@ -1131,17 +1134,14 @@ fn log_held(held: &Held) {
         .collect::<Vec<_>>()
         .join(", ");
     let (total, over_s) = (held.total(), held.over.as_secs_f64());
-    let per_second = log_budget::ROUTINE_LINES_PER_SECOND;
-    if held.counts.contains_key("node suspected") {
-        warn!(
-            held = total, over_s, %counts,
-            "{total} more routine node events than the {per_second} a second logged one by one ({counts}); every event is in the event stream"
-        );
+    let message = format!(
+        "{total} more routine node events than the {} a second logged one by one ({counts}); every event is in the event stream",
+        log_budget::ROUTINE_LINES_PER_SECOND
+    );
+    if held.counts.contains_key(SUSPECTED_LINE) {
+        warn!(held = total, over_s, %counts, "{message}");
     } else {
-        info!(
-            held = total, over_s, %counts,
-            "{total} more routine node events than the {per_second} a second logged one by one ({counts}); every event is in the event stream"
-        );
+        info!(held = total, over_s, %counts, "{message}");
     }
 }
 

@@ -2,8 +2,8 @@
 //!
 //! Node events that are routine one at a time come in floods at fleet-wide
 //! moments: after a restart or a failover every node reconnects at once (50,000
-//! "node reconnected" lines in three seconds, 3-4% of the orchestrator's CPU in
-//! that storm), and a network blip makes thousands of nodes suspect and then
+//! "node reconnected" lines in three seconds; 3-4% of the orchestrator's samples
+//! in a profile of that storm), and a network blip makes thousands of nodes suspect and then
 //! recovered. Every event is still published (WatchFleet, `/api/v1/events`, the
 //! console). The log writes the first [`ROUTINE_LINES_PER_SECOND`] routine lines
 //! of each second one by one, and once the second is over says how many more
