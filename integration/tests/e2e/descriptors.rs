@@ -153,7 +153,7 @@ async fn the_fleet_simulator_reports_detection_and_no_false_failures() {
 
     // Every join is in the log: written line by line, or, beyond the routine
     // lines' budget of a second (60 agents join at once), counted in a summary.
-    eventually(STARTUP, "every join written or counted", || {
+    let joins = eventually(STARTUP, "every join written or counted", || {
         let lines = orchestrator.process.logs.lines();
         async move {
             let summaries = lines.iter().filter(|line| line.contains("routine node events"));
@@ -166,14 +166,32 @@ async fn the_fleet_simulator_reports_detection_and_no_false_failures() {
                         .ok()
                 })
                 .sum();
-            let written = lines
+            let written: Vec<&String> = lines
                 .iter()
                 .filter(|line| line.contains("node joined") && !line.contains("routine node events"))
-                .count();
-            (written + counted == 60).then_some(())
+                .collect();
+            (written.len() + counted == 60)
+                .then_some(written.iter().map(|line| logged_at(line)).collect::<Vec<_>>())
         }
     })
     .await;
+    // And the budget held: the 51st join line written one by one came at least a
+    // second after the first (nothing else is routine before the faults, halfway).
+    if let (Some(first), Some(fifty_first)) = (joins.first(), joins.get(50)) {
+        let apart = (*fifty_first - *first).to_std().unwrap_or_default();
+        assert!(
+            apart >= Duration::from_millis(990),
+            "51 join lines within {apart:?}: the budget is 50 a second"
+        );
+    }
+}
+
+/// When a log line was written (its RFC 3339 timestamp, the line's first word).
+fn logged_at(line: &str) -> chrono::DateTime<chrono::Utc> {
+    let stamp = line.split_whitespace().next().unwrap_or_default();
+    chrono::DateTime::parse_from_rfc3339(stamp)
+        .unwrap_or_else(|error| panic!("{stamp:?} in {line:?}: {error}"))
+        .to_utc()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
