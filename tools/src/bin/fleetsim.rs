@@ -166,6 +166,95 @@ struct Counters {
     cpu: Mutex<Vec<(Instant, Duration)>>,
 }
 
+/// Heartbeats by how late the agent's timer fired (tokio's scheduled tick to
+/// the agent running): up to each bound, and beyond the last.
+const LATENESS_BOUNDS: [Duration; 6] = [
+    Duration::from_millis(10),
+    Duration::from_millis(100),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(3),
+];
+
+/// What the agents sent and when: tells a false failure the simulator caused
+/// (its agent had sent nothing for that long: starved of CPU, or its connection
+/// held back) from one the orchestrator caused (the agent had sent on time).
+struct Sends {
+    /// Per agent (by index): Unix milliseconds of the latest heartbeat it
+    /// handed to its connection; 0 before the first.
+    last_unix_ms: Vec<AtomicU64>,
+    /// Heartbeats per lateness bucket (`LATENESS_BOUNDS`, then beyond).
+    lateness: [AtomicU64; LATENESS_BOUNDS.len() + 1],
+    /// The latest a timer fired, in microseconds.
+    max_lateness_us: AtomicU64,
+}
+
+impl Sends {
+    fn new(agents: usize) -> Self {
+        Self {
+            last_unix_ms: (0..agents).map(|_| AtomicU64::new(0)).collect(),
+            lateness: Default::default(),
+            max_lateness_us: AtomicU64::new(0),
+        }
+    }
+
+    /// An agent's timer fired `late` after its tick was due.
+    fn fired(&self, late: Duration) {
+        let bucket = LATENESS_BOUNDS
+            .iter()
+            .position(|bound| late <= *bound)
+            .unwrap_or(LATENESS_BOUNDS.len());
+        self.lateness[bucket].fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(late.as_micros()).unwrap_or(u64::MAX);
+        self.max_lateness_us.fetch_max(micros, Ordering::Relaxed);
+    }
+
+    /// Agent `index` handed a heartbeat stamped `at` to its connection.
+    fn sent(&self, index: usize, at: SystemTime) {
+        let millis = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
+        self.last_unix_ms[index].store(millis, Ordering::Relaxed);
+    }
+
+    /// When agent `index` last sent a heartbeat (None if it never did).
+    fn last_sent(&self, index: usize) -> Option<SystemTime> {
+        let millis = self.last_unix_ms.get(index)?.load(Ordering::Relaxed);
+        (millis > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_millis(millis))
+    }
+
+    /// Heartbeats per lateness bucket so far.
+    fn counts(&self) -> Vec<u64> {
+        self.lateness
+            .iter()
+            .map(|count| count.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Heartbeats per lateness bucket between two `counts`, and the latest
+    /// tick of the whole run.
+    fn report(before: &[u64], after: &[u64], max_s: Option<f64>) -> serde_json::Value {
+        let mut buckets = serde_json::Map::new();
+        for (i, (before, after)) in before.iter().zip(after).enumerate() {
+            let key = match LATENESS_BOUNDS.get(i) {
+                Some(bound) => format!("le_{}s", bound.as_secs_f64()),
+                None => format!("gt_{}s", LATENESS_BOUNDS[i - 1].as_secs_f64()),
+            };
+            buckets.insert(key, json!(after - before));
+        }
+        json!({ "heartbeats": buckets, "max_s": max_s })
+    }
+
+    /// The latest any timer fired, seconds.
+    fn max_lateness_s(&self) -> f64 {
+        self.max_lateness_us.load(Ordering::Relaxed) as f64 / 1e6
+    }
+}
+
+/// False failures reported one by one (the rest are counted).
+const FALSE_FAILURES_DETAILED: usize = 20;
+
 /// How often the simulator samples its own CPU time (for its share of a
 /// reconnect storm).
 const CPU_SAMPLE_EVERY: Duration = Duration::from_millis(100);
@@ -264,6 +353,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "--issue-from needs --ca and --streams-per-connection 1 (a certificate names one node)"
     );
     let counters = Arc::new(Counters::default());
+    let sends = Arc::new(Sends::new(args.agents));
     let ids: Vec<Uuid> = (0..args.agents).map(|_| Uuid::new_v4()).collect();
     // Each connection's TLS configuration: the agent's own certificate with
     // --issue-from, else one per group without a client certificate.
@@ -305,8 +395,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
     let watch = SharedChannel::new(args.orchestrator.clone(), None, watch_tls)?;
-    let failures: Arc<Mutex<Vec<(String, SystemTime)>>> = Arc::default();
-    tokio::spawn(watch_failures(watch, args.token.clone(), failures.clone()));
+    let failures: Arc<Mutex<Vec<Failure>>> = Arc::default();
+    let index: Arc<HashMap<Uuid, usize>> = Arc::new(ids.iter().enumerate().map(|(i, id)| (*id, i)).collect());
+    tokio::spawn(watch_failures(
+        watch,
+        args.token.clone(),
+        failures.clone(),
+        index.clone(),
+        sends.clone(),
+    ));
     let sampler = counters.clone();
     tokio::spawn(async move {
         let mut every = tokio::time::interval(CPU_SAMPLE_EVERY);
@@ -318,6 +415,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
 
     let started = Instant::now();
+    let started_wall = SystemTime::now();
     let quarter = Duration::from_secs_f64(args.duration / 4.0);
     let half = Duration::from_secs_f64(args.duration / 2.0);
     let faults_from = started + half;
@@ -345,6 +443,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let fate = fates[id];
         let agent = VirtualAgent {
             id: *id,
+            index,
+            sends: sends.clone(),
             fate,
             fault_at: faults_from + FAULT_STEP * index as u32,
             cpu: args.cpu,
@@ -364,9 +464,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // The steady window, from a quarter to half of the run: every agent has
     // connected (the ramp-up is over) and no fault has been injected yet.
     tokio::time::sleep_until((started + quarter).into()).await;
+    let lateness_from = sends.counts();
     let steady_from = Snapshot::take(&args, &counters).await?;
     tokio::time::sleep_until((started + half).into()).await;
     let steady_to = Snapshot::take(&args, &counters).await?;
+    let lateness_to = sends.counts();
     let connected_before_faults = counters.connected.load(Ordering::Relaxed);
     let window = steady_to
         .at
@@ -405,8 +507,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut false_failures = 0;
     let mut crash = Vec::new();
     let mut hang = Vec::new();
-    let index: HashMap<Uuid, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-    for (node, at) in &failures {
+    // Each false failure, with how long before it its agent had last sent:
+    // longer than the orchestrator's timeout, and the simulator starved it.
+    let mut false_failure_detail = Vec::new();
+    for Failure {
+        node,
+        at,
+        reason,
+        agent_last_sent_s_before,
+    } in &failures
+    {
         let Some(id) = Uuid::parse_str(node).ok() else {
             continue;
         };
@@ -416,7 +526,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let fault_time = faults_from_wall + FAULT_STEP * *i as u32;
         let latency = at.duration_since(fault_time).unwrap_or_default();
         match fate {
-            Fate::Healthy => false_failures += 1,
+            Fate::Healthy => {
+                false_failures += 1;
+                if false_failure_detail.len() < FALSE_FAILURES_DETAILED {
+                    false_failure_detail.push(json!({
+                        "node": node,
+                        "s_into_run": at.duration_since(started_wall).map(|d| d.as_secs_f64()).ok(),
+                        "reason": reason,
+                        "agent_last_sent_s_before": agent_last_sent_s_before,
+                    }));
+                }
+            }
             Fate::Kill => crash.push(latency),
             Fate::Stall => hang.push(latency),
         }
@@ -485,6 +605,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "messages_per_second": rate.round(),
         "fleetsim_cpu_share_of_one_core": own_cpu,
         "false_failures": false_failures,
+        "false_failure_detail": false_failure_detail,
+        // How late the agents' heartbeat timers fired: in the steady window,
+        // and over the whole run (ramp-up and storm included).
+        "agent_timer_lateness": {
+            "steady": Sends::report(&lateness_from, &lateness_to, None),
+            "run": Sends::report(&vec![0; lateness_to.len()], &sends.counts(), Some(sends.max_lateness_s())),
+        },
         "crash_detection": latency_summary(&mut crash, args.kill),
         "hang_detection": latency_summary(&mut hang, args.stall),
         "orchestrator_cpu_share_of_one_core": cpu,
@@ -702,6 +829,9 @@ impl SharedChannel {
 
 struct VirtualAgent {
     id: Uuid,
+    /// This agent's place in `sends`.
+    index: usize,
+    sends: Arc<Sends>,
     fate: Fate,
     /// When a faulty agent's fault strikes.
     fault_at: Instant,
@@ -945,10 +1075,12 @@ impl VirtualAgent {
         let mut sequence = 0;
         loop {
             tokio::select! {
-                _ = ticks.tick() => {
+                due = ticks.tick() => {
+                    self.sends.fired(Instant::now().saturating_duration_since(due.into_std()));
                     sequence += 1;
                     // Stamped as the real agent stamps its samples.
-                    let time = Some(secbeat::wire::timestamp_to_proto(SystemTime::now()));
+                    let stamp = SystemTime::now();
+                    let time = Some(secbeat::wire::timestamp_to_proto(stamp));
                     let sample = pb::CpuSample { time, usage: self.cpu };
                     let sent = if combined {
                         outbound.send(message(Kind::Heartbeat(pb::Heartbeat { sequence, cpu: Some(sample) }))).await.map(|()| 1)
@@ -961,6 +1093,7 @@ impl VirtualAgent {
                     };
                     let Ok(sent) = sent else { return SessionEnd::Lost };
                     self.counters.messages.fetch_add(sent, Ordering::Relaxed);
+                    self.sends.sent(self.index, stamp);
                 }
                 () = tokio::time::sleep_until(self.fault_at.into()), if self.fate != Fate::Healthy => match self.fate {
                     // Dropping the stream and its sender resets it without a
@@ -1026,7 +1159,9 @@ impl Snapshot {
 async fn watch_failures(
     watch: SharedChannel,
     token: Option<String>,
-    sink: Arc<Mutex<Vec<(String, SystemTime)>>>,
+    sink: Arc<Mutex<Vec<Failure>>>,
+    agents: Arc<HashMap<Uuid, usize>>,
+    sends: Arc<Sends>,
 ) {
     // The watch is asked for again whenever it ends (a restart, a failover: the
     // new leader's watch starts where its term starts), following the leader.
@@ -1052,7 +1187,20 @@ async fn watch_failures(
                     {
                         let at =
                             SystemTime::UNIX_EPOCH + Duration::new(time.seconds as u64, time.nanos as u32);
-                        sink.lock().expect("lock").push((event.node_id, at));
+                        let agent_last_sent_s_before = Uuid::parse_str(&event.node_id)
+                            .ok()
+                            .and_then(|id| agents.get(&id))
+                            .and_then(|index| sends.last_sent(*index))
+                            .map(|sent| match at.duration_since(sent) {
+                                Ok(before) => before.as_secs_f64(),
+                                Err(after) => -after.duration().as_secs_f64(),
+                            });
+                        sink.lock().expect("lock").push(Failure {
+                            node: event.node_id,
+                            at,
+                            reason: event.reason,
+                            agent_last_sent_s_before,
+                        });
                     }
                 }
                 watch.renew(generation, None);
@@ -1068,6 +1216,19 @@ async fn watch_failures(
         let delay = backoff.next_delay(&mut rand::rng());
         tokio::time::sleep(delay).await;
     }
+}
+
+/// A NODE_FAILED event the watch saw.
+#[derive(Debug, Clone)]
+struct Failure {
+    node: String,
+    at: SystemTime,
+    reason: String,
+    /// How long before `at` the node's agent had last handed a heartbeat to its
+    /// connection, read when the event arrived (before the agent reconnects and
+    /// sends again); negative if it sent after `at`. None: not one of ours, or
+    /// it never sent.
+    agent_last_sent_s_before: Option<f64>,
 }
 
 /// One scrape of the orchestrator's /metrics, as `(series, value)` pairs.
