@@ -2,6 +2,9 @@
 # certificates that https webhook URLs need).
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
+# jemalloc, the orchestrator's allocator, is built from its C source with make.
+RUN apt-get update && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
 COPY . .
 RUN cargo build --release --locked -p secbeat-orchestrator -p secbeat-agent \
     && cargo build --release --locked -p secbeat-tools --bin secbeat-webhook-receiver

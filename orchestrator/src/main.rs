@@ -12,6 +12,11 @@ use secbeat_orchestrator::{
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
+/// jemalloc, as quickwit and restate run: a fleet's worth of sessions and
+/// handshakes is many small allocations on few threads.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit code for a malformed input file (sysexits EX_DATAERR).
 const EXIT_DATA: u8 = 65;
 

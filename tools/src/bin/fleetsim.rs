@@ -66,6 +66,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use uuid::Uuid;
 
+/// jemalloc, as quickwit and restate run: a fleet's worth of sessions and
+/// handshakes is many small allocations on few threads.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Simulates a fleet of agents against a real orchestrator.
 #[derive(Debug, clap::Parser)]
 #[command(name = "secbeat-fleetsim", version)]

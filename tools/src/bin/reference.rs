@@ -32,6 +32,11 @@ use tokio_stream::{
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+/// jemalloc, as quickwit and restate run: a fleet's worth of sessions and
+/// handshakes is many small allocations on few threads.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The bare tonic reference server for fleet-scale comparisons.
 #[derive(Debug, Parser)]
 #[command(version, about)]
