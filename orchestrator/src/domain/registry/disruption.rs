@@ -286,14 +286,14 @@ impl Registry {
             });
         }
         let record = self.nodes.get_mut(&node).expect("checked above");
-        record.drain = Some(DrainMark {
+        record.drain = Some(Box::new(DrainMark {
             reason: request.reason.clone(),
             requested_at: now,
             deadline: now + timeout,
             timeout,
             completed: false,
             then_terminate: then_terminate.clone(),
-        });
+        }));
         if record.state != NodeState::Suspect {
             record.state = record.live_state();
         }
@@ -428,14 +428,14 @@ impl Registry {
         let timeout = self.config.disruption.drain_deadline;
         let record = self.nodes.get_mut(&node).ok_or(SessionError::UnknownNode)?;
         if record.drain.is_none() {
-            record.drain = Some(DrainMark {
+            record.drain = Some(Box::new(DrainMark {
                 reason: format!("resume failed: {detail}"),
                 requested_at: now,
                 deadline: now,
                 timeout,
                 completed: true,
                 then_terminate: None,
-            });
+            }));
         }
         if record.state != NodeState::Suspect {
             record.state = record.live_state();
@@ -464,11 +464,11 @@ impl Registry {
         }
         let changed = match (enabled, record.maintenance.is_some()) {
             (true, false) => {
-                record.maintenance = Some(Maintenance {
+                record.maintenance = Some(Box::new(Maintenance {
                     reason: reason.to_owned(),
                     since: now,
                     away_since: (record.state == NodeState::Suspect).then_some(now),
-                });
+                }));
                 // From now on the maintenance clock says how long it may be away.
                 record.restart_grace_until = None;
                 self.publish(node, EventKind::MaintenanceStarted, reason.to_owned(), now);

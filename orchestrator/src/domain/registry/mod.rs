@@ -210,7 +210,11 @@ pub(crate) struct Termination {
 
 #[derive(Debug, Clone)]
 pub(crate) struct NodeRecord {
-    pub(crate) info: NodeInfo,
+    /// Boxed, as are the rarely set parts below: the detector visits some 8,000
+    /// records a check at 50,000 nodes, and what it reads then (state, session,
+    /// times, due) fits in a few cache lines instead of being spread over a
+    /// record of some 500 bytes.
+    pub(crate) info: Box<NodeInfo>,
     pub(crate) state: NodeState,
     pub(crate) state_reason: String,
     pub(crate) session: Option<SessionId>,
@@ -224,14 +228,14 @@ pub(crate) struct NodeRecord {
     pub(crate) last_cpu: Option<f64>,
     /// Detector checks this node has been suspect on, in a row.
     pub(crate) suspect_checks: u32,
-    pub(crate) termination: Option<Termination>,
+    pub(crate) termination: Option<Box<Termination>>,
     /// The reason of a terminate cancelled at its deadline, so a late ack can revive it.
     pub(crate) cancelled_termination: Option<String>,
     /// A drain in progress or done; kept across reconnects (and, for a failed
     /// or departed node, as what it was when it went).
-    pub(crate) drain: Option<disruption::DrainMark>,
+    pub(crate) drain: Option<Box<disruption::DrainMark>>,
     /// Maintenance, set by an operator until they end it.
-    pub(crate) maintenance: Option<disruption::Maintenance>,
+    pub(crate) maintenance: Option<Box<disruption::Maintenance>>,
     /// When the node entered a final state.
     pub(crate) ended_at: Option<Instant>,
     /// Restored after an orchestrator restart and not yet reconnected: it is not
@@ -460,7 +464,7 @@ impl Registry {
         let id = info.id;
         let Some(record) = self.nodes.get_mut(&id) else {
             let record = NodeRecord {
-                info,
+                info: Box::new(info),
                 state: NodeState::Connected,
                 state_reason: String::new(),
                 session: Some(session),
@@ -491,7 +495,7 @@ impl Registry {
             _ => None,
         };
         let seen = info.host.last_disconnect.clone();
-        record.info = info;
+        *record.info = info;
         // An acknowledged terminate ended that life; a new session is a new one. An
         // unacknowledged one still stands until its deadline, so it is sent again.
         if record
@@ -586,7 +590,7 @@ impl Registry {
             let final_state = node.state.is_final();
             let in_maintenance = node.maintenance.is_some();
             let record = NodeRecord {
-                info: NodeInfo {
+                info: Box::new(NodeInfo {
                     id: node.id,
                     hostname: node.hostname,
                     ip: node.ip,
@@ -596,7 +600,7 @@ impl Registry {
                         boot_id: node.boot_id,
                         ..Default::default()
                     },
-                },
+                }),
                 state: if final_state {
                     node.state
                 } else {
@@ -617,20 +621,24 @@ impl Registry {
                 last_seen: now,
                 last_cpu: None,
                 suspect_checks: 0,
-                termination: node.termination.filter(|_| !final_state).map(|t| Termination {
-                    reason: t.reason,
-                    requested_at: now,
-                    deadline,
-                    acknowledged: t.acknowledged,
+                termination: node.termination.filter(|_| !final_state).map(|t| {
+                    Box::new(Termination {
+                        reason: t.reason,
+                        requested_at: now,
+                        deadline,
+                        acknowledged: t.acknowledged,
+                    })
                 }),
                 cancelled_termination: None,
                 drain: node
                     .drain
-                    .map(|drain| disruption::DrainMark::restored(drain, now)),
-                maintenance: node.maintenance.map(|maintenance| disruption::Maintenance {
-                    reason: maintenance.reason,
-                    since: now,
-                    away_since: (!final_state).then_some(now),
+                    .map(|drain| Box::new(disruption::DrainMark::restored(drain, now))),
+                maintenance: node.maintenance.map(|maintenance| {
+                    Box::new(disruption::Maintenance {
+                        reason: maintenance.reason,
+                        since: now,
+                        away_since: (!final_state).then_some(now),
+                    })
                 }),
                 ended_at: final_state.then_some(now),
                 // A node in maintenance is waited for on the maintenance clock.
@@ -726,12 +734,12 @@ impl Registry {
             (Some(termination), _) => termination.acknowledged = true,
             // A late ack after the deadline: the node is going, and says so; believe it.
             (None, Some(reason)) => {
-                record.termination = Some(Termination {
+                record.termination = Some(Box::new(Termination {
                     reason,
                     requested_at: now,
                     deadline: now,
                     acknowledged: true,
-                });
+                }));
             }
             (None, None) => return Err(SessionError::NoTerminatePending),
         }
@@ -821,12 +829,12 @@ impl Registry {
                 grace_period,
             });
         }
-        record.termination = Some(Termination {
+        record.termination = Some(Box::new(Termination {
             reason: reason.to_owned(),
             requested_at: now,
             deadline,
             acknowledged: false,
-        });
+        }));
         record.cancelled_termination = None;
         if record.state != NodeState::Suspect {
             record.state = record.live_state();
@@ -1108,7 +1116,7 @@ impl Registry {
 
     fn to_snapshot(&self, record: &NodeRecord) -> NodeSnapshot {
         NodeSnapshot {
-            info: record.info.clone(),
+            info: NodeInfo::clone(&record.info),
             state: record.state,
             state_reason: record.state_reason.clone(),
             session: record.session,
