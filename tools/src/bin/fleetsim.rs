@@ -1314,6 +1314,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sends_say_how_late_timers_fired_and_when_each_agent_last_sent() {
+        let sends = Sends::new(3);
+        assert_eq!(sends.last_sent(0), None, "never sent");
+        assert_eq!(sends.last_sent(7), None, "not an agent");
+
+        let before = sends.counts();
+        sends.fired(Duration::from_millis(2));
+        sends.fired(Duration::from_millis(10)); // a bound is inclusive
+        sends.fired(Duration::from_millis(700));
+        sends.fired(Duration::from_secs(5));
+        let report = Sends::report(&before, &sends.counts(), Some(sends.max_lateness_s()));
+        assert_eq!(report["heartbeats"]["le_0.01s"], 2);
+        assert_eq!(report["heartbeats"]["le_0.1s"], 0);
+        assert_eq!(report["heartbeats"]["le_1s"], 1);
+        assert_eq!(report["heartbeats"]["gt_3s"], 1);
+        assert_eq!(report["max_s"], 5.0);
+
+        // A window counts only what fired in it.
+        let from = sends.counts();
+        sends.fired(Duration::from_millis(1500));
+        let window = Sends::report(&from, &sends.counts(), None);
+        assert_eq!(window["heartbeats"]["le_2s"], 1);
+        assert_eq!(window["heartbeats"]["le_0.01s"], 0);
+        assert!(window["max_s"].is_null());
+
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        sends.sent(1, at);
+        assert_eq!(sends.last_sent(1), Some(at));
+        assert_eq!(sends.last_sent(2), None);
+    }
+
+    #[test]
     fn a_failed_attempt_is_counted_by_what_the_orchestrator_said() {
         let dialed = |url: &str| url == "http://b:50051";
         let pointing = |leader: &str| Hint {
