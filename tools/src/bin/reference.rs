@@ -2,7 +2,7 @@
 //!
 //! A bare tonic `AgentService` on the orchestrator's socket and codec settings
 //! (TCP_NODELAY, the listen backlog, HTTP/2 keep-alive pings at a third of the
-//! idle timeout, the same message size limit) that welcomes each stream and then
+//! idle timeout, the same message size limit) and its allocator, that welcomes each stream and then
 //! records when it last heard from each node: no registry, no detector, no
 //! store, no events, no metrics. `scripts/fleet-ratio` runs it and the
 //! orchestrator alternately against the same simulated fleet, so the ratio of
@@ -32,8 +32,8 @@ use tokio_stream::{
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-/// jemalloc, as quickwit and restate run: a fleet's worth of sessions and
-/// handshakes is many small allocations on few threads.
+/// The orchestrator's allocator, so that the ratio compares the two servers'
+/// work, not two allocators.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
