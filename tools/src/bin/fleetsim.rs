@@ -15,7 +15,9 @@
 //! agents' streams abruptly (a crash), `--stall K` keeps K streams open but silent
 //! (a hang). The run watches the orchestrator's events and reports detection
 //! latency per fault, and every failure of an agent that was healthy
-//! (`false_failures`).
+//! (`false_failures`; `false_failure_detail` gives each one's reason and when its
+//! agent sent its two latest heartbeats). `agent_timer_lateness` says how late
+//! the agents' heartbeat timers fired: a simulator short of CPU sends late.
 //!
 //! Healthy agents whose stream ends reconnect like the real agent (jittered
 //! exponential backoff from 0.5 s to 30 s). Restart the orchestrator during a run
@@ -185,12 +187,15 @@ const LATENESS_BOUNDS: [Duration; 6] = [
 ];
 
 /// What the agents sent and when: tells a false failure the simulator caused
-/// (its agent had sent nothing for that long: starved of CPU, or its connection
-/// held back) from one the orchestrator caused (the agent had sent on time).
+/// (the agent's two latest heartbeats were further apart than the timeout: it
+/// was starved of CPU) from one the agent sent on time for (a heartbeat inside
+/// the silence the orchestrator judged was held up on its way).
 struct Sends {
     /// Per agent (by index): Unix milliseconds of the latest heartbeat it
     /// handed to its connection; 0 before the first.
     last_unix_ms: Vec<AtomicU64>,
+    /// Per agent: the same for the heartbeat before the latest.
+    previous_unix_ms: Vec<AtomicU64>,
     /// Heartbeats per lateness bucket (`LATENESS_BOUNDS`, then beyond).
     lateness: [AtomicU64; LATENESS_BOUNDS.len() + 1],
     /// The latest a timer fired, in microseconds.
@@ -201,6 +206,7 @@ impl Sends {
     fn new(agents: usize) -> Self {
         Self {
             last_unix_ms: (0..agents).map(|_| AtomicU64::new(0)).collect(),
+            previous_unix_ms: (0..agents).map(|_| AtomicU64::new(0)).collect(),
             lateness: Default::default(),
             max_lateness_us: AtomicU64::new(0),
         }
@@ -226,13 +232,19 @@ impl Sends {
         let millis = at
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
-        self.last_unix_ms[index].store(millis, Ordering::Relaxed);
+        // Only the agent's own task writes its slots.
+        let previous = self.last_unix_ms[index].swap(millis, Ordering::Relaxed);
+        self.previous_unix_ms[index].store(previous, Ordering::Relaxed);
     }
 
-    /// When agent `index` last sent a heartbeat (None if it never did).
-    fn last_sent(&self, index: usize) -> Option<SystemTime> {
-        let millis = self.last_unix_ms.get(index)?.load(Ordering::Relaxed);
-        (millis > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_millis(millis))
+    /// When agent `index` sent its latest heartbeat and the one before it (None
+    /// where it has not sent that many).
+    fn last_two_sent(&self, index: usize) -> [Option<SystemTime>; 2] {
+        let at = |slots: &[AtomicU64]| {
+            let millis = slots.get(index)?.load(Ordering::Relaxed);
+            (millis > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_millis(millis))
+        };
+        [at(&self.last_unix_ms), at(&self.previous_unix_ms)]
     }
 
     /// Heartbeats per lateness bucket so far.
@@ -518,14 +530,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut false_failures = 0;
     let mut crash = Vec::new();
     let mut hang = Vec::new();
-    // Each false failure, with how long before it its agent had last sent:
-    // longer than the orchestrator's timeout, and the simulator starved it.
+    // Each false failure, with how long before it its agent sent its two latest
+    // heartbeats: if they were further apart than the orchestrator's timeout,
+    // the simulator was late; if one fell inside the silence the orchestrator
+    // judged, it was held up on its way.
     let mut false_failure_detail = Vec::new();
     for Failure {
         node,
         at,
         reason,
-        agent_last_sent_s_before,
+        agent_sent_s_before,
     } in &failures
     {
         let Some(id) = Uuid::parse_str(node).ok() else {
@@ -544,7 +558,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         "node": node,
                         "s_into_run": at.duration_since(started_wall).map(|d| d.as_secs_f64()).ok(),
                         "reason": reason,
-                        "agent_last_sent_s_before": agent_last_sent_s_before,
+                        "agent_sent_s_before": agent_sent_s_before,
                     }));
                 }
             }
@@ -1198,19 +1212,21 @@ async fn watch_failures(
                     {
                         let at =
                             SystemTime::UNIX_EPOCH + Duration::new(time.seconds as u64, time.nanos as u32);
-                        let agent_last_sent_s_before = Uuid::parse_str(&event.node_id)
+                        let sent = Uuid::parse_str(&event.node_id)
                             .ok()
                             .and_then(|id| agents.get(&id))
-                            .and_then(|index| sends.last_sent(*index))
-                            .map(|sent| match at.duration_since(sent) {
+                            .map_or([None, None], |index| sends.last_two_sent(*index));
+                        let before = |sent: Option<SystemTime>| {
+                            sent.map(|sent| match at.duration_since(sent) {
                                 Ok(before) => before.as_secs_f64(),
                                 Err(after) => -after.duration().as_secs_f64(),
-                            });
+                            })
+                        };
                         sink.lock().expect("lock").push(Failure {
                             node: event.node_id,
                             at,
                             reason: event.reason,
-                            agent_last_sent_s_before,
+                            agent_sent_s_before: sent.map(before),
                         });
                     }
                 }
@@ -1235,11 +1251,11 @@ struct Failure {
     node: String,
     at: SystemTime,
     reason: String,
-    /// How long before `at` the node's agent had last handed a heartbeat to its
-    /// connection, read when the event arrived (before the agent reconnects and
-    /// sends again); negative if it sent after `at`. None: not one of ours, or
-    /// it never sent.
-    agent_last_sent_s_before: Option<f64>,
+    /// How long before `at` the node's agent had handed its latest heartbeat,
+    /// and the one before, to its connection, read when the event arrived
+    /// (before the agent reconnects and sends again); negative if it sent after
+    /// `at`. None: not one of ours, or it had not sent that many.
+    agent_sent_s_before: [Option<f64>; 2],
 }
 
 /// One scrape of the orchestrator's /metrics, as `(series, value)` pairs.
@@ -1322,8 +1338,8 @@ mod tests {
     #[test]
     fn sends_say_how_late_timers_fired_and_when_each_agent_last_sent() {
         let sends = Sends::new(3);
-        assert_eq!(sends.last_sent(0), None, "never sent");
-        assert_eq!(sends.last_sent(7), None, "not an agent");
+        assert_eq!(sends.last_two_sent(0), [None, None], "never sent");
+        assert_eq!(sends.last_two_sent(7), [None, None], "not an agent");
 
         let before = sends.counts();
         sends.fired(Duration::from_millis(2));
@@ -1347,8 +1363,11 @@ mod tests {
 
         let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
         sends.sent(1, at);
-        assert_eq!(sends.last_sent(1), Some(at));
-        assert_eq!(sends.last_sent(2), None);
+        assert_eq!(sends.last_two_sent(1), [Some(at), None]);
+        let later = at + Duration::from_millis(2_500);
+        sends.sent(1, later);
+        assert_eq!(sends.last_two_sent(1), [Some(later), Some(at)]);
+        assert_eq!(sends.last_two_sent(2), [None, None]);
     }
 
     #[test]
