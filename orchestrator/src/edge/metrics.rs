@@ -128,6 +128,8 @@ pub struct Metrics {
     pub heartbeat_lateness_seconds: Histogram,
     /// From a heartbeat's receipt on its stream to its liveness cell, seconds.
     pub heartbeat_handling_seconds: Histogram,
+    /// How late the runtime ran a due task (`runtime::lag`'s probe).
+    pub scheduling_delay_seconds: Histogram,
     /// Agent streams open now.
     pub agent_streams: Gauge,
     /// Nodes dead-node checks have looked at (only those due are).
@@ -166,6 +168,11 @@ const LATENESS_BUCKETS: [f64; 12] = [
 const HANDLING_BUCKETS: [f64; 16] = [
     0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
     0.25, 0.5, 1.0,
+];
+
+/// Buckets of the scheduling delay histogram, seconds: 1 ms to 10 s.
+const DELAY_BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0,
 ];
 
 /// Buckets of the etcd transaction latency histogram, seconds: 0.5 ms to 5 s.
@@ -228,6 +235,7 @@ impl Metrics {
             scaling_decisions: Family::default(),
             heartbeat_lateness_seconds: Histogram::new(LATENESS_BUCKETS),
             heartbeat_handling_seconds: Histogram::new(HANDLING_BUCKETS),
+            scheduling_delay_seconds: Histogram::new(DELAY_BUCKETS),
             agent_streams: Gauge::default(),
             detector_nodes_checked: Counter::default(),
             agent_sessions: Counter::default(),
@@ -445,6 +453,11 @@ impl Metrics {
             "orchestrator_heartbeat_handling_seconds",
             "Time from a heartbeat's receipt on its stream to its session's liveness cell, which the failure detector reads",
             metrics.heartbeat_handling_seconds.clone(),
+        );
+        registry.register(
+            "orchestrator_scheduling_delay_seconds",
+            "How late the orchestrator's runtime ran a task that was due (a probe every 100 ms): heartbeats wait about as long to be read, and the failure detector gives nodes that much more time",
+            metrics.scheduling_delay_seconds.clone(),
         );
         registry.register(
             "orchestrator_detector_nodes_checked",

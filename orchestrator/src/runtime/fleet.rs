@@ -51,6 +51,7 @@ use crate::{
     runtime::{
         bus::EventBus,
         healing,
+        lag::DelayGauge,
         log_budget::{self, Held, LogBudget},
     },
 };
@@ -597,6 +598,8 @@ pub struct Outputs {
     pub metrics: Metrics,
     /// Events (node lifecycle and healing decisions).
     pub bus: EventBus,
+    /// The runtime's scheduling delay, which the detector allows for.
+    pub delay: DelayGauge,
 }
 
 /// Starts the fleet actor; it runs until `shutdown` is cancelled, then ends every
@@ -731,7 +734,8 @@ impl FleetActor {
             self.handle(command);
         }
         let now = clock::now();
-        let visits = self.registry.check(now);
+        let own_delay = self.outputs.delay.current(now);
+        let visits = self.registry.check_with_own_delay(now, own_delay);
         self.outputs.metrics.detector_nodes_checked.inc_by(visits as u64);
         if let Some(held) = self.log_budget.roll(now) {
             log_held(&held);
@@ -1280,6 +1284,7 @@ pub(crate) mod tests {
             store: writer,
             metrics: metrics.clone(),
             bus: bus.clone(),
+            delay: DelayGauge::default(),
         };
         let (handle, actor) = spawn(settings, restored, outputs, shutdown.clone());
         TestFleet {
@@ -1436,6 +1441,7 @@ pub(crate) mod tests {
             store: writer,
             metrics,
             bus: bus.clone(),
+            delay: DelayGauge::default(),
         };
         let mut actor = FleetActor::new(settings(), Restored::default(), outputs);
         let mut events = bus.subscribe(None).unwrap().live;

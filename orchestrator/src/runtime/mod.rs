@@ -2,6 +2,7 @@
 //!
 //! - [`bus`]: the one event bus (numbered, kept in a ring for resuming readers).
 //! - [`fleet`]: the actor that owns the registry, the healer and the sessions.
+//! - [`lag`]: the runtime's own scheduling delay, probed.
 //! - [`log_budget`]: routine per-node log lines, counted beyond a rate.
 //! - [`role`]: whether this process leads, and the leader term's handles.
 //! - [`scaling_loop`]: the loop that owns the forecaster and the scaler.
@@ -10,6 +11,7 @@
 pub mod bus;
 pub mod fleet;
 pub mod healing;
+pub mod lag;
 pub mod log_budget;
 pub mod role;
 pub mod scaling_loop;

@@ -40,6 +40,7 @@ use crate::{
     edge::webhook::sender::{self, SenderError, SenderOutputs, SenderSettings},
     runtime::bus::{self, EventBus},
     runtime::fleet::{self, FleetSettings, Outputs, Restored},
+    runtime::lag::{self, DelayGauge},
     runtime::role::{self, Leading, NotLeader, RoleSender, Term},
     runtime::scaling_loop::{self, ScalingOutputs, ScalingSettings},
 };
@@ -298,9 +299,11 @@ impl Orchestrator {
         info!(addr = %http_addr, "http api listening");
         let http_task = tokio::spawn(async move { http_server.await.map_err(ServeError::Http) });
 
+        let delay = lag::spawn(metrics.scheduling_delay_seconds.clone(), shutdown.clone());
         let terms = Terms {
             config: &config,
             metrics: &metrics,
+            delay,
             role: role_sender,
             health,
             advertise_url,
@@ -359,6 +362,8 @@ impl Health {
 struct Terms<'a> {
     config: &'a Config,
     metrics: &'a Metrics,
+    /// The runtime's scheduling delay, which the detector allows for.
+    delay: DelayGauge,
     role: RoleSender,
     health: Health,
     advertise_url: String,
@@ -574,6 +579,7 @@ impl Terms<'_> {
             store: store.clone(),
             metrics: metrics.clone(),
             bus: events.clone(),
+            delay: self.delay.clone(),
         };
         let (fleet, actor) = fleet::spawn(settings, restored, outputs, stop.clone());
         let scaling_settings = ScalingSettings {

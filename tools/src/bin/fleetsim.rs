@@ -508,6 +508,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 "p99_s_at_most": quantile_bound(&buckets, 0.99),
                 "detector_nodes_checked_per_second": counter_delta(before, after, "orchestrator_detector_nodes_checked_total")
                     .map(|checked| (checked / window).round()),
+                "scheduling_delay": scheduling_delay(before, after),
             })
         }
         _ => serde_json::Value::Null,
@@ -1311,6 +1312,26 @@ fn histogram_delta(before: &[(String, f64)], after: &[(String, f64)], name: &str
             (bound, count - earlier)
         })
         .collect()
+}
+
+/// The orchestrator's scheduling delay between two scrapes (its runtime's probe,
+/// every 0.1 s): how late it ran due tasks, and so how late it read heartbeats.
+fn scheduling_delay(before: &[(String, f64)], after: &[(String, f64)]) -> serde_json::Value {
+    let buckets = histogram_delta(before, after, "orchestrator_scheduling_delay_seconds");
+    let total = buckets.last().map_or(0.0, |(_, count)| *count);
+    let within = |bound: f64| {
+        buckets
+            .iter()
+            .find(|(b, _)| *b == bound)
+            .map(|(_, count)| total - count)
+    };
+    json!({
+        "probes": total,
+        "p50_s_at_most": quantile_bound(&buckets, 0.5),
+        "p99_s_at_most": quantile_bound(&buckets, 0.99),
+        "over_0_5_s": within(0.5),
+        "over_1_s": within(1.0),
+    })
 }
 
 /// The upper bound of the bucket the `q` quantile falls in: the quantile is at

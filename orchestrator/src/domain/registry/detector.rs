@@ -26,6 +26,17 @@
 //! nodes' heartbeats of that time sit unread in socket buffers, so that round
 //! judges nobody and every live node gets a fresh heartbeat window from now.
 //!
+//! Short of a stall, an orchestrator can still run behind: on a saturated machine
+//! or in a storm its runtime has more ready tasks than threads, and a heartbeat
+//! that reached the socket waits its turn to be read, so its receipt time is late
+//! by that wait. The runtime measures its own scheduling delay (a probe task, see
+//! `runtime::lag`) and each check is given it ([`Registry::check_with_own_delay`]):
+//! a node is suspect only once silent for longer than the timeout plus that
+//! delay, capped at one more timeout. A node is not blamed for the
+//! orchestrator's own lateness (the local health awareness of HashiCorp's
+//! Lifeguard, for the same reason), and a dead node is still found, later by at
+//! most the delay.
+//!
 //! A check does not scan the fleet. The registry keeps a schedule of when each
 //! node next needs looking at (its heartbeat deadline, a terminate deadline, the
 //! end of a reconnect grace or of the retention; every check while suspect), and a
@@ -58,6 +69,14 @@ impl Registry {
     /// Runs one dead-node check at `now`; results are queued as effects. Returns
     /// how many nodes it looked at (only those due).
     pub fn check(&mut self, now: Instant) -> usize {
+        self.check_with_own_delay(now, Duration::ZERO)
+    }
+
+    /// [`Registry::check`] on an orchestrator that is running `own_delay` behind
+    /// (how late its runtime runs a task that is due): heartbeats are read as
+    /// late, so silence is judged net of it (up to one heartbeat timeout).
+    pub fn check_with_own_delay(&mut self, now: Instant, own_delay: Duration) -> usize {
+        self.own_delay = own_delay.min(self.config.heartbeat_timeout);
         if self.stalled(now) {
             return 0;
         }
@@ -205,9 +224,10 @@ impl Registry {
             return;
         }
         let silence = now.saturating_duration_since(record.last_seen);
+        let own_delay = self.own_delay;
         if let Some(session) = record.session
             && record.state != NodeState::Suspect
-            && silence > timeout
+            && silence > timeout + own_delay
         {
             if record.termination.as_ref().is_some_and(|t| t.acknowledged) {
                 self.queue(Effect::CloseSession {
@@ -225,6 +245,12 @@ impl Registry {
             record.state = NodeState::Suspect;
             record.suspect_checks = 0;
             record.state_reason = format!("no heartbeat for {:.1}s", silence.as_secs_f64());
+            if !own_delay.is_zero() {
+                record.state_reason += &format!(
+                    " (allowing {:.1}s for the orchestrator's own delay in reading)",
+                    own_delay.as_secs_f64()
+                );
+            }
             if let Some(maintenance) = &mut record.maintenance {
                 maintenance.away_since = Some(record.last_seen);
                 record.state_reason = format!(

@@ -335,6 +335,9 @@ pub struct Registry {
     next_session: u64,
     /// When the previous dead-node check ran.
     pub(crate) last_check: Option<Instant>,
+    /// How late the orchestrator itself was reading, as of the current check
+    /// (at most the heartbeat timeout): silence is judged net of it.
+    pub(crate) own_delay: Duration,
     anchor: TimeAnchor,
     effects: Vec<Effect>,
     pub(crate) unexpected_failures_total: u64,
@@ -358,6 +361,7 @@ impl Registry {
             schedule: BinaryHeap::new(),
             next_session: 1,
             last_check: None,
+            own_delay: Duration::ZERO,
             departed: 0,
             anchor: TimeAnchor {
                 instant: now,
@@ -1678,6 +1682,53 @@ mod tests {
         f.advance(1);
         f.check();
         assert_eq!(f.state(live), NodeState::Suspect);
+    }
+
+    #[test]
+    fn silence_is_judged_net_of_the_orchestrators_own_delay_up_to_one_timeout() {
+        let mut f = Fixture::new();
+        let (a, b) = (node(), node());
+        f.connect(a);
+        let sb = f.connect(b);
+        let check = |f: &mut Fixture, secs: u64, own_delay: u64| {
+            f.advance(secs);
+            f.registry
+                .check_with_own_delay(f.now, Duration::from_secs(own_delay));
+        };
+        for _ in 0..3 {
+            check(&mut f, 10, 0);
+        }
+        f.registry.heartbeat(b, sb, f.now).unwrap();
+        // 40 s silent on a 30 s timeout, but the orchestrator is reading 15 s
+        // late: a's beats may be waiting unread.
+        check(&mut f, 10, 15);
+        assert_eq!(f.state(a), NodeState::Connected);
+        // 50 s is more than the timeout and the delay together.
+        check(&mut f, 10, 15);
+        assert_eq!(f.state(a), NodeState::Suspect);
+        let reason = f.registry.snapshot(a).unwrap().state_reason;
+        assert_eq!(
+            reason,
+            "no heartbeat for 50.0s (allowing 15.0s for the orchestrator's own delay in reading)"
+        );
+
+        // However late the orchestrator says it is, one more timeout is all a
+        // node gets: b, heard from at 30 s, is silent 70 s at 100 s.
+        for _ in 0..4 {
+            check(&mut f, 10, 100);
+        }
+        assert_eq!(
+            f.state(b),
+            NodeState::Connected,
+            "silent 60 s at 90 s: not more than 30 + 30"
+        );
+        check(&mut f, 10, 100);
+        assert_eq!(f.state(b), NodeState::Suspect);
+        assert_eq!(
+            f.state(a),
+            NodeState::Failed,
+            "the delay puts off suspicion, not the count after it"
+        );
     }
 
     fn with_host(node: NodeId, labels: &[(&str, &str)], boot_id: Option<&str>, saw: &str) -> NodeInfo {
