@@ -9,11 +9,12 @@
 //! in the same queues, so its delay is what a reading waits too (the event loop
 //! lag that Node.js services export, for the same reason).
 //!
-//! The probe's latest delay is published in a [`DelayGauge`] the fleet actor reads
-//! before each dead-node check (the detector gives the nodes that much more
-//! time, see `Registry::check`), and in the `orchestrator_scheduling_delay_seconds`
-//! histogram. A delay over [`WARN_OVER`] is logged, at most once per
-//! [`WARN_EVERY`], with the worst delay since the last line.
+//! The probe's latest delay is published in a [`DelayGauge`] the fleet actor
+//! reads before each dead-node check (the detector gives the nodes that much
+//! more time, see `Registry::check_with_own_delay`), and in the
+//! `orchestrator_scheduling_delay_seconds` histogram. A delay over
+//! [`WARN_OVER`] is logged, at most once per [`WARN_EVERY`], with the worst
+//! delay since the last line.
 
 use std::{
     sync::{

@@ -65,6 +65,10 @@ use crate::{
 /// than the timeout, not equal to it.
 const TICK: Duration = Duration::from_nanos(1);
 
+/// An own delay worth naming in a suspect node's reason (a runtime is always a
+/// few milliseconds late; that is not news).
+const NOTABLE_OWN_DELAY: Duration = Duration::from_millis(100);
+
 impl Registry {
     /// Runs one dead-node check at `now`; results are queued as effects. Returns
     /// how many nodes it looked at (only those due).
@@ -245,7 +249,7 @@ impl Registry {
             record.state = NodeState::Suspect;
             record.suspect_checks = 0;
             record.state_reason = format!("no heartbeat for {:.1}s", silence.as_secs_f64());
-            if !own_delay.is_zero() {
+            if own_delay >= NOTABLE_OWN_DELAY {
                 record.state_reason += &format!(
                     " (allowing {:.1}s for the orchestrator's own delay in reading)",
                     own_delay.as_secs_f64()
