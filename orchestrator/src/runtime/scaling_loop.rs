@@ -82,6 +82,49 @@ pub struct PredictionHandle {
     updates: broadcast::Sender<Arc<Prediction>>,
     /// The latest [`RECENT_PREDICTIONS`], oldest first (the loop writes, readers copy).
     recent: Arc<std::sync::Mutex<std::collections::VecDeque<Arc<Prediction>>>>,
+    /// The checks of earlier runs, as the replay of the stored history remade them.
+    restored: Arc<Restored>,
+}
+
+/// What the chart shows of the checks before this run: the forecasts the replay
+/// of the persisted CPU history remade (the latest [`RECENT_PREDICTIONS`]), and
+/// the forecaster's scores after it. Without it, the console's chart would be
+/// empty after every restart or failover until checks of the new run come in.
+#[derive(Debug, Default)]
+struct Restored {
+    forecasts: Vec<Forecast>,
+    accuracy: Option<AccuracySummary>,
+    horizon: Duration,
+}
+
+/// One scaling check on the console's chart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChartPoint {
+    /// When the check ran.
+    pub at: SystemTime,
+    /// Fleet CPU at the check.
+    pub current_cpu_usage: Option<f64>,
+    /// The prediction made for `target`, with its confidence and model.
+    pub predicted: Option<(f64, f64, Model)>,
+    /// The predicted time.
+    pub target: Option<SystemTime>,
+    /// What the scaler decided; None for a check of an earlier run, remade from
+    /// the stored history (its decision is not stored).
+    pub decision: Option<ScaleDecision>,
+}
+
+/// The console's chart: the checks, oldest first, and the latest scores.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chart {
+    /// At most [`RECENT_PREDICTIONS`]: this run's checks, preceded by those of
+    /// earlier runs while there is room.
+    pub points: Vec<ChartPoint>,
+    /// The accuracy as of the latest check (or the replay, before one).
+    pub accuracy: Option<AccuracySummary>,
+}
+
+fn unix(seconds: f64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or_default()
 }
 
 impl PredictionHandle {
@@ -94,6 +137,7 @@ impl PredictionHandle {
             latest,
             updates,
             recent: Default::default(),
+            restored: Default::default(),
         }
     }
 
@@ -104,6 +148,51 @@ impl PredictionHandle {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         recent.iter().cloned().collect()
+    }
+
+    /// The console's chart: this run's checks, preceded (while there is room)
+    /// by the earlier runs' checks the replay remade, so a restart or a
+    /// failover does not empty it.
+    pub fn chart(&self) -> Chart {
+        let recent = self.recent();
+        let first = recent.first().map(|prediction| prediction.at);
+        let room = RECENT_PREDICTIONS.saturating_sub(recent.len());
+        let horizon = self.restored.horizon;
+        let earlier = self
+            .restored
+            .forecasts
+            .iter()
+            .map(|forecast| (unix(forecast.made_at), forecast))
+            .filter(|(at, _)| first.is_none_or(|first| *at < first))
+            .collect::<Vec<_>>();
+        let skip = earlier.len().saturating_sub(room);
+        let mut points: Vec<ChartPoint> = earlier[skip..]
+            .iter()
+            .map(|(at, forecast)| ChartPoint {
+                at: *at,
+                current_cpu_usage: Some(forecast.current),
+                predicted: forecast
+                    .predicted
+                    .map(|predicted| (predicted, forecast.confidence, forecast.model)),
+                target: forecast.predicted.map(|_| unix(forecast.target(horizon))),
+                decision: None,
+            })
+            .collect();
+        points.extend(recent.iter().map(|prediction| {
+            let forecast = prediction.forecast.as_ref().filter(|f| f.predicted.is_some());
+            ChartPoint {
+                at: prediction.at,
+                current_cpu_usage: prediction.current_cpu_usage,
+                predicted: forecast.and_then(|f| Some((f.predicted?, f.confidence, f.model))),
+                target: forecast.map(|_| prediction.at + prediction.horizon),
+                decision: Some(prediction.decision),
+            }
+        }));
+        let accuracy = match recent.last() {
+            Some(latest) => Some(latest.accuracy),
+            None => self.restored.accuracy,
+        };
+        Chart { points, accuracy }
     }
 
     /// The latest prediction, if a check has run.
@@ -152,7 +241,8 @@ pub fn spawn(
     let ScalingOutputs { store, metrics, bus } = outputs;
     let mut forecaster = Forecaster::new(settings.forecast.clone());
     let started = std::time::Instant::now();
-    let restored = forecaster.replay(history);
+    let mut replayed = forecaster.replay(history);
+    let restored = replayed.len();
     if restored > 0 {
         let accuracy = forecaster.accuracy();
         info!(
@@ -166,10 +256,17 @@ pub fn spawn(
     let (latest_tx, latest) = watch::channel(None);
     let (updates, _) = broadcast::channel(PREDICTION_BUFFER);
     let recent: Arc<std::sync::Mutex<std::collections::VecDeque<Arc<Prediction>>>> = Default::default();
+    let kept = replayed.len().saturating_sub(RECENT_PREDICTIONS);
+    let restored = Restored {
+        forecasts: replayed.split_off(kept),
+        accuracy: (restored > 0).then(|| forecaster.accuracy()),
+        horizon: forecaster.config().horizon,
+    };
     let handle = PredictionHandle {
         latest,
         updates: updates.clone(),
         recent: recent.clone(),
+        restored: Arc::new(restored),
     };
     let run = ScalingLoop {
         interval: settings.interval,
@@ -493,6 +590,11 @@ mod tests {
     /// A fleet actor (heartbeats every second, a generous timeout) and a scaling
     /// loop checking every minute, both on the paused clock.
     fn run(mode: ScalingMode) -> Running {
+        run_after(mode, Vec::new())
+    }
+
+    /// [`run`], restarted on a stored CPU `history`.
+    fn run_after(mode: ScalingMode, history: Vec<Point>) -> Running {
         let shutdown = CancellationToken::new();
         let mut settings = fleet_settings();
         settings.lifecycle.heartbeat_timeout = Duration::from_secs(3600);
@@ -511,13 +613,7 @@ mod tests {
             forecast: ForecastConfig::seed(INTERVAL, Model::Auto),
             policy: policy(mode),
         };
-        let (predictions, _task) = spawn(
-            scaling,
-            Vec::new(),
-            fleet.handle.clone(),
-            outputs,
-            shutdown.clone(),
-        );
+        let (predictions, _task) = spawn(scaling, history, fleet.handle.clone(), outputs, shutdown.clone());
         Running {
             fleet,
             predictions,
@@ -542,6 +638,52 @@ mod tests {
                 return event;
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_restart_the_chart_starts_with_the_stored_checks_remade() {
+        // More stored checks than the chart holds: a minute apart, up to now.
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let stored = RECENT_PREDICTIONS + 20;
+        let history: Vec<Point> = (0..stored)
+            .map(|i| Point {
+                t: now - 60.0 * (stored - i) as f64,
+                value: 0.3 + 0.2 * ((i % 120) as f64 / 120.0),
+            })
+            .collect();
+        let running = run_after(ScalingMode::ForecastOnly, history.clone());
+
+        // Before this run's first check: the latest stored checks, remade.
+        let chart = running.predictions.chart();
+        assert_eq!(chart.points.len(), RECENT_PREDICTIONS);
+        let kept = &history[stored - RECENT_PREDICTIONS..];
+        for (point, stored) in chart.points.iter().zip(kept) {
+            assert_eq!(point.at, unix(stored.t));
+            assert_eq!(point.current_cpu_usage, Some(stored.value));
+            assert_eq!(point.decision, None, "decisions are not stored");
+            let (_, confidence, _) = point.predicted.expect("a full window predicts");
+            assert!((0.0..=1.0).contains(&confidence));
+            assert_eq!(point.target, Some(unix(stored.t) + Duration::from_secs(600)));
+        }
+        let accuracy = chart.accuracy.expect("the replay scored its predictions");
+        assert!(accuracy.scored > 0);
+
+        // This run's check comes after them, and the oldest stored one makes room.
+        let _node = node(&running.fleet, 0.5).await;
+        let (_, mut updates) = running.predictions.subscribe();
+        let check = updates.recv().await.unwrap();
+        let chart = running.predictions.chart();
+        assert_eq!(chart.points.len(), RECENT_PREDICTIONS);
+        assert_eq!(chart.points[0].at, unix(kept[1].t));
+        let last = chart.points.last().unwrap();
+        assert_eq!(last.at, check.at);
+        assert_eq!(last.current_cpu_usage, Some(0.5));
+        assert_eq!(last.decision, Some(ScaleDecision::Hold));
+        assert_eq!(chart.accuracy, Some(check.accuracy));
+        running.shutdown.cancel();
     }
 
     #[tokio::test(start_paused = true)]

@@ -286,18 +286,18 @@ impl Forecaster {
     /// record, the accuracy summary and the predictions still waiting for their
     /// target are rebuilt: after a restart or a failover, `auto` chooses as it
     /// would have without one, instead of starting over from `naive` for a day.
-    /// Returns how many points were replayed.
-    pub fn replay(&mut self, points: impl IntoIterator<Item = Point>) -> usize {
-        let mut replayed = 0;
+    /// Returns the forecasts the replayed checks made, oldest first, one per
+    /// point replayed (out-of-order points are skipped, as `observe` skips them).
+    pub fn replay(&mut self, points: impl IntoIterator<Item = Point>) -> Vec<Forecast> {
+        let mut forecasts = Vec::new();
         for point in points {
             let accepted = self.history.latest().is_none_or(|last| point.t > last.t);
             self.observe(point);
-            if accepted {
-                self.predict(point.t);
-                replayed += 1;
+            if accepted && let Some(forecast) = self.predict(point.t) {
+                forecasts.push(forecast);
             }
         }
-        replayed
+        forecasts
     }
 
     /// Adds an observation and scores every pending prediction whose target it

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use crate::{
+    domain::forecast::AccuracySummary,
     domain::node::{NodeId, NodeSnapshot, NodeState},
     domain::registry::{DrainRequest, DrainThenTerminate},
     domain::selector::{NodeFilter, Page, Selector, SortKey},
@@ -199,7 +200,7 @@ pub async fn fleet_stats(
         }).collect::<serde_json::Map<String, Value>>(),
         "cpu_history_points": latest.as_ref().and_then(|p| p.forecast.as_ref()).map_or(0, |f| f.data_points),
         "prediction": latest.as_deref().map(prediction_json),
-        "accuracy": latest.as_deref().map(accuracy_json),
+        "accuracy": latest.as_deref().map(|latest| accuracy_json(&latest.accuracy)),
     })))
 }
 
@@ -254,8 +255,7 @@ fn prediction_json(prediction: &Prediction) -> Value {
     })
 }
 
-fn accuracy_json(prediction: &Prediction) -> Value {
-    let accuracy = &prediction.accuracy;
+fn accuracy_json(accuracy: &AccuracySummary) -> Value {
     json!({
         "scored": accuracy.scored,
         "window": accuracy.window,
@@ -454,25 +454,29 @@ pub fn event_json(event: &crate::domain::event::FleetEvent) -> Value {
 
 /// `GET /api/v1/predictions`: the recent scaling checks, oldest first, for the
 /// console's chart: fleet CPU at each check, and what was predicted for its
-/// target time with the confidence stated.
+/// target time with the confidence stated. After a restart or a failover the
+/// chart starts with the earlier runs' checks, remade from the stored history
+/// (`restored: true`, `decision: null`: decisions are not stored).
 pub async fn predictions(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let recent = state.role.leading()?.predictions.recent();
-    let points: Vec<Value> = recent
+    let chart = state.role.leading()?.predictions.chart();
+    let points: Vec<Value> = chart
+        .points
         .iter()
-        .map(|prediction| {
-            let forecast = prediction.forecast.as_ref().filter(|f| f.predicted.is_some());
+        .map(|point| {
+            let predicted = point.predicted;
             json!({
-                "timestamp": secbeat::wire::rfc3339(prediction.at),
-                "current_cpu_usage": prediction.current_cpu_usage,
-                "predicted_cpu_usage": forecast.and_then(|f| f.predicted),
-                "target": forecast.map(|_| secbeat::wire::rfc3339(prediction.at + prediction.horizon)),
-                "confidence": forecast.map(|f| f.confidence),
-                "model": forecast.map(|f| f.model.name()),
-                "decision": prediction.decision.as_str(),
+                "timestamp": secbeat::wire::rfc3339(point.at),
+                "current_cpu_usage": point.current_cpu_usage,
+                "predicted_cpu_usage": predicted.map(|(value, _, _)| value),
+                "target": point.target.map(secbeat::wire::rfc3339),
+                "confidence": predicted.map(|(_, confidence, _)| confidence),
+                "model": predicted.map(|(_, _, model)| model.name()),
+                "decision": point.decision.map(|decision| decision.as_str()),
+                "restored": point.decision.is_none(),
             })
         })
         .collect();
-    let accuracy = recent.last().map(|latest| accuracy_json(latest));
+    let accuracy = chart.accuracy.as_ref().map(accuracy_json);
     Ok(Json(json!({ "predictions": points, "accuracy": accuracy })))
 }
 
