@@ -1,7 +1,7 @@
 //! The operator's HTTP side: the JSON API and the metrics scrape, checked with the
 //! real promtool.
 
-use std::process::Stdio;
+use std::{process::Stdio, time::Duration};
 
 use secbeat_integration::{
     FAST_CONFIG, Orchestrator, STARTUP, Sig, eventually, free_addr, http_request, metric_value, promtool,
@@ -35,6 +35,69 @@ async fn promtool_check(scrape: &str) {
 
 fn with_fast_scaling() -> String {
     format!("{FAST_CONFIG}scaling_check_interval_seconds = 0.1\nscaling_mode = \"forecast_only\"\n")
+}
+
+/// The console's chart after a crash: the restarted orchestrator's first
+/// answer already holds the checks of the run before, remade from the CPU
+/// history in its state store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_keeps_the_checks_of_the_run_before_a_restart() {
+    let mut orchestrator = Orchestrator::start(&with_fast_scaling()).await.unwrap();
+    let (_agent, _) = orchestrator
+        .connected_agent(&["--cpu-source", "const:0.4"])
+        .await
+        .unwrap();
+    let addr = orchestrator.http_addr;
+    let points = |chart: &serde_json::Value| chart["predictions"].as_array().cloned().unwrap_or_default();
+    let measured = |point: &serde_json::Value| point["current_cpu_usage"].as_f64() == Some(0.4);
+    let before = eventually(STARTUP, "twenty checks with the node's CPU", || async {
+        let chart = http_request(addr, "/api/v1/predictions", &[]).await.ok()?.json();
+        let points = points(&chart);
+        (points.iter().filter(|point| measured(point)).count() >= 20).then_some(points)
+    })
+    .await;
+    assert!(before.iter().all(|point| point["restored"] == false));
+    assert!(before.iter().all(|point| point["decision"].is_string()));
+
+    orchestrator.process.signal(Sig::SIGKILL);
+    orchestrator
+        .process
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let restarted = orchestrator.restart().await.unwrap();
+    let chart = http_request(restarted.http_addr, "/api/v1/predictions", &[])
+        .await
+        .unwrap()
+        .json();
+    let after = points(&chart);
+    let restored: Vec<_> = after
+        .iter()
+        .take_while(|point| point["restored"] == true)
+        .collect();
+    // The checks whose history was written before the SIGKILL: a loaded
+    // machine's store writer may still have held the last few.
+    assert!(
+        restored.iter().filter(|point| measured(point)).count() >= 10,
+        "{} restored of {} measured before",
+        restored.len(),
+        before.len()
+    );
+    assert!(restored.iter().all(|point| point["decision"].is_null()));
+    assert!(
+        restored.iter().any(|point| point["predicted_cpu_usage"] == 0.4),
+        "the replay predicts flat data flat, as the checks did"
+    );
+    // This run's checks, if any came yet, follow them.
+    assert!(
+        after[restored.len()..]
+            .iter()
+            .all(|point| point["restored"] == false && point["decision"].is_string())
+    );
+    assert!(
+        chart["accuracy"].is_object(),
+        "the replay's scores stand in until a check"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
