@@ -6,7 +6,9 @@
 //! a CPU sample every heartbeat interval (the orchestrator's, from Welcome, unless
 //! `--heartbeat-interval` overrides it), as the real agent does; with
 //! `--two-messages`, or when the Welcome does not say `heartbeat_carries_cpu`, a
-//! CPU sample and a bare heartbeat, as older agents do. Agents get their own HTTP/2 connection
+//! CPU sample and a bare heartbeat, as older agents do. The beats are made in the
+//! stream's request body itself, on its own timer ([`Outbound`]), so that a beat
+//! costs the simulator one task wake-up. Agents get their own HTTP/2 connection
 //! by default, spread over 127.0.0.x source addresses so ephemeral ports do not
 //! run out; `--streams-per-connection K` multiplexes K agents per connection.
 //!
@@ -63,8 +65,7 @@ use secbeat_tools::{
     tls::{ClientTls, TlsDialer},
 };
 use serde_json::json;
-use tokio::sync::{Semaphore, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{Semaphore, oneshot};
 use tonic::transport::{Channel, Endpoint};
 use uuid::Uuid;
 
@@ -1030,7 +1031,6 @@ impl VirtualAgent {
     }
 
     async fn session(&self, channel: &Channel, lost_at: &mut Option<Instant>) -> SessionEnd {
-        let (outbound, requests) = mpsc::channel(8);
         let hello = pb::Hello {
             node_id: self.id.to_string(),
             hostname: format!("sim-{}", &self.id.to_string()[..8]),
@@ -1038,7 +1038,20 @@ impl VirtualAgent {
             agent_version: "fleetsim".into(),
             ..Default::default()
         };
-        let _ = outbound.send(message(Kind::Hello(hello))).await;
+        let (plan, planned) = oneshot::channel();
+        let outbound = Outbound {
+            hello: Some(message(Kind::Hello(hello))),
+            planned: Some(planned),
+            beating: None,
+            queued: None,
+            control: Arc::default(),
+            sends: self.sends.clone(),
+            counters: self.counters.clone(),
+            index: self.index,
+            cpu: self.cpu,
+        };
+        // However the session ends, its outbound stream ends with it.
+        let control = EndOnDrop(outbound.control.clone());
         // The ramp-up gate is waited for outside the bound: at fleet scale agents
         // queue for it, which is the simulator's pacing, not the orchestrator's.
         let response = {
@@ -1051,7 +1064,7 @@ impl VirtualAgent {
             let client = AgentServiceClient::new(channel.clone());
             tokio::time::timeout(OPEN_TIMEOUT, async move {
                 let mut client = client;
-                client.connect(ReceiverStream::new(requests)).await
+                client.connect(outbound).await
             })
             .await
         };
@@ -1096,38 +1109,21 @@ impl VirtualAgent {
             .and_then(|d| Duration::try_from(d).ok())
             .unwrap_or(Duration::from_secs(10));
         let combined = welcome.heartbeat_carries_cpu && !self.two_messages;
-        let mut ticks = tokio::time::interval(self.interval.unwrap_or(given));
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut sequence = 0;
+        // The outbound stream beats from now on, at the interval given.
+        let _ = plan.send(Plan {
+            interval: self.interval.unwrap_or(given),
+            combined,
+        });
         loop {
             tokio::select! {
-                due = ticks.tick() => {
-                    self.sends.fired(Instant::now().saturating_duration_since(due.into_std()));
-                    sequence += 1;
-                    // Stamped as the real agent stamps its samples.
-                    let stamp = SystemTime::now();
-                    let time = Some(secbeat::wire::timestamp_to_proto(stamp));
-                    let sample = pb::CpuSample { time, usage: self.cpu };
-                    let sent = if combined {
-                        outbound.send(message(Kind::Heartbeat(pb::Heartbeat { sequence, cpu: Some(sample) }))).await.map(|()| 1)
-                    } else {
-                        let samples = message(Kind::CpuSamples(pb::CpuSamples { samples: vec![sample] }));
-                        match outbound.send(samples).await {
-                            Ok(()) => outbound.send(message(Kind::Heartbeat(pb::Heartbeat { sequence, cpu: None }))).await.map(|()| 2),
-                            Err(error) => Err(error),
-                        }
-                    };
-                    let Ok(sent) = sent else { return SessionEnd::Lost };
-                    self.counters.messages.fetch_add(sent, Ordering::Relaxed);
-                    self.sends.sent(self.index, stamp);
-                }
                 () = tokio::time::sleep_until(self.fault_at.into()), if self.fate != Fate::Healthy => match self.fate {
-                    // Dropping the stream and its sender resets it without a
+                    // Ending the stream and dropping its response without a
                     // goodbye: to the orchestrator, a crash.
                     Fate::Kill => return SessionEnd::Faulted,
                     // Silent but open: keep the stream, send nothing, read nothing.
                     Fate::Stall => {
-                        let _keep = (outbound, inbound);
+                        control.0.stall();
+                        let _keep = (control, inbound);
                         std::future::pending::<()>().await;
                         return SessionEnd::Faulted;
                     }
@@ -1138,6 +1134,147 @@ impl VirtualAgent {
                 },
             }
         }
+    }
+}
+
+/// When a session's outbound stream starts beating, from its Welcome.
+struct Plan {
+    interval: Duration,
+    /// Heartbeats carry the CPU sample (one message per beat, not two).
+    combined: bool,
+}
+
+/// What the agent's task tells its outbound stream.
+#[derive(Debug, Default)]
+struct Control {
+    /// `RUNNING`, `STALLED` or `ENDED`.
+    state: std::sync::atomic::AtomicU8,
+    waker: futures_util::task::AtomicWaker,
+}
+
+const RUNNING: u8 = 0;
+const STALLED: u8 = 1;
+const ENDED: u8 = 2;
+
+impl Control {
+    fn stall(&self) {
+        self.state.store(STALLED, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn end(&self) {
+        self.state.store(ENDED, Ordering::Release);
+        self.waker.wake();
+    }
+}
+
+/// Ends the outbound stream when the session is dropped, however it ends.
+struct EndOnDrop(Arc<Control>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// A session's outbound messages, made where hyper's task for the request body
+/// polls them: the Hello at once, then, once the Welcome has set the interval,
+/// the beats on the stream's own timer. A beat then costs the simulator one
+/// wake-up (that task's timer), where an agent task handing beats over a channel
+/// to the body cost three (its timer, the channel, the body); the agent's task
+/// only reads the rare commands and injects its fault. What goes on the wire is
+/// the same.
+struct Outbound {
+    hello: Option<pb::AgentMessage>,
+    planned: Option<tokio::sync::oneshot::Receiver<Plan>>,
+    beating: Option<Beating>,
+    /// The heartbeat that follows a beat's CpuSamples (an older agent's form).
+    queued: Option<pb::AgentMessage>,
+    control: Arc<Control>,
+    sends: Arc<Sends>,
+    counters: Arc<Counters>,
+    index: usize,
+    cpu: f64,
+}
+
+struct Beating {
+    ticks: tokio::time::Interval,
+    combined: bool,
+    sequence: u64,
+}
+
+impl futures_util::Stream for Outbound {
+    type Item = pb::AgentMessage;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<pb::AgentMessage>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        this.control.waker.register(cx.waker());
+        match this.control.state.load(Ordering::Acquire) {
+            RUNNING => {}
+            STALLED => {
+                // Silent from now on, and no timer left to wake it.
+                this.beating = None;
+                return Poll::Pending;
+            }
+            _ended => return Poll::Ready(None),
+        }
+        if let Some(next) = this.hello.take().or_else(|| this.queued.take()) {
+            return Poll::Ready(Some(next));
+        }
+        if let Some(planned) = &mut this.planned {
+            match std::pin::Pin::new(planned).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                // The session ended before its Welcome.
+                Poll::Ready(Err(_)) => return Poll::Ready(None),
+                Poll::Ready(Ok(plan)) => {
+                    this.planned = None;
+                    let mut ticks = tokio::time::interval(plan.interval);
+                    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    this.beating = Some(Beating {
+                        ticks,
+                        combined: plan.combined,
+                        sequence: 0,
+                    });
+                }
+            }
+        }
+        let Some(beating) = &mut this.beating else {
+            return Poll::Pending;
+        };
+        let due = match beating.ticks.poll_tick(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(due) => due,
+        };
+        this.sends
+            .fired(Instant::now().saturating_duration_since(due.into_std()));
+        beating.sequence += 1;
+        // Stamped as the real agent stamps its samples.
+        let stamp = SystemTime::now();
+        let time = Some(secbeat::wire::timestamp_to_proto(stamp));
+        let sample = pb::CpuSample {
+            time,
+            usage: this.cpu,
+        };
+        let sequence = beating.sequence;
+        let first = if beating.combined {
+            this.counters.messages.fetch_add(1, Ordering::Relaxed);
+            message(Kind::Heartbeat(pb::Heartbeat {
+                sequence,
+                cpu: Some(sample),
+            }))
+        } else {
+            this.counters.messages.fetch_add(2, Ordering::Relaxed);
+            this.queued = Some(message(Kind::Heartbeat(pb::Heartbeat { sequence, cpu: None })));
+            message(Kind::CpuSamples(pb::CpuSamples {
+                samples: vec![sample],
+            }))
+        };
+        this.sends.sent(this.index, stamp);
+        Poll::Ready(Some(first))
     }
 }
 
@@ -1355,6 +1492,99 @@ fn message(kind: Kind) -> pb::AgentMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An outbound stream and what its agent's task holds of it.
+    fn outbound(cpu: f64) -> (Outbound, oneshot::Sender<Plan>, Arc<Counters>) {
+        let (plan, planned) = oneshot::channel();
+        let counters = Arc::new(Counters::default());
+        let stream = Outbound {
+            hello: Some(message(Kind::Hello(pb::Hello::default()))),
+            planned: Some(planned),
+            beating: None,
+            queued: None,
+            control: Arc::default(),
+            sends: Arc::new(Sends::new(1)),
+            counters: counters.clone(),
+            index: 0,
+            cpu,
+        };
+        (stream, plan, counters)
+    }
+
+    fn kind(message: Option<pb::AgentMessage>) -> Kind {
+        message.expect("a message").kind.expect("a kind")
+    }
+
+    /// The stream says Hello, waits for the Welcome's plan, then beats on its
+    /// own timer; a stall silences it for good and the session's end ends it.
+    #[tokio::test(start_paused = true)]
+    async fn the_outbound_stream_beats_on_its_own_timer_until_stalled_or_ended() {
+        use futures_util::{FutureExt, StreamExt};
+        let (mut stream, plan, counters) = outbound(0.25);
+        assert!(matches!(kind(stream.next().await), Kind::Hello(_)));
+        assert!(
+            stream.next().now_or_never().is_none(),
+            "nothing before the Welcome"
+        );
+
+        plan.send(Plan {
+            interval: Duration::from_secs(1),
+            combined: true,
+        })
+        .ok()
+        .unwrap();
+        let started = tokio::time::Instant::now();
+        for sequence in 1..=3 {
+            let Kind::Heartbeat(beat) = kind(stream.next().await) else {
+                panic!("a heartbeat")
+            };
+            assert_eq!(beat.sequence, sequence);
+            assert_eq!(beat.cpu.unwrap().usage, 0.25, "the sample rides on the heartbeat");
+        }
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(2),
+            "the first at once, then one a second"
+        );
+        assert_eq!(counters.messages.load(Ordering::Relaxed), 3);
+        assert!(stream.sends.last_two_sent(0)[0].is_some());
+
+        stream.control.stall();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(
+            stream.next().now_or_never().is_none(),
+            "stalled: silent, stream open"
+        );
+        stream.control.end();
+        assert!(stream.next().await.is_none(), "ended with its session");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_older_agents_beat_is_a_sample_then_a_heartbeat() {
+        use futures_util::StreamExt;
+        let (mut stream, plan, counters) = outbound(0.5);
+        assert!(matches!(kind(stream.next().await), Kind::Hello(_)));
+        plan.send(Plan {
+            interval: Duration::from_secs(1),
+            combined: false,
+        })
+        .ok()
+        .unwrap();
+        let Kind::CpuSamples(batch) = kind(stream.next().await) else {
+            panic!("the sample first")
+        };
+        assert_eq!(batch.samples[0].usage, 0.5);
+        let Kind::Heartbeat(beat) = kind(stream.next().await) else {
+            panic!("then the heartbeat")
+        };
+        assert_eq!((beat.sequence, beat.cpu), (1, None));
+        assert_eq!(counters.messages.load(Ordering::Relaxed), 2);
+        // A session that ends before its Welcome ends the stream too.
+        let (mut stream, plan, _) = outbound(0.5);
+        assert!(matches!(kind(stream.next().await), Kind::Hello(_)));
+        drop(plan);
+        assert!(stream.next().await.is_none());
+    }
 
     #[test]
     fn sends_say_how_late_timers_fired_and_when_each_agent_last_sent() {
