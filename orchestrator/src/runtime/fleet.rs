@@ -1274,6 +1274,16 @@ pub(crate) mod tests {
         restored: Restored,
         shutdown: &CancellationToken,
     ) -> TestFleet {
+        start_running_late(settings, restored, shutdown, DelayGauge::default())
+    }
+
+    /// [`start`] on a runtime whose scheduling delay `delay` reports.
+    fn start_running_late(
+        settings: FleetSettings,
+        restored: Restored,
+        shutdown: &CancellationToken,
+        delay: DelayGauge,
+    ) -> TestFleet {
         let store = MemoryStore::default();
         let (committed, _) = mpsc::unbounded_channel();
         let (writer, _health, _thread) =
@@ -1284,7 +1294,7 @@ pub(crate) mod tests {
             store: writer,
             metrics: metrics.clone(),
             bus: bus.clone(),
-            delay: DelayGauge::default(),
+            delay,
         };
         let (handle, actor) = spawn(settings, restored, outputs, shutdown.clone());
         TestFleet {
@@ -1541,6 +1551,46 @@ pub(crate) mod tests {
         );
         shutdown.cancel();
         actor.await.unwrap();
+    }
+
+    /// The actor hands its runtime's delay to each check: a silent node on an
+    /// orchestrator running 2 s late is suspected 2 s later, and says why.
+    #[tokio::test(start_paused = true)]
+    async fn a_check_allows_for_the_delay_the_runtime_reports() {
+        for (delay, suspected_after) in [(0, 4), (2, 6)] {
+            let shutdown = CancellationToken::new();
+            let TestFleet {
+                handle: fleet, bus, ..
+            } = start_running_late(
+                settings(),
+                Restored::default(),
+                &shutdown,
+                DelayGauge::fixed(Duration::from_secs(delay)),
+            );
+            let mut events = bus.subscribe(None).unwrap().live;
+            let (tx, _signals) = session_signals();
+            let started = tokio::time::Instant::now();
+            fleet
+                .connect(info(NodeId(Uuid::new_v4())), tx, clock::now())
+                .await
+                .unwrap();
+            assert_eq!(events.recv().await.unwrap().kind, EventKind::NodeJoined);
+            let suspected = events.recv().await.unwrap();
+            assert_eq!(suspected.kind, EventKind::NodeSuspected);
+            // Checks run every second; silence must exceed 3 s plus the delay.
+            assert_eq!(
+                started.elapsed(),
+                Duration::from_secs(suspected_after),
+                "delay {delay} s"
+            );
+            assert_eq!(
+                suspected.reason.contains("for the orchestrator's own delay"),
+                delay > 0,
+                "{}",
+                suspected.reason
+            );
+            shutdown.cancel();
+        }
     }
 
     /// A suspect node whose cell shows a beat again recovers at the next check.

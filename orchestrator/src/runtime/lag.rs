@@ -91,6 +91,14 @@ impl DelayGauge {
         }
     }
 
+    /// A gauge that always says `delay` (tests of its readers).
+    #[cfg(test)]
+    pub(crate) fn fixed(delay: Duration) -> Self {
+        let gauge = Self::new(Instant::now());
+        gauge.shared.latest.store(nanos(delay), Ordering::Relaxed);
+        gauge
+    }
+
     fn ran(&self, delay: Duration, next_due: Instant) {
         self.shared.latest.store(nanos(delay), Ordering::Relaxed);
         self.set_pending(next_due);

@@ -80,7 +80,7 @@ impl Registry {
     /// (how late its runtime runs a task that is due): heartbeats are read as
     /// late, so silence is judged net of it (up to one heartbeat timeout).
     pub fn check_with_own_delay(&mut self, now: Instant, own_delay: Duration) -> usize {
-        self.own_delay = own_delay.min(self.config.heartbeat_timeout);
+        let own_delay = own_delay.min(self.config.heartbeat_timeout);
         if self.stalled(now) {
             return 0;
         }
@@ -99,7 +99,7 @@ impl Registry {
                 _ => continue,
             }
             visits += 1;
-            self.check_node(id, now);
+            self.check_node(id, now, own_delay);
             if let Some(entry) = self.plan(id, now) {
                 if entry.0.0 <= now {
                     next_check.push(entry);
@@ -156,7 +156,8 @@ impl Registry {
         (self.config.dead_node_check_interval * 2).max(self.config.heartbeat_timeout / 2)
     }
 
-    fn check_node(&mut self, id: NodeId, now: Instant) {
+    /// Judges one node at `now`, with silence counted net of `own_delay`.
+    fn check_node(&mut self, id: NodeId, now: Instant, own_delay: Duration) {
         // Beats left in the session's liveness cell since the last look count first.
         self.absorb(id, now);
         let timeout = self.config.heartbeat_timeout;
@@ -228,7 +229,6 @@ impl Registry {
             return;
         }
         let silence = now.saturating_duration_since(record.last_seen);
-        let own_delay = self.own_delay;
         if let Some(session) = record.session
             && record.state != NodeState::Suspect
             && silence > timeout + own_delay
@@ -425,7 +425,7 @@ mod tests {
             let mut ids: Vec<NodeId> = self.nodes.keys().copied().collect();
             ids.sort_unstable();
             for id in ids {
-                self.check_node(id, now);
+                self.check_node(id, now, Duration::ZERO);
             }
         }
     }

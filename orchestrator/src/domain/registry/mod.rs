@@ -335,9 +335,6 @@ pub struct Registry {
     next_session: u64,
     /// When the previous dead-node check ran.
     pub(crate) last_check: Option<Instant>,
-    /// How late the orchestrator itself was reading, as of the current check
-    /// (at most the heartbeat timeout): silence is judged net of it.
-    pub(crate) own_delay: Duration,
     anchor: TimeAnchor,
     effects: Vec<Effect>,
     pub(crate) unexpected_failures_total: u64,
@@ -361,7 +358,6 @@ impl Registry {
             schedule: BinaryHeap::new(),
             next_session: 1,
             last_check: None,
-            own_delay: Duration::ZERO,
             departed: 0,
             anchor: TimeAnchor {
                 instant: now,
