@@ -242,11 +242,11 @@ pub fn spawn(
     let mut forecaster = Forecaster::new(settings.forecast.clone());
     let started = std::time::Instant::now();
     let mut replayed = forecaster.replay(history);
-    let restored = replayed.len();
-    if restored > 0 {
+    let restored_points = replayed.len();
+    if restored_points > 0 {
         let accuracy = forecaster.accuracy();
         info!(
-            points = restored,
+            points = restored_points,
             window_points = forecaster.history().len(),
             scored = accuracy.scored,
             replay_ms = started.elapsed().as_millis() as u64,
@@ -256,10 +256,11 @@ pub fn spawn(
     let (latest_tx, latest) = watch::channel(None);
     let (updates, _) = broadcast::channel(PREDICTION_BUFFER);
     let recent: Arc<std::sync::Mutex<std::collections::VecDeque<Arc<Prediction>>>> = Default::default();
-    let kept = replayed.len().saturating_sub(RECENT_PREDICTIONS);
+    // The chart keeps the latest RECENT_PREDICTIONS; older ones are let go.
+    let older = replayed.len().saturating_sub(RECENT_PREDICTIONS);
     let restored = Restored {
-        forecasts: replayed.split_off(kept),
-        accuracy: (restored > 0).then(|| forecaster.accuracy()),
+        forecasts: replayed.split_off(older),
+        accuracy: (restored_points > 0).then(|| forecaster.accuracy()),
         horizon: forecaster.config().horizon,
     };
     let handle = PredictionHandle {

@@ -233,7 +233,7 @@ impl Sends {
         let millis = at
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
-        // Only the agent's own task writes its slots.
+        // One writer per agent: the task that polls its outbound stream.
         let previous = self.last_unix_ms[index].swap(millis, Ordering::Relaxed);
         self.previous_unix_ms[index].store(previous, Ordering::Relaxed);
     }
@@ -1186,7 +1186,7 @@ impl Drop for EndOnDrop {
 /// the same.
 struct Outbound {
     hello: Option<pb::AgentMessage>,
-    planned: Option<tokio::sync::oneshot::Receiver<Plan>>,
+    planned: Option<oneshot::Receiver<Plan>>,
     beating: Option<Beating>,
     /// The heartbeat that follows a beat's CpuSamples (an older agent's form).
     queued: Option<pb::AgentMessage>,
