@@ -393,3 +393,44 @@ async fn scale_down_drains_its_node_first_and_never_chooses_a_protected_one() {
         "the protected node, least loaded of all, is never chosen"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_down_whose_drain_fails_sends_neither_its_terminate_nor_its_webhook() {
+    let receiver = WebhookReceiver::start(any_addr(), &[]).await.unwrap();
+    let config = format!(
+        "{}scaling_check_interval_seconds = 0.1\nscaling_mode = \"forecast_and_scale\"\nscale_down_consecutive_checks = 3\n",
+        webhook_config(&receiver.url())
+    );
+    let orchestrator = Orchestrator::start(&config).await.unwrap();
+    let mut events = orchestrator.watch_events().await.unwrap();
+    let (idle, _) = orchestrator
+        .connected_agent(&["--cpu-source", "const:0.05", "--on-drain", "exit 3"])
+        .await
+        .unwrap();
+    let (_busier, _) = orchestrator
+        .connected_agent(&["--cpu-source", "const:0.2"])
+        .await
+        .unwrap();
+
+    let seen = events_until(&mut events, &idle.id(), FleetEventType::DrainFailed).await;
+    assert!(seen.contains(&FleetEventType::DrainRequested), "{seen:?}");
+    assert!(!seen.contains(&FleetEventType::TerminateRequested), "{seen:?}");
+    // Queued when the scaler decided (before the drain was even sent), the
+    // webhook would be in the outbox or delivered by now; it was never queued.
+    orchestrator
+        .assert_metric("orchestrator_webhook_outbox_depth", 0.0)
+        .await;
+    orchestrator
+        .assert_metric(
+            "orchestrator_webhooks_sent_total{reason=\"LOW_FLEET_CPU_LOAD\"}",
+            0.0,
+        )
+        .await;
+    assert!(receiver.events().is_empty(), "{:#?}", receiver.events());
+    let mut fleet = orchestrator.fleet().await.unwrap();
+    assert_eq!(
+        node(&mut fleet, &idle.id()).await.unwrap().state(),
+        NodeState::Connected,
+        "back in service: its route may have been withdrawn, so it was told to resume"
+    );
+}

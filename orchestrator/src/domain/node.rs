@@ -378,6 +378,22 @@ pub struct PersistedDrain {
     /// The terminate that follows it, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub then_terminate: Option<String>,
+    /// The scale-down that terminate carries out, if it is one (absent from
+    /// older records): its webhook goes out with the terminate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_down: Option<ScaleDown>,
+}
+
+/// A scale-down carried out by a drain, then a terminate. Its `LOW_FLEET_CPU_LOAD`
+/// webhook tells the provisioner a node is going, so it is queued when the
+/// terminate is sent (the route withdrawn already), never when the scaler decided:
+/// a provisioner that reclaims the machine at once must not cut it mid-drain, and
+/// a drain that fails sends neither.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ScaleDown {
+    /// The node's CPU fraction when the scaler chose it (the webhook's
+    /// `terminated_node_cpu_usage`: a drained node's own reading says little).
+    pub cpu: f64,
 }
 
 /// Which automation runs: an operator may pause self-healing or scaling at run
@@ -436,6 +452,10 @@ impl PersistedNode {
             drain.reason.hash(&mut hasher);
             drain.completed.hash(&mut hasher);
             drain.then_terminate.hash(&mut hasher);
+            drain
+                .scale_down
+                .map(|scale_down| scale_down.cpu.to_bits())
+                .hash(&mut hasher);
         }
         if let Some(maintenance) = &self.maintenance {
             maintenance.reason.hash(&mut hasher);
@@ -511,6 +531,7 @@ mod tests {
             completed: false,
             timeout_seconds: 60.0,
             then_terminate: None,
+            scale_down: None,
         });
         let draining = drained.durable_digest();
         assert_ne!(joined, draining, "a drain mark is kept");

@@ -9,7 +9,8 @@
 //! signals sessions (Welcome, Terminate, close), hands unexpected failures to the
 //! healer, and sends what must survive a restart (changed nodes, heal decisions,
 //! webhooks) to the store writer as one batch, so a node's FAILED state and its
-//! self-healing webhook are persisted together or not at all. Nothing else mutates
+//! self-healing webhook are persisted together or not at all, as are a
+//! scale-down's terminate and its `LOW_FLEET_CPU_LOAD` webhook. Nothing else mutates
 //! fleet state, and nothing here waits for a disk or the network.
 //!
 //! Heartbeats and CPU samples do not come through the inbox: each session's
@@ -38,7 +39,8 @@ use crate::{
     domain::event::{EventKind, FleetEvent},
     domain::healer::{FailedNode, HealRecord, Healer, HealingPolicy},
     domain::node::{
-        Automation, FleetStats, NodeId, NodeInfo, NodeSnapshot, NodeState, PersistedNode, SessionId,
+        Automation, FleetStats, NodeId, NodeInfo, NodeSnapshot, NodeState, PersistedNode, ScaleDown,
+        SessionId,
     },
     domain::registry::{
         CloseReason, DrainAccepted, DrainError, DrainRequest, DrainThenTerminate, Effect, LifecycleConfig,
@@ -48,6 +50,7 @@ use crate::{
     domain::selector::{NodeFilter, Page, Selector},
     edge::metrics::{CauseLabel, Metrics},
     edge::store::{Write, writer::StoreWriter},
+    edge::webhook::{self, WebhookEvent},
     runtime::{
         bus::EventBus,
         healing,
@@ -320,6 +323,10 @@ enum Command {
         node: NodeId,
         reason: String,
         request: DrainRequest,
+        /// Set for a scale-down: its webhook follows the terminate.
+        scale_down: Option<ScaleDown>,
+        /// The caller's trace, for the terminate and the webhook.
+        traceparent: Option<String>,
         reply: oneshot::Sender<Result<DrainThenTerminate, DrainError>>,
     },
     Resume {
@@ -474,6 +481,31 @@ impl FleetHandle {
             node,
             reason,
             request,
+            scale_down: None,
+            traceparent: None,
+            reply,
+        })
+        .await
+    }
+
+    /// A scale-down: drains the node, then terminates it with `reason`, and
+    /// queues the `LOW_FLEET_CPU_LOAD` webhook when (and only if) that terminate
+    /// is sent.
+    pub async fn scale_down(
+        &self,
+        node: NodeId,
+        reason: String,
+        request: DrainRequest,
+        scale_down: ScaleDown,
+    ) -> Result<Result<DrainThenTerminate, DrainError>, FleetStopped> {
+        // The scaling check's trace reaches the agent and the provisioner.
+        let traceparent = secbeat::telemetry::current_traceparent();
+        self.ask(|reply| Command::DrainThenTerminate {
+            node,
+            reason,
+            request,
+            scale_down: Some(scale_down),
+            traceparent,
             reply,
         })
         .await
@@ -797,11 +829,18 @@ impl FleetActor {
                 node,
                 reason,
                 request,
+                scale_down,
+                traceparent,
                 reply,
             } => {
-                let outcome = self
-                    .registry
-                    .drain_then_terminate(node, &reason, request, clock::now());
+                if let Some(traceparent) = traceparent {
+                    self.terminate_traces.insert(node, traceparent);
+                }
+                let now = clock::now();
+                let outcome = match scale_down {
+                    Some(scale_down) => self.registry.scale_down(node, &reason, request, scale_down, now),
+                    None => self.registry.drain_then_terminate(node, &reason, request, now),
+                };
                 let _ = reply.send(outcome);
             }
             Command::Resume { node, reason, reply } => {
@@ -963,6 +1002,7 @@ impl FleetActor {
         }
         let mut changed = BTreeSet::new();
         let mut failed = Vec::new();
+        let mut scaled_down = Vec::new();
         for effect in effects {
             match effect {
                 Effect::Publish(event) => {
@@ -971,7 +1011,12 @@ impl FleetActor {
                         continue;
                     };
                     changed.insert(node.id);
-                    if node.state.is_final() || event.kind == EventKind::TerminateCancelled {
+                    // No terminate (still) to come: its trace is done with.
+                    let no_terminate = matches!(
+                        event.kind,
+                        EventKind::TerminateCancelled | EventKind::DrainFailed | EventKind::NodeResumed
+                    );
+                    if node.state.is_final() || no_terminate {
                         self.terminate_traces.remove(&node.id);
                     }
                     match event.kind {
@@ -1026,6 +1071,14 @@ impl FleetActor {
                     info!(node.id = %node, session = %session, %reason, "sending resume");
                     self.signal(session, SessionSignal::Resume { reason, deadline });
                 }
+                Effect::ScaledDown { node, ip, scale_down } => {
+                    changed.insert(node);
+                    scaled_down.push(Candidate {
+                        id: node,
+                        ip,
+                        cpu: scale_down.cpu,
+                    });
+                }
                 Effect::DetectorStalled { gap } => warn!(
                     gap_s = gap.as_secs_f64(),
                     "dead-node check ran late: the orchestrator itself stalled, so nobody was judged this round and live nodes get a fresh heartbeat window"
@@ -1056,6 +1109,21 @@ impl FleetActor {
             .collect();
         if !failed.is_empty() {
             self.heal(failed, &mut writes);
+        }
+        if !scaled_down.is_empty() {
+            let stats = self.registry.stats();
+            for node in scaled_down {
+                let mut entry = webhook::outbox_entry(
+                    &WebhookEvent::ScaleDown { node: node.clone() },
+                    &stats,
+                    SystemTime::now(),
+                );
+                if let Some(traceparent) = self.terminate_traces.get(&node.id) {
+                    entry.traceparent = traceparent.clone();
+                }
+                info!(node.id = %node.id, node.ip = %node.ip, webhook.id = %entry.id, "scale-down: drained node told to terminate; LOW_FLEET_CPU_LOAD webhook queued");
+                writes.push(Write::PutOutbox(entry));
+            }
         }
         self.outputs.store.write(writes);
     }

@@ -23,8 +23,8 @@ use crate::{
     domain::forecast::{
         AccuracySummary, Forecast, ForecastConfig, Forecaster, Model, Point, history::LONG_HISTORY_SECONDS,
     },
-    domain::node::FleetStats,
-    domain::registry::DrainRequest,
+    domain::node::{FleetStats, ScaleDown},
+    domain::registry::{DrainRequest, DrainThenTerminate},
     domain::scaler::{FleetView, ScaleAction, Scaler, ScalingMode, ScalingPolicy, UpReason},
     edge::metrics::{DecisionLabel, Metrics},
     edge::store::{Write, writer::StoreWriter},
@@ -379,7 +379,8 @@ impl ScalingLoop {
             });
         }
         self.store.write(writes);
-        // After the write is queued: whoever hears of the decision can find its webhook.
+        // After the write is queued: whoever hears of the decision can find its
+        // webhook (a scale-down's follows its terminate, once the node is drained).
         if outcome.decision != ScaleDecision::Hold {
             self.bus.publish(FleetEvent {
                 decision: Some(outcome.decision),
@@ -513,16 +514,26 @@ impl ScalingLoop {
             }
             ScaleAction::ScaleDown(node) => {
                 // A mitigation node's route is withdrawn before it stops: the
-                // terminate follows the drain, and a failed drain sends none.
+                // terminate follows the drain, and a failed drain sends none. The
+                // webhook tells the provisioner the node is going, so the fleet
+                // actor queues it with the terminate, not here.
                 let reason = "scale down: fleet CPU below scale_down_cpu_threshold".to_owned();
                 let drain = DrainRequest {
                     reason: format!("drain before terminate: {reason}"),
                     deadline: None,
                     force: false,
                 };
-                match self.fleet.drain_then_terminate(node.id, reason, drain).await? {
-                    Ok(_) => {
-                        info!(node.id = %node.id, node.ip = %node.ip, cpu = node.cpu, "scale-down: least loaded node draining, then terminating")
+                let scale_down = ScaleDown { cpu: node.cpu };
+                match self.fleet.scale_down(node.id, reason, drain, scale_down).await? {
+                    Ok(DrainThenTerminate::Draining(_)) => {
+                        info!(node.id = %node.id, node.ip = %node.ip, cpu = node.cpu, "scale-down: least loaded node draining; the terminate and the LOW_FLEET_CPU_LOAD webhook follow once it is drained");
+                        outcome.reason = format!(
+                            "{} (draining; LOW_FLEET_CPU_LOAD is sent with the terminate, once drained)",
+                            outcome.reason
+                        );
+                    }
+                    Ok(DrainThenTerminate::Terminating(_)) => {
+                        info!(node.id = %node.id, node.ip = %node.ip, cpu = node.cpu, "scale-down: least loaded node was drained already; terminating");
                     }
                     Err(error) => {
                         warn!(node.id = %node.id, %error, "scale-down skipped: the node cannot be terminated");
@@ -533,7 +544,8 @@ impl ScalingLoop {
                         return Ok(outcome);
                     }
                 }
-                WebhookEvent::ScaleDown { node: node.clone() }
+                outcome.acted = true;
+                return Ok(outcome);
             }
         };
         let entry = webhook::outbox_entry(&event, stats, at);
@@ -762,6 +774,10 @@ mod tests {
             idle_signals.try_recv().is_err(),
             "no terminate before the drain is done"
         );
+        // Nor a webhook: the check's batch (its history point) is stored
+        // without one, so no provisioner reclaims a node still carrying traffic.
+        let checked = running.fleet.store.wait_for(|state| !state.history.is_empty());
+        assert!(checked.outbox.is_empty(), "{:?}", checked.outbox);
         let drained = SessionReport::DrainResult {
             success: true,
             detail: "route withdrawn".into(),
@@ -784,14 +800,17 @@ mod tests {
             busier_signals.try_recv().is_err(),
             "the busier node is left alone"
         );
-        let queued = running
-            .fleet
-            .store
-            .wait_for(|state| !state.outbox.is_empty())
-            .outbox;
-        let payload: serde_json::Value = serde_json::from_slice(&queued[0].body).unwrap();
+        // The webhook is stored with the terminate, in the same batch.
+        let stored = running.fleet.store.wait_for(|state| !state.outbox.is_empty());
+        let payload: serde_json::Value = serde_json::from_slice(&stored.outbox[0].body).unwrap();
         assert_eq!(payload["reason"], "LOW_FLEET_CPU_LOAD");
         assert_eq!(payload["terminated_node_id"], idle.to_string());
+        assert_eq!(
+            payload["terminated_node_cpu_usage"], 0.05,
+            "the CPU the scaler chose it by"
+        );
+        let record = stored.nodes.iter().find(|node| node.id == idle).unwrap();
+        assert!(record.termination.is_some(), "{record:?}");
         running.shutdown.cancel();
     }
 

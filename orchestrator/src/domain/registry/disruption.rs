@@ -9,6 +9,9 @@
 //!   CONNECTED again and its agent is told to resume (the hook may have withdrawn
 //!   the route before it failed). A drain that precedes a terminate
 //!   (`then_terminate`) sends the terminate once drained, and none if it fails.
+//!   A scale-down is one ([`Registry::scale_down`]): its webhook is queued
+//!   ([`Effect::ScaledDown`]) when its terminate is sent, so the provisioner never
+//!   hears of a node still carrying traffic, nor of one whose drain failed.
 //!   The mark outlives sessions: a drained node that reconnects is drained again.
 //! - **Resume.** A draining or drained node is CONNECTED again at once and its
 //!   agent runs `--on-resume`; a failing hook makes it DRAINED again
@@ -25,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use crate::{
     domain::event::EventKind,
-    domain::node::{DisruptionBudget, NodeId, NodeSnapshot, NodeState, PersistedDrain, SessionId},
+    domain::node::{DisruptionBudget, NodeId, NodeSnapshot, NodeState, PersistedDrain, ScaleDown, SessionId},
     domain::registry::{Effect, Registry, SessionError, TerminateAccepted, TerminateError},
 };
 
@@ -71,6 +74,8 @@ pub(crate) struct DrainMark {
     pub(crate) completed: bool,
     /// The terminate reason to send once drained.
     pub(crate) then_terminate: Option<String>,
+    /// The scale-down that terminate carries out, if it is one.
+    pub(crate) scale_down: Option<ScaleDown>,
 }
 
 impl DrainMark {
@@ -87,6 +92,7 @@ impl DrainMark {
             timeout,
             completed: drain.completed,
             then_terminate: drain.then_terminate,
+            scale_down: drain.scale_down,
         }
     }
 }
@@ -220,7 +226,7 @@ impl Registry {
         request: DrainRequest,
         now: Instant,
     ) -> Result<DrainAccepted, DrainError> {
-        self.start_drain(node, request, None, now)
+        self.start_drain(node, request, None, None, now)
     }
 
     /// Drains the node, then terminates it with `reason` once drained. A node
@@ -232,19 +238,55 @@ impl Registry {
         request: DrainRequest,
         now: Instant,
     ) -> Result<DrainThenTerminate, DrainError> {
+        self.drain_then_terminate_as(node, reason, request, None, now)
+    }
+
+    /// A scale-down: [`Self::drain_then_terminate`], and [`Effect::ScaledDown`]
+    /// when the terminate is sent (not before; not at all if the drain fails).
+    pub fn scale_down(
+        &mut self,
+        node: NodeId,
+        reason: &str,
+        request: DrainRequest,
+        scale_down: ScaleDown,
+        now: Instant,
+    ) -> Result<DrainThenTerminate, DrainError> {
+        self.drain_then_terminate_as(node, reason, request, Some(scale_down), now)
+    }
+
+    fn drain_then_terminate_as(
+        &mut self,
+        node: NodeId,
+        reason: &str,
+        request: DrainRequest,
+        scale_down: Option<ScaleDown>,
+        now: Instant,
+    ) -> Result<DrainThenTerminate, DrainError> {
         let record = self.nodes.get(&node).ok_or(DrainError::NotFound(node))?;
         let drained = record.drain.as_ref().is_some_and(|drain| drain.completed);
         if drained || record.termination.is_some() {
-            return Ok(DrainThenTerminate::Terminating(
-                self.request_terminate(node, reason, now)?,
-            ));
+            let accepted = self.request_terminate(node, reason, now)?;
+            if let Some(scale_down) = scale_down.filter(|_| !accepted.already_terminating) {
+                self.scaled_down(node, scale_down);
+            }
+            return Ok(DrainThenTerminate::Terminating(accepted));
         }
         if let Some(drain) = self.nodes.get_mut(&node).and_then(|record| record.drain.as_mut()) {
-            // Draining already: the terminate follows this drain.
+            // Draining already: the terminate follows this drain (and a
+            // scale-down's webhook stays with it, whoever asks again).
             drain.then_terminate = Some(reason.to_owned());
+            drain.scale_down = scale_down.or(drain.scale_down);
         }
-        self.start_drain(node, request, Some(reason.to_owned()), now)
+        self.start_drain(node, request, Some(reason.to_owned()), scale_down, now)
             .map(DrainThenTerminate::Draining)
+    }
+
+    /// A scale-down's terminate went out: its webhook may follow.
+    fn scaled_down(&mut self, node: NodeId, scale_down: ScaleDown) {
+        if let Some(record) = self.nodes.get(&node) {
+            let ip = record.info.ip;
+            self.queue(Effect::ScaledDown { node, ip, scale_down });
+        }
     }
 
     fn start_drain(
@@ -252,6 +294,7 @@ impl Registry {
         node: NodeId,
         request: DrainRequest,
         then_terminate: Option<String>,
+        scale_down: Option<ScaleDown>,
         now: Instant,
     ) -> Result<DrainAccepted, DrainError> {
         let timeout = request
@@ -293,6 +336,7 @@ impl Registry {
             timeout,
             completed: false,
             then_terminate: then_terminate.clone(),
+            scale_down,
         }));
         if record.state != NodeState::Suspect {
             record.state = record.live_state();
@@ -342,13 +386,19 @@ impl Registry {
         }
         drain.completed = true;
         let then_terminate = drain.then_terminate.clone();
+        let scale_down = drain.scale_down;
         if record.state != NodeState::Suspect {
             record.state = record.live_state();
         }
         self.publish(node, EventKind::NodeDrained, detail.to_owned(), now);
         if let Some(reason) = then_terminate {
             // Inside the budget already: this node is one of the disrupted.
-            let _ = self.request_terminate(node, &reason, now);
+            let sent = self
+                .request_terminate(node, &reason, now)
+                .is_ok_and(|accepted| !accepted.already_terminating);
+            if let Some(scale_down) = scale_down.filter(|_| sent) {
+                self.scaled_down(node, scale_down);
+            }
         }
         Ok(())
     }
@@ -368,6 +418,9 @@ impl Registry {
         }
         if drain.then_terminate.is_some() {
             reason.push_str("; the terminate that was to follow is not sent");
+        }
+        if drain.scale_down.is_some() {
+            reason.push_str(", nor the scale-down's LOW_FLEET_CPU_LOAD webhook");
         }
         let session = record.session;
         self.publish(node, EventKind::DrainFailed, reason.clone(), now);
@@ -435,6 +488,7 @@ impl Registry {
                 timeout,
                 completed: true,
                 then_terminate: None,
+                scale_down: None,
             }));
         }
         if record.state != NodeState::Suspect {
@@ -611,6 +665,7 @@ mod tests {
                     Effect::SendTerminate { .. } => "SendTerminate".into(),
                     Effect::CloseSession { .. } => "CloseSession".into(),
                     Effect::DetectorStalled { .. } => "DetectorStalled".into(),
+                    Effect::ScaledDown { .. } => "ScaledDown".into(),
                 })
                 .collect()
         }
@@ -741,6 +796,140 @@ mod tests {
             .unwrap();
         assert!(matches!(done, DrainThenTerminate::Terminating(_)));
         assert_eq!(f.effects(), ["SendTerminate", "TerminateRequested"]);
+    }
+
+    /// The `ScaledDown` effects queued since the last take: (node, ip, cpu).
+    fn scaled_down(effects: Vec<Effect>) -> Vec<(NodeId, IpAddr, f64)> {
+        effects
+            .into_iter()
+            .filter_map(|effect| match effect {
+                Effect::ScaledDown { node, ip, scale_down } => Some((node, ip, scale_down.cpu)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_scale_down_says_so_when_its_terminate_is_sent_and_never_if_its_drain_fails() {
+        let (mut f, sessions) = Fixture::with_nodes(DisruptionBudget::Nodes(5), 3);
+        let chosen = ScaleDown { cpu: 0.07 };
+        let started = f
+            .registry
+            .scale_down(node(1), "scale down", drain("before terminate"), chosen, f.now)
+            .unwrap();
+        assert!(matches!(started, DrainThenTerminate::Draining(_)));
+        assert_eq!(
+            f.effects(),
+            ["SendDrain", "DrainRequested"],
+            "nothing to say while draining"
+        );
+        f.registry
+            .drain_result(node(1), sessions[0], true, "withdrawn", f.now)
+            .unwrap();
+        let effects = f.registry.take_effects();
+        let terminate = effects
+            .iter()
+            .position(|effect| matches!(effect, Effect::SendTerminate { .. }))
+            .expect("the terminate is sent");
+        let said = effects
+            .iter()
+            .position(|effect| matches!(effect, Effect::ScaledDown { .. }))
+            .expect("and the scale-down is said");
+        assert!(terminate < said);
+        assert_eq!(scaled_down(effects), [(node(1), info(1, &[]).ip, 0.07)]);
+        // The agent's reconnect resends the terminate, not the scale-down.
+        f.registry.stream_closed(node(1), sessions[0], "reset", f.now);
+        f.registry.connect(info(1, &[]), f.now);
+        assert_eq!(scaled_down(f.registry.take_effects()), []);
+
+        // A failed drain: no terminate, no webhook, and the event says both.
+        f.registry
+            .scale_down(node(2), "scale down", drain("before terminate"), chosen, f.now)
+            .unwrap();
+        f.registry.take_effects();
+        f.registry
+            .drain_result(node(2), sessions[1], false, "bgp down", f.now)
+            .unwrap();
+        let effects = f.registry.take_effects();
+        let failed = effects
+            .iter()
+            .find_map(|effect| match effect {
+                Effect::Publish(event) if event.kind == EventKind::DrainFailed => Some(event.reason.clone()),
+                _ => None,
+            })
+            .expect("DRAIN_FAILED");
+        assert!(failed.contains("LOW_FLEET_CPU_LOAD"), "{failed}");
+        assert_eq!(scaled_down(effects), []);
+        // Nor when the drain's deadline passes.
+        f.registry
+            .scale_down(node(2), "scale down", drain("before terminate"), chosen, f.now)
+            .unwrap();
+        f.advance(61);
+        f.check();
+        let effects = f.registry.take_effects();
+        assert!(
+            effects.iter().any(
+                |effect| matches!(effect, Effect::Publish(event) if event.kind == EventKind::DrainFailed)
+            )
+        );
+        assert_eq!(scaled_down(effects), []);
+
+        // A node drained already is terminated at once, and said at once.
+        f.registry.request_drain(node(3), drain("x"), f.now).unwrap();
+        f.registry
+            .drain_result(node(3), sessions[2], true, "ok", f.now)
+            .unwrap();
+        f.registry.take_effects();
+        f.registry
+            .scale_down(node(3), "scale down", drain("x"), chosen, f.now)
+            .unwrap();
+        assert_eq!(scaled_down(f.registry.take_effects()).len(), 1);
+        // A second ask while it terminates sends nothing new.
+        f.registry
+            .scale_down(node(3), "scale down", drain("x"), chosen, f.now)
+            .unwrap();
+        assert_eq!(scaled_down(f.registry.take_effects()), []);
+    }
+
+    #[test]
+    fn a_scale_down_under_way_outlives_a_restart_and_says_so_at_the_new_leader() {
+        let (mut f, sessions) = Fixture::with_nodes(DisruptionBudget::Nodes(5), 2);
+        f.registry
+            .scale_down(
+                node(1),
+                "scale down",
+                drain("before terminate"),
+                ScaleDown { cpu: 0.03 },
+                f.now,
+            )
+            .unwrap();
+        // An operator's drain-then-terminate of the same node keeps the webhook.
+        f.registry
+            .drain_then_terminate(node(1), "retire", drain("again"), f.now)
+            .unwrap();
+        let persisted = f.registry.persisted(node(1)).expect("known");
+        let stored = persisted.drain.as_ref().expect("a drain mark");
+        assert_eq!(stored.scale_down, Some(ScaleDown { cpu: 0.03 }));
+        // What the store keeps reads back the same.
+        let json = serde_json::to_string(&persisted).unwrap();
+        let persisted: crate::domain::node::PersistedNode = serde_json::from_str(&json).unwrap();
+        let others = f.registry.persisted(node(2)).expect("known");
+        drop(sessions);
+
+        let mut next = Fixture::new(DisruptionBudget::Nodes(5));
+        next.registry
+            .restore(vec![persisted, others], next.now, Duration::from_secs(60));
+        let session = next.registry.connect(info(1, &[]), next.now);
+        next.registry.connect(info(2, &[]), next.now);
+        assert!(next.effects().contains(&"SendDrain".to_owned()), "drained again");
+        next.registry
+            .drain_result(node(1), session, true, "withdrawn", next.now)
+            .unwrap();
+        assert_eq!(
+            scaled_down(next.registry.take_effects()),
+            [(node(1), info(1, &[]).ip, 0.03)]
+        );
+        assert_eq!(next.state(1), NodeState::Terminating);
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod liveness;
 use std::{
     cmp::Reverse,
     collections::{BTreeMap, BinaryHeap, HashMap},
+    net::IpAddr,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -25,8 +26,8 @@ use crate::{
     domain::event::{EventKind, EventNode, FleetEvent},
     domain::node::{
         DrainSnapshot, FleetStats, MaintenanceSnapshot, NodeId, NodeInfo, NodeSnapshot, NodeState,
-        OutOfService, PersistedDrain, PersistedMaintenance, PersistedNode, PersistedTermination, SessionId,
-        TerminationSnapshot, failure_domain,
+        OutOfService, PersistedDrain, PersistedMaintenance, PersistedNode, PersistedTermination, ScaleDown,
+        SessionId, TerminationSnapshot, failure_domain,
     },
     domain::selector::{NodeFilter, Page, Selector, SortKey},
 };
@@ -99,6 +100,17 @@ pub enum Effect {
         reason: String,
         /// The hook's time budget.
         deadline: Duration,
+    },
+    /// A scale-down's terminate was sent to this node (its drain done): the
+    /// `LOW_FLEET_CPU_LOAD` webhook goes out now, in the same durable write as
+    /// the node's terminate.
+    ScaledDown {
+        /// The node.
+        node: NodeId,
+        /// Its address.
+        ip: IpAddr,
+        /// What the scaler chose it with.
+        scale_down: ScaleDown,
     },
     /// End this session from the orchestrator's side.
     CloseSession {
@@ -674,6 +686,7 @@ impl Registry {
                 completed: drain.completed,
                 timeout_seconds: drain.timeout.as_secs_f64(),
                 then_terminate: drain.then_terminate.clone(),
+                scale_down: drain.scale_down,
             }),
             maintenance: record
                 .maintenance

@@ -37,6 +37,9 @@ pub(crate) fn node(n: u16, state: NodeState) -> PersistedNode {
             completed: n.is_multiple_of(2),
             timeout_seconds: 60.0,
             then_terminate: n.is_multiple_of(5).then(|| "scale down".to_owned()),
+            scale_down: n
+                .is_multiple_of(5)
+                .then_some(crate::domain::node::ScaleDown { cpu: 0.05 }),
         }),
         maintenance: (n % 4 == 2).then(|| crate::domain::node::PersistedMaintenance {
             reason: format!("kernel patch {n}"),
