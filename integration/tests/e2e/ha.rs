@@ -73,11 +73,16 @@ impl ControlPlane {
     /// Starts it all (the receiver with `receiver_flags`); None when etcd is not
     /// installed (and not required).
     async fn start(receiver_flags: &[&str]) -> Option<Self> {
+        Self::start_with(receiver_flags, "").await
+    }
+
+    /// [`Self::start`], with `extra` appended to both orchestrators' config.
+    async fn start_with(receiver_flags: &[&str], extra: &str) -> Option<Self> {
         let etcd = EtcdCluster::start(3).await?;
         let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), receiver_flags)
             .await
             .expect("the receiver starts");
-        let config = ha_config(&etcd, &receiver.url());
+        let config = format!("{}{extra}", ha_config(&etcd, &receiver.url()));
         let a = Orchestrator::start(&config).await.expect("orchestrator a starts");
         let b = Orchestrator::start(&config).await.expect("orchestrator b starts");
         Some(Self {
@@ -109,11 +114,15 @@ impl ControlPlane {
 /// Agents given every orchestrator's URL. Quick reconnects, and HTTP/2 pings every
 /// 0.5 s so that a frozen (SIGSTOP) leader is noticed within a second.
 fn agents(urls: &str, count: usize) -> Vec<Agent> {
+    (0..count).map(|_| agent(urls, &[])).collect()
+}
+
+/// One agent as [`agents`] starts them, with `extra` flags.
+fn agent(urls: &str, extra: &[&str]) -> Agent {
     let mut flags = FAST_RECONNECT.to_vec();
     flags.extend(["--keepalive", "0.5"]);
-    (0..count)
-        .map(|_| Agent::start(urls, Uuid::new_v4(), &flags).expect("agent starts"))
-        .collect()
+    flags.extend(extra);
+    Agent::start(urls, Uuid::new_v4(), &flags).expect("agent starts")
 }
 
 /// The `webhook.id` the leader logged when it queued the heal of `node`.
@@ -255,6 +264,76 @@ async fn a_webhook_pending_when_the_leader_dies_is_delivered_by_the_new_leader_u
     let all = receiver.events_with_reason("UNEXPECTED_NODE_FAILURE");
     assert_eq!(all.len(), 1, "decided once, delivered once: {all:?}");
     // The crashed node was judged by the old leader; the new one did not judge it again.
+    standby
+        .assert_metric("orchestrator_unexpected_node_failures_total", 0.0)
+        .await;
+}
+
+#[tokio::test]
+async fn a_scale_down_draining_when_the_leader_dies_is_finished_by_the_new_leader_with_one_webhook() {
+    let scaling = "scaling_check_interval_seconds = 0.1\nscaling_mode = \"forecast_and_scale\"\nscale_down_consecutive_checks = 3\n";
+    let Some(plane) = ControlPlane::start_with(&[], scaling).await else {
+        return;
+    };
+    let (leader, standby) = plane.roles(STARTUP).await;
+    // The idle node's route withdrawal takes until the test lets it finish.
+    let dir = tempfile::tempdir().unwrap();
+    let withdrawn = dir.path().join("withdrawn");
+    let hook = format!("while [ ! -e {0} ]; do sleep 0.02; done", withdrawn.display());
+    let mut idle = agent(
+        &plane.urls(),
+        &["--cpu-source", "const:0.05", "--on-drain", &hook],
+    );
+    let busier = agent(&plane.urls(), &["--cpu-source", "const:0.2"]);
+    leader
+        .wait_all_connected(std::slice::from_ref(&busier), STARTUP)
+        .await;
+    let node = idle.id();
+    eventually(STARTUP, "the scale-down to drain the idle node", || async {
+        leader
+            .process
+            .logs
+            .lines()
+            .iter()
+            .any(|line| line.contains("sending drain") && line.contains(&node))
+            .then_some(())
+    })
+    .await;
+
+    // The leader dies mid-drain: no webhook was sent, as none was queued.
+    leader.process.signal(Sig::SIGKILL);
+    until_leading(standby).await;
+    standby
+        .wait_all_connected(std::slice::from_ref(&busier), FAILOVER)
+        .await;
+    eventually(FAILOVER, "the new leader to drain the node again", || async {
+        standby
+            .process
+            .logs
+            .lines()
+            .iter()
+            .any(|line| line.contains("sending drain") && line.contains(&node))
+            .then_some(())
+    })
+    .await;
+    assert!(
+        plane.receiver.events().is_empty(),
+        "{:?}",
+        plane.receiver.events()
+    );
+
+    // The route is withdrawn: the new leader terminates the node and says so, once.
+    std::fs::write(&withdrawn, b"").unwrap();
+    let said = plane
+        .receiver
+        .wait_for_events("LOW_FLEET_CPU_LOAD", 1, FAILOVER)
+        .await;
+    assert_eq!(said[0]["payload"]["terminated_node_id"], node.as_str());
+    assert_eq!(said[0]["payload"]["terminated_node_cpu_usage"], 0.05);
+    assert!(idle.process.wait_exit(STARTUP).await.unwrap().success());
+    standby.wait_outbox_drained(STARTUP).await;
+    let all = plane.receiver.events_with_reason("LOW_FLEET_CPU_LOAD");
+    assert_eq!(all.len(), 1, "{all:?}");
     standby
         .assert_metric("orchestrator_unexpected_node_failures_total", 0.0)
         .await;
