@@ -44,6 +44,33 @@ async fn a_terminate_is_one_trace_across_orchestrator_and_agent() {
     );
     assert_eq!(agent_side.attributes.get("node.id"), Some(&id));
 
+    // A terminate that waits for a drain is still a child of the request that
+    // asked for it, however much later it is sent.
+    let mut drained = Agent::start_with_env(&orchestrator.url(), Uuid::new_v4(), &[], &env).unwrap();
+    let drained_id = drained.id();
+    orchestrator.wait_all_connected([&drained], STARTUP).await;
+    let request = pb::TerminateNodeRequest {
+        node_id: drained_id.clone(),
+        reason: "traced after a drain".into(),
+        drain: true,
+        force: true,
+        ..Default::default()
+    };
+    fleet.terminate_node(request).await.unwrap();
+    assert!(drained.process.wait_exit(STARTUP).await.unwrap().success());
+    let request_span = collector
+        .wait_for_span("secbeat-orchestrator", "terminate_node", STARTUP, |span| {
+            span.attributes.get("node.id") == Some(&drained_id)
+        })
+        .await;
+    let shutdown = collector
+        .wait_for_span("secbeat-agent", "agent_terminate", STARTUP, |span| {
+            span.attributes.get("node.id") == Some(&drained_id)
+        })
+        .await;
+    assert_eq!(shutdown.trace_id, request_span.trace_id);
+    assert_eq!(shutdown.parent_span_id, request_span.span_id);
+
     // The session: the agent's span is the parent of the orchestrator's.
     let agent_session = collector
         .wait_for_span("secbeat-agent", "agent_session", STARTUP, of_node)

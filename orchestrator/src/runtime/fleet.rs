@@ -477,12 +477,14 @@ impl FleetHandle {
         reason: String,
         request: DrainRequest,
     ) -> Result<Result<DrainThenTerminate, DrainError>, FleetStopped> {
+        // The terminate that follows the drain is part of the caller's trace.
+        let traceparent = secbeat::telemetry::current_traceparent();
         self.ask(|reply| Command::DrainThenTerminate {
             node,
             reason,
             request,
             scale_down: None,
-            traceparent: None,
+            traceparent,
             reply,
         })
         .await
