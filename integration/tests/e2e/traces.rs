@@ -138,3 +138,60 @@ async fn a_self_healing_is_one_trace_from_detection_to_the_webhook_receiver() {
         Some("UNEXPECTED_NODE_FAILURE")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_down_is_one_trace_from_its_check_to_the_terminate_and_the_webhook() {
+    let collector = Collector::start().await.unwrap();
+    let env = collector.env();
+    let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), &[])
+        .await
+        .unwrap();
+    let config = format!(
+        "{}scaling_check_interval_seconds = 0.1\nscaling_mode = \"forecast_and_scale\"\nscale_down_consecutive_checks = 3\n",
+        webhook_config(&receiver.url())
+    );
+    let orchestrator = Orchestrator::start_with_env(&config, &env).await.unwrap();
+    let mut idle = Agent::start_with_env(
+        &orchestrator.url(),
+        Uuid::new_v4(),
+        &["--cpu-source", "const:0.05"],
+        &env,
+    )
+    .unwrap();
+    let busier = Agent::start_with_env(
+        &orchestrator.url(),
+        Uuid::new_v4(),
+        &["--cpu-source", "const:0.2"],
+        &env,
+    )
+    .unwrap();
+    orchestrator.wait_all_connected([&idle, &busier], STARTUP).await;
+
+    let events = receiver
+        .wait_for_events("LOW_FLEET_CPU_LOAD", 1, std::time::Duration::from_secs(15))
+        .await;
+    assert_eq!(events[0]["payload"]["terminated_node_id"], idle.id());
+    assert!(idle.process.wait_exit(STARTUP).await.unwrap().success());
+    let header = events[0]["traceparent"].as_str().unwrap().to_owned();
+    let trace = header.split('-').nth(1).unwrap().to_owned();
+    // The check that decided it is the trace's root; the agent's shutdown (after
+    // the drain) and the webhook's delivery are in it.
+    let check = collector
+        .wait_for_span("secbeat-orchestrator", "scaling_check", STARTUP, |span| {
+            span.trace_id == trace
+        })
+        .await;
+    assert_eq!(check.parent_span_id, "");
+    let shutdown = collector
+        .wait_for_span("secbeat-agent", "agent_terminate", STARTUP, |span| {
+            span.attributes.get("node.id") == Some(&idle.id())
+        })
+        .await;
+    assert_eq!(shutdown.trace_id, trace);
+    collector
+        .wait_for_span("secbeat-orchestrator", "webhook_delivery", STARTUP, |span| {
+            span.trace_id == trace
+                && span.attributes.get("webhook.reason").map(String::as_str) == Some("LOW_FLEET_CPU_LOAD")
+        })
+        .await;
+}
