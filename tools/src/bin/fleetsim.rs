@@ -806,19 +806,23 @@ impl SharedChannel {
             .filter(|at| Instant::now() < *at + Duration::from_secs(2))
     }
 
-    /// Whether `url` is the orchestrator this group dials now.
-    fn is_current(&self, url: &str) -> bool {
-        let current = self.current.lock().expect("lock");
-        let dialed = match &current.at {
-            Ok(index) => self.urls[*index].as_str(),
-            Err(hinted) => hinted.as_str(),
-        };
-        dialed.trim_end_matches('/') == url.trim_end_matches('/')
-    }
-
     fn get(&self) -> (u64, Channel) {
         let current = self.current.lock().expect("lock");
         (current.generation, current.channel.clone())
+    }
+
+    /// The connection and the orchestrator it dials. An attempt judges its
+    /// refusal by the orchestrator it dialed: another agent of the group may
+    /// have moved the connection (to a leader a standby named) by the time the
+    /// refusal comes back, and a standby's pointer to the old leader is then
+    /// not that leader naming itself.
+    fn get_dialed(&self) -> (u64, Channel, String) {
+        let current = self.current.lock().expect("lock");
+        let dialed = match &current.at {
+            Ok(index) => self.urls[*index].clone(),
+            Err(hinted) => hinted.clone(),
+        };
+        (current.generation, current.channel.clone(), dialed)
     }
 
     /// Replaces generation `failed` with a fresh connection: to `leader` when a
@@ -925,7 +929,8 @@ impl VirtualAgent {
         // When a standby said leadership can move (as the real agent keeps it).
         let mut retry_at: Option<Instant> = None;
         loop {
-            let (generation, channel) = shared.get();
+            let (generation, channel, dialed) = shared.get_dialed();
+            let names_dialed = |url: &str| url.trim_end_matches('/') == dialed.trim_end_matches('/');
             let ended = self.session(&channel, &mut lost_at).await;
             if let SessionEnd::Refused(
                 _,
@@ -949,7 +954,7 @@ impl VirtualAgent {
                     *code,
                     hint.as_ref(),
                     *stage,
-                    |url| shared.is_current(url),
+                    names_dialed,
                 ));
             }
             if !matches!(
@@ -990,7 +995,7 @@ impl VirtualAgent {
                         leader: Some(leader), ..
                     }),
                     _,
-                ) if shared.is_current(&leader) => {
+                ) if names_dialed(&leader) => {
                     if lost_at.is_some() {
                         self.counters.failed_reconnects.fetch_add(1, Ordering::Relaxed);
                     }
