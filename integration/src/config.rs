@@ -55,5 +55,9 @@ pub fn assert_detected_within_bound(detection: Duration) {
 /// How long a process may take to start and connect on a loaded CI machine.
 pub const STARTUP: Duration = Duration::from_secs(10);
 
+/// Config lines (appended to a base config) that scale down a quiet fleet
+/// within about half a second: checks every 0.1 s, three low ones in a row.
+pub const QUICK_SCALE_DOWN: &str = "scaling_check_interval_seconds = 0.1\nscaling_mode = \"forecast_and_scale\"\nscale_down_consecutive_checks = 3\n";
+
 /// Agent flags that make reconnects quick in tests.
 pub const FAST_RECONNECT: [&str; 4] = ["--reconnect-initial", "0.05", "--reconnect-max", "0.5"];

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use secbeat::pb::{self, FleetEventType, NodeState};
 use secbeat_integration::{
-    Agent, Orchestrator, STARTUP, Sig, WebhookReceiver, fleet_stats, next_event_matching, node,
-    wait_for_state, webhook_config,
+    Agent, Orchestrator, QUICK_SCALE_DOWN, STARTUP, Sig, WebhookReceiver, fleet_stats, next_event_matching,
+    node, wait_for_state, webhook_config,
 };
 use tonic::Code;
 
@@ -345,13 +345,24 @@ async fn a_node_in_maintenance_is_killed_and_restarted_without_a_heal_and_one_le
     );
 }
 
+/// Two agents for a scale-down to choose between: the idle one (5% CPU, with
+/// `on_drain` as its drain hook) and a busier one (20%).
+async fn idle_and_busier(orchestrator: &Orchestrator, on_drain: &str) -> (Agent, Agent) {
+    let (idle, _) = orchestrator
+        .connected_agent(&["--cpu-source", "const:0.05", "--on-drain", on_drain])
+        .await
+        .unwrap();
+    let (busier, _) = orchestrator
+        .connected_agent(&["--cpu-source", "const:0.2"])
+        .await
+        .unwrap();
+    (idle, busier)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_down_drains_its_node_first_and_never_chooses_a_protected_one() {
     let receiver = WebhookReceiver::start(any_addr(), &[]).await.unwrap();
-    let config = format!(
-        "{}scaling_check_interval_seconds = 0.1\nscaling_mode = \"forecast_and_scale\"\nscale_down_consecutive_checks = 3\n",
-        webhook_config(&receiver.url())
-    );
+    let config = format!("{}{QUICK_SCALE_DOWN}", webhook_config(&receiver.url()));
     let orchestrator = Orchestrator::start(&config).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let withdrawn = dir.path().join("withdrawn");
@@ -361,14 +372,7 @@ async fn scale_down_drains_its_node_first_and_never_chooses_a_protected_one() {
         .await
         .unwrap();
     let mut events = orchestrator.watch_events().await.unwrap();
-    let (mut idle, _) = orchestrator
-        .connected_agent(&["--cpu-source", "const:0.05", "--on-drain", &hook])
-        .await
-        .unwrap();
-    let (_busier, _) = orchestrator
-        .connected_agent(&["--cpu-source", "const:0.2"])
-        .await
-        .unwrap();
+    let (mut idle, _busier) = idle_and_busier(&orchestrator, &hook).await;
 
     let seen = events_until(&mut events, &idle.id(), FleetEventType::NodeTerminated).await;
     let drained = seen.iter().position(|t| *t == FleetEventType::NodeDrained);
@@ -397,20 +401,10 @@ async fn scale_down_drains_its_node_first_and_never_chooses_a_protected_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scale_down_whose_drain_fails_sends_neither_its_terminate_nor_its_webhook() {
     let receiver = WebhookReceiver::start(any_addr(), &[]).await.unwrap();
-    let config = format!(
-        "{}scaling_check_interval_seconds = 0.1\nscaling_mode = \"forecast_and_scale\"\nscale_down_consecutive_checks = 3\n",
-        webhook_config(&receiver.url())
-    );
+    let config = format!("{}{QUICK_SCALE_DOWN}", webhook_config(&receiver.url()));
     let orchestrator = Orchestrator::start(&config).await.unwrap();
     let mut events = orchestrator.watch_events().await.unwrap();
-    let (idle, _) = orchestrator
-        .connected_agent(&["--cpu-source", "const:0.05", "--on-drain", "exit 3"])
-        .await
-        .unwrap();
-    let (_busier, _) = orchestrator
-        .connected_agent(&["--cpu-source", "const:0.2"])
-        .await
-        .unwrap();
+    let (idle, _busier) = idle_and_busier(&orchestrator, "exit 3").await;
 
     let seen = events_until(&mut events, &idle.id(), FleetEventType::DrainFailed).await;
     assert!(seen.contains(&FleetEventType::DrainRequested), "{seen:?}");

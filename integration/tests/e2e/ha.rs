@@ -269,10 +269,23 @@ async fn a_webhook_pending_when_the_leader_dies_is_delivered_by_the_new_leader_u
         .await;
 }
 
+/// Waits until `orchestrator` logged sending Drain to `node`.
+async fn sent_drain(orchestrator: &Orchestrator, node: &str, timeout: Duration) {
+    eventually(timeout, "a drain sent to the node", || async {
+        orchestrator
+            .process
+            .logs
+            .lines()
+            .iter()
+            .any(|line| line.contains("sending drain") && line.contains(node))
+            .then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_scale_down_draining_when_the_leader_dies_is_finished_by_the_new_leader_with_one_webhook() {
-    let scaling = "scaling_check_interval_seconds = 0.1\nscaling_mode = \"forecast_and_scale\"\nscale_down_consecutive_checks = 3\n";
-    let Some(plane) = ControlPlane::start_with(&[], scaling).await else {
+    let Some(plane) = ControlPlane::start_with(&[], QUICK_SCALE_DOWN).await else {
         return;
     };
     let (leader, standby) = plane.roles(STARTUP).await;
@@ -289,16 +302,7 @@ async fn a_scale_down_draining_when_the_leader_dies_is_finished_by_the_new_leade
         .wait_all_connected(std::slice::from_ref(&busier), STARTUP)
         .await;
     let node = idle.id();
-    eventually(STARTUP, "the scale-down to drain the idle node", || async {
-        leader
-            .process
-            .logs
-            .lines()
-            .iter()
-            .any(|line| line.contains("sending drain") && line.contains(&node))
-            .then_some(())
-    })
-    .await;
+    sent_drain(leader, &node, STARTUP).await;
 
     // The leader dies mid-drain: no webhook was sent, as none was queued.
     leader.process.signal(Sig::SIGKILL);
@@ -306,16 +310,7 @@ async fn a_scale_down_draining_when_the_leader_dies_is_finished_by_the_new_leade
     standby
         .wait_all_connected(std::slice::from_ref(&busier), FAILOVER)
         .await;
-    eventually(FAILOVER, "the new leader to drain the node again", || async {
-        standby
-            .process
-            .logs
-            .lines()
-            .iter()
-            .any(|line| line.contains("sending drain") && line.contains(&node))
-            .then_some(())
-    })
-    .await;
+    sent_drain(standby, &node, FAILOVER).await;
     assert!(
         plane.receiver.events().is_empty(),
         "{:?}",

@@ -5,7 +5,8 @@
 
 use secbeat::pb;
 use secbeat_integration::{
-    Agent, Collector, FAST_CONFIG, Orchestrator, STARTUP, Sig, WebhookReceiver, webhook_config,
+    Agent, Collector, FAST_CONFIG, Orchestrator, QUICK_SCALE_DOWN, STARTUP, Sig, WebhookReceiver,
+    webhook_config,
 };
 use uuid::Uuid;
 
@@ -146,10 +147,7 @@ async fn a_scale_down_is_one_trace_from_its_check_to_the_terminate_and_the_webho
     let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), &[])
         .await
         .unwrap();
-    let config = format!(
-        "{}scaling_check_interval_seconds = 0.1\nscaling_mode = \"forecast_and_scale\"\nscale_down_consecutive_checks = 3\n",
-        webhook_config(&receiver.url())
-    );
+    let config = format!("{}{QUICK_SCALE_DOWN}", webhook_config(&receiver.url()));
     let orchestrator = Orchestrator::start_with_env(&config, &env).await.unwrap();
     let mut idle = Agent::start_with_env(
         &orchestrator.url(),

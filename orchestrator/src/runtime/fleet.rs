@@ -477,17 +477,7 @@ impl FleetHandle {
         reason: String,
         request: DrainRequest,
     ) -> Result<Result<DrainThenTerminate, DrainError>, FleetStopped> {
-        // The terminate that follows the drain is part of the caller's trace.
-        let traceparent = secbeat::telemetry::current_traceparent();
-        self.ask(|reply| Command::DrainThenTerminate {
-            node,
-            reason,
-            request,
-            scale_down: None,
-            traceparent,
-            reply,
-        })
-        .await
+        self.ask_drain_then_terminate(node, reason, request, None).await
     }
 
     /// A scale-down: drains the node, then terminates it with `reason`, and
@@ -500,13 +490,25 @@ impl FleetHandle {
         request: DrainRequest,
         scale_down: ScaleDown,
     ) -> Result<Result<DrainThenTerminate, DrainError>, FleetStopped> {
-        // The scaling check's trace reaches the agent and the provisioner.
+        self.ask_drain_then_terminate(node, reason, request, Some(scale_down))
+            .await
+    }
+
+    async fn ask_drain_then_terminate(
+        &self,
+        node: NodeId,
+        reason: String,
+        request: DrainRequest,
+        scale_down: Option<ScaleDown>,
+    ) -> Result<Result<DrainThenTerminate, DrainError>, FleetStopped> {
+        // The terminate that follows the drain (and a scale-down's webhook) is
+        // part of the caller's trace: an operator's request, a scaling check.
         let traceparent = secbeat::telemetry::current_traceparent();
         self.ask(|reply| Command::DrainThenTerminate {
             node,
             reason,
             request,
-            scale_down: Some(scale_down),
+            scale_down,
             traceparent,
             reply,
         })
