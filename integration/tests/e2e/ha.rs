@@ -289,10 +289,14 @@ async fn a_scale_down_draining_when_the_leader_dies_is_finished_by_the_new_leade
         return;
     };
     let (leader, standby) = plane.roles(STARTUP).await;
-    // The idle node's route withdrawal takes until the test lets it finish.
+    // The idle node's route withdrawal takes until the test lets it finish: the
+    // hook reads a FIFO to its end, which comes when the test opens and closes
+    // it. (A hook whose session is lost is killed with its process group.)
     let dir = tempfile::tempdir().unwrap();
-    let withdrawn = dir.path().join("withdrawn");
-    let hook = format!("while [ ! -e {0} ]; do sleep 0.02; done", withdrawn.display());
+    let gate = dir.path().join("withdrawn");
+    let made = std::process::Command::new("mkfifo").arg(&gate).status().unwrap();
+    assert!(made.success(), "mkfifo {}", gate.display());
+    let hook = format!("cat {} > /dev/null", gate.display());
     let mut idle = agent(
         &plane.urls(),
         &["--cpu-source", "const:0.05", "--on-drain", &hook],
@@ -318,7 +322,15 @@ async fn a_scale_down_draining_when_the_leader_dies_is_finished_by_the_new_leade
     );
 
     // The route is withdrawn: the new leader terminates the node and says so, once.
-    std::fs::write(&withdrawn, b"").unwrap();
+    // Opening the FIFO waits for the hook to read it; closing it ends the hook.
+    let opened = tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().write(true).open(gate));
+    let opened = tokio::time::timeout(STARTUP, opened).await;
+    drop(
+        opened
+            .expect("the new leader's drain hook reads the gate")
+            .unwrap()
+            .unwrap(),
+    );
     let said = plane
         .receiver
         .wait_for_events("LOW_FLEET_CPU_LOAD", 1, FAILOVER)
